@@ -1,0 +1,105 @@
+"""The application factory. No I/O here: resources start and stop in cleanup contexts."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import warnings
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+from aiohttp import web
+from aiohttp_swagger3 import SwaggerDocs, SwaggerInfo, SwaggerUiSettings
+
+from . import __version__, openapi, views
+from .events import LocalEventBus
+from .middleware import json_errors, parse_json_body
+from .models import Model, build_model
+from .runner import ModelRunner
+from .service import PredictionService
+from .settings import Settings
+from .store import MemoryStore
+from .typedefs import MODEL, SERVICE, SETTINGS
+from .work_queue import MemoryQueue
+from .workers import WorkerPool
+
+log = logging.getLogger(__name__)
+
+SPEC_URL = "/swagger/swagger.json"
+
+
+def create_app(settings: Settings, *, model: Model | None = None) -> web.Application:
+    """Build the app; `model` overrides the one the settings name (tests pass fakes here)."""
+    app = web.Application(client_max_size=settings.max_body, middlewares=[json_errors])
+    app[SETTINGS] = settings
+    app[MODEL] = model if model is not None else build_model(settings)
+    app.cleanup_ctx.append(service_ctx)
+    _add_routes(app)
+    return app
+
+
+async def service_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings, model = app[SETTINGS], app[MODEL]
+    # Threads suit numpy models, which release the GIL; one per concurrent batch.
+    executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="zypher-model")
+    runner = ModelRunner(model, executor)
+    service = PredictionService(
+        settings=settings,
+        model=model,
+        runner=runner,
+        store=MemoryStore(),
+        queue=MemoryQueue(settings.max_queue),
+        bus=LocalEventBus(),
+    )
+    app[SERVICE] = service
+    pool = WorkerPool(settings=settings, queue=service.queue, store=service.store, bus=service.bus, runner=runner)
+    # Load in the background so /healthz answers at once and /readyz reports progress.
+    load = asyncio.create_task(runner.load(), name="zypher-model-load")
+    load.add_done_callback(_log_load_failure)
+    pool.start()
+    try:
+        yield
+    finally:
+        load.cancel()
+        await pool.stop(settings.shutdown_timeout)
+        executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _log_load_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("model failed to load", exc_info=task.exception())
+
+
+def _add_routes(app: web.Application) -> None:
+    model = app[MODEL]
+    with warnings.catch_warnings():
+        # aiohttp-swagger3 0.10 stores its state under string app keys; that is its business, not ours.
+        warnings.simplefilter("ignore", web.NotAppKeyWarning)
+        swagger = _swagger(app, model)
+    swagger.register_media_type_handler("application/json", parse_json_body)
+    components = openapi.components(model)
+    # swagger3 builds validators when routes are added and understands only part of JSON Schema, so it
+    # validates the envelope; the service validates `input` against the model's full schema.
+    documented_request = components["schemas"]["PredictRequest"]
+    components["schemas"]["PredictRequest"] = openapi.PREDICT_REQUEST_ENVELOPE
+    swagger.spec["components"] = components
+    swagger.add_route("POST", "/predict", views.predict)
+    swagger.add_route("GET", "/predict/{prediction_id}", views.get_prediction)
+    swagger.add_route("DELETE", "/predict/{prediction_id}", views.cancel_prediction)
+    swagger.add_route("GET", "/model", views.model_info)
+    swagger.add_route("GET", "/healthz", views.healthz)
+    swagger.add_route("GET", "/readyz", views.readyz)
+    components["schemas"]["PredictRequest"] = documented_request
+
+
+def _swagger(app: web.Application, model: Model) -> SwaggerDocs:
+    return SwaggerDocs(
+        app,
+        info=SwaggerInfo(
+            title="zypher-ws",
+            version=__version__,
+            description=f"ML inference over HTTP and WebSocket, serving `{model.name}` {model.version}. "
+            f"The OpenAPI document is at `{SPEC_URL}`.",
+        ),
+        swagger_ui_settings=SwaggerUiSettings(path="/swagger"),
+    )

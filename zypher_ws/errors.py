@@ -1,0 +1,72 @@
+"""Domain errors. Each carries its HTTP status and a stable `code`; one middleware renders them."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class ZypherError(Exception):
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+    headers: dict[str, str]
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message}
+
+
+class InvalidJSON(ZypherError):
+    status = 400
+    code = "invalid_json"
+
+
+class InvalidInput(ZypherError):
+    status = 400
+    code = "invalid_input"
+
+
+class InvalidHeader(ZypherError):
+    status = 400
+    code = "invalid_header"
+
+
+class NotFound(ZypherError):
+    status = 404
+    code = "not_found"
+
+
+class AlreadyFinished(ZypherError):
+    status = 409
+    code = "already_finished"
+
+
+class UnsupportedMediaType(ZypherError):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class QueueFull(ZypherError):
+    status = 503
+    code = "queue_full"
+
+    def __init__(self, message: str = "the prediction queue is full; retry later", *, retry_after: int = 1) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after)})
+
+
+class NotReady(ZypherError):
+    status = 503
+    code = "not_ready"
+
+    def __init__(self, message: str = "the model is not loaded yet", *, retry_after: int = 1) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after)})
+
+
+class ModelError(ZypherError):
+    """What a prediction records when the model raised on its input."""
+
+    status = 500
+    code = "model_error"

@@ -1,0 +1,75 @@
+"""One place that turns every failure into `{"error": {"code", "message"}}` with the right status."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from aiohttp_swagger3.swagger_route import RequestValidationFailed
+
+from .errors import InvalidInput, InvalidJSON, UnsupportedMediaType, ZypherError
+from .typedefs import SETTINGS
+
+log = logging.getLogger(__name__)
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+}
+
+
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status, headers=headers)
+
+
+def _flatten(errors: Any, prefix: str = "") -> list[str]:
+    """swagger3's nested {"body": {"input": "is required"}} -> ["body.input: is required"]."""
+    if isinstance(errors, dict):
+        return [m for key, sub in errors.items() for m in _flatten(sub, f"{prefix}.{key}" if prefix else str(key))]
+    return [f"{prefix}: {errors}" if prefix else str(errors)]
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        if request.method in ("POST", "PUT", "PATCH") and request.body_exists:
+            if request.content_type != "application/json":
+                raise UnsupportedMediaType(f"send application/json, not {request.content_type}")
+        return await handler(request)
+    except ZypherError as exc:
+        return error_response(exc.status, exc.code, exc.message, exc.headers)
+    except RequestValidationFailed as exc:
+        return error_response(400, InvalidInput.code, "; ".join(_flatten(exc.errors)))
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        if exc.status == 413:
+            message = f"request body is larger than {request.app[SETTINGS].max_body} bytes"
+        else:
+            message = exc.reason
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return error_response(exc.status, _HTTP_CODES.get(exc.status, "http_error"), message, headers)
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(500, "internal_error", "internal server error")
+
+
+async def parse_json_body(request: web.Request) -> tuple[Any, bool]:
+    """swagger3 media handler for application/json: malformed JSON is our 400 invalid_json."""
+    text = await request.text()
+    try:
+        return json.loads(text, parse_constant=_reject_constant), False
+    except ValueError as exc:
+        raise InvalidJSON(f"request body is not valid JSON: {exc}") from None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")

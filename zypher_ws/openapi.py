@@ -1,0 +1,117 @@
+"""OpenAPI components: the record, errors, and the served model's own schemas."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .models import Model
+from .records import Status
+
+_TIMESTAMP = {"type": "string", "format": "date-time", "nullable": True}
+
+ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["code", "message"],
+            "properties": {
+                "code": {"type": "string", "description": "stable machine-readable code", "example": "queue_full"},
+                "message": {"type": "string", "description": "what went wrong, for people"},
+            },
+        }
+    },
+}
+
+PREDICTION = {
+    "type": "object",
+    "required": [
+        "prediction_id",
+        "status",
+        "model",
+        "result",
+        "error",
+        "created_at",
+        "started_at",
+        "completed_at",
+        "links",
+    ],
+    "properties": {
+        "prediction_id": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+        "status": {"type": "string", "enum": [s.value for s in Status]},
+        "model": {
+            "type": "object",
+            "required": ["name", "version"],
+            "properties": {"name": {"type": "string"}, "version": {"type": "string"}},
+        },
+        "result": {
+            "allOf": [{"$ref": "#/components/schemas/ModelOutput"}],
+            "nullable": True,
+            "description": "the model's output once succeeded, else null",
+        },
+        "error": {
+            "type": "object",
+            "nullable": True,
+            "required": ["code", "message"],
+            "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+        },
+        "created_at": _TIMESTAMP,
+        "started_at": _TIMESTAMP,
+        "completed_at": _TIMESTAMP,
+        "metrics": {
+            "type": "object",
+            "properties": {
+                "batch_size": {
+                    "type": "integer",
+                    "nullable": True,
+                    "description": "predictions in the model call that ran this one",
+                }
+            },
+        },
+        "links": {
+            "type": "object",
+            "required": ["self"],
+            "properties": {"self": {"type": "string"}},
+        },
+    },
+}
+
+# swagger3 validates only the envelope; the service checks `input` against the model's full JSON Schema
+# (swagger3 understands a subset of it), so the spec below documents more than the validator enforces.
+PREDICT_REQUEST_ENVELOPE = {
+    "type": "object",
+    "required": ["input"],
+    "properties": {},
+}
+
+
+def components(model: Model) -> dict[str, Any]:
+    return {
+        "schemas": {
+            "Error": ERROR,
+            "Prediction": PREDICTION,
+            "ModelInput": model.input_schema,
+            "ModelOutput": model.output_schema,
+            "PredictRequest": {
+                "type": "object",
+                "required": ["input"],
+                "properties": {"input": {"$ref": "#/components/schemas/ModelInput"}},
+            },
+            "ModelInfo": {
+                "type": "object",
+                "required": ["name", "version", "input_schema", "output_schema"],
+                "properties": {
+                    "name": {"type": "string"},
+                    "version": {"type": "string"},
+                    "input_schema": {"type": "object", "description": "JSON Schema of one input"},
+                    "output_schema": {"type": "object", "description": "JSON Schema of one output"},
+                },
+            },
+            "Status": {
+                "type": "object",
+                "required": ["status"],
+                "properties": {"status": {"type": "string"}},
+            },
+        }
+    }

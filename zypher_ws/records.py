@@ -1,0 +1,90 @@
+"""The prediction record and its lifecycle: queued -> running -> succeeded | failed | canceled."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from enum import Enum
+from typing import Any
+
+
+class Status(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+    @property
+    def rank(self) -> int:
+        """Position in the lifecycle; a watcher never moves backwards."""
+        return 2 if self.terminal else (1 if self is Status.RUNNING else 0)
+
+
+TERMINAL = frozenset({Status.SUCCEEDED, Status.FAILED, Status.CANCELED})
+
+
+def rfc3339(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    prediction_id: str
+    status: Status
+    model_name: str
+    model_version: str
+    input: Any
+    result: Any = None
+    error: dict[str, str] | None = None
+    created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    completed_at: float | None = None
+    batch_size: int | None = None
+
+    @classmethod
+    def new(cls, input: Any, *, model_name: str, model_version: str) -> Prediction:
+        return cls(
+            prediction_id=uuid.uuid4().hex,
+            status=Status.QUEUED,
+            model_name=model_name,
+            model_version=model_version,
+            input=input,
+        )
+
+    def started(self, *, batch_size: int) -> Prediction:
+        return replace(self, status=Status.RUNNING, started_at=time.time(), batch_size=batch_size)
+
+    def finished(self, status: Status, *, result: Any = None, error: dict[str, str] | None = None) -> Prediction:
+        return replace(self, status=status, result=result, error=error, completed_at=time.time())
+
+    def to_dict(self) -> dict[str, Any]:
+        """The public record, as `GET /predict/{id}` and WebSocket messages carry it (never the input)."""
+        return {
+            "prediction_id": self.prediction_id,
+            "status": self.status.value,
+            "model": {"name": self.model_name, "version": self.model_version},
+            "result": self.result,
+            "error": self.error,
+            "created_at": rfc3339(self.created_at),
+            "started_at": rfc3339(self.started_at),
+            "completed_at": rfc3339(self.completed_at),
+            "metrics": {"batch_size": self.batch_size},
+            "links": {"self": f"/predict/{self.prediction_id}"},
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """What travels through the work queue."""
+
+    prediction_id: str
+    input: Any

@@ -1,0 +1,99 @@
+"""The protocol-free core that handlers call: submit, read, cancel and watch predictions."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import jsonschema
+
+from .errors import InvalidInput, NotFound, NotReady, QueueFull
+from .events import EventBus, Watch
+from .models import Model
+from .records import Job, Prediction
+from .runner import ModelRunner
+from .settings import Settings
+from .store import Store
+from .work_queue import WorkQueue
+
+
+def _path(error: jsonschema.ValidationError) -> str:
+    return "input" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
+
+
+class PredictionService:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        model: Model,
+        runner: ModelRunner,
+        store: Store,
+        queue: WorkQueue,
+        bus: EventBus,
+    ) -> None:
+        self.settings = settings
+        self.model = model
+        self.runner = runner
+        self.store = store
+        self.queue = queue
+        self.bus = bus
+        validator_cls = jsonschema.validators.validator_for(model.input_schema)
+        self._input_validator = validator_cls(model.input_schema)
+
+    @property
+    def ready(self) -> bool:
+        return self.runner.loaded and self.queue.qsize() < self.queue.maxsize
+
+    def validate_input(self, value: Any) -> None:
+        """Raise InvalidInput naming the offending field, per the model's JSON Schema."""
+        error = jsonschema.exceptions.best_match(self._input_validator.iter_errors(value))
+        if error is not None:
+            raise InvalidInput(f"{_path(error)}: {error.message}")
+
+    async def submit(self, value: Any) -> Prediction:
+        """Validate, store and enqueue one prediction. Raises InvalidInput, NotReady or QueueFull."""
+        self.validate_input(value)
+        if not self.runner.loaded:
+            raise NotReady()
+        if self.queue.qsize() >= self.queue.maxsize:
+            raise QueueFull()
+        prediction = Prediction.new(value, model_name=self.model.name, model_version=self.model.version)
+        await self.store.add(prediction)
+        try:
+            await self.queue.put(Job(prediction.prediction_id, value))
+        except QueueFull:
+            # Filled up while the record was being stored: take it back, so a 503 leaves nothing behind.
+            await self.store.delete(prediction.prediction_id)
+            raise QueueFull() from None
+        return prediction
+
+    async def get(self, prediction_id: str) -> Prediction:
+        prediction = await self.store.get(prediction_id)
+        if prediction is None:
+            raise NotFound(f"no prediction {prediction_id}")
+        return prediction
+
+    async def cancel(self, prediction_id: str) -> Prediction:
+        prediction = await self.store.cancel(prediction_id)
+        await self.bus.publish([prediction])
+        return prediction
+
+    async def wait(self, prediction_id: str, timeout: float) -> Prediction:
+        """The prediction once terminal, or its latest state when `timeout` runs out first."""
+        latest: list[Prediction] = []
+        done = asyncio.get_running_loop().create_future()
+
+        def deliver(prediction: Prediction, snapshot: bool) -> None:
+            latest.append(prediction)
+            if prediction.status.terminal and not done.done():
+                done.set_result(prediction)
+
+        watch = Watch(self.bus, prediction_id, deliver)
+        if await watch.start(self.store.get) is None:
+            raise NotFound(f"no prediction {prediction_id}")
+        try:
+            await asyncio.wait([done], timeout=timeout)
+        finally:
+            watch.stop()
+        return latest[-1]

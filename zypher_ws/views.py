@@ -1,0 +1,171 @@
+"""HTTP handlers: parse the request, call the service, shape the response. Docstrings are the OpenAPI spec."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from .errors import InvalidHeader, NotReady
+from .records import Prediction, Status
+from .typedefs import SERVICE
+
+_TRUE = {"true", "1", "yes"}
+_FALSE = {"false", "0", "no"}
+
+
+def wants_async(request: web.Request) -> bool:
+    """`Async-Mode: true|1|yes` (the prototype's header) or `Prefer: respond-async` (RFC 7240)."""
+    prefer = request.headers.getall("Prefer", [])
+    if any(token.strip().lower() == "respond-async" for value in prefer for token in value.split(",")):
+        return True
+    raw = request.headers.get("Async-Mode")
+    if raw is None:
+        return False
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise InvalidHeader(f"Async-Mode must be true/1/yes or false/0/no, not {raw!r}")
+
+
+def record_response(prediction: Prediction, status: int = 200) -> web.Response:
+    headers = {}
+    if status == 202:
+        headers["Location"] = f"/predict/{prediction.prediction_id}"
+    return web.json_response(prediction.to_dict(), status=status, headers=headers)
+
+
+async def predict(request: web.Request, body: dict[str, Any]) -> web.Response:
+    """Submit a prediction, synchronously (default) or asynchronously.
+
+    ---
+    summary: Submit a prediction
+    description: >
+      Without `Async-Mode: true` or `Prefer: respond-async` the request waits up to the sync timeout:
+      200 with the succeeded record, 500 with the failed record, or 202 (plus `Location`) when it is
+      still unfinished; the prediction carries on either way. Asynchronously it answers 202 at once.
+    tags: [predictions]
+    parameters:
+      - name: Async-Mode
+        in: header
+        required: false
+        description: "true/1/yes answers 202 at once; false/0/no (the default) waits. Any case."
+        schema: {type: string}
+      - name: Prefer
+        in: header
+        required: false
+        description: "`respond-async` is the same as `Async-Mode: true`."
+        schema: {type: string}
+    requestBody:
+      required: true
+      content:
+        application/json:
+          schema: {$ref: '#/components/schemas/PredictRequest'}
+    responses:
+      '200': {description: 'Succeeded (sync)', content: {application/json: {schema: {$ref: '#/components/schemas/Prediction'}}}}
+      '202':
+        description: Accepted (async), or still running when the sync timeout ran out
+        headers: {Location: {description: URL of the record, schema: {type: string}}}
+        content: {application/json: {schema: {$ref: '#/components/schemas/Prediction'}}}
+      '400': {description: 'Malformed JSON, bad header, or input failing the model schema', content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}
+      '413': {description: 'Body larger than the limit', content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}
+      '415': {description: 'Body is not JSON', content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}
+      '500': {description: 'The model raised (sync); the record carries the error', content: {application/json: {schema: {$ref: '#/components/schemas/Prediction'}}}}
+      '503':
+        description: Queue full or model not ready; retry after `Retry-After` seconds
+        headers: {Retry-After: {schema: {type: integer}}}
+        content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}
+    """
+    service = request.app[SERVICE]
+    run_async = wants_async(request)
+    prediction = await service.submit(body["input"])
+    if run_async:
+        return record_response(prediction, 202)
+    prediction = await service.wait(prediction.prediction_id, service.settings.sync_timeout)
+    if not prediction.status.terminal:
+        return record_response(prediction, 202)
+    return record_response(prediction, 500 if prediction.status is Status.FAILED else 200)
+
+
+async def get_prediction(request: web.Request, prediction_id: str) -> web.Response:
+    """Read a prediction's record.
+
+    ---
+    summary: Read a prediction
+    tags: [predictions]
+    parameters:
+      - {name: prediction_id, in: path, required: true, schema: {type: string}}
+    responses:
+      '200': {description: 'The record', content: {application/json: {schema: {$ref: '#/components/schemas/Prediction'}}}}
+      '404': {description: 'Unknown id', content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}
+    """
+    return record_response(await request.app[SERVICE].get(prediction_id))
+
+
+async def cancel_prediction(request: web.Request, prediction_id: str) -> web.Response:
+    """Cancel a queued or running prediction.
+
+    ---
+    summary: Cancel a prediction
+    description: A queued prediction never runs; a running one is marked canceled and its result discarded.
+    tags: [predictions]
+    parameters:
+      - {name: prediction_id, in: path, required: true, schema: {type: string}}
+    responses:
+      '200': {description: 'Canceled', content: {application/json: {schema: {$ref: '#/components/schemas/Prediction'}}}}
+      '404': {description: 'Unknown id', content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}
+      '409': {description: 'Already finished (code already_finished)', content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}
+    """
+    return record_response(await request.app[SERVICE].cancel(prediction_id))
+
+
+async def model_info(request: web.Request) -> web.Response:
+    """Describe the served model.
+
+    ---
+    summary: The served model and its schemas
+    tags: [model]
+    responses:
+      '200': {description: 'Name, version, input and output JSON Schemas', content: {application/json: {schema: {$ref: '#/components/schemas/ModelInfo'}}}}
+    """
+    model = request.app[SERVICE].model
+    return web.json_response(
+        {
+            "name": model.name,
+            "version": model.version,
+            "input_schema": model.input_schema,
+            "output_schema": model.output_schema,
+        }
+    )
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the process answers.
+
+    ---
+    summary: Liveness
+    tags: [health]
+    responses:
+      '200': {description: 'Up', content: {application/json: {schema: {$ref: '#/components/schemas/Status'}}}}
+    """
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: the model is loaded and the queue accepts work.
+
+    ---
+    summary: Readiness
+    tags: [health]
+    responses:
+      '200': {description: 'Ready', content: {application/json: {schema: {$ref: '#/components/schemas/Status'}}}}
+      '503': {description: 'Model not loaded or queue full', content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}
+    """
+    service = request.app[SERVICE]
+    if not service.runner.loaded:
+        raise NotReady(service.runner.load_error or "the model is not loaded yet")
+    if not service.ready:
+        raise NotReady("the queue is full")
+    return web.json_response({"status": "ready"})

@@ -1,0 +1,76 @@
+"""Worker tasks: take batches off the queue, run them, record and announce every state change."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from .events import EventBus
+from .records import Job
+from .runner import ModelRunner
+from .settings import Settings
+from .store import Store
+from .work_queue import WorkQueue
+
+log = logging.getLogger(__name__)
+
+
+class WorkerPool:
+    def __init__(
+        self, *, settings: Settings, queue: WorkQueue, store: Store, bus: EventBus, runner: ModelRunner
+    ) -> None:
+        self._settings = settings
+        self._queue = queue
+        self._store = store
+        self._bus = bus
+        self._runner = runner
+        self._tasks: list[asyncio.Task[None]] = []
+        self._waiting: set[asyncio.Task[None] | None] = set()
+        self._stopping = False
+        self.busy = 0
+
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._work(), name=f"zypher-worker-{i}") for i in range(self._settings.workers)
+        ]
+
+    async def stop(self, timeout: float = 0.0) -> None:
+        """Take no new batches; give running ones `timeout` seconds to finish, then cancel them."""
+        self._stopping = True
+        for task in self._tasks:
+            if task in self._waiting:
+                task.cancel()
+        if self._tasks:
+            _, still_running = await asyncio.wait(self._tasks, timeout=timeout)
+            for task in still_running:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+    async def _work(self) -> None:
+        s = self._settings
+        me = asyncio.current_task()
+        while not self._stopping:
+            self._waiting.add(me)
+            try:
+                jobs = await self._queue.get_batch(s.max_batch_size, s.max_batch_delay)
+            finally:
+                self._waiting.discard(me)
+            self.busy += 1
+            try:
+                await self.run_batch(jobs)
+            except Exception:  # a store or bus failure must not kill the worker
+                log.exception("worker failed on a batch of %d", len(jobs))
+            finally:
+                self.busy -= 1
+
+    async def run_batch(self, jobs: list[Job]) -> None:
+        started = await self._store.start([job.prediction_id for job in jobs])
+        if not started:
+            return
+        await self._bus.publish(started)
+        inputs = {job.prediction_id: job.input for job in jobs}
+        ids = [p.prediction_id for p in started]
+        outcomes = await self._runner.run(ids, [inputs[pid] for pid in ids])
+        finished = await self._store.finish(outcomes)
+        await self._bus.publish(finished)
