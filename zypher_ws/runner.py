@@ -35,6 +35,7 @@ class ModelRunner:
             raise
         self.loaded = True
         self.loaded_event.set()
+        log.info("model %s %s loaded and ready", self.model.name, self.model.version)
 
     async def run(self, ids: list[str], inputs: list[Any]) -> list[Outcome]:
         """One model call for the batch; if it raises, each item alone, so one bad input fails only itself."""

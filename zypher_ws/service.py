@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections import defaultdict
+from collections.abc import Iterable
 from typing import Any
 
 import jsonschema
@@ -19,6 +21,18 @@ from .work_queue import WorkQueue
 
 def _path(error: jsonschema.ValidationError) -> str:
     return "input" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
+
+
+def _most_relevant(errors: Iterable[jsonschema.ValidationError]) -> jsonschema.ValidationError | None:
+    """Within oneOf/anyOf, report the branch the input came closest to (fewest errors), not the first."""
+    error = next(iter(errors), None)
+    while error is not None and error.context:
+        branches: dict[Any, list[jsonschema.ValidationError]] = defaultdict(list)
+        for sub in error.context:
+            branches[sub.relative_schema_path[0]].append(sub)
+        closest = min(branches.values(), key=len)
+        error = min(closest, key=lambda e: len(e.context))  # plain errors before nested alternatives
+    return error
 
 
 class PredictionService:
@@ -47,7 +61,7 @@ class PredictionService:
 
     def validate_input(self, value: Any) -> None:
         """Raise InvalidInput naming the offending field, per the model's JSON Schema."""
-        error = jsonschema.exceptions.best_match(self._input_validator.iter_errors(value))
+        error = _most_relevant(self._input_validator.iter_errors(value))
         if error is not None:
             raise InvalidInput(f"{_path(error)}: {error.message}")
 

@@ -1,0 +1,38 @@
+"""The real `zypher-ws serve` process, driven over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+
+from helpers import run_server
+
+HOLDOUT = Path(__file__).parent / "data" / "digits_holdout.npz"
+
+
+async def test_real_process_serves_digits_sync_and_async() -> None:
+    with np.load(HOLDOUT) as data:
+        image, label = data["images"][3].tolist(), int(data["labels"][3])
+    async with run_server("--workers", "1") as server, aiohttp.ClientSession(server.url) as http:
+        assert (await http.get("/readyz")).status == 200
+        resp = await http.post("/predict", json={"input": image})
+        assert resp.status == 200
+        assert (await resp.json())["result"]["label"] == label
+
+        resp = await http.post("/predict", json={"input": image}, headers={"Async-Mode": "true"})
+        assert resp.status == 202
+        location = resp.headers["Location"]
+
+        async def poll() -> dict[str, Any]:
+            while (record := await (await http.get(location)).json())["status"] != "succeeded":
+                pass
+            return record  # type: ignore[no-any-return]
+
+        record = await asyncio.wait_for(poll(), 10)
+        assert record["result"]["label"] == label
+    assert server.proc.returncode == 0  # SIGTERM is a clean shutdown
+    assert any("POST /predict" in line for line in server.log)
