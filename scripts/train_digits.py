@@ -1,6 +1,6 @@
 """Train the shipped `digits` model and write its weights.
 
-Development only (needs scikit-learn): `pip install scikit-learn && python scripts/train_digits.py`.
+Development only (needs scikit-learn): `pip install -e ".[train]" && python scripts/train_digits.py`.
 The service itself runs the network with numpy alone (zypher_ws/models/digits.py).
 """
 

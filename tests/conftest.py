@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -103,3 +104,19 @@ def make_client(aiohttp_client: Any) -> ClientFactory:
 @pytest.fixture
 def gated() -> GatedModel:
     return GatedModel()
+
+
+# -- CI installs every real part (Chromium, Redis): there a skipped test is a failure ------------------
+
+_skipped: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped:
+        _skipped.append(report.nodeid)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if os.environ.get("CI") == "true" and _skipped and exitstatus == 0:
+        print(f"\nCI=true: {len(_skipped)} test(s) skipped, which CI treats as failure: {_skipped}")
+        session.exitstatus = 1
