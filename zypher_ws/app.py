@@ -11,15 +11,16 @@ from concurrent.futures import ThreadPoolExecutor
 from aiohttp import web
 from aiohttp_swagger3 import SwaggerDocs, SwaggerInfo, SwaggerUiSettings
 
-from . import __version__, openapi, views
+from . import __version__, live, openapi, views
 from .events import LocalEventBus
 from .middleware import json_errors, parse_json_body
 from .models import Model, build_model
+from .pages import add_page_routes, security_headers
 from .runner import ModelRunner
 from .service import PredictionService
 from .settings import Settings
 from .store import MemoryStore
-from .typedefs import MODEL, SERVICE, SETTINGS
+from .typedefs import MODEL, SERVICE, SETTINGS, SOCKETS
 from .work_queue import MemoryQueue
 from .workers import WorkerPool
 
@@ -30,11 +31,15 @@ SPEC_URL = "/swagger/swagger.json"
 
 def create_app(settings: Settings, *, model: Model | None = None) -> web.Application:
     """Build the app; `model` overrides the one the settings name (tests pass fakes here)."""
-    app = web.Application(client_max_size=settings.max_body, middlewares=[json_errors])
+    app = web.Application(client_max_size=settings.max_body, middlewares=[security_headers, json_errors])
     app[SETTINGS] = settings
     app[MODEL] = model if model is not None else build_model(settings)
+    app[SOCKETS] = set()
     app.cleanup_ctx.append(service_ctx)
+    app.on_shutdown.append(live.close_sockets)
     _add_routes(app)
+    app.router.add_get("/ws", live.websocket)
+    add_page_routes(app)
     return app
 
 
@@ -89,6 +94,7 @@ def _add_routes(app: web.Application) -> None:
     swagger.add_route("GET", "/model", views.model_info)
     swagger.add_route("GET", "/healthz", views.healthz)
     swagger.add_route("GET", "/readyz", views.readyz)
+    swagger.add_route("GET", "/predict/{prediction_id}/events", live.prediction_events)
     components["schemas"]["PredictRequest"] = documented_request
 
 
@@ -99,7 +105,7 @@ def _swagger(app: web.Application, model: Model) -> SwaggerDocs:
             title="zypher-ws",
             version=__version__,
             description=f"ML inference over HTTP and WebSocket, serving `{model.name}` {model.version}. "
-            f"The OpenAPI document is at `{SPEC_URL}`.",
+            f"The OpenAPI document is at `{SPEC_URL}`.\n\n" + openapi.WEBSOCKET_PROTOCOL,
         ),
         swagger_ui_settings=SwaggerUiSettings(path="/swagger"),
     )

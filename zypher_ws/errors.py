@@ -29,6 +29,22 @@ class InvalidInput(ZypherError):
     code = "invalid_input"
 
 
+class InvalidMessage(ZypherError):
+    """A WebSocket message that is JSON but not a valid request."""
+
+    status = 400
+    code = "invalid_message"
+
+
+class UnknownOp(InvalidMessage):
+    code = "unknown_op"
+
+
+class TooManySubscriptions(ZypherError):
+    status = 429
+    code = "too_many_subscriptions"
+
+
 class InvalidHeader(ZypherError):
     status = 400
     code = "invalid_header"

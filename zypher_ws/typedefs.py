@@ -11,3 +11,4 @@ from .settings import Settings
 SETTINGS = web.AppKey("settings", Settings)
 MODEL = web.AppKey("model", Model)
 SERVICE = web.AppKey("service", PredictionService)
+SOCKETS: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("sockets")

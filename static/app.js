@@ -1,0 +1,277 @@
+// zypher-ws live page. Plain JavaScript: no framework, no build step, nothing from other origins.
+// Model output reaches the page only through textContent and DOM nodes, never innerHTML.
+"use strict";
+
+const TERMINAL = new Set(["succeeded", "failed", "canceled"]);
+const $ = (sel) => document.querySelector(sel);
+const predictions = new Map(); // prediction_id -> {record, el}
+let model = null;
+let socket = null;
+let reconnectDelay = 250;
+let wsFailures = 0;
+let pollTimer = null;
+
+// ---------------------------------------------------------------- model and input
+async function loadModel() {
+  const resp = await fetch("/model");
+  model = await resp.json();
+  $("#model-name").textContent = `model: ${model.name} ${model.version}`;
+  if (model.name === "digits") {
+    $("#digits-panel").hidden = false;
+    buildGrid();
+  } else {
+    $("#input-json").value = JSON.stringify(exampleFor(model.input_schema), null, 1);
+  }
+}
+
+function exampleFor(schema) {
+  if (!schema || typeof schema !== "object") return null;
+  if ("example" in schema) return schema.example;
+  if (schema.oneOf || schema.anyOf) return exampleFor((schema.oneOf || schema.anyOf)[0]);
+  switch (schema.type) {
+    case "array": return Array.from({ length: schema.minItems || 1 }, () => exampleFor(schema.items));
+    case "object": {
+      const out = {};
+      for (const [k, v] of Object.entries(schema.properties || {})) out[k] = exampleFor(v);
+      return out;
+    }
+    case "number": case "integer": return schema.minimum ?? 0;
+    case "string": return "";
+    case "boolean": return false;
+    default: return {};
+  }
+}
+
+const pixels = new Array(64).fill(0);
+function buildGrid() {
+  const grid = $("#grid");
+  let painting = null;
+  for (let i = 0; i < 64; i++) {
+    const cell = document.createElement("div");
+    cell.className = "cell";
+    cell.dataset.index = String(i);
+    cell.setAttribute("role", "gridcell");
+    grid.appendChild(cell);
+  }
+  const paint = (cell, value) => { if (cell && cell.dataset.index !== undefined) setPixel(Number(cell.dataset.index), value); };
+  grid.addEventListener("pointerdown", (e) => {
+    e.preventDefault();
+    painting = e.button === 2 || e.shiftKey ? 0 : 16;
+    paint(e.target, painting);
+  });
+  grid.addEventListener("pointerover", (e) => { if (painting !== null) paint(e.target, painting); });
+  window.addEventListener("pointerup", () => { painting = null; });
+  grid.addEventListener("contextmenu", (e) => e.preventDefault());
+  $("#clear").addEventListener("click", () => { for (let i = 0; i < 64; i++) setPixel(i, 0); });
+  syncJson();
+}
+
+function setPixel(i, value) {
+  pixels[i] = value;
+  const cell = $("#grid").children[i];
+  const shade = Math.round(255 - (value / 16) * 255);
+  cell.style.background = `rgb(${shade},${shade},${shade})`;
+  syncJson();
+}
+
+function syncJson() {
+  const rows = [];
+  for (let r = 0; r < 8; r++) rows.push(pixels.slice(r * 8, r * 8 + 8));
+  $("#input-json").value = "[" + rows.map((row) => JSON.stringify(row)).join(",\n ") + "]";
+}
+
+// ---------------------------------------------------------------- submitting
+async function submit() {
+  const errorEl = $("#submit-error");
+  errorEl.textContent = "";
+  let input;
+  try {
+    input = JSON.parse($("#input-json").value);
+  } catch (e) {
+    errorEl.textContent = `Input is not valid JSON: ${e.message}`;
+    return;
+  }
+  const mode = document.querySelector('input[name="mode"]:checked').value;
+  const headers = { "Content-Type": "application/json" };
+  if (mode === "async") headers["Async-Mode"] = "true";
+  const started = performance.now();
+  const resp = await fetch("/predict", { method: "POST", headers, body: JSON.stringify({ input }) });
+  const body = await resp.json();
+  if (body.error && !body.prediction_id) {
+    errorEl.textContent = `${resp.status} ${body.error.code}: ${body.error.message}`;
+    return;
+  }
+  track(body, { submittedAt: started, mode });
+}
+
+// ---------------------------------------------------------------- the list
+function track(record, extra = {}) {
+  let entry = predictions.get(record.prediction_id);
+  if (!entry) {
+    const el = $("#prediction-template").content.firstElementChild.cloneNode(true);
+    el.dataset.predictionId = record.prediction_id;
+    el.querySelector(".pid").textContent = record.prediction_id;
+    el.querySelector(".cancel").addEventListener("click", () => cancel(record.prediction_id));
+    $("#predictions").prepend(el);
+    entry = { record, el, ...extra };
+    predictions.set(record.prediction_id, entry);
+    subscribe([record.prediction_id]);
+  }
+  update(record);
+}
+
+const RANK = { queued: 0, running: 1, succeeded: 2, failed: 2, canceled: 2 };
+
+function update(record) {
+  const entry = predictions.get(record.prediction_id);
+  if (!entry) return;
+  if (RANK[record.status] < RANK[entry.record.status]) return; // never move backwards
+  entry.record = record;
+  const el = entry.el;
+  const status = el.querySelector(".status");
+  status.textContent = record.status;
+  status.dataset.status = record.status;
+  el.dataset.status = record.status;
+  el.querySelector(".cancel").hidden = TERMINAL.has(record.status);
+  renderResult(el, record);
+  el.querySelector(".error-text").textContent = record.error ? `${record.error.code}: ${record.error.message}` : "";
+  el.querySelector(".timings").textContent = timings(record);
+}
+
+function renderResult(el, record) {
+  const label = el.querySelector(".label");
+  const bars = el.querySelector(".bars");
+  const json = el.querySelector(".json");
+  label.textContent = "";
+  bars.replaceChildren();
+  json.textContent = "";
+  const result = record.result;
+  if (result === null || result === undefined) return;
+  if (Number.isInteger(result.label) && Array.isArray(result.probabilities)) {
+    label.textContent = String(result.label);
+    result.probabilities.forEach((p, digit) => {
+      const bar = document.createElement("div");
+      bar.className = "bar";
+      bar.style.height = `${Math.max(1, Math.round(Number(p) * 100))}%`;
+      bar.title = `${digit}: ${(Number(p) * 100).toFixed(1)}%`;
+      const tick = document.createElement("span");
+      tick.textContent = String(digit);
+      bar.appendChild(tick);
+      bars.appendChild(bar);
+    });
+  } else {
+    json.textContent = JSON.stringify(result, null, 2);
+  }
+}
+
+function timings(r) {
+  const t = (s) => (s ? Date.parse(s) : null);
+  const parts = [];
+  const created = t(r.created_at), started = t(r.started_at), done = t(r.completed_at);
+  if (created && started) parts.push(`queued ${started - created} ms`);
+  if (started && done) parts.push(`ran ${done - started} ms`);
+  if (created && done) parts.push(`total ${done - created} ms`);
+  if (r.metrics && r.metrics.batch_size) parts.push(`batch of ${r.metrics.batch_size}`);
+  return parts.join(" · ");
+}
+
+async function cancel(id) {
+  const resp = await fetch(`/predict/${encodeURIComponent(id)}`, { method: "DELETE" });
+  const body = await resp.json();
+  if (body.prediction_id) update(body);
+}
+
+function unfinishedIds() {
+  return [...predictions.values()].filter((e) => !TERMINAL.has(e.record.status)).map((e) => e.record.prediction_id);
+}
+
+// ---------------------------------------------------------------- live updates
+function setConnection(state) {
+  const badge = $("#connection");
+  badge.dataset.state = state;
+  badge.textContent = state;
+}
+
+function subscribe(ids) {
+  if (ids.length && socket && socket.readyState === WebSocket.OPEN) {
+    socket.send(JSON.stringify({ op: "subscribe", prediction_ids: ids }));
+  }
+}
+
+function connect() {
+  if (!("WebSocket" in window) || wsFailures >= 5) {
+    startPolling();
+    return;
+  }
+  setConnection("connecting");
+  const url = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`;
+  const ws = new WebSocket(url);
+  socket = ws;
+  ws.addEventListener("open", () => {
+    wsFailures = 0;
+    reconnectDelay = 250;
+    stopPolling();
+    setConnection("open");
+    subscribe(unfinishedIds()); // resubscribe after a reconnect: the server replies with current state
+  });
+  ws.addEventListener("message", (event) => {
+    let msg;
+    try { msg = JSON.parse(event.data); } catch { return; }
+    if (msg.prediction) {
+      if (predictions.has(msg.prediction.prediction_id)) update(msg.prediction);
+      else track(msg.prediction);
+    } else if (msg.type === "error" && msg.prediction_id && predictions.has(msg.prediction_id)) {
+      const entry = predictions.get(msg.prediction_id);
+      entry.el.querySelector(".error-text").textContent = `${msg.error.code}: ${msg.error.message}`;
+    }
+  });
+  ws.addEventListener("close", () => {
+    if (socket !== ws) return;
+    socket = null;
+    wsFailures += 1;
+    setConnection("closed");
+    if (wsFailures >= 5) startPolling(); // WebSocket unavailable (a proxy?): poll, and keep trying now and then
+    setTimeout(connect, reconnectDelay);
+    reconnectDelay = Math.min(reconnectDelay * 2, 5000);
+  });
+}
+
+function startPolling() {
+  if (pollTimer) return;
+  setConnection("polling");
+  pollTimer = setInterval(async () => {
+    for (const id of unfinishedIds()) {
+      try {
+        const resp = await fetch(`/predict/${encodeURIComponent(id)}`);
+        if (resp.ok) update(await resp.json());
+      } catch { /* server away; try again next tick */ }
+    }
+  }, 1000);
+  if (wsFailures >= 5) setTimeout(() => { wsFailures = 4; connect(); }, 10000);
+}
+
+function stopPolling() {
+  if (pollTimer) clearInterval(pollTimer);
+  pollTimer = null;
+}
+
+// ---------------------------------------------------------------- start
+document.addEventListener("DOMContentLoaded", () => {
+  $("#submit").addEventListener("click", () => submit().catch((e) => { $("#submit-error").textContent = String(e); }));
+  $("#watch-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    const id = $("#watch-id").value.trim();
+    if (id) watch(id);
+  });
+  loadModel().catch((e) => { $("#model-name").textContent = `model unavailable: ${e}`; });
+  connect();
+  const params = new URLSearchParams(location.search);
+  for (const id of (params.get("watch") || "").split(",").filter(Boolean)) watch(id);
+});
+
+async function watch(id) {
+  const resp = await fetch(`/predict/${encodeURIComponent(id)}`);
+  const body = await resp.json();
+  if (body.prediction_id) track(body);
+  else $("#submit-error").textContent = `${body.error.code}: ${body.error.message}`;
+}

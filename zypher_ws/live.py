@@ -1,0 +1,233 @@
+"""Live results: the WebSocket protocol (`GET /ws`) and Server-Sent Events for one prediction."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from .errors import InvalidMessage, NotFound, TooManySubscriptions, UnknownOp, ZypherError
+from .events import Watch
+from .records import Prediction
+from .service import PredictionService
+from .settings import Settings
+from .typedefs import SERVICE, SETTINGS, SOCKETS
+
+log = logging.getLogger(__name__)
+
+SLOW_CLIENT_CLOSE = WSCloseCode.TRY_AGAIN_LATER  # 1013: the client fell behind its outbox
+
+
+def ws_error(code: str, message: str, request_id: Any = None, **extra: Any) -> dict[str, Any]:
+    return {"type": "error", "error": {"code": code, "message": message}, "request_id": request_id, **extra}
+
+
+class WsSession:
+    """One socket's subscriptions and its bounded outbox. Never awaits the client from an event."""
+
+    def __init__(self, ws: web.WebSocketResponse, service: PredictionService, settings: Settings) -> None:
+        self.ws = ws
+        self.service = service
+        self.settings = settings
+        self.watches: dict[str, Watch] = {}
+        self.outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=settings.ws_outbox)
+        self.dropped = False
+        self._closing: asyncio.Task[None] | None = None
+        self._sender = asyncio.create_task(self._send_loop())
+
+    # -- outgoing ---------------------------------------------------------------------------------
+
+    def send(self, message: dict[str, Any]) -> None:
+        if self.dropped:
+            return
+        try:
+            self.outbox.put_nowait(message)
+        except asyncio.QueueFull:
+            # The client is not reading. Drop it rather than buffer without bound or slow the workers.
+            self.dropped = True
+            self.stop_watches()
+            self._sender.cancel()
+            self._closing = asyncio.create_task(self._close(SLOW_CLIENT_CLOSE, b"too slow: outbox full"))
+
+    async def _send_loop(self) -> None:
+        while True:
+            message = await self.outbox.get()
+            await self.ws.send_str(json.dumps(message))
+
+    async def _close(self, code: int, message: bytes) -> None:
+        try:
+            await asyncio.wait_for(self.ws.close(code=code, message=message), 1.0)
+        except (asyncio.TimeoutError, ConnectionError):
+            pass
+
+    async def close(self) -> None:
+        self.stop_watches()
+        self._sender.cancel()
+        await asyncio.gather(self._sender, return_exceptions=True)
+
+    # -- subscriptions ------------------------------------------------------------------------------
+
+    def stop_watches(self) -> None:
+        for watch in self.watches.values():
+            watch.stop()
+        self.watches.clear()
+
+    async def watch(self, prediction_id: str, first: str = "subscribed", request_id: Any = None) -> None:
+        """Subscribe this socket; the first message (the current state) is of type `first`.
+
+        Raises NotFound or TooManySubscriptions. Watching an id twice changes nothing.
+        """
+        if prediction_id in self.watches:
+            return
+        self.check_room()
+
+        def deliver(prediction: Prediction, snapshot: bool) -> None:
+            if prediction.status.terminal:
+                self.watches.pop(prediction_id, None)
+            kind = first if snapshot else "update"
+            message: dict[str, Any] = {"type": kind, "prediction": prediction.to_dict()}
+            if kind == "accepted":
+                message["request_id"] = request_id
+            self.send(message)
+
+        watch = self.watches[prediction_id] = Watch(self.service.bus, prediction_id, deliver)
+        if await watch.start(self.service.store.get) is None:
+            self.watches.pop(prediction_id, None)
+            raise NotFound(f"no prediction {prediction_id}")
+
+    def check_room(self) -> None:
+        if len(self.watches) >= self.settings.ws_max_subscriptions:
+            raise TooManySubscriptions(f"at most {self.settings.ws_max_subscriptions} subscriptions per socket")
+
+    async def subscribe(self, ids: list[str], request_id: Any = None) -> None:
+        for pid in ids:
+            try:
+                await self.watch(pid)
+            except ZypherError as exc:
+                self.send(ws_error(exc.code, exc.message, request_id, prediction_id=pid))
+
+    def unwatch(self, prediction_id: str) -> None:
+        watch = self.watches.pop(prediction_id, None)
+        if watch is not None:
+            watch.stop()
+
+    # -- incoming -------------------------------------------------------------------------------
+
+    async def handle(self, raw: str) -> None:
+        try:
+            message = json.loads(raw)
+        except ValueError as exc:
+            self.send(ws_error("invalid_json", f"message is not valid JSON: {exc}"))
+            return
+        if not isinstance(message, dict):
+            self.send(ws_error("invalid_message", "a message is a JSON object with an `op`"))
+            return
+        request_id = message.get("request_id")
+        op = message.get("op")
+        try:
+            if op == "ping":
+                self.send({"type": "pong"})
+            elif op == "subscribe":
+                await self.subscribe(_ids(message), request_id)
+            elif op == "unsubscribe":
+                for pid in _ids(message):
+                    self.unwatch(pid)
+            elif op == "predict":
+                if "input" not in message:
+                    raise InvalidMessage("`predict` needs an `input`")
+                self.check_room()  # refuse before submitting: an accepted prediction must be watched
+                prediction = await self.service.submit(message["input"])
+                await self.watch(prediction.prediction_id, first="accepted", request_id=request_id)
+            else:
+                raise UnknownOp(f"unknown op {op!r}: use subscribe, unsubscribe, predict or ping")
+        except ZypherError as exc:
+            self.send(ws_error(exc.code, exc.message, request_id))
+
+
+def _ids(message: dict[str, Any]) -> list[str]:
+    if "prediction_ids" in message:
+        ids = message["prediction_ids"]
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise InvalidMessage("`prediction_ids` must be a list of strings")
+        return ids
+    pid = message.get("prediction_id")
+    if not isinstance(pid, str):
+        raise InvalidMessage("give `prediction_id` (a string) or `prediction_ids` (a list of strings)")
+    return [pid]
+
+
+async def websocket(request: web.Request) -> web.StreamResponse:
+    settings, service = request.app[SETTINGS], request.app[SERVICE]
+    ws = web.WebSocketResponse(heartbeat=settings.ws_heartbeat or None, max_msg_size=settings.ws_max_message)
+    await ws.prepare(request)
+    sockets = request.app[SOCKETS]
+    sockets.add(ws)
+    session = WsSession(ws, service, settings)
+    try:
+        await session.subscribe(request.query.getall("prediction_id", []))
+        async for msg in ws:
+            if msg.type is WSMsgType.TEXT:
+                await session.handle(msg.data)
+            elif msg.type is WSMsgType.BINARY:
+                session.send(ws_error("invalid_message", "send JSON text frames, not binary"))
+            if session.dropped:
+                break
+    finally:
+        sockets.discard(ws)
+        await session.close()
+    return ws
+
+
+async def close_sockets(app: web.Application) -> None:
+    """on_shutdown: tell every WebSocket client the server is going away (1001)."""
+    sockets = app[SOCKETS].copy()
+    await asyncio.gather(
+        *(ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown") for ws in sockets),
+        return_exceptions=True,
+    )
+
+
+async def prediction_events(request: web.Request) -> web.StreamResponse:
+    """Server-Sent Events for one prediction: `subscribed`, then each `update`, closing after the terminal one.
+
+    ---
+    summary: Follow one prediction as Server-Sent Events
+    tags: [live]
+    parameters:
+      - {name: prediction_id, in: path, required: true, schema: {type: string}}
+    responses:
+      '200':
+        description: "text/event-stream of `subscribed` and `update` events whose data is {type, prediction}"
+        content: {text/event-stream: {schema: {type: string}}}
+      '404': {description: 'Unknown id', content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}
+    """
+    service, settings = request.app[SERVICE], request.app[SETTINGS]
+    prediction_id = request.match_info["prediction_id"]
+    events: asyncio.Queue[tuple[str, Prediction]] = asyncio.Queue()  # at most one per lifecycle rank
+
+    def deliver(prediction: Prediction, snapshot: bool) -> None:
+        events.put_nowait(("subscribed" if snapshot else "update", prediction))
+
+    watch = Watch(service.bus, prediction_id, deliver)
+    if await watch.start(service.store.get) is None:
+        raise NotFound(f"no prediction {prediction_id}")
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    try:
+        await response.prepare(request)
+        while True:
+            try:
+                kind, prediction = await asyncio.wait_for(events.get(), settings.ws_heartbeat or None)
+            except asyncio.TimeoutError:
+                await response.write(b": keep-alive\n\n")  # proxies close idle streams
+                continue
+            data = json.dumps({"type": kind, "prediction": prediction.to_dict()})
+            await response.write(f"event: {kind}\ndata: {data}\n\n".encode())
+            if prediction.status.terminal:
+                break
+        await response.write_eof()
+    finally:
+        watch.stop()
+    return response
