@@ -28,10 +28,10 @@ class ServerProcess:
 
 @asynccontextmanager
 async def run_server(
-    *args: str, env: dict[str, str] | None = None, cwd: str | None = None
+    *args: str, env: dict[str, str] | None = None, cwd: str | None = None, port: int | None = None
 ) -> AsyncIterator[ServerProcess]:
-    """Start `python -m zypher_ws serve ARGS` on a free port; yield once it is ready; SIGTERM it after."""
-    port = free_port()
+    """Start `python -m zypher_ws serve ARGS` (on a free port by default); yield once ready; SIGTERM it after."""
+    port = port or free_port()
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",

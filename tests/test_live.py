@@ -1,0 +1,342 @@
+"""The WebSocket protocol and Server-Sent Events, through a real server on a TCP port."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import WSMsgType
+from aiohttp.test_utils import TestClient
+from rawws import RawWebSocket
+
+from conftest import WAIT, ClientFactory, GatedModel
+from zypher_ws.models import MockModel
+from zypher_ws.typedefs import SERVICE, SOCKETS
+
+ASYNC = {"Async-Mode": "true"}
+
+
+async def recv(ws: aiohttp.ClientWebSocketResponse) -> dict[str, Any]:
+    message: dict[str, Any] = await ws.receive_json(timeout=WAIT)
+    return message
+
+
+async def assert_quiet(ws: aiohttp.ClientWebSocketResponse) -> None:
+    """Nothing is pending on the socket: a ping's pong is the very next message."""
+    await ws.send_json({"op": "ping"})
+    assert await recv(ws) == {"type": "pong"}
+
+
+async def submit(client: TestClient, value: Any) -> dict[str, Any]:
+    resp = await client.post("/predict", json={"input": value}, headers=ASYNC)
+    assert resp.status == 202
+    record: dict[str, Any] = await resp.json()
+    return record
+
+
+def listeners(client: TestClient) -> int:
+    count: int = client.app[SERVICE].bus.listener_count()  # type: ignore[attr-defined]
+    return count
+
+
+# -- messages and errors --------------------------------------------------------------------------
+
+
+async def test_ping_and_every_bad_message_leave_the_socket_open(make_client: ClientFactory) -> None:
+    client = await make_client(model=MockModel())
+    async with client.ws_connect("/ws") as ws:
+        await assert_quiet(ws)
+        cases: list[tuple[str | bytes, str]] = [
+            ("{not json", "invalid_json"),
+            ("[1, 2]", "invalid_message"),
+            ('{"op": "dance"}', "unknown_op"),
+            ('{"no": "op"}', "unknown_op"),
+            ('{"op": "subscribe"}', "invalid_message"),
+            ('{"op": "subscribe", "prediction_ids": "abc"}', "invalid_message"),
+            ('{"op": "subscribe", "prediction_ids": [1]}', "invalid_message"),
+            ('{"op": "predict"}', "invalid_message"),
+            (b"\x00\x01binary", "invalid_message"),
+        ]
+        for raw, code in cases:
+            if isinstance(raw, bytes):
+                await ws.send_bytes(raw)
+            else:
+                await ws.send_str(raw)
+            message = await recv(ws)
+            assert message["type"] == "error" and message["error"]["code"] == code, (raw, message)
+            assert message["error"]["message"]
+        await ws.send_json({"op": "subscribe", "prediction_id": "f" * 32, "request_id": "r1"})
+        message = await recv(ws)
+        assert message["error"]["code"] == "not_found"
+        assert message["request_id"] == "r1" and message["prediction_id"] == "f" * 32
+        await assert_quiet(ws)
+    assert listeners(client) == 0
+
+
+async def test_predict_op_accepts_and_pushes_updates(make_client: ClientFactory, gated: GatedModel) -> None:
+    client = await make_client(model=gated)
+    async with client.ws_connect("/ws") as ws:
+        await ws.send_json({"op": "predict", "input": {"x": 5}, "request_id": "req-7"})
+        accepted = await recv(ws)
+        assert accepted["type"] == "accepted" and accepted["request_id"] == "req-7"
+        assert accepted["prediction"]["status"] in ("queued", "running")
+        pid = accepted["prediction"]["prediction_id"]
+        await gated.wait_started(1)
+        if accepted["prediction"]["status"] == "queued":
+            running = await recv(ws)
+            assert (running["type"], running["prediction"]["status"]) == ("update", "running")
+        gated.release.set()
+        done = await recv(ws)
+        assert done["type"] == "update" and done["prediction"]["status"] == "succeeded"
+        assert done["prediction"]["prediction_id"] == pid
+        assert done["prediction"]["result"] == {"echo": {"x": 5}}
+        await assert_quiet(ws)
+
+        await ws.send_json({"op": "predict", "input": {"x": "not an int"}, "request_id": 3})
+        error = await recv(ws)
+        assert error["error"]["code"] == "invalid_input" and error["request_id"] == 3
+        assert "input.x" in error["error"]["message"]
+
+
+async def test_predict_op_when_queue_full(make_client: ClientFactory, gated: GatedModel) -> None:
+    client = await make_client(model=gated, workers=1, max_batch_size=1, max_queue=1)
+    await submit(client, {"x": 0})
+    await gated.wait_started(1)
+    await submit(client, {"x": 1})
+    async with client.ws_connect("/ws") as ws:
+        await ws.send_json({"op": "predict", "input": {"x": 2}, "request_id": "full"})
+        error = await recv(ws)
+        assert error["error"]["code"] == "queue_full" and error["request_id"] == "full"
+    gated.release.set()
+
+
+async def test_subscribe_gets_current_state_then_updates_in_order(
+    make_client: ClientFactory, gated: GatedModel
+) -> None:
+    client = await make_client(model=gated, workers=1, max_batch_size=1)
+    first = await submit(client, {"x": 1})
+    await gated.wait_started(1)
+    second = await submit(client, {"x": 2})
+    async with client.ws_connect("/ws") as ws:
+        await ws.send_json({"op": "subscribe", "prediction_ids": [first["prediction_id"], second["prediction_id"]]})
+        snapshots = [await recv(ws), await recv(ws)]
+        assert [(m["type"], m["prediction"]["status"]) for m in snapshots] == [
+            ("subscribed", "running"),
+            ("subscribed", "queued"),
+        ]
+        gated.release.set()
+        seen: dict[str, list[str]] = {first["prediction_id"]: [], second["prediction_id"]: []}
+        while not all(s and s[-1] == "succeeded" for s in seen.values()):
+            message = await recv(ws)
+            assert message["type"] == "update"
+            seen[message["prediction"]["prediction_id"]].append(message["prediction"]["status"])
+        assert seen == {first["prediction_id"]: ["succeeded"], second["prediction_id"]: ["running", "succeeded"]}
+        await assert_quiet(ws)
+
+
+async def test_subscribing_to_a_finished_prediction_is_one_message(make_client: ClientFactory) -> None:
+    client = await make_client(model=MockModel())
+    done = await (await client.post("/predict", json={"input": 1})).json()
+    async with client.ws_connect(f"/ws?prediction_id={done['prediction_id']}") as ws:
+        message = await recv(ws)
+        assert message == {"type": "subscribed", "prediction": done}
+        await assert_quiet(ws)
+        await ws.send_json({"op": "subscribe", "prediction_id": done["prediction_id"]})
+        assert (await recv(ws))["type"] == "subscribed"  # asking again after the end answers again
+        await assert_quiet(ws)
+    assert listeners(client) == 0
+
+
+async def test_unsubscribe_stops_updates(make_client: ClientFactory, gated: GatedModel) -> None:
+    client = await make_client(model=gated)
+    record = await submit(client, {"x": 1})
+    async with client.ws_connect("/ws") as ws:
+        await ws.send_json({"op": "subscribe", "prediction_id": record["prediction_id"]})
+        assert (await recv(ws))["type"] == "subscribed"
+        await ws.send_json({"op": "unsubscribe", "prediction_id": record["prediction_id"]})
+        await assert_quiet(ws)
+        assert listeners(client) == 0
+        gated.release.set()
+        await (await client.post("/predict", json={"input": {"x": 2}})).json()  # worker is past the first
+        await assert_quiet(ws)
+
+
+async def test_fan_out_and_isolation(make_client: ClientFactory, gated: GatedModel) -> None:
+    client = await make_client(model=gated)
+    a, b = await submit(client, {"x": 1}), await submit(client, {"x": 2})
+    watchers = [await client.ws_connect(f"/ws?prediction_id={a['prediction_id']}") for _ in range(3)]
+    other = await client.ws_connect(f"/ws?prediction_id={b['prediction_id']}")
+    for ws in [*watchers, other]:
+        assert (await recv(ws))["type"] == "subscribed"
+    gated.release.set()
+    for ws in watchers:
+        statuses = []
+        while not statuses or statuses[-1] != "succeeded":
+            message = await recv(ws)
+            assert message["prediction"]["prediction_id"] == a["prediction_id"]
+            statuses.append(message["prediction"]["status"])
+        await assert_quiet(ws)
+    statuses = []
+    while not statuses or statuses[-1] != "succeeded":
+        message = await recv(other)
+        assert message["prediction"]["prediction_id"] == b["prediction_id"]
+        statuses.append(message["prediction"]["status"])
+    for ws in [*watchers, other]:
+        await ws.close()
+
+
+async def test_too_many_subscriptions(make_client: ClientFactory, gated: GatedModel) -> None:
+    client = await make_client(model=gated, ws_max_subscriptions=2)
+    ids = [(await submit(client, {"x": i}))["prediction_id"] for i in range(3)]
+    async with client.ws_connect("/ws") as ws:
+        await ws.send_json({"op": "subscribe", "prediction_ids": ids})
+        assert (await recv(ws))["type"] == "subscribed"
+        assert (await recv(ws))["type"] == "subscribed"
+        error = await recv(ws)
+        assert error["error"]["code"] == "too_many_subscriptions" and error["prediction_id"] == ids[2]
+        await ws.send_json({"op": "predict", "input": {"x": 9}})
+        assert (await recv(ws))["error"]["code"] == "too_many_subscriptions"
+        await assert_quiet(ws)
+    gated.release.set()
+
+
+async def test_exactly_one_terminal_message_when_completion_races_the_subscribe(make_client: ClientFactory) -> None:
+    """1,000 predictions finishing while their subscribe is in flight: one terminal each, in order."""
+    client = await make_client(model=MockModel(), max_batch_delay_ms=0.0, max_queue=2000)
+    async with client.ws_connect("/ws") as ws:
+        statuses: dict[str, list[str]] = {}
+        for i in range(1000):
+            record = await submit(client, i)
+            statuses[record["prediction_id"]] = []
+            await ws.send_json({"op": "subscribe", "prediction_id": record["prediction_id"]})
+        terminal = 0
+        while terminal < 1000:
+            message = await recv(ws)
+            status = message["prediction"]["status"]
+            statuses[message["prediction"]["prediction_id"]].append(status)
+            terminal += status == "succeeded"
+        await assert_quiet(ws)  # and no second terminal message anywhere
+    rank = {"queued": 0, "running": 1, "succeeded": 2}
+    for seq in statuses.values():
+        assert seq.count("succeeded") == 1 and seq[-1] == "succeeded"
+        assert [rank[s] for s in seq] == sorted({rank[s] for s in seq})  # strictly increasing
+    assert listeners(client) == 0
+
+
+# -- limits and lifecycle ------------------------------------------------------------------------------
+
+
+class BigOutputModel(MockModel):
+    """Outputs of ~20 KB, so that a client that stops reading backs up quickly."""
+
+    def predict_batch(self, inputs: list[Any]) -> list[Any]:
+        return [{"blob": "x" * 20_000, "n": x} for x in inputs]
+
+
+async def test_slow_client_is_dropped_and_nobody_else_waits(make_client: ClientFactory) -> None:
+    client = await make_client(model=BigOutputModel(), ws_outbox=32, ws_max_subscriptions=5000, max_queue=5000)
+    port = client.server.port
+    assert port is not None
+    slow = await RawWebSocket.connect("127.0.0.1", port, rcvbuf=4096)
+    for i in range(1000):  # thousands of events: accepted, running, succeeded for each
+        slow.send_json({"op": "predict", "input": i})
+    await slow.writer.drain()
+    # Meanwhile a well-behaved client is served promptly, and the slow one is dropped.
+    async with client.ws_connect("/ws") as fast:
+        for i in range(20):
+            await fast.send_json({"op": "predict", "input": f"fast-{i}"})
+            assert (await recv(fast))["type"] == "accepted"
+            while (await recv(fast))["prediction"]["status"] != "succeeded":
+                pass
+    assert await asyncio.wait_for(slow.read_until_close(), WAIT * 2) == 1013
+    slow.close()
+
+    async def all_finished() -> None:
+        service = client.app[SERVICE]
+        # The server finishes the work and the dropped socket's cleanup on its own schedule: yield until then.
+        while service.queue.qsize() or client.app[SOCKETS]:  # noqa: ASYNC110
+            await asyncio.sleep(0)
+
+    await asyncio.wait_for(all_finished(), WAIT * 2)
+    assert listeners(client) == 0  # the dropped socket left no subscriptions behind
+
+
+async def test_oversized_frame_closes_with_1009(make_client: ClientFactory) -> None:
+    client = await make_client(model=MockModel(), ws_max_message=1024)
+    async with client.ws_connect("/ws") as ws:
+        await ws.send_str(json.dumps({"op": "predict", "input": "x" * 5000}))
+        message = await ws.receive(timeout=WAIT)
+        assert message.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.CLOSING)
+        assert ws.close_code == 1009
+
+
+async def test_heartbeat_drops_a_dead_peer(make_client: ClientFactory) -> None:
+    client = await make_client(model=MockModel(), ws_heartbeat=0.1)
+    port = client.server.port
+    assert port is not None
+    dead = await RawWebSocket.connect("127.0.0.1", port)  # never answers the server's pings
+    await asyncio.wait_for(dead.read_until_close(), WAIT)
+    dead.close()
+
+
+async def test_shutdown_closes_every_socket_with_1001(make_client: ClientFactory, gated: GatedModel) -> None:
+    client = await make_client(model=gated)
+    record = await submit(client, {"x": 1})
+    sockets = [await client.ws_connect(f"/ws?prediction_id={record['prediction_id']}") for _ in range(3)]
+    for ws in sockets:
+        assert (await recv(ws))["type"] == "subscribed"
+    gated.release.set()
+    await client.app.shutdown()
+    for ws in sockets:
+        while (await ws.receive(timeout=WAIT)).type is WSMsgType.TEXT:
+            pass
+        assert ws.close_code == 1001
+
+
+# -- Server-Sent Events ----------------------------------------------------------------------------
+
+
+async def read_events(resp: aiohttp.ClientResponse) -> list[tuple[str, dict[str, Any]]]:
+    events, kind = [], None
+    async for raw in resp.content:
+        line = raw.decode().rstrip("\n")
+        if line.startswith("event: "):
+            kind = line[len("event: ") :]
+        elif line.startswith("data: "):
+            assert kind is not None
+            events.append((kind, json.loads(line[len("data: ") :])))
+    return events
+
+
+async def test_sse_streams_subscribed_then_updates_and_closes(make_client: ClientFactory, gated: GatedModel) -> None:
+    client = await make_client(model=gated)
+    record = await submit(client, {"x": 3})
+    resp = await client.get(f"/predict/{record['prediction_id']}/events")
+    assert resp.status == 200 and resp.content_type == "text/event-stream"
+    first = json.loads((await resp.content.readuntil(b"\n\n")).decode().split("data: ", 1)[1])
+    assert first["type"] == "subscribed"
+    gated.release.set()
+    events = await asyncio.wait_for(read_events(resp), WAIT)
+    statuses = [first["prediction"]["status"]] + [e["prediction"]["status"] for _, e in events]
+    assert statuses[-1] == "succeeded" and statuses.count("succeeded") == 1
+    assert all(kind == "update" for kind, _ in events)
+    assert events[-1][1]["prediction"]["result"] == {"echo": {"x": 3}}
+
+
+async def test_sse_unknown_id_is_404_json(make_client: ClientFactory) -> None:
+    client = await make_client(model=MockModel())
+    resp = await client.get("/predict/nope/events")
+    assert resp.status == 404
+    assert (await resp.json())["error"]["code"] == "not_found"
+
+
+@pytest.mark.parametrize("path", ["/", "/static/app.js", "/static/style.css"])
+async def test_page_is_served_with_security_headers(make_client: ClientFactory, path: str) -> None:
+    client = await make_client(model=MockModel())
+    resp = await client.get(path)
+    assert resp.status == 200
+    assert "default-src 'self'" in resp.headers["Content-Security-Policy"]
+    assert resp.headers["X-Content-Type-Options"] == "nosniff"
