@@ -79,7 +79,7 @@ class GatedModel:
 
 
 def make_settings(**overrides: Any) -> Settings:
-    defaults: dict[str, Any] = {"max_batch_delay_ms": 0.0, "shutdown_timeout": 1.0}
+    defaults: dict[str, Any] = {"max_batch_delay_ms": 0.0, "shutdown_timeout": 1.0, "store": "memory://"}
     return Settings(**{**defaults, **overrides})
 
 

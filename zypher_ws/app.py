@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import warnings
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +20,8 @@ from .pages import add_page_routes, security_headers
 from .runner import ModelRunner
 from .service import PredictionService
 from .settings import Settings
-from .store import MemoryStore
+from .sqlite_store import SQLiteStore, path_from_url
+from .store import MemoryStore, Store
 from .typedefs import MODEL, SERVICE, SETTINGS, SOCKETS
 from .work_queue import MemoryQueue
 from .workers import WorkerPool
@@ -48,26 +50,54 @@ async def service_ctx(app: web.Application) -> AsyncIterator[None]:
     # Threads suit numpy models, which release the GIL; one per concurrent batch.
     executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="zypher-model")
     runner = ModelRunner(model, executor)
+    store = await open_store(settings)
     service = PredictionService(
         settings=settings,
         model=model,
         runner=runner,
-        store=MemoryStore(),
+        store=store,
         queue=MemoryQueue(settings.max_queue),
         bus=LocalEventBus(),
     )
     app[SERVICE] = service
+    recovered = await service.recover()
+    if recovered:
+        log.info("queued again %d predictions accepted before the last stop", recovered)
     pool = WorkerPool(settings=settings, queue=service.queue, store=service.store, bus=service.bus, runner=runner)
     # Load in the background so /healthz answers at once and /readyz reports progress.
     load = asyncio.create_task(runner.load(), name="zypher-model-load")
     load.add_done_callback(_log_load_failure)
     pool.start()
+    sweeper = asyncio.create_task(_sweep_forever(store, settings.result_ttl), name="zypher-sweeper")
     try:
         yield
     finally:
         load.cancel()
+        sweeper.cancel()
         await pool.stop(settings.shutdown_timeout)
         executor.shutdown(wait=False, cancel_futures=True)
+        await store.close()
+
+
+async def open_store(settings: Settings) -> Store:
+    if settings.store == "memory://":
+        return MemoryStore(ttl=settings.result_ttl)
+    sqlite = SQLiteStore(
+        path_from_url(settings.store), ttl=settings.result_ttl, synchronous=settings.sqlite_synchronous
+    )
+    await sqlite.open()
+    return sqlite
+
+
+async def _sweep_forever(store: Store, ttl: float) -> None:
+    """Delete expired results now and then (a tenth of the TTL, at most a minute apart)."""
+    while True:
+        try:
+            if removed := await store.sweep(time.time()):
+                log.info("deleted %d expired predictions", removed)
+        except Exception:
+            log.exception("retention sweep failed; trying again later")
+        await asyncio.sleep(min(max(ttl / 10, 0.05), 60.0))
 
 
 def _log_load_failure(task: asyncio.Task[None]) -> None:

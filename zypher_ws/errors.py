@@ -60,6 +60,11 @@ class AlreadyFinished(ZypherError):
     code = "already_finished"
 
 
+class IdempotencyConflict(ZypherError):
+    status = 409
+    code = "idempotency_conflict"
+
+
 class UnsupportedMediaType(ZypherError):
     status = 415
     code = "unsupported_media_type"

@@ -79,6 +79,8 @@ PREDICTION = {
         "created_at": _TIMESTAMP,
         "started_at": _TIMESTAMP,
         "completed_at": _TIMESTAMP,
+        "expires_at": {**_TIMESTAMP, "description": "when a finished record is deleted (then GET answers 404)"},
+        "attempts": {"type": "integer", "description": "times a worker started it (more than 1 after a crash)"},
         "metrics": {
             "type": "object",
             "properties": {

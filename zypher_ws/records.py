@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timezone
 from enum import Enum
 from typing import Any
@@ -49,6 +49,8 @@ class Prediction:
     started_at: float | None = None
     completed_at: float | None = None
     batch_size: int | None = None
+    attempts: int = 0
+    expires_at: float | None = None
 
     @classmethod
     def new(cls, input: Any, *, model_name: str, model_version: str) -> Prediction:
@@ -61,10 +63,27 @@ class Prediction:
         )
 
     def started(self, *, batch_size: int) -> Prediction:
-        return replace(self, status=Status.RUNNING, started_at=time.time(), batch_size=batch_size)
+        return replace(
+            self, status=Status.RUNNING, started_at=time.time(), batch_size=batch_size, attempts=self.attempts + 1
+        )
 
-    def finished(self, status: Status, *, result: Any = None, error: dict[str, str] | None = None) -> Prediction:
-        return replace(self, status=status, result=result, error=error, completed_at=time.time())
+    def requeued(self) -> Prediction:
+        """Back to the queue after the process running it died (at-least-once)."""
+        return replace(self, status=Status.QUEUED, started_at=None, batch_size=None)
+
+    def finished(
+        self, status: Status, *, ttl: float, result: Any = None, error: dict[str, str] | None = None
+    ) -> Prediction:
+        now = time.time()
+        return replace(self, status=status, result=result, error=error, completed_at=now, expires_at=now + ttl)
+
+    def to_row(self) -> dict[str, Any]:
+        """Everything, input included, for a durable store."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Prediction:
+        return cls(**{**row, "status": Status(row["status"])})
 
     def to_dict(self) -> dict[str, Any]:
         """The public record, as `GET /predict/{id}` and WebSocket messages carry it (never the input)."""
@@ -77,6 +96,8 @@ class Prediction:
             "created_at": rfc3339(self.created_at),
             "started_at": rfc3339(self.started_at),
             "completed_at": rfc3339(self.completed_at),
+            "expires_at": rfc3339(self.expires_at),
+            "attempts": self.attempts,
             "metrics": {"batch_size": self.batch_size},
             "links": {"self": f"/predict/{self.prediction_id}"},
         }

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
@@ -15,7 +17,7 @@ from .models import Model
 from .records import Job, Prediction
 from .runner import ModelRunner
 from .settings import Settings
-from .store import Store
+from .store import IdempotencyKey, Store
 from .work_queue import WorkQueue
 
 
@@ -65,15 +67,25 @@ class PredictionService:
         if error is not None:
             raise InvalidInput(f"{_path(error)}: {error.message}")
 
-    async def submit(self, value: Any) -> Prediction:
-        """Validate, store and enqueue one prediction. Raises InvalidInput, NotReady or QueueFull."""
+    async def submit(self, value: Any, *, idempotency_key: str | None = None) -> Prediction:
+        """Validate, store and enqueue one prediction. Raises InvalidInput, NotReady or QueueFull.
+
+        With an idempotency key already used for the same input, returns that prediction as it is now
+        (and runs nothing); with a different input, raises IdempotencyConflict.
+        """
         self.validate_input(value)
         if not self.runner.loaded:
             raise NotReady()
         if self.queue.qsize() >= self.queue.maxsize:
             raise QueueFull()
         prediction = Prediction.new(value, model_name=self.model.name, model_version=self.model.version)
-        await self.store.add(prediction)
+        key = None
+        if idempotency_key is not None:
+            canonical = json.dumps(value, sort_keys=True, separators=(",", ":"))
+            key = IdempotencyKey(idempotency_key, hashlib.sha256(canonical.encode()).hexdigest())
+        stored = await self.store.add(prediction, key)
+        if stored.prediction_id != prediction.prediction_id:
+            return stored
         try:
             await self.queue.put(Job(prediction.prediction_id, value))
         except QueueFull:
@@ -87,6 +99,14 @@ class PredictionService:
         if prediction is None:
             raise NotFound(f"no prediction {prediction_id}")
         return prediction
+
+    async def recover(self) -> int:
+        """Queue again what a previous process accepted but did not finish; returns how many."""
+        requeue, failed = await self.store.recover(self.settings.max_attempts)
+        for prediction in requeue:
+            self.queue.put_nowait(Job(prediction.prediction_id, prediction.input), force=True)
+        await self.bus.publish(failed)
+        return len(requeue)
 
     async def cancel(self, prediction_id: str) -> Prediction:
         prediction = await self.store.cancel(prediction_id)

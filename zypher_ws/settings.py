@@ -37,6 +37,10 @@ class Settings:
     ws_max_message: int = _opt(64 * 1024, "largest WebSocket frame accepted, bytes (1009 past it)")
     ws_heartbeat: float = _opt(30.0, "seconds between WebSocket pings; a peer that misses one is dropped")
     shutdown_timeout: float = _opt(30.0, "seconds running predictions get to finish on SIGTERM")
+    store: str = _opt("sqlite:///zypher.db", "where records live: sqlite:///relative.db, sqlite:////abs.db, memory://")
+    sqlite_synchronous: str = _opt("FULL", "SQLite synchronous pragma: FULL survives power loss, NORMAL a crash")
+    max_attempts: int = _opt(3, "times a prediction may be started; past it a lost one ends failed (worker_lost)")
+    result_ttl: float = _opt(86400.0, "seconds a finished prediction is kept before it is deleted")
 
     @property
     def max_batch_delay(self) -> float:
@@ -54,12 +58,16 @@ class Settings:
         return cls(**{k: v for k, v in vars(ns).items() if k in names})
 
     def __post_init__(self) -> None:
-        for name in ("workers", "max_queue", "max_batch_size", "max_body", "ws_outbox"):
+        for name in ("workers", "max_queue", "max_batch_size", "max_body", "ws_outbox", "max_attempts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
-        for name in ("sync_timeout", "max_batch_delay_ms", "mock_latency_ms", "shutdown_timeout"):
+        for name in ("sync_timeout", "max_batch_delay_ms", "mock_latency_ms", "shutdown_timeout", "result_ttl"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
+        if not (self.store == "memory://" or self.store.startswith("sqlite:///")):
+            raise ValueError(f"store must be memory:// or sqlite:///path, not {self.store!r}")
+        if self.sqlite_synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
+            raise ValueError("sqlite_synchronous must be OFF, NORMAL, FULL or EXTRA")
 
 
 def _env_name(name: str) -> str:

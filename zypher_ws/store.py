@@ -1,4 +1,5 @@
-"""Where prediction records live. Transitions are conditional, so the lifecycle is enforced in one place."""
+"""Where prediction records live. The lifecycle rules are functions here, shared by every store,
+and each store applies them atomically (a dict in one thread, a transaction in SQLite)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .errors import AlreadyFinished, NotFound
+from .errors import AlreadyFinished, IdempotencyConflict, NotFound
 from .records import Prediction, Status
+
+WORKER_LOST = "worker_lost"
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,8 +22,19 @@ class Outcome:
     error: dict[str, str] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class IdempotencyKey:
+    key: str
+    fingerprint: str  # hash of the request body: one key, one body
+
+
 class Store(Protocol):
-    async def add(self, prediction: Prediction) -> None: ...
+    async def add(self, prediction: Prediction, idempotency: IdempotencyKey | None = None) -> Prediction:
+        """Store a new prediction, or return the one already stored under the same idempotency key.
+
+        Raises IdempotencyConflict when that key was used with a different body.
+        """
+        ...
 
     async def get(self, prediction_id: str) -> Prediction | None: ...
 
@@ -38,18 +52,77 @@ class Store(Protocol):
         """Cancel a queued or running prediction. Raises NotFound or AlreadyFinished."""
         ...
 
+    async def recover(self, max_attempts: int) -> tuple[list[Prediction], list[Prediction]]:
+        """After a restart: (predictions to queue again in their original order, ones failed as worker_lost)."""
+        ...
+
+    async def sweep(self, now: float) -> int:
+        """Delete finished predictions whose expires_at has passed; return how many."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+# -- the lifecycle rules ------------------------------------------------------------------------------
+
+
+def start(current: Prediction | None, batch_size: int) -> Prediction | None:
+    if current is None or current.status is not Status.QUEUED:
+        return None
+    return current.started(batch_size=batch_size)
+
+
+def finish(current: Prediction | None, outcome: Outcome, ttl: float) -> Prediction | None:
+    if current is None or current.status is not Status.RUNNING:
+        return None
+    status = Status.FAILED if outcome.error else Status.SUCCEEDED
+    return current.finished(status, ttl=ttl, result=outcome.result, error=outcome.error)
+
+
+def cancel(current: Prediction | None, prediction_id: str, ttl: float) -> Prediction:
+    if current is None:
+        raise NotFound(f"no prediction {prediction_id}")
+    if current.status.terminal:
+        raise AlreadyFinished(f"prediction {prediction_id} already {current.status.value}")
+    return current.finished(Status.CANCELED, ttl=ttl)
+
+
+def recover(current: Prediction, max_attempts: int, ttl: float) -> Prediction:
+    """A prediction found queued or running at start: queue it again, or give up after max_attempts."""
+    if current.status is Status.RUNNING:
+        if current.attempts >= max_attempts:
+            error = {"code": WORKER_LOST, "message": f"the worker running it stopped {current.attempts} times"}
+            return current.finished(Status.FAILED, ttl=ttl, error=error)
+        return current.requeued()
+    return current
+
+
+def check_idempotency(existing: Prediction | None, stored: IdempotencyKey | None, asked: IdempotencyKey) -> None:
+    if existing is not None and stored is not None and stored.fingerprint != asked.fingerprint:
+        raise IdempotencyConflict(f"Idempotency-Key {asked.key!r} was already used with a different body")
+
 
 class MemoryStore:
     """Records in a dict: fast, and gone when the process ends."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, ttl: float = 86400.0) -> None:
+        self.ttl = ttl
         self._records: dict[str, Prediction] = {}
+        self._keys: dict[str, tuple[str, IdempotencyKey]] = {}
 
     def __len__(self) -> int:
         return len(self._records)
 
-    async def add(self, prediction: Prediction) -> None:
+    async def add(self, prediction: Prediction, idempotency: IdempotencyKey | None = None) -> Prediction:
+        if idempotency is not None:
+            pid, stored = self._keys.get(idempotency.key, (None, None))
+            existing = self._records.get(pid) if pid else None
+            check_idempotency(existing, stored, idempotency)
+            if existing is not None:
+                return existing
+            self._keys[idempotency.key] = (prediction.prediction_id, idempotency)
         self._records[prediction.prediction_id] = prediction
+        return prediction
 
     async def get(self, prediction_id: str) -> Prediction | None:
         return self._records.get(prediction_id)
@@ -58,35 +131,29 @@ class MemoryStore:
         self._records.pop(prediction_id, None)
 
     async def start(self, prediction_ids: Sequence[str]) -> list[Prediction]:
-        started = []
-        for pid in prediction_ids:
-            current = self._records.get(pid)
-            if current is not None and current.status is Status.QUEUED:
-                self._records[pid] = current = current.started(batch_size=len(prediction_ids))
-                started.append(current)
-        return started
+        return self._apply(start(self._records.get(pid), len(prediction_ids)) for pid in prediction_ids)
 
     async def finish(self, outcomes: Sequence[Outcome]) -> list[Prediction]:
-        finished = []
-        for outcome in outcomes:
-            current = self._records.get(outcome.prediction_id)
-            if current is None or current.status is not Status.RUNNING:
-                continue
-            status = Status.FAILED if outcome.error else Status.SUCCEEDED
-            current = current.finished(status, result=outcome.result, error=outcome.error)
-            self._records[outcome.prediction_id] = current
-            finished.append(current)
-        return finished
+        return self._apply(finish(self._records.get(o.prediction_id), o, self.ttl) for o in outcomes)
 
     async def cancel(self, prediction_id: str) -> Prediction:
-        current = check_cancelable(self._records.get(prediction_id), prediction_id)
-        self._records[prediction_id] = current = current.finished(Status.CANCELED)
-        return current
+        return self._apply([cancel(self._records.get(prediction_id), prediction_id, self.ttl)])[0]
 
+    async def recover(self, max_attempts: int) -> tuple[list[Prediction], list[Prediction]]:
+        return [], []  # nothing survives a restart here
 
-def check_cancelable(current: Prediction | None, prediction_id: str) -> Prediction:
-    if current is None:
-        raise NotFound(f"no prediction {prediction_id}")
-    if current.status.terminal:
-        raise AlreadyFinished(f"prediction {prediction_id} already {current.status.value}")
-    return current
+    async def sweep(self, now: float) -> int:
+        expired = [p.prediction_id for p in self._records.values() if p.expires_at is not None and p.expires_at <= now]
+        for pid in expired:
+            del self._records[pid]
+        self._keys = {k: v for k, v in self._keys.items() if v[0] in self._records}
+        return len(expired)
+
+    async def close(self) -> None:
+        pass
+
+    def _apply(self, updates: Any) -> list[Prediction]:
+        changed = [p for p in updates if p is not None]
+        for p in changed:
+            self._records[p.prediction_id] = p
+        return changed

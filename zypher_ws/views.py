@@ -58,6 +58,13 @@ async def predict(request: web.Request, body: dict[str, Any]) -> web.Response:
         required: false
         description: "`respond-async` is the same as `Async-Mode: true`."
         schema: {type: string}
+      - name: Idempotency-Key
+        in: header
+        required: false
+        description: >
+          Repeating a request with the same key and body returns the same prediction (as it is now) and
+          runs nothing again, for as long as the prediction is kept; the same key with another body is 409.
+        schema: {type: string, maxLength: 255}
     requestBody:
       required: true
       content:
@@ -70,6 +77,7 @@ async def predict(request: web.Request, body: dict[str, Any]) -> web.Response:
         headers: {Location: {description: URL of the record, schema: {type: string}}}
         content: {application/json: {schema: {$ref: '#/components/schemas/Prediction'}}}
       '400': {description: 'Malformed JSON, bad header, or input failing the model schema', content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}
+      '409': {description: 'Idempotency-Key reused with a different body (idempotency_conflict)', content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}
       '413': {description: 'Body larger than the limit', content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}
       '415': {description: 'Body is not JSON', content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}
       '500': {description: 'The model raised (sync); the record carries the error', content: {application/json: {schema: {$ref: '#/components/schemas/Prediction'}}}}
@@ -80,7 +88,7 @@ async def predict(request: web.Request, body: dict[str, Any]) -> web.Response:
     """
     service = request.app[SERVICE]
     run_async = wants_async(request)
-    prediction = await service.submit(body["input"])
+    prediction = await service.submit(body["input"], idempotency_key=request.headers.get("Idempotency-Key"))
     if run_async:
         return record_response(prediction, 202)
     prediction = await service.wait(prediction.prediction_id, service.settings.sync_timeout)

@@ -19,6 +19,10 @@ class WorkQueue(Protocol):
         """Enqueue, or raise QueueFull at once: callers never wait for room."""
         ...
 
+    def put_nowait(self, job: Job, *, force: bool = False) -> None:
+        """Enqueue now; `force` goes past the bound (recovery must not drop what was accepted)."""
+        ...
+
     async def get_batch(self, max_size: int, max_delay: float) -> list[Job]:
         """Wait for one job, then gather up to max_size, waiting at most max_delay for more."""
         ...
