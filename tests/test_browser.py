@@ -130,7 +130,7 @@ async def test_model_output_with_html_shows_as_text(browser: Any, aiohttp_server
 
 async def test_page_reconnects_after_the_server_restarts(browser: Any) -> None:
     port = free_port()
-    args = ("--model", "mock")
+    args = ("--model", "mock", "--store", "memory://")
     async with run_server(*args, port=port) as server:
         page = await open_page(browser, server.url)
     await page.wait_for_selector('#connection:not([data-state="open"])')  # the page noticed

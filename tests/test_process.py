@@ -17,7 +17,10 @@ HOLDOUT = Path(__file__).parent / "data" / "digits_holdout.npz"
 async def test_real_process_serves_digits_sync_and_async() -> None:
     with np.load(HOLDOUT) as data:
         image, label = data["images"][3].tolist(), int(data["labels"][3])
-    async with run_server("--workers", "1") as server, aiohttp.ClientSession(server.url) as http:
+    async with (
+        run_server("--workers", "1", "--store", "memory://") as server,
+        aiohttp.ClientSession(server.url) as http,
+    ):
         assert (await http.get("/readyz")).status == 200
         resp = await http.post("/predict", json={"input": image})
         assert resp.status == 200

@@ -1,0 +1,147 @@
+"""Nothing accepted is lost: real processes, SIGKILL, restart, idempotency under concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from conftest import ClientFactory, GatedModel
+from helpers import free_port, run_server
+
+TESTS = str(Path(__file__).parent)
+TERMINAL = {"succeeded", "failed", "canceled"}
+
+
+def recording_env(log: Path, latency: float = 0.01) -> dict[str, str]:
+    return {
+        "ZYPHER_TEST_EXEC_LOG": str(log),
+        "ZYPHER_TEST_LATENCY": str(latency),
+        "PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]),
+    }
+
+
+async def wait_all_terminal(http: aiohttp.ClientSession, ids: list[str], timeout: float = 60) -> dict[str, Any]:
+    async def one(pid: str) -> dict[str, Any]:
+        while True:
+            record: dict[str, Any] = await (await http.get(f"/predict/{pid}")).json()
+            if record["status"] in TERMINAL:
+                return record
+
+    records = await asyncio.wait_for(asyncio.gather(*(one(pid) for pid in ids)), timeout)
+    return {r["prediction_id"]: r for r in records}
+
+
+async def test_sigkill_at_random_moments_loses_nothing_and_never_reruns_finished(tmp_path: Path) -> None:
+    db, log = tmp_path / "z.db", tmp_path / "executions.log"
+    args = ("--model", "recording_model:RecordingModel", "--store", f"sqlite:///{db}", "--workers", "2")
+    env = recording_env(log)
+    accepted: dict[str, int] = {}  # prediction_id -> n
+    port = free_port()
+    rng = random.Random(1234)
+    n = 0
+    enough = asyncio.Event()
+    for _round in range(6):
+        async with run_server(*args, env=env, port=port) as server, aiohttp.ClientSession(server.url) as http:
+
+            async def submit_stream(target: int) -> None:
+                nonlocal n
+                while True:
+                    n += 1
+                    mine = n
+                    resp = await http.post("/predict", json={"input": {"n": mine}}, headers={"Async-Mode": "true"})
+                    if resp.status == 202:
+                        accepted[(await resp.json())["prediction_id"]] = mine
+                        if len(accepted) >= target:
+                            enough.set()
+
+            # Let it run a random while (counted in acceptances), then kill it hard.
+            target = len(accepted) + rng.randint(20, 120)
+            enough.clear()
+            streams = [asyncio.create_task(submit_stream(target)) for _ in range(4)]
+            await asyncio.wait_for(enough.wait(), 30)
+            server.proc.send_signal(signal.SIGKILL)
+            await server.proc.wait()
+            for task in streams:
+                task.cancel()
+            await asyncio.gather(*streams, return_exceptions=True)
+
+    async with run_server(*args, env=env, port=port) as server, aiohttp.ClientSession(server.url) as http:
+        records = await wait_all_terminal(http, list(accepted))
+    assert len(records) == len(accepted) > 100
+    assert {r["status"] for r in records.values()} == {"succeeded"}
+    executions = Counter(int(line) for line in log.read_text().split())
+    for pid, record in records.items():
+        ran = executions[accepted[pid]]
+        assert 1 <= ran <= record["attempts"], (pid, ran, record["attempts"])  # each run was a recorded start
+        assert record["result"] == {"n": accepted[pid]}
+
+
+async def test_queued_behind_a_slow_model_complete_after_restart(tmp_path: Path) -> None:
+    db, log = tmp_path / "z.db", tmp_path / "executions.log"
+    args = (
+        "--model",
+        "recording_model:RecordingModel",
+        "--store",
+        f"sqlite:///{db}",
+        "--workers",
+        "1",
+        "--max-batch-size",
+        "1",
+    )
+    env = recording_env(log, latency=0.3)
+    port = free_port()
+    async with run_server(*args, env=env, port=port) as server, aiohttp.ClientSession(server.url) as http:
+        ids = []
+        for i in range(10):
+            resp = await http.post("/predict", json={"input": {"n": i}}, headers={"Async-Mode": "true"})
+            assert resp.status == 202
+            ids.append((await resp.json())["prediction_id"])
+        server.proc.send_signal(signal.SIGKILL)
+        await server.proc.wait()
+    unfinished_at_kill = 10 - len(log.read_text().split()) if log.exists() else 10
+    assert unfinished_at_kill > 0
+    async with run_server(*args, env={**env, "ZYPHER_TEST_LATENCY": "0"}, port=port) as server:
+        async with aiohttp.ClientSession(server.url) as http:
+            records = await wait_all_terminal(http, ids)
+    assert all(r["status"] == "succeeded" for r in records.values())
+    assert any("queued again" in line for line in server.log)
+    assert sorted(set(int(x) for x in log.read_text().split())) == list(range(10))
+
+
+async def test_idempotency_under_50_concurrent_requests(make_client: ClientFactory, tmp_path: Path) -> None:
+    gated = GatedModel()
+    client = await make_client(model=gated, store=f"sqlite:///{tmp_path / 'z.db'}")
+    headers = {"Async-Mode": "true", "Idempotency-Key": "order-42"}
+    responses = await asyncio.gather(
+        *(client.post("/predict", json={"input": {"x": 1}}, headers=headers) for _ in range(50))
+    )
+    assert {r.status for r in responses} == {202}
+    ids = {(await r.json())["prediction_id"] for r in responses}
+    assert len(ids) == 1
+    gated.release.set()
+    resp = await client.post("/predict", json={"input": {"x": 1}}, headers={"Idempotency-Key": "order-42"})
+    assert resp.status == 200 and (await resp.json())["prediction_id"] in ids  # sync: waits for the same one
+    assert sum(len(b) for b in gated.batches) == 1  # one execution
+    conflict = await client.post("/predict", json={"input": {"x": 2}}, headers={"Idempotency-Key": "order-42"})
+    assert conflict.status == 409
+    assert (await conflict.json())["error"]["code"] == "idempotency_conflict"
+
+
+async def test_expired_results_are_deleted_and_answer_404(make_client: ClientFactory, tmp_path: Path) -> None:
+    client = await make_client(model=GatedModel(gated=False), store=f"sqlite:///{tmp_path / 'z.db'}", result_ttl=0.2)
+    record = await (await client.post("/predict", json={"input": {"x": 1}})).json()
+    assert record["expires_at"] is not None and record["expires_at"] > record["completed_at"]
+
+    async def until_gone() -> None:
+        # The sweep runs on its own clock: poll as a client would.
+        while (await client.get(record["links"]["self"])).status != 404:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+
+    await asyncio.wait_for(until_gone(), 10)

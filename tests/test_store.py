@@ -1,0 +1,128 @@
+"""Both stores through one suite: the lifecycle rules, idempotency, retention; SQLite across reopen."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from zypher_ws.errors import AlreadyFinished, IdempotencyConflict, NotFound
+from zypher_ws.records import Prediction, Status
+from zypher_ws.sqlite_store import SQLiteStore
+from zypher_ws.store import IdempotencyKey, MemoryStore, Outcome, Store
+
+
+def new(value: object = 1) -> Prediction:
+    return Prediction.new(value, model_name="m", model_version="1")
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    s: Store
+    if request.param == "memory":
+        s = MemoryStore(ttl=60)
+    else:
+        sqlite = SQLiteStore(tmp_path / "z.db", ttl=60)
+        await sqlite.open()
+        s = sqlite
+    yield s
+    await s.close()
+
+
+async def test_add_get_delete(store: Store) -> None:
+    p = new({"a": [1, 2]})
+    assert await store.add(p) == p
+    assert await store.get(p.prediction_id) == p
+    await store.delete(p.prediction_id)
+    assert await store.get(p.prediction_id) is None
+
+
+async def test_lifecycle(store: Store) -> None:
+    a, b, c = new(1), new(2), new(3)
+    for p in (a, b, c):
+        await store.add(p)
+    await store.cancel(c.prediction_id)
+    started = await store.start([a.prediction_id, b.prediction_id, c.prediction_id, "unknown"])
+    assert [p.prediction_id for p in started] == [a.prediction_id, b.prediction_id]
+    assert all(p.status is Status.RUNNING and p.attempts == 1 and p.batch_size == 4 for p in started)
+    assert await store.start([a.prediction_id]) == []  # only queued ones start
+    await store.cancel(b.prediction_id)
+    done = await store.finish([Outcome(a.prediction_id, result={"ok": 1}), Outcome(b.prediction_id, result=2)])
+    assert [p.prediction_id for p in done] == [a.prediction_id]  # canceled b keeps its state
+    got = await store.get(a.prediction_id)
+    assert got is not None and got.status is Status.SUCCEEDED and got.result == {"ok": 1}
+    assert got.expires_at == pytest.approx(got.completed_at + 60)  # type: ignore[operator]
+    b_now = await store.get(b.prediction_id)
+    assert b_now is not None and b_now.status is Status.CANCELED and b_now.result is None
+    with pytest.raises(AlreadyFinished):
+        await store.cancel(a.prediction_id)
+    with pytest.raises(NotFound):
+        await store.cancel("nope")
+
+
+async def test_failed_outcome(store: Store) -> None:
+    p = new()
+    await store.add(p)
+    await store.start([p.prediction_id])
+    [failed] = await store.finish([Outcome(p.prediction_id, error={"code": "model_error", "message": "x"})])
+    assert failed.status is Status.FAILED and failed.error == {"code": "model_error", "message": "x"}
+
+
+async def test_idempotency(store: Store) -> None:
+    first = new(1)
+    key = IdempotencyKey("k1", "fp-1")
+    assert await store.add(first, key) == first
+    again = await store.add(new(1), key)
+    assert again.prediction_id == first.prediction_id
+    with pytest.raises(IdempotencyConflict):
+        await store.add(new(2), IdempotencyKey("k1", "fp-2"))
+    other = new(3)
+    assert (await store.add(other, IdempotencyKey("k2", "fp-1"))).prediction_id == other.prediction_id
+
+
+async def test_sweep_deletes_only_expired_finished(store: Store) -> None:
+    done, running, queued = new(1), new(2), new(3)
+    for p in (done, running, queued):
+        await store.add(p, IdempotencyKey(p.prediction_id, "fp"))
+    await store.start([done.prediction_id, running.prediction_id])
+    await store.finish([Outcome(done.prediction_id, result=1)])
+    assert await store.sweep(time.time()) == 0
+    assert await store.sweep(time.time() + 61) == 1
+    assert await store.get(done.prediction_id) is None
+    assert await store.get(running.prediction_id) is not None and await store.get(queued.prediction_id) is not None
+    # The expired prediction's idempotency key went with it: the same key makes a new prediction.
+    fresh = new(1)
+    assert (await store.add(fresh, IdempotencyKey(done.prediction_id, "fp"))).prediction_id == fresh.prediction_id
+
+
+async def test_sqlite_survives_reopen_and_recovers_in_order(tmp_path: Path) -> None:
+    path = tmp_path / "z.db"
+    s = SQLiteStore(path, ttl=60)
+    await s.open()
+    preds = [new(i) for i in range(6)]
+    for p in preds:
+        await s.add(p)
+    await s.start([preds[0].prediction_id])  # running when the process "died"
+    await s.start([preds[1].prediction_id])
+    await s.finish([Outcome(preds[1].prediction_id, result="done")])
+    await s.close()
+
+    s = SQLiteStore(path, ttl=60)
+    await s.open()
+    requeue, failed = await s.recover(max_attempts=3)
+    assert [p.prediction_id for p in requeue] == [preds[0].prediction_id] + [p.prediction_id for p in preds[2:]]
+    assert requeue[0].attempts == 1 and requeue[0].status is Status.QUEUED
+    assert failed == []
+    finished = await s.get(preds[1].prediction_id)
+    assert finished is not None and finished.result == "done"
+    # Started and lost twice more (attempts 2, then 3): at max_attempts it fails as worker_lost.
+    await s.start([preds[0].prediction_id])
+    requeue, _ = await s.recover(max_attempts=3)
+    assert requeue[0].attempts == 2
+    await s.start([preds[0].prediction_id])
+    _, failed = await s.recover(max_attempts=3)
+    assert [p.prediction_id for p in failed] == [preds[0].prediction_id]
+    assert failed[0].error is not None and failed[0].error["code"] == "worker_lost"
+    await s.close()
