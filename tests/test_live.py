@@ -340,3 +340,9 @@ async def test_page_is_served_with_security_headers(make_client: ClientFactory, 
     assert resp.status == 200
     assert "default-src 'self'" in resp.headers["Content-Security-Policy"]
     assert resp.headers["X-Content-Type-Options"] == "nosniff"
+
+
+def test_static_dir_holds_the_page() -> None:
+    from zypher_ws.pages import static_dir
+
+    assert {"index.html", "app.js", "style.css"} <= {p.name for p in static_dir().iterdir()}

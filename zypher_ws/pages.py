@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from importlib.resources import files
+from importlib.util import find_spec
 from pathlib import Path
 
 from aiohttp import web
@@ -22,12 +22,11 @@ SECURITY_HEADERS = {
 
 def static_dir() -> Path:
     """The page's files: inside the installed package, or the checkout's `static/` (editable installs)."""
-    try:
-        packaged = Path(str(files("zypher_ws.static")))
-        if (packaged / "index.html").is_file():
-            return packaged
-    except ModuleNotFoundError:
-        pass
+    # `zypher_ws.static` is a namespace package (no __init__.py), so ask for its directory, not files().
+    spec = find_spec("zypher_ws.static")
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(location) / "index.html").is_file():
+            return Path(location)
     return Path(__file__).resolve().parent.parent / "static"
 
 
