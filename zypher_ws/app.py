@@ -7,23 +7,20 @@ import logging
 import time
 import warnings
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 from aiohttp_swagger3 import SwaggerDocs, SwaggerInfo, SwaggerUiSettings
 
 from . import __version__, live, openapi, views
-from .events import LocalEventBus
+from .backend import open_backend
 from .middleware import json_errors, parse_json_body
 from .models import Model, build_model
 from .pages import add_page_routes, security_headers
-from .runner import ModelRunner
+from .runner import ModelRunner, make_executor
 from .service import PredictionService
 from .settings import Settings
-from .sqlite_store import SQLiteStore, path_from_url
-from .store import MemoryStore, Store
+from .store import Store
 from .typedefs import MODEL, SERVICE, SETTINGS, SOCKETS
-from .work_queue import MemoryQueue
 from .workers import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -47,46 +44,34 @@ def create_app(settings: Settings, *, model: Model | None = None) -> web.Applica
 
 async def service_ctx(app: web.Application) -> AsyncIterator[None]:
     settings, model = app[SETTINGS], app[MODEL]
-    # Threads suit numpy models, which release the GIL; one per concurrent batch.
-    executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="zypher-model")
+    executor = make_executor(settings)
     runner = ModelRunner(model, executor)
-    store = await open_store(settings)
-    service = PredictionService(
-        settings=settings,
-        model=model,
-        runner=runner,
-        store=store,
-        queue=MemoryQueue(settings.max_queue),
-        bus=LocalEventBus(),
-    )
-    app[SERVICE] = service
-    recovered = await service.recover()
-    if recovered:
-        log.info("queued again %d predictions accepted before the last stop", recovered)
-    pool = WorkerPool(settings=settings, queue=service.queue, store=service.store, bus=service.bus, runner=runner)
-    # Load in the background so /healthz answers at once and /readyz reports progress.
-    load = asyncio.create_task(runner.load(), name="zypher-model-load")
-    load.add_done_callback(_log_load_failure)
-    pool.start()
-    sweeper = asyncio.create_task(_sweep_forever(store, settings.result_ttl), name="zypher-sweeper")
-    try:
-        yield
-    finally:
-        load.cancel()
-        sweeper.cancel()
-        await pool.stop(settings.shutdown_timeout)
-        executor.shutdown(wait=False, cancel_futures=True)
-        await store.close()
-
-
-async def open_store(settings: Settings) -> Store:
-    if settings.store == "memory://":
-        return MemoryStore(ttl=settings.result_ttl)
-    sqlite = SQLiteStore(
-        path_from_url(settings.store), ttl=settings.result_ttl, synchronous=settings.sqlite_synchronous
-    )
-    await sqlite.open()
-    return sqlite
+    async with open_backend(settings) as backend:
+        service = PredictionService(
+            settings=settings, model=model, runner=runner, store=backend.store, queue=backend.queue, bus=backend.bus
+        )
+        app[SERVICE] = service
+        recovered = await service.recover()
+        if recovered:
+            log.info("queued again %d predictions accepted before the last stop", recovered)
+        pool = WorkerPool(settings=settings, queue=backend.queue, store=backend.store, bus=backend.bus, runner=runner)
+        load = None
+        if settings.workers:
+            # Load in the background so /healthz answers at once and /readyz reports progress.
+            load = asyncio.create_task(runner.load(), name="zypher-model-load")
+            load.add_done_callback(_log_load_failure)
+            pool.start()
+        else:
+            log.info("no workers in this process (--workers 0): predictions run in `zypher-ws worker` processes")
+        sweeper = asyncio.create_task(_sweep_forever(backend.store, settings.result_ttl), name="zypher-sweeper")
+        try:
+            yield
+        finally:
+            if load is not None:
+                load.cancel()
+            sweeper.cancel()
+            await pool.stop(settings.shutdown_timeout)
+            executor.shutdown(wait=False, cancel_futures=True)
 
 
 async def _sweep_forever(store: Store, ttl: float) -> None:

@@ -86,6 +86,16 @@ class NotReady(ZypherError):
         super().__init__(message, headers={"Retry-After": str(retry_after)})
 
 
+class BackendUnavailable(ZypherError):
+    """The shared backend (Redis) did not answer. Retry; an Idempotency-Key makes a retried POST safe."""
+
+    status = 503
+    code = "backend_unavailable"
+
+    def __init__(self, message: str = "the backend is unavailable; retry later", *, retry_after: int = 1) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after)})
+
+
 class ModelError(ZypherError):
     """What a prediction records when the model raised on its input."""
 

@@ -28,6 +28,9 @@ class LocalEventBus:
     def listener_count(self) -> int:
         return sum(len(s) for s in self._listeners.values())
 
+    def watched_ids(self) -> list[str]:
+        return list(self._listeners)
+
     async def publish(self, predictions: list[Prediction]) -> None:
         self.dispatch(predictions)
 

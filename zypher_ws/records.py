@@ -109,3 +109,4 @@ class Job:
 
     prediction_id: str
     input: Any
+    receipt: str | None = None  # the queue's handle for acknowledging it, where the queue needs one

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
 from .errors import ModelError
 from .models import Model
+from .settings import Settings
 from .store import Outcome
 
 log = logging.getLogger(__name__)
@@ -16,6 +17,11 @@ log = logging.getLogger(__name__)
 
 def _error(exc: BaseException) -> dict[str, str]:
     return {"code": ModelError.code, "message": f"{type(exc).__name__}: {exc}"}
+
+
+def make_executor(settings: Settings) -> Executor:
+    # Threads suit numpy models, which release the GIL; one per concurrent batch.
+    return ThreadPoolExecutor(max_workers=max(1, settings.workers), thread_name_prefix="zypher-model")
 
 
 class ModelRunner:

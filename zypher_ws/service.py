@@ -58,8 +58,17 @@ class PredictionService:
         self._input_validator = validator_cls(model.input_schema)
 
     @property
-    def ready(self) -> bool:
-        return self.runner.loaded and self.queue.qsize() < self.queue.maxsize
+    def model_ready(self) -> bool:
+        """The model is loaded here, or runs elsewhere (an API-only process of the redis backend)."""
+        return self.runner.loaded or self.settings.workers == 0
+
+    async def check_ready(self) -> None:
+        """Raise NotReady or BackendUnavailable unless a new prediction would be accepted now."""
+        if not self.model_ready:
+            raise NotReady(self.runner.load_error or "the model is not loaded yet")
+        await self.store.check()
+        if self.queue.qsize() >= self.queue.maxsize:
+            raise NotReady("the queue is full")
 
     def validate_input(self, value: Any) -> None:
         """Raise InvalidInput naming the offending field, per the model's JSON Schema."""
@@ -74,7 +83,7 @@ class PredictionService:
         (and runs nothing); with a different input, raises IdempotencyConflict.
         """
         self.validate_input(value)
-        if not self.runner.loaded:
+        if not self.model_ready:
             raise NotReady()
         if self.queue.qsize() >= self.queue.maxsize:
             raise QueueFull()
@@ -104,7 +113,7 @@ class PredictionService:
         """Queue again what a previous process accepted but did not finish; returns how many."""
         requeue, failed = await self.store.recover(self.settings.max_attempts)
         for prediction in requeue:
-            self.queue.put_nowait(Job(prediction.prediction_id, prediction.input), force=True)
+            await self.queue.put(Job(prediction.prediction_id, prediction.input), force=True)
         await self.bus.publish(failed)
         return len(requeue)
 

@@ -24,7 +24,7 @@ class Settings:
     host: str = _opt("127.0.0.1", "interface to listen on")
     port: int = _opt(8080, "TCP port to listen on")
     model: str = _opt("digits", "model to serve: digits, mock, or package.module:factory")
-    workers: int = _opt(2, "concurrent model calls (batches in flight)")
+    workers: int = _opt(2, "concurrent model calls (batches in flight); 0 = no model here (redis backend)")
     max_queue: int = _opt(1024, "most predictions waiting in the queue; past it POST answers 503")
     max_batch_size: int = _opt(32, "most predictions handed to the model in one call")
     max_batch_delay_ms: float = _opt(2.0, "longest a worker waits to fill a batch")
@@ -41,6 +41,10 @@ class Settings:
     sqlite_synchronous: str = _opt("FULL", "SQLite synchronous pragma: FULL survives power loss, NORMAL a crash")
     max_attempts: int = _opt(3, "times a prediction may be started; past it a lost one ends failed (worker_lost)")
     result_ttl: float = _opt(86400.0, "seconds a finished prediction is kept before it is deleted")
+    backend: str = _opt("embedded", "embedded (one process, --store) or redis (many processes, --redis-url)")
+    redis_url: str = _opt("redis://127.0.0.1:6379/0", "the Redis server of the redis backend")
+    redis_prefix: str = _opt("zypher", "prefix of every Redis key, so several services can share one Redis")
+    claim_idle: float = _opt(45.0, "seconds before live workers take over work a lost worker held (redis)")
 
     @property
     def max_batch_delay(self) -> float:
@@ -58,9 +62,15 @@ class Settings:
         return cls(**{k: v for k, v in vars(ns).items() if k in names})
 
     def __post_init__(self) -> None:
-        for name in ("workers", "max_queue", "max_batch_size", "max_body", "ws_outbox", "max_attempts"):
+        if self.workers < (0 if self.backend == "redis" else 1):
+            raise ValueError("workers must be at least 1 (0, an API-only process, needs --backend redis)")
+        for name in ("max_queue", "max_batch_size", "max_body", "ws_outbox", "max_attempts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.backend not in ("embedded", "redis"):
+            raise ValueError(f"backend must be embedded or redis, not {self.backend!r}")
+        if self.claim_idle <= 0:
+            raise ValueError("claim_idle must be positive")
         for name in ("sync_timeout", "max_batch_delay_ms", "mock_latency_ms", "shutdown_timeout", "result_ttl"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")

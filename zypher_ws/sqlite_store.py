@@ -71,6 +71,9 @@ class SQLiteStore:
         conn.executescript(SCHEMA)
         self._conn = conn
 
+    async def check(self) -> None:
+        pass  # a local file: if it fails, writes report it
+
     async def close(self) -> None:
         if self._flusher is not None:
             await self._flusher

@@ -60,6 +60,10 @@ class Store(Protocol):
         """Delete finished predictions whose expires_at has passed; return how many."""
         ...
 
+    async def check(self) -> None:
+        """Raise BackendUnavailable if the store cannot be reached."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -148,6 +152,9 @@ class MemoryStore:
             del self._records[pid]
         self._keys = {k: v for k, v in self._keys.items() if v[0] in self._records}
         return len(expired)
+
+    async def check(self) -> None:
+        pass
 
     async def close(self) -> None:
         pass

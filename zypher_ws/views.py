@@ -6,7 +6,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .errors import InvalidHeader, NotReady
+from .errors import InvalidHeader
 from .records import Prediction, Status
 from .typedefs import SERVICE
 
@@ -162,18 +162,14 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Readiness: the model is loaded and the queue accepts work.
+    """Readiness: the model is loaded, the backend answers and the queue accepts work.
 
     ---
     summary: Readiness
     tags: [health]
     responses:
       '200': {description: 'Ready', content: {application/json: {schema: {$ref: '#/components/schemas/Status'}}}}
-      '503': {description: 'Model not loaded or queue full', content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}
+      '503': {description: 'Model not loaded, backend unavailable or queue full', content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}
     """
-    service = request.app[SERVICE]
-    if not service.runner.loaded:
-        raise NotReady(service.runner.load_error or "the model is not loaded yet")
-    if not service.ready:
-        raise NotReady("the queue is full")
+    await request.app[SERVICE].check_ready()
     return web.json_response({"status": "ready"})

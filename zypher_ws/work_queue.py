@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Sequence
 from typing import Protocol
 
 from .errors import QueueFull
@@ -15,17 +16,22 @@ class WorkQueue(Protocol):
 
     def qsize(self) -> int: ...
 
-    async def put(self, job: Job) -> None:
-        """Enqueue, or raise QueueFull at once: callers never wait for room."""
-        ...
+    async def put(self, job: Job, *, force: bool = False) -> None:
+        """Enqueue, or raise QueueFull at once: callers never wait for room.
 
-    def put_nowait(self, job: Job, *, force: bool = False) -> None:
-        """Enqueue now; `force` goes past the bound (recovery must not drop what was accepted)."""
+        `force` goes past the bound (recovery must not drop what was accepted).
+        """
         ...
 
     async def get_batch(self, max_size: int, max_delay: float) -> list[Job]:
         """Wait for one job, then gather up to max_size, waiting at most max_delay for more."""
         ...
+
+    async def ack(self, jobs: Sequence[Job]) -> None:
+        """The jobs' outcomes are stored: they need not be delivered again."""
+        ...
+
+    async def close(self) -> None: ...
 
 
 class MemoryQueue:
@@ -39,10 +45,7 @@ class MemoryQueue:
     def qsize(self) -> int:
         return len(self._items)
 
-    async def put(self, job: Job) -> None:
-        self.put_nowait(job)
-
-    def put_nowait(self, job: Job, *, force: bool = False) -> None:
+    async def put(self, job: Job, *, force: bool = False) -> None:
         if not force and len(self._items) >= self.maxsize:
             raise QueueFull()
         self._items.append(job)
@@ -72,6 +75,12 @@ class MemoryQueue:
                         raise
                 batch.extend(self._take(max_size - len(batch)))
         return batch
+
+    async def ack(self, jobs: Sequence[Job]) -> None:
+        pass  # taken off the deque when read; a crash loses the deque, and the durable store recovers
+
+    async def close(self) -> None:
+        pass
 
     def _take(self, n: int) -> list[Job]:
         items = self._items

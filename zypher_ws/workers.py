@@ -66,11 +66,11 @@ class WorkerPool:
 
     async def run_batch(self, jobs: list[Job]) -> None:
         started = await self._store.start([job.prediction_id for job in jobs])
-        if not started:
-            return
-        await self._bus.publish(started)
-        inputs = {job.prediction_id: job.input for job in jobs}
-        ids = [p.prediction_id for p in started]
-        outcomes = await self._runner.run(ids, [inputs[pid] for pid in ids])
-        finished = await self._store.finish(outcomes)
-        await self._bus.publish(finished)
+        if started:
+            await self._bus.publish(started)
+            # Inputs come from the records (canceled ones are not in `started`), not from the queue.
+            outcomes = await self._runner.run([p.prediction_id for p in started], [p.input for p in started])
+            finished = await self._store.finish(outcomes)
+            await self._bus.publish(finished)
+        # Only now, with outcomes stored: a worker dying before this leaves the jobs to be taken over.
+        await self._queue.ack(jobs)

@@ -1,0 +1,97 @@
+"""Where records, the queue and status events live: this process (embedded) or a Redis server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from .errors import BackendUnavailable
+from .events import EventBus, LocalEventBus
+from .settings import Settings
+from .sqlite_store import SQLiteStore, path_from_url
+from .store import MemoryStore, Store
+from .work_queue import MemoryQueue, WorkQueue
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Backend:
+    store: Store
+    queue: WorkQueue
+    bus: EventBus
+
+
+@asynccontextmanager
+async def open_backend(settings: Settings, *, listen: bool = True) -> AsyncIterator[Backend]:
+    """Open the configured backend; `listen=False` skips receiving events (a worker-only process)."""
+    if settings.backend == "redis":
+        async with _redis_backend(settings, listen=listen) as backend:
+            yield backend
+        return
+    store = await open_store(settings)
+    queue = MemoryQueue(settings.max_queue)
+    try:
+        yield Backend(store, queue, LocalEventBus())
+    finally:
+        await queue.close()
+        await store.close()
+
+
+async def open_store(settings: Settings) -> Store:
+    if settings.store == "memory://":
+        return MemoryStore(ttl=settings.result_ttl)
+    sqlite = SQLiteStore(
+        path_from_url(settings.store), ttl=settings.result_ttl, synchronous=settings.sqlite_synchronous
+    )
+    await sqlite.open()
+    return sqlite
+
+
+@asynccontextmanager
+async def _redis_backend(settings: Settings, *, listen: bool) -> AsyncIterator[Backend]:
+    # Imported here so the embedded default does not need redis-py loaded.
+    import redis.asyncio as aioredis
+
+    from .redis_events import RedisEventBus
+    from .redis_keys import RedisKeys
+    from .redis_queue import RedisQueue
+    from .redis_store import RedisStore
+
+    keys = RedisKeys(settings.redis_prefix)
+    # A socket timeout well above the longest blocking read (1 s), so a hung server is noticed.
+    client = aioredis.Redis.from_url(
+        settings.redis_url, decode_responses=True, socket_connect_timeout=2.0, socket_timeout=10.0
+    )
+    store = RedisStore(client, keys, ttl=settings.result_ttl)
+    bus = RedisEventBus(client, keys, store.get_many)
+    queue = RedisQueue(
+        client,
+        keys,
+        store=store,
+        bus=bus,
+        maxsize=settings.max_queue,
+        consumer=f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}",
+        claim_idle=settings.claim_idle,
+        max_attempts=settings.max_attempts,
+    )
+    try:
+        await queue.ensure_group()
+    except BackendUnavailable as exc:
+        # Start anyway: /readyz says not ready, and everything recovers once Redis answers.
+        log.warning("%s; starting anyway", exc)
+    listener = asyncio.create_task(bus.listen(), name="zypher-redis-events") if listen else None
+    try:
+        yield Backend(store, queue, bus)
+    finally:
+        if listener is not None:
+            listener.cancel()
+            await asyncio.gather(listener, return_exceptions=True)
+        await queue.close()
+        await client.aclose()

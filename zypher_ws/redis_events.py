@@ -1,0 +1,75 @@
+"""Status changes across processes: published on one Redis pub/sub channel, dispatched locally.
+
+Pub/sub drops what is sent while a subscriber is disconnected, so after every (re)subscribe the bus
+reads the current record of each prediction watched here and dispatches it. `Watch` drops states it
+has already delivered, so a watcher still sees exactly one terminal state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+
+import redis.asyncio as aioredis
+
+from .errors import BackendUnavailable
+from .events import Listener, LocalEventBus
+from .records import Prediction
+from .redis_keys import RedisKeys
+from .redis_store import UNAVAILABLE, translate_errors
+
+log = logging.getLogger(__name__)
+
+RECONNECT_DELAY = 0.5
+
+ReadMany = Callable[[Sequence[str]], Awaitable[list[Prediction]]]
+
+
+class RedisEventBus:
+    def __init__(self, client: aioredis.Redis, keys: RedisKeys, read_many: ReadMany) -> None:
+        self._redis = client
+        self._channel = keys.events
+        self._read_many = read_many
+        self._local = LocalEventBus()
+        self.connected = asyncio.Event()  # set while the channel subscription is live
+
+    def listener_count(self) -> int:
+        return self._local.listener_count()
+
+    @translate_errors
+    async def publish(self, predictions: list[Prediction]) -> None:
+        if predictions:
+            await self._redis.publish(self._channel, json.dumps([p.to_row() for p in predictions]))
+
+    def subscribe(self, prediction_id: str, listener: Listener) -> None:
+        self._local.subscribe(prediction_id, listener)
+
+    def unsubscribe(self, prediction_id: str, listener: Listener) -> None:
+        self._local.unsubscribe(prediction_id, listener)
+
+    async def listen(self) -> None:
+        """Run until cancelled: feed local listeners from the channel, resubscribing after Redis failures."""
+        while True:
+            try:
+                async with self._redis.pubsub() as pubsub:
+                    await pubsub.subscribe(self._channel)
+                    async for message in pubsub.listen():
+                        if message["type"] == "subscribe":
+                            self.connected.set()
+                            await self._catch_up()
+                        elif message["type"] == "message":
+                            rows = json.loads(message["data"])
+                            self._local.dispatch([Prediction.from_row(row) for row in rows])
+            except (*UNAVAILABLE, BackendUnavailable) as exc:
+                if self.connected.is_set():
+                    log.warning("lost the Redis event channel (%s); reconnecting", exc)
+                self.connected.clear()
+                await asyncio.sleep(RECONNECT_DELAY)
+
+    async def _catch_up(self) -> None:
+        """Dispatch the current state of everything watched here: it may have changed while we were away."""
+        watched = self._local.watched_ids()
+        if watched:
+            self._local.dispatch(await self._read_many(watched))

@@ -1,0 +1,37 @@
+"""Every Redis key, channel and group name the service uses, under one configurable prefix."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RedisKeys:
+    prefix: str = "zypher"
+
+    def record(self, prediction_id: str) -> str:
+        """A string holding one prediction's JSON record; it expires `result_ttl` after it finishes."""
+        return f"{self.prefix}:prediction:{prediction_id}"
+
+    def idempotency(self, key: str) -> str:
+        """Maps an Idempotency-Key (hashed: clients choose its length) to [prediction_id, body fingerprint]."""
+        return f"{self.prefix}:idempotency:{hashlib.sha256(key.encode()).hexdigest()}"
+
+    @property
+    def queue(self) -> str:
+        """The work stream: one entry per prediction waiting or running, deleted once acknowledged."""
+        return f"{self.prefix}:queue"
+
+    @property
+    def dead_letter(self) -> str:
+        """Entries given up after --max-attempts deliveries, kept for inspection (capped)."""
+        return f"{self.prefix}:dead-letter"
+
+    @property
+    def events(self) -> str:
+        """Pub/sub channel carrying every status change, as a JSON array of records."""
+        return f"{self.prefix}:events"
+
+    group: str = "workers"
+    """The consumer group every worker reads the queue through."""

@@ -1,0 +1,192 @@
+"""The work queue as a Redis Stream read through one consumer group, shared by every process.
+
+An entry holds only the prediction id (the record holds the input). API processes add entries; each
+worker process reads batches with XREADGROUP and acknowledges (XACK, then XDEL so the stream length
+is the cluster-wide depth) only after the outcome is stored. Entries a dead worker held are taken
+over by live workers after `claim_idle` seconds (XAUTOCLAIM); past `max_attempts` starts the
+prediction fails with `worker_lost` and its entry goes to a capped dead-letter stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from .errors import QueueFull
+from .events import EventBus
+from .records import Job
+from .redis_keys import RedisKeys
+from .redis_store import UNAVAILABLE, RedisStore, translate_errors
+
+log = logging.getLogger(__name__)
+
+READ_BLOCK_MS = 1000  # longest one XREADGROUP waits, so reclaimed work is picked up within a second
+RETRY_DELAY = 0.5  # pause before reading again after Redis failed
+DEAD_LETTER_MAX = 10_000
+
+# The bound is checked and the entry added in one step, so many API processes cannot overshoot it.
+_BOUNDED_ADD = """
+local depth = redis.call('XLEN', KEYS[1])
+if ARGV[3] == '0' and depth >= tonumber(ARGV[1]) then
+  return {0, depth}
+end
+redis.call('XADD', KEYS[1], '*', 'id', ARGV[2])
+return {1, depth + 1}
+"""
+
+
+class RedisQueue:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        keys: RedisKeys,
+        *,
+        store: RedisStore,
+        bus: EventBus,
+        maxsize: int,
+        consumer: str,
+        claim_idle: float,
+        max_attempts: int,
+    ) -> None:
+        self.maxsize = maxsize
+        self.consumer = consumer
+        self._redis = client
+        self._keys = keys
+        self._store = store
+        self._bus = bus
+        self._claim_idle = claim_idle
+        self._max_attempts = max_attempts
+        self._bounded_add = client.register_script(_BOUNDED_ADD)
+        self._depth = 0  # last depth seen; the bound itself is enforced in Redis
+        self._held: set[str] = set()  # entry ids this process read and has not acknowledged
+        self._reclaimed: deque[Job] = deque()
+        self._maintenance: asyncio.Task[None] | None = None
+
+    def qsize(self) -> int:
+        return self._depth
+
+    @translate_errors
+    async def ensure_group(self) -> None:
+        try:
+            # From id 0: entries added before the group existed are work too.
+            await self._redis.xgroup_create(self._keys.queue, self._keys.group, id="0", mkstream=True)
+        except redis.exceptions.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    @translate_errors
+    async def put(self, job: Job, *, force: bool = False) -> None:
+        added, depth = await self._bounded_add(
+            keys=[self._keys.queue], args=[self.maxsize, job.prediction_id, "1" if force else "0"]
+        )
+        self._depth = int(depth)
+        if not added:
+            raise QueueFull()
+
+    async def get_batch(self, max_size: int, max_delay: float) -> list[Job]:
+        if self._maintenance is None:
+            self._maintenance = asyncio.create_task(self._maintain(), name="zypher-redis-claims")
+        while True:
+            if self._reclaimed:
+                return [self._reclaimed.popleft() for _ in range(min(max_size, len(self._reclaimed)))]
+            try:
+                jobs = await self._read(max_size, READ_BLOCK_MS)
+                if jobs and len(jobs) < max_size and max_delay > 0:
+                    # Dynamic batching as in one process: wait at most max_delay for company.
+                    jobs += await self._read(max_size - len(jobs), max(1, round(max_delay * 1000)))
+            except redis.exceptions.ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                await self.ensure_group()  # Redis lost the group (restarted without persistence)
+                continue
+            except UNAVAILABLE as exc:
+                log.warning("cannot read the queue from Redis (%s); retrying", exc)
+                await asyncio.sleep(RETRY_DELAY)
+                continue
+            if jobs:
+                return jobs
+
+    async def _read(self, count: int, block_ms: int) -> list[Job]:
+        reply: Any = await self._redis.xreadgroup(
+            self._keys.group, self.consumer, {self._keys.queue: ">"}, count=count, block=block_ms
+        )
+        jobs = [Job(fields["id"], None, receipt=entry_id) for _, entries in reply or () for entry_id, fields in entries]
+        self._held.update(job.receipt for job in jobs if job.receipt)
+        return jobs
+
+    @translate_errors
+    async def ack(self, jobs: Sequence[Job]) -> None:
+        receipts = [job.receipt for job in jobs if job.receipt]
+        if not receipts:
+            return
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.xack(self._keys.queue, self._keys.group, *receipts)
+            pipe.xdel(self._keys.queue, *receipts)
+            await pipe.execute()
+        self._held.difference_update(receipts)
+
+    async def close(self) -> None:
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+            await asyncio.gather(self._maintenance, return_exceptions=True)
+
+    async def _maintain(self) -> None:
+        """Keep our own entries fresh while they run, and take over entries other workers left idle."""
+        cursor = "0-0"
+        while True:
+            await asyncio.sleep(self._claim_idle / 4)
+            try:
+                await self._touch()
+                cursor = await self._claim(cursor)
+            except UNAVAILABLE as exc:
+                log.warning("cannot check for lost work in Redis (%s); trying again later", exc)
+            except Exception:
+                log.exception("reclaiming lost work failed; trying again later")
+
+    async def _touch(self) -> None:
+        # Resets the idle time of entries still running here, so a long batch is not taken over.
+        if self._held:
+            await self._redis.xclaim(
+                self._keys.queue, self._keys.group, self.consumer, 0, list(self._held), justid=True
+            )
+
+    async def _claim(self, cursor: str) -> str:
+        cursor, entries, _deleted = await self._redis.xautoclaim(
+            self._keys.queue,
+            self._keys.group,
+            self.consumer,
+            min_idle_time=int(self._claim_idle * 1000),
+            start_id=cursor,
+            count=100,
+        )
+        if not entries:
+            return str(cursor)
+        receipts = {fields["id"]: entry_id for entry_id, fields in entries}
+        self._held.update(receipts.values())
+        again, failed = await self._store.reclaim(list(receipts), self._max_attempts)
+        log.warning(
+            "took over %d predictions from a lost worker: %d to run again, %d failed after %d attempts",
+            len(receipts),
+            len(again),
+            len(failed),
+            self._max_attempts,
+        )
+        await self._bus.publish(failed)
+        for prediction in failed:
+            await self._redis.xadd(
+                self._keys.dead_letter,
+                {"id": prediction.prediction_id, "reason": "worker_lost"},
+                maxlen=DEAD_LETTER_MAX,
+                approximate=True,
+            )
+        rerun = {p.prediction_id for p in again}
+        self._reclaimed.extend(Job(p.prediction_id, None, receipt=receipts[p.prediction_id]) for p in again)
+        # Finished, failed or vanished ones need no more work.
+        await self.ack([Job(pid, None, receipt=r) for pid, r in receipts.items() if pid not in rerun])
+        return str(cursor)
