@@ -3,16 +3,20 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import Awaitable, Callable
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from zypher_ws.app import create_app
 from zypher_ws.models import Model
+from zypher_ws.redis_keys import RedisKeys
 from zypher_ws.settings import Settings
-from zypher_ws.typedefs import SERVICE
+from zypher_ws.store import MemoryStore
+from zypher_ws.typedefs import SERVICE, SETTINGS
 
 WAIT = 5.0  # seconds any awaited event may take before a test fails
 
@@ -85,15 +89,67 @@ def make_settings(**overrides: Any) -> Settings:
 
 ClientFactory = Callable[..., Awaitable[TestClient]]
 
+REDIS_URL = os.environ.get("ZYPHER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The real Redis server tests use (ZYPHER_TEST_REDIS_URL); skips, or fails under CI, without one."""
+    import redis
+
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1).ping()
+    except redis.exceptions.RedisError as exc:
+        pytest.skip(f"no Redis at {REDIS_URL} ({exc}); start redis-server or set ZYPHER_TEST_REDIS_URL")
+    return REDIS_URL
+
 
 @pytest.fixture
-def make_client(aiohttp_client: Any) -> ClientFactory:
-    """make_client(model=None, wait_loaded=True, **settings) -> a test client on a fresh app."""
+async def redis_settings(redis_url: str) -> AsyncIterator[dict[str, Any]]:
+    """Settings for the redis backend under a prefix of this test's own; its keys are deleted after."""
+    import redis.asyncio as aioredis
+
+    prefix = f"zypher-test-{uuid.uuid4().hex[:12]}"
+    yield {"backend": "redis", "redis_url": redis_url, "redis_prefix": prefix}
+    client = aioredis.Redis.from_url(redis_url)
+    keys = [key async for key in client.scan_iter(match=f"{prefix}:*")]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()
+
+
+@pytest.fixture(params=["embedded", "redis"])
+def backend(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """Runs a test once per backend: the API and WebSocket contract must not depend on it."""
+    if request.param == "embedded":
+        return {}
+    settings: dict[str, Any] = request.getfixturevalue("redis_settings")
+    return settings
+
+
+async def stored_count(app: web.Application) -> int:
+    """How many prediction records the app's backend holds."""
+    store, settings = app[SERVICE].store, app[SETTINGS]
+    if isinstance(store, MemoryStore):
+        return len(store)
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(settings.redis_url)
+    try:
+        return len([key async for key in client.scan_iter(match=RedisKeys(settings.redis_prefix).record("*"))])
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+def make_client(aiohttp_client: Any, backend: dict[str, Any]) -> ClientFactory:
+    """make_client(model=None, wait_loaded=True, **settings) -> a test client on a fresh app, per backend."""
 
     async def factory(model: Model | None = None, wait_loaded: bool = True, **overrides: Any) -> TestClient:
         if isinstance(model, GatedModel):
             model.bind(asyncio.get_running_loop())
-        client: TestClient = await aiohttp_client(create_app(make_settings(**overrides), model=model))
+        settings = make_settings(**{**backend, **overrides})
+        client: TestClient = await aiohttp_client(create_app(settings, model=model))
         if wait_loaded:
             await asyncio.wait_for(client.app[SERVICE].runner.loaded_event.wait(), WAIT)
         return client

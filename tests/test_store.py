@@ -7,9 +7,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import redis.asyncio as aioredis
 
 from zypher_ws.errors import AlreadyFinished, IdempotencyConflict, NotFound
 from zypher_ws.records import Prediction, Status
+from zypher_ws.redis_keys import RedisKeys
+from zypher_ws.redis_store import RedisStore
 from zypher_ws.sqlite_store import SQLiteStore
 from zypher_ws.store import IdempotencyKey, MemoryStore, Outcome, Store
 
@@ -18,15 +21,28 @@ def new(value: object = 1) -> Prediction:
     return Prediction.new(value, model_name="m", model_version="1")
 
 
-@pytest.fixture(params=["memory", "sqlite"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+def kind(request: pytest.FixtureRequest) -> tuple[str, dict[str, str]]:
+    settings = request.getfixturevalue("redis_settings") if request.param == "redis" else {}
+    return request.param, settings
+
+
+@pytest.fixture
+async def store(kind: tuple[str, dict[str, str]], tmp_path: Path) -> AsyncIterator[Store]:
     s: Store
-    if request.param == "memory":
+    name, settings = kind
+    if name == "memory":
         s = MemoryStore(ttl=60)
-    else:
+    elif name == "sqlite":
         sqlite = SQLiteStore(tmp_path / "z.db", ttl=60)
         await sqlite.open()
         s = sqlite
+    else:
+        client = aioredis.Redis.from_url(settings["redis_url"], decode_responses=True)
+        s = RedisStore(client, RedisKeys(settings["redis_prefix"]), ttl=60)
+        yield s
+        await client.aclose()
+        return
     yield s
     await s.close()
 
@@ -88,6 +104,11 @@ async def test_sweep_deletes_only_expired_finished(store: Store) -> None:
         await store.add(p, IdempotencyKey(p.prediction_id, "fp"))
     await store.start([done.prediction_id, running.prediction_id])
     await store.finish([Outcome(done.prediction_id, result=1)])
+    if isinstance(store, RedisStore):
+        # Redis deletes expired keys itself: the finished record, and only it, carries the TTL.
+        ttls = [await store._redis.pttl(store._keys.record(p.prediction_id)) for p in (done, running, queued)]
+        assert 0 < ttls[0] <= 60_000 and ttls[1:] == [-1, -1]
+        return
     assert await store.sweep(time.time()) == 0
     assert await store.sweep(time.time() + 61) == 1
     assert await store.get(done.prediction_id) is None
@@ -126,3 +147,22 @@ async def test_sqlite_survives_reopen_and_recovers_in_order(tmp_path: Path) -> N
     assert [p.prediction_id for p in failed] == [preds[0].prediction_id]
     assert failed[0].error is not None and failed[0].error["code"] == "worker_lost"
     await s.close()
+
+
+async def test_redis_reclaim_reruns_lost_work_until_max_attempts(redis_settings: dict[str, str]) -> None:
+    client = aioredis.Redis.from_url(redis_settings["redis_url"], decode_responses=True)
+    store = RedisStore(client, RedisKeys(redis_settings["redis_prefix"]), ttl=60)
+    lost, queued, done = new(1), new(2), new(3)
+    for p in (lost, queued, done):
+        await store.add(p)
+    await store.start([lost.prediction_id, done.prediction_id])
+    await store.finish([Outcome(done.prediction_id, result=3)])
+    ids = [lost.prediction_id, queued.prediction_id, done.prediction_id, "gone"]
+    again, failed = await store.reclaim(ids, max_attempts=2)
+    assert [p.prediction_id for p in again] == [lost.prediction_id, queued.prediction_id] and failed == []
+    assert (await store.get(lost.prediction_id)).status is Status.QUEUED  # type: ignore[union-attr]
+    await store.start([lost.prediction_id])  # second attempt, lost again
+    again, failed = await store.reclaim([lost.prediction_id], max_attempts=2)
+    assert again == [] and [p.prediction_id for p in failed] == [lost.prediction_id]
+    assert failed[0].status is Status.FAILED and failed[0].error["code"] == "worker_lost"  # type: ignore[index]
+    await client.aclose()

@@ -65,10 +65,17 @@ async def _redis_backend(settings: Settings, *, listen: bool) -> AsyncIterator[B
     from .redis_store import RedisStore
 
     keys = RedisKeys(settings.redis_prefix)
-    # A socket timeout well above the longest blocking read (1 s), so a hung server is noticed.
-    client = aioredis.Redis.from_url(
-        settings.redis_url, decode_responses=True, socket_connect_timeout=2.0, socket_timeout=10.0
+    # A bounded pool: past it a command waits (up to 5 s) for a free connection instead of opening more.
+    # The socket timeout sits well above the longest blocking read (1 s), so a hung server is noticed.
+    pool = aioredis.BlockingConnectionPool.from_url(
+        settings.redis_url,
+        max_connections=settings.redis_connections + settings.workers + 1,  # + blocking reads, + pub/sub
+        timeout=5.0,
+        decode_responses=True,
+        socket_connect_timeout=2.0,
+        socket_timeout=10.0,
     )
+    client = aioredis.Redis.from_pool(pool)
     store = RedisStore(client, keys, ttl=settings.result_ttl)
     bus = RedisEventBus(client, keys, store.get_many)
     queue = RedisQueue(

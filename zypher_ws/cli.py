@@ -1,4 +1,4 @@
-"""`zypher-ws` command line: `zypher-ws serve [options]`."""
+"""`zypher-ws` command line: `zypher-ws serve [options]` and `zypher-ws worker [options]`."""
 
 from __future__ import annotations
 
@@ -22,6 +22,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the service. Every option is also an environment variable ZYPHER_<NAME>.",
     )
     add_settings_arguments(serve, os.environ)
+    worker = commands.add_parser(
+        "worker",
+        help="run model workers only (no HTTP), taking work from Redis",
+        description="Run model workers for --backend redis. Every option is also an environment variable "
+        "ZYPHER_<NAME>; HTTP options are ignored.",
+    )
+    add_settings_arguments(worker, {"ZYPHER_BACKEND": "redis", **os.environ})
     return parser
 
 
@@ -48,6 +55,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             shutdown_timeout=settings.shutdown_timeout,
             print=lambda msg: logging.getLogger("zypher_ws").info(msg),
         )
+    elif args.command == "worker":
+        import asyncio
+
+        from .worker import run_worker
+
+        if settings.backend != "redis" or settings.workers < 1:
+            raise SystemExit("zypher-ws worker: needs --backend redis and --workers of at least 1")
+        asyncio.run(run_worker(settings))
 
 
 if __name__ == "__main__":

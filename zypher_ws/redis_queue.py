@@ -2,7 +2,7 @@
 
 An entry holds only the prediction id (the record holds the input). API processes add entries; each
 worker process reads batches with XREADGROUP and acknowledges (XACK, then XDEL so the stream length
-is the cluster-wide depth) only after the outcome is stored. Entries a dead worker held are taken
+holds only work not yet done) only after the outcome is stored. Entries a dead worker held are taken
 over by live workers after `claim_idle` seconds (XAUTOCLAIM); past `max_attempts` starts the
 prediction fails with `worker_lost` and its entry goes to a capped dead-letter stream.
 """
@@ -31,14 +31,23 @@ RETRY_DELAY = 0.5  # pause before reading again after Redis failed
 DEAD_LETTER_MAX = 10_000
 
 # The bound is checked and the entry added in one step, so many API processes cannot overshoot it.
-_BOUNDED_ADD = """
-local depth = redis.call('XLEN', KEYS[1])
-if ARGV[3] == '0' and depth >= tonumber(ARGV[1]) then
-  return {0, depth}
-end
-redis.call('XADD', KEYS[1], '*', 'id', ARGV[2])
-return {1, depth + 1}
+# Like the in-process queue it bounds waiting entries: stream length minus those being run.
+_WAITING = """
+local waiting = redis.call('XLEN', KEYS[1])
+local ok, pending = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[1])
+if ok then waiting = waiting - pending[1] end
 """
+_DEPTH = _WAITING + "return waiting"
+_BOUNDED_ADD = (
+    _WAITING
+    + """
+if ARGV[4] == '0' and waiting >= tonumber(ARGV[2]) then
+  return {0, waiting}
+end
+redis.call('XADD', KEYS[1], '*', 'id', ARGV[3])
+return {1, waiting + 1}
+"""
+)
 
 
 class RedisQueue:
@@ -63,13 +72,14 @@ class RedisQueue:
         self._claim_idle = claim_idle
         self._max_attempts = max_attempts
         self._bounded_add = client.register_script(_BOUNDED_ADD)
-        self._depth = 0  # last depth seen; the bound itself is enforced in Redis
+        self._depth = client.register_script(_DEPTH)
         self._held: set[str] = set()  # entry ids this process read and has not acknowledged
         self._reclaimed: deque[Job] = deque()
         self._maintenance: asyncio.Task[None] | None = None
 
-    def qsize(self) -> int:
-        return self._depth
+    @translate_errors
+    async def depth(self) -> int:
+        return int(await self._depth(keys=[self._keys.queue], args=[self._keys.group]))
 
     @translate_errors
     async def ensure_group(self) -> None:
@@ -82,10 +92,10 @@ class RedisQueue:
 
     @translate_errors
     async def put(self, job: Job, *, force: bool = False) -> None:
-        added, depth = await self._bounded_add(
-            keys=[self._keys.queue], args=[self.maxsize, job.prediction_id, "1" if force else "0"]
+        added, _ = await self._bounded_add(
+            keys=[self._keys.queue],
+            args=[self._keys.group, self.maxsize, job.prediction_id, "1" if force else "0"],
         )
-        self._depth = int(depth)
         if not added:
             raise QueueFull()
 

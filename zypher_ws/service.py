@@ -67,7 +67,7 @@ class PredictionService:
         if not self.model_ready:
             raise NotReady(self.runner.load_error or "the model is not loaded yet")
         await self.store.check()
-        if self.queue.qsize() >= self.queue.maxsize:
+        if await self.queue.depth() >= self.queue.maxsize:
             raise NotReady("the queue is full")
 
     def validate_input(self, value: Any) -> None:
@@ -85,8 +85,8 @@ class PredictionService:
         self.validate_input(value)
         if not self.model_ready:
             raise NotReady()
-        if self.queue.qsize() >= self.queue.maxsize:
-            raise QueueFull()
+        if await self.queue.depth() >= self.queue.maxsize:
+            raise QueueFull()  # checked first too, so a full queue costs no store write
         prediction = Prediction.new(value, model_name=self.model.name, model_version=self.model.version)
         key = None
         if idempotency_key is not None:

@@ -44,6 +44,7 @@ class Settings:
     backend: str = _opt("embedded", "embedded (one process, --store) or redis (many processes, --redis-url)")
     redis_url: str = _opt("redis://127.0.0.1:6379/0", "the Redis server of the redis backend")
     redis_prefix: str = _opt("zypher", "prefix of every Redis key, so several services can share one Redis")
+    redis_connections: int = _opt(32, "Redis connections per process for requests (blocking reads get their own)")
     claim_idle: float = _opt(45.0, "seconds before live workers take over work a lost worker held (redis)")
 
     @property
@@ -64,7 +65,7 @@ class Settings:
     def __post_init__(self) -> None:
         if self.workers < (0 if self.backend == "redis" else 1):
             raise ValueError("workers must be at least 1 (0, an API-only process, needs --backend redis)")
-        for name in ("max_queue", "max_batch_size", "max_body", "ws_outbox", "max_attempts"):
+        for name in ("redis_connections", "max_queue", "max_batch_size", "max_body", "ws_outbox", "max_attempts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if self.backend not in ("embedded", "redis"):

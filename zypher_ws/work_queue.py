@@ -14,7 +14,9 @@ from .records import Job
 class WorkQueue(Protocol):
     maxsize: int
 
-    def qsize(self) -> int: ...
+    async def depth(self) -> int:
+        """How many jobs wait to be taken (not counting ones being run)."""
+        ...
 
     async def put(self, job: Job, *, force: bool = False) -> None:
         """Enqueue, or raise QueueFull at once: callers never wait for room.
@@ -42,7 +44,7 @@ class MemoryQueue:
         self._items: deque[Job] = deque()
         self._nonempty = asyncio.Event()
 
-    def qsize(self) -> int:
+    async def depth(self) -> int:
         return len(self._items)
 
     async def put(self, job: Job, *, force: bool = False) -> None:

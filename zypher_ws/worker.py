@@ -1,0 +1,39 @@
+"""`zypher-ws worker`: model workers without HTTP, taking work from the shared (Redis) queue."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from .backend import open_backend
+from .models import Model, build_model
+from .runner import ModelRunner, make_executor
+from .settings import Settings
+from .workers import WorkerPool
+
+log = logging.getLogger(__name__)
+
+
+async def run_worker(settings: Settings, *, model: Model | None = None) -> None:
+    """Serve until SIGTERM or SIGINT; then finish running batches within --shutdown-timeout."""
+    model = model if model is not None else build_model(settings)
+    executor = make_executor(settings)
+    runner = ModelRunner(model, executor)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        async with open_backend(settings, listen=False) as backend:
+            await runner.load()
+            pool = WorkerPool(
+                settings=settings, queue=backend.queue, store=backend.store, bus=backend.bus, runner=runner
+            )
+            pool.start()
+            log.info("worker taking predictions from %s (prefix %r)", settings.redis_url, settings.redis_prefix)
+            await stop.wait()
+            log.info("stopping: running batches get %.0f s to finish", settings.shutdown_timeout)
+            await pool.stop(settings.shutdown_timeout)
+    finally:
+        executor.shutdown(wait=False, cancel_futures=True)
