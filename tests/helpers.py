@@ -32,14 +32,32 @@ async def run_server(
 ) -> AsyncIterator[ServerProcess]:
     """Start `python -m zypher_ws serve ARGS` (on a free port by default); yield once ready; SIGTERM it after."""
     port = port or free_port()
+    # Both lines come from the server's own log: it listens, and the model has loaded (or there is none).
+    ready = ("Running on", "loaded and ready" if "--workers" not in args or _workers(args) else "no workers")
+    async with _run(["serve", "--port", str(port), *args], ready, env, cwd, f"http://127.0.0.1:{port}") as server:
+        yield server
+
+
+@asynccontextmanager
+async def run_worker(*args: str, env: dict[str, str] | None = None) -> AsyncIterator[ServerProcess]:
+    """Start `python -m zypher_ws worker ARGS`; yield once its model is loaded; SIGTERM it after."""
+    async with _run(["worker", *args], ("loaded and ready", "worker taking predictions"), env, None, "") as worker:
+        yield worker
+
+
+def _workers(args: tuple[str, ...]) -> int:
+    return int(args[args.index("--workers") + 1])
+
+
+@asynccontextmanager
+async def _run(
+    argv: list[str], ready: tuple[str, ...], env: dict[str, str] | None, cwd: str | None, url: str
+) -> AsyncIterator[ServerProcess]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "zypher_ws",
-        "serve",
-        "--port",
-        str(port),
-        *args,
+        *argv,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
         env={**os.environ, **(env or {})},
@@ -50,19 +68,18 @@ async def run_server(
     stderr = proc.stderr
 
     async def until_ready() -> None:
-        # Both lines come from the server's own log: it listens, and the model has loaded.
-        waiting_for = {"Running on", "loaded and ready"}
+        waiting_for = set(ready)
         while waiting_for:
             line = (await stderr.readline()).decode()
             if not line:
-                raise RuntimeError("server exited during startup:\n" + "".join(log))
+                raise RuntimeError(f"{argv[0]} exited during startup:\n" + "".join(log))
             log.append(line)
             waiting_for = {marker for marker in waiting_for if marker not in line}
 
     try:
         await asyncio.wait_for(until_ready(), STARTUP_TIMEOUT)
         drain = asyncio.create_task(_drain(stderr, log))
-        yield ServerProcess(proc, f"http://127.0.0.1:{port}", log)
+        yield ServerProcess(proc, url, log)
     finally:
         if proc.returncode is None:
             proc.terminate()

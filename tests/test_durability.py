@@ -31,6 +31,7 @@ async def wait_all_terminal(http: aiohttp.ClientSession, ids: list[str], timeout
     async def one(pid: str) -> dict[str, Any]:
         while True:
             record: dict[str, Any] = await (await http.get(f"/predict/{pid}")).json()
+            assert "status" in record, record
             if record["status"] in TERMINAL:
                 return record
 

@@ -58,6 +58,9 @@ async def open_store(settings: Settings) -> Store:
 async def _redis_backend(settings: Settings, *, listen: bool) -> AsyncIterator[Backend]:
     # Imported here so the embedded default does not need redis-py loaded.
     import redis.asyncio as aioredis
+    import redis.exceptions
+    from redis.asyncio.retry import Retry
+    from redis.backoff import ExponentialBackoff
 
     from .redis_events import RedisEventBus
     from .redis_keys import RedisKeys
@@ -67,8 +70,12 @@ async def _redis_backend(settings: Settings, *, listen: bool) -> AsyncIterator[B
     keys = RedisKeys(settings.redis_prefix)
     # A bounded pool: past it a command waits (up to 5 s) for a free connection instead of opening more.
     # The socket timeout sits well above the longest blocking read (1 s), so a hung server is noticed.
+    # Commands retry twice on a broken connection: after Redis restarts, pooled connections are stale.
+    # A retried XADD can add an entry twice; a worker skips the second, as its record is no longer queued.
     pool = aioredis.BlockingConnectionPool.from_url(
         settings.redis_url,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
+        retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
         max_connections=settings.redis_connections + settings.workers + 1,  # + blocking reads, + pub/sub
         timeout=5.0,
         decode_responses=True,

@@ -175,6 +175,8 @@ class RedisQueue:
             start_id=cursor,
             count=100,
         )
+        # Our own entries can look idle too (Redis was away while we ran them): those are not lost.
+        entries = [(entry_id, fields) for entry_id, fields in entries if entry_id not in self._held]
         if not entries:
             return str(cursor)
         receipts = {fields["id"]: entry_id for entry_id, fields in entries}

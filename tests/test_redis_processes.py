@@ -1,0 +1,214 @@
+"""Scale-out with real processes on a real Redis: API and worker processes, crashes, Redis restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import signal
+import subprocess
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+from test_durability import recording_env, wait_all_terminal
+
+from helpers import free_port, run_server, run_worker
+from zypher_ws.redis_keys import RedisKeys
+
+ASYNC = {"Async-Mode": "true"}
+MODEL = ("--model", "recording_model:RecordingModel")
+
+
+def backend_args(settings: dict[str, str]) -> tuple[str, ...]:
+    return ("--backend", "redis", "--redis-url", settings["redis_url"], "--redis-prefix", settings["redis_prefix"])
+
+
+async def submit(http: aiohttp.ClientSession, n: int, headers: dict[str, str] = ASYNC) -> str:
+    resp = await http.post("/predict", json={"input": {"n": n}}, headers=headers)
+    assert resp.status == 202, await resp.text()
+    return str((await resp.json())["prediction_id"])
+
+
+async def wait_status(http: aiohttp.ClientSession, ids: list[str], status: str, timeout: float = 30) -> None:
+    """Wait until every id shows `status`, watching over one WebSocket."""
+    async with http.ws_connect("/ws") as ws:
+        await ws.send_json({"op": "subscribe", "prediction_ids": ids})
+        waiting = set(ids)
+
+        async def until_seen() -> None:
+            async for msg in ws:
+                record = json.loads(msg.data)["prediction"]
+                if record["status"] == status:
+                    waiting.discard(record["prediction_id"])
+                    if not waiting:
+                        return
+
+        await asyncio.wait_for(until_seen(), timeout)
+
+
+async def test_two_api_and_two_worker_processes(redis_settings: dict[str, str], tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    logs = [tmp_path / "worker-a.log", tmp_path / "worker-b.log"]
+    backend = backend_args(redis_settings)
+    async with AsyncExitStack() as stack:
+        api_env = recording_env(tmp_path / "api.log")  # API processes only read the model's schema
+        api_a = await stack.enter_async_context(run_server(*backend, *MODEL, "--workers", "0", env=api_env))
+        api_b = await stack.enter_async_context(run_server(*backend, *MODEL, "--workers", "0", env=api_env))
+        for log in logs:
+            env = {**recording_env(log, latency=0.005), "ZYPHER_TEST_GATE": str(gate)}
+            await stack.enter_async_context(run_worker(*backend, *MODEL, "--workers", "2", env=env))
+        http_a = await stack.enter_async_context(aiohttp.ClientSession(api_a.url))
+        http_b = await stack.enter_async_context(aiohttp.ClientSession(api_b.url))
+
+        # Submitted on A, watched on B: B is pushed the result a worker process produced.
+        pid = await submit(http_a, 0)
+        async with http_b.ws_connect("/ws") as ws:
+            await ws.send_json({"op": "subscribe", "prediction_id": pid})
+            first = await ws.receive_json(timeout=10)
+            assert first["type"] == "subscribed" and first["prediction"]["status"] in ("queued", "running")
+            gate.touch()
+            seen = [first["prediction"]["status"]]
+            while seen[-1] != "succeeded":
+                message = await ws.receive_json(timeout=10)
+                assert message["type"] == "update" and message["prediction"]["prediction_id"] == pid
+                seen.append(message["prediction"]["status"])
+            assert seen in (["queued", "running", "succeeded"], ["running", "succeeded"])
+
+        # Many predictions through both API processes: each runs exactly once across the workers.
+        ids = await asyncio.gather(*(submit((http_a, http_b)[n % 2], n) for n in range(1, 301)))
+        records = await wait_all_terminal(http_b, list(ids))
+    assert {r["status"] for r in records.values()} == {"succeeded"}
+    runs = [Counter(int(line) for line in log.read_text().split()) for log in logs]
+    assert runs[0] + runs[1] == Counter(range(301))  # every n once, none twice
+    assert runs[0] and runs[1]  # both workers took part
+
+
+@pytest.mark.parametrize("max_attempts", [2, 1])
+async def test_sigkill_a_worker_holding_a_batch(
+    redis_settings: dict[str, str], tmp_path: Path, max_attempts: int
+) -> None:
+    backend = (*backend_args(redis_settings), "--claim-idle", "1", "--max-attempts", str(max_attempts))
+    held_log, rescue_log = tmp_path / "held.log", tmp_path / "rescue.log"
+    async with AsyncExitStack() as stack:
+        api_env = recording_env(tmp_path / "api.log")
+        api = await stack.enter_async_context(run_server(*backend, *MODEL, "--workers", "0", env=api_env))
+        http = await stack.enter_async_context(aiohttp.ClientSession(api.url))
+        # This worker's gate never opens: it takes all five and holds them until it is killed.
+        holder_env = {**recording_env(held_log), "ZYPHER_TEST_GATE": str(tmp_path / "never")}
+        holding = ("--workers", "5", "--max-batch-size", "1")
+        async with run_worker(*backend, *MODEL, *holding, env=holder_env) as holder:
+            ids = [await submit(http, n) for n in range(5)]
+            await wait_status(http, ids, "running")
+            holder.proc.send_signal(signal.SIGKILL)
+            await holder.proc.wait()
+        await stack.enter_async_context(run_worker(*backend, *MODEL, env=recording_env(rescue_log)))
+        records = await wait_all_terminal(http, ids, timeout=15)  # claim time 1 s, plus a read or two
+        dead_letter = await _dead_letter_ids(redis_settings)
+    assert not held_log.exists()  # the killed worker never finished anything
+    if max_attempts == 2:
+        assert all(r["status"] == "succeeded" and r["attempts"] == 2 for r in records.values())
+        assert sorted(int(x) for x in rescue_log.read_text().split()) == list(range(5))
+        assert dead_letter == []
+    else:
+        assert all(r["status"] == "failed" and r["error"]["code"] == "worker_lost" for r in records.values())
+        assert not rescue_log.exists()
+        assert sorted(dead_letter) == sorted(ids)
+
+
+async def _dead_letter_ids(settings: dict[str, str]) -> list[str]:
+    client = aioredis.Redis.from_url(settings["redis_url"], decode_responses=True)
+    try:
+        entries = await client.xrange(RedisKeys(settings["redis_prefix"]).dead_letter)
+        return [fields["id"] for _, fields in entries]
+    finally:
+        await client.aclose()
+
+
+# -- Redis itself going away ------------------------------------------------------------------------
+
+
+@contextmanager
+def redis_server(directory: Path, port: int) -> Iterator[subprocess.Popen[bytes]]:
+    """A Redis of this test's own that persists every write (AOF, fsync always)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    args = ["--bind", "127.0.0.1", "--port", str(port), "--dir", str(directory), "--save", ""]
+    persist = ["--appendonly", "yes", "--appendfsync", "always"]
+    proc = subprocess.Popen([binary, *args, *persist], stdout=subprocess.DEVNULL)
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@asynccontextmanager
+async def answering(url: str) -> AsyncIterator[None]:
+    client = aioredis.Redis.from_url(url)
+
+    async def ping() -> None:
+        while True:
+            try:
+                await client.ping()
+                return
+            except aioredis.ConnectionError:
+                await asyncio.sleep(0.05)  # polling a process we started until it listens
+
+    try:
+        await asyncio.wait_for(ping(), 10)
+        yield
+    finally:
+        await client.aclose()
+
+
+async def until_status(http: aiohttp.ClientSession, path: str, status: int, timeout: float = 15) -> dict[str, Any]:
+    async def poll() -> dict[str, Any]:
+        while True:
+            resp = await http.get(path)
+            if resp.status == status:
+                body: dict[str, Any] = await resp.json()
+                return body
+            await asyncio.sleep(0.05)  # a client polling the service, as a load balancer would
+
+    return await asyncio.wait_for(poll(), timeout)
+
+
+async def test_redis_restart_loses_nothing_and_the_service_recovers_by_itself(tmp_path: Path) -> None:
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    gate = tmp_path / "gate"
+    backend = ("--backend", "redis", "--redis-url", url, "--claim-idle", "2")
+    with redis_server(tmp_path, port) as first:
+        async with answering(url):
+            pass
+        async with AsyncExitStack() as stack:
+            api_env = recording_env(tmp_path / "api.log")
+            api = await stack.enter_async_context(run_server(*backend, *MODEL, "--workers", "0", env=api_env))
+            env = {**recording_env(tmp_path / "runs.log"), "ZYPHER_TEST_GATE": str(gate)}
+            await stack.enter_async_context(run_worker(*backend, *MODEL, "--max-batch-size", "4", env=env))
+            http = await stack.enter_async_context(aiohttp.ClientSession(api.url))
+            ids = [await submit(http, n) for n in range(12)]  # some running behind the gate, most queued
+
+            first.kill()
+            first.wait()
+            resp = await http.post("/predict", json={"input": {"n": 99}}, headers=ASYNC)
+            assert resp.status == 503 and resp.headers["Retry-After"]
+            assert (await resp.json())["error"]["code"] == "backend_unavailable"
+            assert (await until_status(http, "/readyz", 503))["error"]["code"] == "backend_unavailable"
+            assert (await http.get("/healthz")).status == 200  # alive, just not ready
+
+            with redis_server(tmp_path, port):
+                await until_status(http, "/readyz", 200)  # recovers without a restart
+                gate.touch()
+                records = await wait_all_terminal(http, ids, timeout=30)
+                assert {r["status"] for r in records.values()} == {"succeeded"}
+                assert (await http.post("/predict", json={"input": {"n": 100}})).status == 200
+    runs = Counter(int(x) for x in (tmp_path / "runs.log").read_text().split())
+    assert runs == Counter([*range(12), 100])  # each once: nothing lost, nothing run twice
