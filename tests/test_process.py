@@ -39,3 +39,15 @@ async def test_real_process_serves_digits_sync_and_async() -> None:
         assert record["result"]["label"] == label
     assert server.proc.returncode == 0  # SIGTERM is a clean shutdown
     assert any("POST /predict" in line for line in server.log)
+
+
+async def test_process_executor_runs_the_model_in_worker_processes_that_each_load_it() -> None:
+    env = {"PYTHONPATH": str(Path(__file__).parent)}
+    args = ("--model", "pid_model:PidModel", "--executor", "process", "--workers", "2", "--store", "memory://")
+    async with run_server(*args, env=env) as server, aiohttp.ClientSession(server.url) as http:
+        responses = await asyncio.gather(*(http.post("/predict", json={"input": n}) for n in range(40)))
+        results = [(await r.json())["result"] for r in responses]
+    assert [r["square"] for r in results] == [n * n for n in range(40)]
+    pids = {r["pid"] for r in results}
+    assert server.proc.pid not in pids and len(pids) <= 2
+    assert all(r["loaded_in"] == r["pid"] for r in results)  # each process loaded its own copy

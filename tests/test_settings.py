@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import pytest
 
@@ -37,6 +38,22 @@ def test_bad_environment_value_is_a_clear_error(capsys: pytest.CaptureFixture[st
 def test_invalid_values_rejected() -> None:
     with pytest.raises(ValueError, match="max_queue"):
         Settings(max_queue=0)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"workers": 0}, "needs --backend redis"),
+        ({"backend": "mysql"}, "backend must be"),
+        ({"executor": "fiber"}, "executor must be"),
+        ({"claim_idle": 0}, "claim_idle"),
+        ({"store": "postgres://x"}, "store must be"),
+    ],
+)
+def test_inconsistent_values_rejected(overrides: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Settings(**overrides)
+    assert Settings(workers=0, backend="redis").workers == 0  # an API-only process
 
 
 def test_settings_are_frozen() -> None:

@@ -30,6 +30,8 @@ SPEC_URL = "/swagger/swagger.json"
 
 def create_app(settings: Settings, *, model: Model | None = None) -> web.Application:
     """Build the app; `model` overrides the one the settings name (tests pass fakes here)."""
+    if model is not None and settings.executor == "process":
+        raise ValueError("--executor process runs the model named by --model; it cannot take a model object")
     app = web.Application(client_max_size=settings.max_body, middlewares=[security_headers, json_errors])
     app[SETTINGS] = settings
     app[MODEL] = model if model is not None else build_model(settings)

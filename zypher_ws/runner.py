@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from concurrent.futures import Executor, ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from multiprocessing import get_context
 from typing import Any
 
 from .errors import ModelError
@@ -20,14 +22,49 @@ def _error(exc: BaseException) -> dict[str, str]:
 
 
 def make_executor(settings: Settings) -> Executor:
-    # Threads suit numpy models, which release the GIL; one per concurrent batch.
-    return ThreadPoolExecutor(max_workers=max(1, settings.workers), thread_name_prefix="zypher-model")
+    """One thread or process per concurrent batch (--workers).
+
+    Threads suit models that release the GIL (numpy, torch, remote calls). Processes suit pure-Python
+    models that hold it; each process builds and loads its own copy of the model named by --model.
+    """
+    workers = max(1, settings.workers)
+    if settings.executor == "process":
+        # spawn, not fork: forking a process that runs an event loop and threads is unsafe.
+        return ProcessPoolExecutor(
+            max_workers=workers, mp_context=get_context("spawn"), initializer=_load_here, initargs=(settings,)
+        )
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="zypher-model")
+
+
+_process_model: Model | None = None  # the model, inside each worker process of --executor process
+
+
+def _load_here(settings: Settings) -> None:
+    global _process_model
+    from .models import build_model
+
+    model = build_model(settings)
+    model.load()
+    _process_model = model
+
+
+def _ready_here() -> None:
+    assert _process_model is not None
+
+
+def _predict_here(inputs: list[Any]) -> list[Any]:
+    assert _process_model is not None
+    return _process_model.predict_batch(inputs)
 
 
 class ModelRunner:
     def __init__(self, model: Model, executor: Executor) -> None:
         self.model = model
         self._executor = executor
+        in_processes = isinstance(executor, ProcessPoolExecutor)
+        # With processes, `model` only describes the model (name, schemas); each process loads its own.
+        self._load: Callable[[], None] = _ready_here if in_processes else model.load
+        self._predict: Callable[[list[Any]], list[Any]] = _predict_here if in_processes else model.predict_batch
         self.loaded = False
         self.load_error: str | None = None
         self.loaded_event = asyncio.Event()
@@ -35,7 +72,7 @@ class ModelRunner:
     async def load(self) -> None:
         """Load in the executor. A failure is kept for /readyz and re-raised."""
         try:
-            await asyncio.get_running_loop().run_in_executor(self._executor, self.model.load)
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._load)
         except Exception as exc:
             self.load_error = f"the model failed to load: {type(exc).__name__}: {exc}"
             raise
@@ -47,7 +84,7 @@ class ModelRunner:
         """One model call for the batch; if it raises, each item alone, so one bad input fails only itself."""
         loop = asyncio.get_running_loop()
         try:
-            results = await loop.run_in_executor(self._executor, self.model.predict_batch, inputs)
+            results = await loop.run_in_executor(self._executor, self._predict, inputs)
             if len(results) != len(inputs):
                 raise ValueError(f"model returned {len(results)} outputs for {len(inputs)} inputs")
             return [Outcome(pid, result=r) for pid, r in zip(ids, results, strict=True)]

@@ -25,6 +25,7 @@ class Settings:
     port: int = _opt(8080, "TCP port to listen on")
     model: str = _opt("digits", "model to serve: digits, mock, or package.module:factory")
     workers: int = _opt(2, "concurrent model calls (batches in flight); 0 = no model here (redis backend)")
+    executor: str = _opt("thread", "where the model runs: thread (numpy, GIL-releasing) or process (pure Python)")
     max_queue: int = _opt(1024, "most predictions waiting in the queue; past it POST answers 503")
     max_batch_size: int = _opt(32, "most predictions handed to the model in one call")
     max_batch_delay_ms: float = _opt(2.0, "longest a worker waits to fill a batch")
@@ -68,6 +69,8 @@ class Settings:
         for name in ("redis_connections", "max_queue", "max_batch_size", "max_body", "ws_outbox", "max_attempts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.executor not in ("thread", "process"):
+            raise ValueError(f"executor must be thread or process, not {self.executor!r}")
         if self.backend not in ("embedded", "redis"):
             raise ValueError(f"backend must be embedded or redis, not {self.backend!r}")
         if self.claim_idle <= 0:
