@@ -28,7 +28,7 @@ class Settings:
     executor: str = _opt("thread", "where the model runs: thread (numpy, GIL-releasing) or process (pure Python)")
     max_queue: int = _opt(1024, "most predictions waiting in the queue; past it POST answers 503")
     max_batch_size: int = _opt(32, "most predictions handed to the model in one call")
-    max_batch_delay_ms: float = _opt(2.0, "longest a worker waits to fill a batch")
+    max_batch_delay_ms: float = _opt(2.0, "longest a worker waits to fill a batch while others are busy (idle: none)")
     sync_timeout: float = _opt(30.0, "seconds a synchronous POST waits before answering 202")
     max_body: int = _opt(MiB, "largest request body in bytes (413 past it)")
     mock_latency_ms: float = _opt(0.0, "latency of each mock model call, like a remote accelerator")

@@ -53,7 +53,10 @@ class WorkerPool:
         while not self._stopping:
             self._waiting.add(me)
             try:
-                jobs = await self._queue.get_batch(s.max_batch_size, s.max_batch_delay)
+                # On an idle pool a lone request runs at once; while other batches run, more requests
+                # are arriving, so waiting up to the delay to fill this batch pays for itself.
+                delay = s.max_batch_delay if self.busy else 0.0
+                jobs = await self._queue.get_batch(s.max_batch_size, delay)
             finally:
                 self._waiting.discard(me)
             self.busy += 1
