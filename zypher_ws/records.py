@@ -79,7 +79,7 @@ class Prediction:
 
     def to_row(self) -> dict[str, Any]:
         """Everything, input included, for a durable store."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return {name: getattr(self, name) for name in _ROW_FIELDS}
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Prediction:
@@ -101,6 +101,9 @@ class Prediction:
             "metrics": {"batch_size": self.batch_size},
             "links": {"self": f"/predict/{self.prediction_id}"},
         }
+
+
+_ROW_FIELDS = tuple(f.name for f in fields(Prediction))
 
 
 @dataclass(frozen=True, slots=True)

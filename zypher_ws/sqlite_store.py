@@ -56,6 +56,9 @@ class SQLiteStore:
         self._conn: sqlite3.Connection | None = None
         self._pending: list[tuple[Op, asyncio.Future[Any]]] = []
         self._flusher: asyncio.Task[None] | None = None
+        # Committed state of unfinished predictions, so starting and finishing one does not read it back
+        # and parse it again. Touched only on the store's thread; any rollback empties it.
+        self._live: dict[str, Prediction] = {}
 
     # -- plumbing ---------------------------------------------------------------------------------
 
@@ -115,46 +118,78 @@ class SQLiteStore:
             self._flusher = None
 
     def _transaction(self, ops: list[Op]) -> list[tuple[bool, Any]]:
+        """Run ops in one transaction. If one raises (a conflict), run them again, each in a savepoint,
+        so its neighbours still commit; the common case pays for no savepoints."""
         conn = self._conn
         assert conn is not None, "store not open"
-        results: list[tuple[bool, Any]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for op in ops:
-                conn.execute("SAVEPOINT op")  # one op's failure (a conflict) leaves the others in
-                try:
-                    results.append((True, op(conn)))
-                    conn.execute("RELEASE op")
-                except Exception as exc:
-                    conn.execute("ROLLBACK TO op")
-                    conn.execute("RELEASE op")
-                    results.append((False, exc))
+            try:
+                results: list[tuple[bool, Any]] = [(True, op(conn)) for op in ops]
+            except Exception:
+                conn.execute("ROLLBACK")
+                self._live.clear()
+                conn.execute("BEGIN IMMEDIATE")
+                results = [self._in_savepoint(conn, op) for op in ops]
             conn.execute("COMMIT")
         except Exception as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
+            self._live.clear()
             return [(False, exc)] * len(ops)
         return results
 
+    def _in_savepoint(self, conn: sqlite3.Connection, op: Op) -> tuple[bool, Any]:
+        conn.execute("SAVEPOINT op")
+        try:
+            result = op(conn)
+        except Exception as exc:
+            conn.execute("ROLLBACK TO op")
+            conn.execute("RELEASE op")
+            self._live.clear()
+            return False, exc
+        conn.execute("RELEASE op")
+        return True, result
+
     # -- rows -------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _load(conn: sqlite3.Connection, prediction_id: str) -> Prediction | None:
-        row = conn.execute("SELECT record FROM predictions WHERE id = ?", (prediction_id,)).fetchone()
-        return Prediction.from_row(json.loads(row[0])) if row else None
+    def _load(self, conn: sqlite3.Connection, prediction_id: str) -> Prediction | None:
+        return self._load_many(conn, [prediction_id])[0]
 
-    @staticmethod
-    def _save(conn: sqlite3.Connection, p: Prediction) -> Prediction:
+    def _load_many(self, conn: sqlite3.Connection, prediction_ids: Sequence[str]) -> list[Prediction | None]:
+        found: dict[str, Prediction] = {pid: self._live[pid] for pid in prediction_ids if pid in self._live}
+        missing = [pid for pid in prediction_ids if pid not in found]
+        if missing:
+            marks = ",".join("?" * len(missing))
+            rows = conn.execute(f"SELECT id, record FROM predictions WHERE id IN ({marks})", missing)
+            found.update((pid, Prediction.from_row(json.loads(record))) for pid, record in rows)
+        return [found.get(pid) for pid in prediction_ids]
+
+    def _save(self, conn: sqlite3.Connection, p: Prediction) -> Prediction:
         conn.execute(
             "INSERT INTO predictions (id, status, expires_at, record) VALUES (?, ?, ?, ?) "
             "ON CONFLICT (id) DO UPDATE SET status = excluded.status, expires_at = excluded.expires_at, "
             "record = excluded.record",
             (p.prediction_id, p.status.value, p.expires_at, json.dumps(p.to_row())),
         )
+        self._remember(p)
         return p
 
     def _update(self, updates: list[Prediction | None], conn: sqlite3.Connection) -> list[Prediction]:
-        return [self._save(conn, p) for p in updates if p is not None]
+        changed = [p for p in updates if p is not None]
+        conn.executemany(
+            "UPDATE predictions SET status = ?, expires_at = ?, record = ? WHERE id = ?",
+            [(p.status.value, p.expires_at, json.dumps(p.to_row()), p.prediction_id) for p in changed],
+        )
+        for p in changed:
+            self._remember(p)
+        return changed
+
+    def _remember(self, p: Prediction) -> None:
+        if p.status.terminal:
+            self._live.pop(p.prediction_id, None)
+        else:
+            self._live[p.prediction_id] = p
 
     # -- the Store interface ----------------------------------------------------------------------
 
@@ -183,20 +218,24 @@ class SQLiteStore:
         return await self._read(lambda conn: self._load(conn, prediction_id))
 
     async def delete(self, prediction_id: str) -> None:
-        await self._write(lambda conn: conn.execute("DELETE FROM predictions WHERE id = ?", (prediction_id,)))
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM predictions WHERE id = ?", (prediction_id,))
+            self._live.pop(prediction_id, None)
+
+        await self._write(op)
 
     async def start(self, prediction_ids: Sequence[str]) -> list[Prediction]:
         n = len(prediction_ids)
         return await self._write(
-            lambda conn: self._update([rules.start(self._load(conn, pid), n) for pid in prediction_ids], conn)
+            lambda conn: self._update([rules.start(p, n) for p in self._load_many(conn, prediction_ids)], conn)
         )
 
     async def finish(self, outcomes: Sequence[Outcome]) -> list[Prediction]:
-        return await self._write(
-            lambda conn: self._update(
-                [rules.finish(self._load(conn, o.prediction_id), o, self.ttl) for o in outcomes], conn
-            )
-        )
+        def op(conn: sqlite3.Connection) -> list[Prediction]:
+            current = self._load_many(conn, [o.prediction_id for o in outcomes])
+            return self._update([rules.finish(p, o, self.ttl) for p, o in zip(current, outcomes, strict=True)], conn)
+
+        return await self._write(op)
 
     async def cancel(self, prediction_id: str) -> Prediction:
         return await self._write(
@@ -209,8 +248,7 @@ class SQLiteStore:
                 "SELECT record FROM predictions WHERE status IN ('queued', 'running') ORDER BY seq"
             ).fetchall()
             recovered = [rules.recover(Prediction.from_row(json.loads(r[0])), max_attempts, self.ttl) for r in rows]
-            for p in recovered:
-                self._save(conn, p)
+            self._update(list(recovered), conn)
             return (
                 [p for p in recovered if p.status is Status.QUEUED],
                 [p for p in recovered if p.status is Status.FAILED],
