@@ -1,0 +1,184 @@
+"""Load that wrk cannot make: async end-to-end, WebSocket push latency, idle sockets; and the model limit.
+
+Each command runs as its own process (pinned by the caller) and prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from datetime import datetime
+from typing import Any
+
+import aiohttp
+
+TERMINAL = {"succeeded", "failed", "canceled"}
+
+
+def percentiles(samples: list[float]) -> dict[str, float]:
+    if not samples:
+        return {"p50_ms": float("nan"), "p99_ms": float("nan")}
+    ordered = sorted(samples)
+    return {
+        "p50_ms": ordered[len(ordered) // 2] * 1000,
+        "p99_ms": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000,
+    }
+
+
+def completed_at(record: dict[str, Any]) -> float:
+    return datetime.fromisoformat(record["completed_at"].replace("Z", "+00:00")).timestamp()
+
+
+# -- async end-to-end: submit with Async-Mode, then wait for the result --------------------------------
+
+
+async def e2e(url: str, kind: str, concurrency: int, duration: float, body: Any) -> dict[str, Any]:
+    """`concurrency` clients, each: submit async, then wait until done (zypher: WebSocket push;
+    prototype: polling GET every 5 ms, as its clients had to)."""
+    latencies: list[float] = []
+    errors = 0
+    stop_at = time.perf_counter() + duration
+    conn = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(url, connector=conn) as http:
+
+        async def client() -> None:
+            nonlocal errors
+            ws = await http.ws_connect("/ws") if kind == "zypher" else None
+            try:
+                while time.perf_counter() < stop_at:
+                    t0 = time.perf_counter()
+                    resp = await http.post("/predict", json={"input": body}, headers={"Async-Mode": "true"})
+                    if resp.status != 202:
+                        errors += 1
+                        await resp.read()
+                        continue
+                    pid = (await resp.json())["prediction_id"]
+                    if ws is not None:
+                        await ws.send_json({"op": "subscribe", "prediction_id": pid})
+                        while True:
+                            msg = json.loads((await ws.receive()).data)
+                            if msg.get("prediction", {}).get("status") in TERMINAL:
+                                break
+                    else:
+                        # The prototype offers nothing but polling.
+                        while (await http.get(f"/predict/{pid}")).status != 200:  # noqa: ASYNC110
+                            await asyncio.sleep(0.005)
+                    latencies.append(time.perf_counter() - t0)
+            finally:
+                if ws is not None:
+                    await ws.close()
+
+        started = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    return {"rps": len(latencies) / elapsed, "errors": errors, **percentiles(latencies)}
+
+
+# -- push latency: many sockets, each watching a prediction, all finishing together ---------------------
+
+
+async def push(url: str, sockets: int, urls: list[str]) -> dict[str, Any]:
+    """`sockets` WebSockets (spread over `urls`), all subscribed to one prediction submitted on `url`;
+    the delay from its completion (the record's completed_at) to each socket's update.
+
+    The server's model must take long enough (about a second) for every socket to subscribe first.
+    """
+    delays: list[float] = []
+    conn = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=conn) as http:
+        wss = [await http.ws_connect(f"{urls[i % len(urls)]}/ws") for i in range(sockets)]
+        resp = await http.post(url + "/predict", json={"input": {"push": 1}}, headers={"Async-Mode": "true"})
+        pid = (await resp.json())["prediction_id"]
+        for ws in wss:
+            await ws.send_json({"op": "subscribe", "prediction_id": pid})
+
+        async def watch(ws: aiohttp.ClientWebSocketResponse) -> None:
+            while True:
+                msg = json.loads((await ws.receive()).data)
+                record = msg["prediction"]
+                if record["status"] in TERMINAL:
+                    if msg["type"] == "update":  # finished while we were watching: a real push
+                        delays.append(time.time() - completed_at(record))
+                    return
+
+        await asyncio.wait_for(asyncio.gather(*(watch(ws) for ws in wss)), 120)
+        for ws in wss:
+            await ws.close()
+    return {"sockets": sockets, "pushed": len(delays), **percentiles(delays)}
+
+
+# -- idle sockets ----------------------------------------------------------------------------------------
+
+
+async def idle(url: str, sockets: int, hold: float) -> dict[str, Any]:
+    """Open `sockets` idle WebSockets, print when all are open, hold them `hold` seconds."""
+    conn = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=conn) as http:
+        wss = []
+        for _ in range(sockets):
+            wss.append(await http.ws_connect(url + "/ws", heartbeat=None))
+        print(json.dumps({"open": len(wss)}), flush=True)
+        await asyncio.sleep(hold)  # holding the sockets while the caller measures the server
+        for ws in wss:
+            await ws.close()
+    return {"sockets": len(wss)}
+
+
+# -- the model limit: no HTTP, the model alone at its best batch size -----------------------------------
+
+
+def model_limit(name: str, duration: float) -> dict[str, Any]:
+    from bench.models import bench_model, sample
+
+    model = bench_model(name)
+    model.load()
+    best: dict[str, Any] = {"rps": 0.0, "batch": 0}
+    for batch in (1, 8, 32, 128):
+        inputs = [sample(name)] * batch
+        model.predict_batch(inputs)
+        calls, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < duration / 4:
+            model.predict_batch(inputs)
+            calls += 1
+        rate = calls * batch / (time.perf_counter() - t0)
+        if rate > best["rps"]:
+            best = {"rps": rate, "batch": batch}
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.clients")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("e2e")
+    p.add_argument("--url", required=True)
+    p.add_argument("--kind", choices=["zypher", "prototype"], required=True)
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--duration", type=float, default=3.0)
+    p.add_argument("--body", required=True)
+    p = sub.add_parser("push")
+    p.add_argument("--url", required=True)
+    p.add_argument("--sockets", type=int, default=1000)
+    p.add_argument("--ws-url", action="append", default=[])
+    p = sub.add_parser("idle")
+    p.add_argument("--url", required=True)
+    p.add_argument("--sockets", type=int, default=5000)
+    p.add_argument("--hold", type=float, default=3.0)
+    p = sub.add_parser("model-limit")
+    p.add_argument("--model", required=True)
+    p.add_argument("--duration", type=float, default=4.0)
+    args = parser.parse_args()
+    if args.cmd == "e2e":
+        out = asyncio.run(e2e(args.url, args.kind, args.concurrency, args.duration, json.loads(args.body)))
+    elif args.cmd == "push":
+        out = asyncio.run(push(args.url, args.sockets, args.ws_url or [args.url]))
+    elif args.cmd == "idle":
+        out = asyncio.run(idle(args.url, args.sockets, args.hold))
+    else:
+        out = model_limit(args.model, args.duration)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""The benchmark's models by name, and a sample input for each."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench.cpu_model import CpuModel, sample_input
+from zypher_ws.models import DigitsModel, MockModel, Model
+
+MODELS = ("mock", "mock50", "cpu", "digits")
+
+DIGIT = [0, 0, 2, 14, 13, 3, 0, 0, 0, 0, 13, 13, 9, 11, 0, 0, 0, 0, 16, 7, 0, 12, 0, 0, 0, 3, 16, 5, 0, 10, 5, 0]
+DIGIT += [0, 5, 16, 1, 0, 8, 5, 0, 0, 3, 16, 1, 0, 10, 5, 0, 0, 0, 16, 8, 5, 14, 3, 0, 0, 0, 4, 16, 16, 9, 1, 0]
+
+
+def bench_model(name: str) -> Model:
+    if name == "mock":
+        return MockModel()
+    if name == "mock50":
+        return MockModel(latency_ms=50)
+    if name == "cpu":
+        return CpuModel()
+    if name == "digits":
+        return DigitsModel()
+    raise ValueError(f"unknown benchmark model {name!r}; one of {MODELS}")
+
+
+def serve_args(name: str) -> list[str]:
+    """`zypher-ws serve` flags for the same model."""
+    return {
+        "mock": ["--model", "mock"],
+        "mock50": ["--model", "mock", "--mock-latency-ms", "50"],
+        "cpu": ["--model", "bench.cpu_model:CpuModel"],
+        "digits": ["--model", "digits"],
+    }[name]
+
+
+def sample(name: str) -> Any:
+    if name == "cpu":
+        return sample_input()
+    if name == "digits":
+        return DIGIT
+    return {"text": "hello", "n": 1}

@@ -1,0 +1,348 @@
+"""The benchmark suites. Each starts its servers as processes, drives them from the other core and
+returns printable tables. Figures are medians over `repeat` runs with the spread (min–max)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.harness import (
+    LOAD_CPU,
+    ROOT,
+    SERVER_CPU,
+    Figure,
+    Run,
+    Server,
+    pinned,
+    ratio,
+    server,
+    table,
+    wrk,
+)
+from bench.models import MODELS, sample, serve_args
+
+PY = sys.executable
+BIN = Path(sys.executable).parent
+
+
+@dataclass(frozen=True)
+class Options:
+    duration: float = 3.0
+    repeat: int = 3
+    models: tuple[str, ...] = MODELS
+
+
+def zypher(*extra: str) -> list[str]:
+    return [PY, "-m", "zypher_ws", "serve", "--port", "{port}", "--log-level", "WARNING", *extra]
+
+
+def clients(cpu: str, *args: str) -> dict[str, Any]:
+    out = subprocess.run(
+        pinned(cpu, [PY, "-m", "bench.clients", *args]), cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return result
+
+
+def e2e(s: Server, kind: str, model: str, opts: Options, concurrency: int = 128) -> Run:
+    r = clients(
+        LOAD_CPU, "e2e", "--url", s.url, "--kind", kind, "--concurrency", str(concurrency),
+        "--duration", str(opts.duration), "--body", json.dumps(sample(model)),
+    )  # fmt: skip
+    return Run(rps=r["rps"], p50_ms=r["p50_ms"], p99_ms=r["p99_ms"], errors=r["errors"])
+
+
+# -- throughput: zypher-ws against the ceiling, the model limit and the prototype -------------------------
+
+SYNC, SYNC1, ASYNC_SUBMIT, ASYNC_E2E = "sync c=32", "sync c=1", "async submit c=32", "async e2e c=128"
+SYNC256 = "sync c=256"
+
+
+def _servers(model: str) -> dict[str, tuple[list[str], str, dict[str, str]]]:
+    proto_env = {"BENCH_MODEL": model}
+    return {
+        "zypher-ws": (zypher("--store", "memory://", "--max-queue", "300000", *serve_args(model)), "/readyz", {}),
+        "ceiling": ([PY, "-m", "bench.ceiling", "--port", "{port}", "--model", model], "/healthz", {}),
+        "prototype (flask run)": (
+            [str(BIN / "flask"), "--app", "bench.prototype:app", "run", "--port", "{port}"],
+            "/healthz",
+            proto_env,
+        ),
+        "prototype (gunicorn)": (
+            [
+                str(BIN / "gunicorn"),
+                "-b",
+                "127.0.0.1:{port}",
+                "-k",
+                "gthread",
+                "--threads",
+                "64",
+                "-w",
+                "1",
+                "bench.prototype:app",
+            ],
+            "/healthz",
+            proto_env,
+        ),
+    }
+
+
+def _modes(name: str, model: str) -> list[str]:
+    modes = [SYNC1] if model == "mock" else []
+    modes += [SYNC, SYNC256]
+    if name != "ceiling":
+        modes += [ASYNC_E2E, ASYNC_SUBMIT]  # submit last: it leaves a backlog behind
+    return modes
+
+
+def throughput(opts: Options) -> list[str]:
+    out = []
+    for model in opts.models:
+        rps: dict[tuple[str, str], Figure] = {}
+        p50: dict[tuple[str, str], Figure] = {}
+        p99: dict[tuple[str, str], Figure] = {}
+        peak: dict[str, float] = {}
+        for name, (argv, ready, env) in _servers(model).items():
+            with server(argv, ready_path=ready, env=env) as s:
+                for mode in _modes(name, model):
+                    for _ in range(opts.repeat):
+                        run = _run_mode(s, name, model, mode, opts)
+                        rps.setdefault((name, mode), Figure()).add(run.rps)
+                        p50.setdefault((name, mode), Figure()).add(run.p50_ms)
+                        p99.setdefault((name, mode), Figure()).add(run.p99_ms)
+                peak[name] = s.peak_rss_mib()
+            print(f"  {model}: {name} done", file=sys.stderr, flush=True)
+        limit = Figure()
+        for _ in range(opts.repeat):
+            limit.add(clients(SERVER_CPU, "model-limit", "--model", model, "--duration", str(opts.duration))["rps"])
+        rows = []
+        for (name, mode), fig in rps.items():
+            z = rps[("zypher-ws", mode)]
+            rows.append([
+                name, mode, fig.show(), p50[(name, mode)].show(2), p99[(name, mode)].show(2), f"{peak[name]:.0f}",
+                ratio(z, fig) if name != "zypher-ws" else "",
+            ])  # fmt: skip
+        out.append(
+            table(
+                f"model `{model}` (model limit without HTTP: {limit.show()} predictions/s)",
+                ["server", "mode", "completed/s", "p50 ms", "p99 ms", "peak RSS MiB", "zypher-ws ÷ this"],
+                rows,
+            )
+        )
+        if (("ceiling", SYNC1)) in p50:
+            added = p50[("zypher-ws", SYNC1)].median - p50[("ceiling", SYNC1)].median
+            out.append(f"\nOne client, sync, `{model}`: p50 added by zypher-ws over the ceiling: {added:.3f} ms")
+    return out
+
+
+def _run_mode(s: Server, name: str, model: str, mode: str, opts: Options) -> Run:
+    body = {"input": sample(model)}
+    if mode == SYNC1:
+        return wrk(s.url + "/predict", connections=1, duration=opts.duration, body=body)
+    if mode == SYNC:
+        return wrk(s.url + "/predict", connections=32, duration=opts.duration, body=body)
+    if mode == SYNC256:
+        return wrk(s.url + "/predict", connections=256, duration=opts.duration, body=body)
+    if mode == ASYNC_SUBMIT:
+        return wrk(
+            s.url + "/predict", connections=32, duration=opts.duration, body=body, headers={"Async-Mode": "true"}
+        )
+    return e2e(s, "zypher" if name == "zypher-ws" else "prototype", model, opts)
+
+
+def responsiveness(opts: Options) -> list[str]:
+    """GET /healthz latency while the CPU model saturates the server core, zypher-ws against the ceiling."""
+    rows = []
+    for name, argv, ready in (
+        ("zypher-ws", zypher("--store", "memory://", *serve_args("cpu")), "/readyz"),
+        ("ceiling", [PY, "-m", "bench.ceiling", "--port", "{port}", "--model", "cpu"], "/healthz"),
+    ):
+        p99, load = Figure(), Figure()
+        with server(argv, ready_path=ready) as s:
+            for _ in range(opts.repeat):
+                loaded: list[Run] = []
+
+                def saturate(s: Server = s, loaded: list[Run] = loaded) -> None:
+                    body = {"input": sample("cpu")}
+                    loaded.append(wrk(s.url + "/predict", connections=256, duration=opts.duration + 1, body=body))
+
+                t = threading.Thread(target=saturate)
+                t.start()
+                time.sleep(0.5)  # let the load reach full speed before measuring
+                probe = wrk(s.url + "/healthz", connections=1, duration=opts.duration, method="GET")
+                t.join()
+                p99.add(probe.p99_ms)
+                load.add(loaded[0].rps)
+        rows.append([name, load.show(), p99.show(2)])
+    return [table("event-loop responsiveness under full CPU load (model `cpu`, sync c=256)",
+                  ["server", "predictions/s", "GET /healthz p99 ms"], rows)]  # fmt: skip
+
+
+def flood(opts: Options, count: int = 200_000) -> list[str]:
+    """Memory of the default service while `count` async predictions pile up behind a 50 ms model."""
+    with tempfile.TemporaryDirectory() as tmp:
+        argv = zypher("--store", f"sqlite:///{tmp}/flood.db", "--max-queue", str(count + 10), *serve_args("mock50"))
+        with server(argv, ready_path="/readyz") as s:
+            base = s.rss_mib()
+            run = wrk(
+                s.url + "/predict", connections=32, duration=600, body={"input": sample("mock")},
+                headers={"Async-Mode": "true"}, stop_after=count,
+            )  # fmt: skip
+            peak = s.peak_rss_mib()
+    per = (peak - base) * 1024 * 1024 / max(1, count)
+    return [
+        table(
+            f"flood: {count:,} async submissions behind `mock` at 50 ms (default SQLite store)",
+            ["accepted/s", "RSS before MiB", "peak RSS MiB", "bytes per queued prediction", "errors"],
+            [[f"{run.rps:.0f}", f"{base:.0f}", f"{peak:.0f}", f"{per:.0f}", str(run.errors)]],
+        )
+    ]
+
+
+# -- the durable store against the memory store -------------------------------------------------------
+
+
+def stores(opts: Options) -> list[str]:
+    rows = []
+    figures: dict[str, dict[str, Figure]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, store in (("memory://", "memory://"), ("sqlite (FULL)", f"sqlite:///{tmp}/full.db")):
+            f = figures[name] = {k: Figure() for k in ("submit", "sync1_p50", "sync1_p99", "sync32", "sync32_p99")}
+            with server(
+                zypher("--store", store, "--max-queue", "300000", "--model", "mock"), ready_path="/readyz"
+            ) as s:
+                body = {"input": sample("mock")}
+                for _ in range(opts.repeat):
+                    one = wrk(s.url + "/predict", connections=1, duration=opts.duration, body=body)
+                    f["sync1_p50"].add(one.p50_ms)
+                    f["sync1_p99"].add(one.p99_ms)
+                    many = wrk(s.url + "/predict", connections=32, duration=opts.duration, body=body)
+                    f["sync32"].add(many.rps)
+                    f["sync32_p99"].add(many.p99_ms)
+                for _ in range(opts.repeat):
+                    submit = wrk(
+                        s.url + "/predict", connections=32, duration=opts.duration, body=body,
+                        headers={"Async-Mode": "true"},
+                    )  # fmt: skip
+                    f["submit"].add(submit.rps)
+            rows.append([
+                name, f["submit"].show(), f["sync1_p50"].show(2), f["sync1_p99"].show(2), f["sync32"].show(),
+                f["sync32_p99"].show(2),
+            ])  # fmt: skip
+    mem, sql = figures["memory://"], figures["sqlite (FULL)"]
+    return [
+        table(
+            "store: SQLite (the durable default) against memory, model `mock` 0 ms",
+            ["store", "async submit/s c=32", "sync p50 ms c=1", "sync p99 ms c=1", "sync/s c=32", "sync p99 ms c=32"],
+            rows,
+        ),
+        f"\nSQLite ÷ memory: async submit {ratio(sql['submit'], mem['submit'])}, "
+        f"sync c=32 {ratio(sql['sync32'], mem['sync32'])}",
+    ]
+
+
+# -- live results: push latency to many sockets, memory of idle sockets -------------------------------
+
+
+def live(opts: Options, sockets: int = 1000, idle_sockets: int = 10_000) -> list[str]:
+    push_p50, push_p99 = Figure(), Figure()
+    argv = zypher(
+        "--store", "memory://", "--model", "mock", "--mock-latency-ms", "1500", "--ws-max-subscriptions", "10"
+    )
+    with server(argv, ready_path="/readyz") as s:
+        for _ in range(opts.repeat):
+            r = clients(LOAD_CPU, "push", "--url", s.url, "--sockets", str(sockets))
+            push_p50.add(r["p50_ms"])
+            push_p99.add(r["p99_ms"])
+    rows = [[f"{sockets:,} sockets, one prediction", push_p50.show(1), push_p99.show(1)]]
+    out = [table("push latency: completion to each socket's update (same machine clock, 1 ms resolution)",
+                 ["scenario", "p50 ms", "p99 ms"], rows)]  # fmt: skip
+    with server(zypher("--store", "memory://", "--model", "mock"), ready_path="/readyz") as s:
+        before = s.rss_mib()
+        proc = subprocess.Popen(
+            pinned(LOAD_CPU, [PY, "-m", "bench.clients", "idle", "--url", s.url, "--sockets", str(idle_sockets),
+                              "--hold", "3"]),
+            cwd=ROOT, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert proc.stdout is not None
+        opened = json.loads(proc.stdout.readline())["open"]
+        time.sleep(1)  # let the server settle with every socket open
+        during = s.rss_mib()
+        proc.wait()
+    per = (during - before) * 1024 * 1024 / max(1, opened)
+    out.append(
+        table(
+            "idle WebSockets",
+            ["sockets held", "server RSS before MiB", "with sockets MiB", "KiB per socket"],
+            [[f"{opened:,}", f"{before:.0f}", f"{during:.0f}", f"{per / 1024:.1f}"]],
+        )
+    )
+    return out
+
+
+# -- scale-out on Redis -----------------------------------------------------------------------------------
+
+
+@contextmanager
+def redis_cluster(
+    redis_url: str, prefix: str, workers: int, *, apis: int = 1, latency_ms: int = 50
+) -> Iterator[list[Server]]:
+    backend = ["--backend", "redis", "--redis-url", redis_url, "--redis-prefix", prefix, "--model", "mock"]
+    mock = ["--mock-latency-ms", str(latency_ms), "--max-batch-size", "8", "--max-queue", "100000"]
+    with ExitStack() as stack:
+        servers = [stack.enter_context(server(zypher(*backend, *mock, "--workers", "0"), ready_path="/readyz"))
+                   for _ in range(apis)]  # fmt: skip
+        for _ in range(workers):
+            proc = subprocess.Popen(
+                [PY, "-m", "zypher_ws", "worker", *backend, *mock, "--workers", "1", "--log-level", "WARNING"],
+                cwd=ROOT,
+            )
+            stack.callback(_stop, proc)
+        yield servers
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    proc.wait(30)
+
+
+def scale(opts: Options, redis_url: str) -> list[str]:
+    rows = []
+    base: Figure | None = None
+    for workers in (1, 2, 4):
+        fig = Figure()
+        for rep in range(opts.repeat):
+            with redis_cluster(redis_url, f"bench-{workers}-{rep}-{time.time_ns()}", workers) as (api,):
+                fig.add(e2e(api, "zypher", "mock", opts, concurrency=128).rps)
+        base = base or fig
+        rows.append([str(workers), fig.show(), ratio(fig, base)])
+    out = [table("Redis: completed predictions/s against worker processes (mock 50 ms, batch ≤ 8, one thread each)",
+                 ["worker processes", "async e2e/s c=128", "÷ one worker"], rows)]  # fmt: skip
+    p50, p99 = Figure(), Figure()
+    for rep in range(opts.repeat):
+        with redis_cluster(redis_url, f"bench-push-{rep}-{time.time_ns()}", 1, apis=2, latency_ms=1500) as (a, b):
+            # A model this slow lets every socket subscribe before it finishes.
+            r = clients(LOAD_CPU, "push", "--url", a.url, "--ws-url", b.url, "--sockets", "1000")
+            p50.add(r["p50_ms"])
+            p99.add(r["p99_ms"])
+    out.append(table("Redis: push latency across instances (submitted on API A, 1,000 sockets on API B)",
+                     ["p50 ms", "p99 ms"], [[p50.show(1), p99.show(1)]]))  # fmt: skip
+    return out
+
+
+SUITES: dict[str, Callable[[Options], list[str]]] = {
+    "throughput": throughput,
+    "responsiveness": responsiveness,
+    "flood": flood,
+    "stores": stores,
+    "live": live,
+}
