@@ -98,7 +98,10 @@ def _process_tree(pid: int) -> list[int]:
         p = todo.pop()
         pids.append(p)
         for task in Path(f"/proc/{p}/task").glob("*/children"):
-            todo.extend(int(c) for c in task.read_text().split())
+            try:
+                todo.extend(int(c) for c in task.read_text().split())
+            except OSError:
+                pass  # the thread ended meanwhile
     return pids
 
 
