@@ -5,36 +5,18 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections import defaultdict
-from collections.abc import Iterable
 from typing import Any
 
-import jsonschema
-
-from .errors import InvalidInput, NotFound, NotReady, QueueFull
+from . import logs
+from .errors import NotFound, NotReady, QueueFull
 from .events import EventBus, Watch
 from .models import Model
 from .records import Job, Prediction
 from .runner import ModelRunner
 from .settings import Settings
 from .store import IdempotencyKey, Store
+from .validation import InputValidator
 from .work_queue import WorkQueue
-
-
-def _path(error: jsonschema.ValidationError) -> str:
-    return "input" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
-
-
-def _most_relevant(errors: Iterable[jsonschema.ValidationError]) -> jsonschema.ValidationError | None:
-    """Within oneOf/anyOf, report the branch the input came closest to (fewest errors), not the first."""
-    error = next(iter(errors), None)
-    while error is not None and error.context:
-        branches: dict[Any, list[jsonschema.ValidationError]] = defaultdict(list)
-        for sub in error.context:
-            branches[sub.relative_schema_path[0]].append(sub)
-        closest = min(branches.values(), key=len)
-        error = min(closest, key=lambda e: len(e.context))  # plain errors before nested alternatives
-    return error
 
 
 class PredictionService:
@@ -54,8 +36,7 @@ class PredictionService:
         self.store = store
         self.queue = queue
         self.bus = bus
-        validator_cls = jsonschema.validators.validator_for(model.input_schema)
-        self._input_validator = validator_cls(model.input_schema)
+        self._validate = InputValidator(model.input_schema)
 
     @property
     def model_ready(self) -> bool:
@@ -72,9 +53,7 @@ class PredictionService:
 
     def validate_input(self, value: Any) -> None:
         """Raise InvalidInput naming the offending field, per the model's JSON Schema."""
-        error = _most_relevant(self._input_validator.iter_errors(value))
-        if error is not None:
-            raise InvalidInput(f"{_path(error)}: {error.message}")
+        self._validate(value)
 
     async def submit(self, value: Any, *, idempotency_key: str | None = None) -> Prediction:
         """Validate, store and enqueue one prediction. Raises InvalidInput, NotReady or QueueFull.
@@ -101,6 +80,7 @@ class PredictionService:
             # Filled up while the record was being stored: take it back, so a 503 leaves nothing behind.
             await self.store.delete(prediction.prediction_id)
             raise QueueFull() from None
+        logs.state_changes([prediction])
         return prediction
 
     async def get(self, prediction_id: str) -> Prediction:
@@ -114,11 +94,13 @@ class PredictionService:
         requeue, failed = await self.store.recover(self.settings.max_attempts)
         for prediction in requeue:
             await self.queue.put(Job(prediction.prediction_id, prediction.input), force=True)
+        logs.state_changes(failed)
         await self.bus.publish(failed)
         return len(requeue)
 
     async def cancel(self, prediction_id: str) -> Prediction:
         prediction = await self.store.cancel(prediction_id)
+        logs.state_changes([prediction])
         await self.bus.publish([prediction])
         return prediction
 
