@@ -11,9 +11,29 @@ let reconnectDelay = 250;
 let wsFailures = 0;
 let pollTimer = null;
 
+// ---------------------------------------------------------------- API token (when the service requires one)
+// Kept for this tab only (sessionStorage); sent as a bearer header, and as the socket's first message.
+const token = () => sessionStorage.getItem("zypher-token") || "";
+
+function api(url, options = {}) {
+  const headers = { ...(options.headers || {}) };
+  if (token()) headers.Authorization = `Bearer ${token()}`;
+  return fetch(url, { ...options, headers });
+}
+
+function setupToken() {
+  const input = $("#token");
+  input.value = token();
+  input.addEventListener("change", () => {
+    sessionStorage.setItem("zypher-token", input.value.trim());
+    loadModel().catch(() => {});
+    if (socket) socket.close(); // reconnects with the new token
+  });
+}
+
 // ---------------------------------------------------------------- model and input
 async function loadModel() {
-  const resp = await fetch("/model");
+  const resp = await api("/model");
   model = await resp.json();
   $("#model-name").textContent = `model: ${model.name} ${model.version}`;
   if (model.name === "digits") {
@@ -95,7 +115,7 @@ async function submit() {
   const headers = { "Content-Type": "application/json" };
   if (mode === "async") headers["Async-Mode"] = "true";
   const started = performance.now();
-  const resp = await fetch("/predict", { method: "POST", headers, body: JSON.stringify({ input }) });
+  const resp = await api("/predict", { method: "POST", headers, body: JSON.stringify({ input }) });
   const body = await resp.json();
   if (body.error && !body.prediction_id) {
     errorEl.textContent = `${resp.status} ${body.error.code}: ${body.error.message}`;
@@ -176,7 +196,7 @@ function timings(r) {
 }
 
 async function cancel(id) {
-  const resp = await fetch(`/predict/${encodeURIComponent(id)}`, { method: "DELETE" });
+  const resp = await api(`/predict/${encodeURIComponent(id)}`, { method: "DELETE" });
   const body = await resp.json();
   if (body.prediction_id) update(body);
 }
@@ -212,6 +232,7 @@ function connect() {
     reconnectDelay = 250;
     stopPolling();
     setConnection("open");
+    if (token()) ws.send(JSON.stringify({ op: "auth", token: token() }));
     subscribe(unfinishedIds()); // resubscribe after a reconnect: the server replies with current state
   });
   ws.addEventListener("message", (event) => {
@@ -242,7 +263,7 @@ function startPolling() {
   pollTimer = setInterval(async () => {
     for (const id of unfinishedIds()) {
       try {
-        const resp = await fetch(`/predict/${encodeURIComponent(id)}`);
+        const resp = await api(`/predict/${encodeURIComponent(id)}`);
         if (resp.ok) update(await resp.json());
       } catch { /* server away; try again next tick */ }
     }
@@ -263,6 +284,7 @@ document.addEventListener("DOMContentLoaded", () => {
     const id = $("#watch-id").value.trim();
     if (id) watch(id);
   });
+  setupToken();
   loadModel().catch((e) => { $("#model-name").textContent = `model unavailable: ${e}`; });
   connect();
   const params = new URLSearchParams(location.search);
@@ -270,7 +292,7 @@ document.addEventListener("DOMContentLoaded", () => {
 });
 
 async function watch(id) {
-  const resp = await fetch(`/predict/${encodeURIComponent(id)}`);
+  const resp = await api(`/predict/${encodeURIComponent(id)}`);
   const body = await resp.json();
   if (body.prediction_id) track(body);
   else $("#submit-error").textContent = `${body.error.code}: ${body.error.message}`;

@@ -12,15 +12,17 @@ from aiohttp import web
 from aiohttp_swagger3 import SwaggerDocs, SwaggerInfo, SwaggerUiSettings
 
 from . import __version__, live, openapi, views
+from .access import RateLimiter, SocketCounter
 from .backend import open_backend
-from .middleware import json_errors, parse_json_body
+from .metrics import Metrics
+from .middleware import count_requests, json_errors, parse_json_body, require_token
 from .models import Model, build_model
 from .pages import add_page_routes, security_headers
 from .runner import ModelRunner, make_executor
 from .service import PredictionService
 from .settings import Settings
 from .store import Store
-from .typedefs import MODEL, SERVICE, SETTINGS, SOCKETS
+from .typedefs import DRAIN, LIMITER, METRICS, MODEL, SERVICE, SETTINGS, SOCKETS, WS_CLIENTS
 from .workers import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -32,11 +34,20 @@ def create_app(settings: Settings, *, model: Model | None = None) -> web.Applica
     """Build the app; `model` overrides the one the settings name (tests pass fakes here)."""
     if model is not None and settings.executor == "process":
         raise ValueError("--executor process runs the model named by --model; it cannot take a model object")
-    app = web.Application(client_max_size=settings.max_body, middlewares=[security_headers, json_errors])
+    app = web.Application(
+        client_max_size=settings.max_body,
+        middlewares=[count_requests, security_headers, json_errors, require_token],
+    )
     app[SETTINGS] = settings
+    app[METRICS] = Metrics()
+    app[LIMITER] = RateLimiter(settings.rate_limit, settings.rate_burst)
+    app[WS_CLIENTS] = SocketCounter(settings.ws_max_per_client)
     app[MODEL] = model if model is not None else build_model(settings)
     app[SOCKETS] = set()
     app.cleanup_ctx.append(service_ctx)
+    # On SIGTERM aiohttp stops accepting, then runs these in order: running predictions finish (and are
+    # pushed), then sockets close with 1001. Queued ones stay in the durable store for the next start.
+    app.on_shutdown.append(_drain_workers)
     app.on_shutdown.append(live.close_sockets)
     _add_routes(app)
     app.router.add_get("/ws", live.websocket)
@@ -56,7 +67,15 @@ async def service_ctx(app: web.Application) -> AsyncIterator[None]:
         recovered = await service.recover()
         if recovered:
             log.info("queued again %d predictions accepted before the last stop", recovered)
-        pool = WorkerPool(settings=settings, queue=backend.queue, store=backend.store, bus=backend.bus, runner=runner)
+        pool = WorkerPool(
+            settings=settings,
+            queue=backend.queue,
+            store=backend.store,
+            bus=backend.bus,
+            runner=runner,
+            metrics=app[METRICS],
+        )
+        app[DRAIN] = lambda: pool.stop(settings.shutdown_timeout)
         load = None
         if settings.workers:
             # Load in the background so /healthz answers at once and /readyz reports progress.
@@ -74,6 +93,11 @@ async def service_ctx(app: web.Application) -> AsyncIterator[None]:
             sweeper.cancel()
             await pool.stop(settings.shutdown_timeout)
             executor.shutdown(wait=False, cancel_futures=True)
+
+
+async def _drain_workers(app: web.Application) -> None:
+    if DRAIN in app:
+        await app[DRAIN]()
 
 
 async def _sweep_forever(store: Store, ttl: float) -> None:
@@ -111,6 +135,7 @@ def _add_routes(app: web.Application) -> None:
     swagger.add_route("GET", "/model", views.model_info)
     swagger.add_route("GET", "/healthz", views.healthz)
     swagger.add_route("GET", "/readyz", views.readyz)
+    swagger.add_route("GET", "/metrics", views.metrics)
     swagger.add_route("GET", "/predict/{prediction_id}/events", live.prediction_events)
     components["schemas"]["PredictRequest"] = documented_request
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 from collections.abc import Sequence
 
 from aiohttp import web
 
+from . import logs
 from .settings import Settings, add_settings_arguments
 
 
@@ -32,19 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         settings = Settings.from_namespace(args)
     except ValueError as exc:
         raise SystemExit(f"zypher-ws: {exc}") from None
-    configure_logging(settings.log_level)
+    logs.configure(settings.log_level, settings.log_format)
     if args.command == "serve":
         from .app import create_app
 
@@ -54,6 +48,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             port=settings.port,
             shutdown_timeout=settings.shutdown_timeout,
             print=lambda msg: logging.getLogger("zypher_ws").info(msg),
+            access_log_class=logs.AccessLogger,
         )
     elif args.command == "worker":
         import asyncio

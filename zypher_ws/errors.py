@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 
@@ -101,3 +102,29 @@ class ModelError(ZypherError):
 
     status = 500
     code = "model_error"
+
+
+class Unauthorized(ZypherError):
+    status = 401
+    code = "unauthorized"
+
+    def __init__(self, message: str = "send Authorization: Bearer <token>") -> None:
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+
+
+class Forbidden(ZypherError):
+    status = 403
+    code = "forbidden"
+
+
+class RateLimited(ZypherError):
+    status = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message, headers={"Retry-After": str(max(1, math.ceil(retry_after)))})
+
+
+class TooManySockets(ZypherError):
+    status = 429
+    code = "too_many_sockets"

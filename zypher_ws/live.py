@@ -9,16 +9,19 @@ from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from .access import WS_PROTOCOL, RateLimiter, check_origin, token_valid, websocket_token
 from .errors import InvalidMessage, NotFound, TooManySubscriptions, UnknownOp, ZypherError
 from .events import Watch
+from .metrics import Metrics
 from .records import Prediction
 from .service import PredictionService
 from .settings import Settings
-from .typedefs import SERVICE, SETTINGS, SOCKETS
+from .typedefs import LIMITER, METRICS, SERVICE, SETTINGS, SOCKETS, WS_CLIENTS
 
 log = logging.getLogger(__name__)
 
 SLOW_CLIENT_CLOSE = WSCloseCode.TRY_AGAIN_LATER  # 1013: the client fell behind its outbox
+AUTH_TIMEOUT = 10.0  # seconds a socket has to authenticate when tokens are required
 
 
 def ws_error(code: str, message: str, request_id: Any = None, **extra: Any) -> dict[str, Any]:
@@ -28,8 +31,19 @@ def ws_error(code: str, message: str, request_id: Any = None, **extra: Any) -> d
 class WsSession:
     """One socket's subscriptions and its bounded outbox. Never awaits the client from an event."""
 
-    def __init__(self, ws: web.WebSocketResponse, service: PredictionService, settings: Settings) -> None:
+    def __init__(
+        self,
+        ws: web.WebSocketResponse,
+        service: PredictionService,
+        settings: Settings,
+        metrics: Metrics,
+        limiter: RateLimiter,
+        client: str,
+    ) -> None:
         self.ws = ws
+        self.metrics = metrics
+        self.limiter = limiter
+        self.client = client
         self.service = service
         self.settings = settings
         self.watches: dict[str, Watch] = {}
@@ -48,6 +62,7 @@ class WsSession:
         except asyncio.QueueFull:
             # The client is not reading. Drop it rather than buffer without bound or slow the workers.
             self.dropped = True
+            self.metrics.slow_clients.inc()
             self.stop_watches()
             self._sender.cancel()
             self._closing = asyncio.create_task(self._close(SLOW_CLIENT_CLOSE, b"too slow: outbox full"))
@@ -130,6 +145,8 @@ class WsSession:
         try:
             if op == "ping":
                 self.send({"type": "pong"})
+            elif op == "auth":
+                self.send({"type": "authenticated"})  # already: the socket got this far
             elif op == "subscribe":
                 await self.subscribe(_ids(message), request_id)
             elif op == "unsubscribe":
@@ -139,10 +156,11 @@ class WsSession:
                 if "input" not in message:
                     raise InvalidMessage("`predict` needs an `input`")
                 self.check_room()  # refuse before submitting: an accepted prediction must be watched
+                self.limiter.check(self.client)
                 prediction = await self.service.submit(message["input"])
                 await self.watch(prediction.prediction_id, first="accepted", request_id=request_id)
             else:
-                raise UnknownOp(f"unknown op {op!r}: use subscribe, unsubscribe, predict or ping")
+                raise UnknownOp(f"unknown op {op!r}: use subscribe, unsubscribe, predict, ping or auth")
         except ZypherError as exc:
             self.send(ws_error(exc.code, exc.message, request_id))
 
@@ -161,11 +179,31 @@ def _ids(message: dict[str, Any]) -> list[str]:
 
 async def websocket(request: web.Request) -> web.StreamResponse:
     settings, service = request.app[SETTINGS], request.app[SERVICE]
-    ws = web.WebSocketResponse(heartbeat=settings.ws_heartbeat or None, max_msg_size=settings.ws_max_message)
+    check_origin(request, settings)  # 403 before any upgrade
+    client = request.remote or "unknown"
+    per_client = request.app[WS_CLIENTS]
+    per_client.acquire(client)  # 429 before any upgrade
+    try:
+        return await _serve_socket(request, settings, service, client)
+    finally:
+        per_client.release(client)
+
+
+async def _serve_socket(
+    request: web.Request, settings: Settings, service: PredictionService, client: str
+) -> web.WebSocketResponse:
+    authenticated = not settings.api_tokens or token_valid(websocket_token(request), settings.api_tokens)
+    ws = web.WebSocketResponse(
+        heartbeat=settings.ws_heartbeat or None, max_msg_size=settings.ws_max_message, protocols=(WS_PROTOCOL,)
+    )
     await ws.prepare(request)
+    if not authenticated and not await _authenticate(ws, settings):
+        return ws
     sockets = request.app[SOCKETS]
     sockets.add(ws)
-    session = WsSession(ws, service, settings)
+    metrics = request.app[METRICS]
+    metrics.websockets.inc()
+    session = WsSession(ws, service, settings, metrics, request.app[LIMITER], client)
     try:
         await session.subscribe(request.query.getall("prediction_id", []))
         async for msg in ws:
@@ -177,8 +215,27 @@ async def websocket(request: web.Request) -> web.StreamResponse:
                 break
     finally:
         sockets.discard(ws)
+        metrics.websockets.dec()
         await session.close()
     return ws
+
+
+async def _authenticate(ws: web.WebSocketResponse, settings: Settings) -> bool:
+    """With tokens configured and none in the protocol header, the first message must be
+    `{"op": "auth", "token": "..."}`, within AUTH_TIMEOUT seconds; otherwise the socket closes with 1008."""
+    token = None
+    try:
+        msg = await ws.receive(timeout=AUTH_TIMEOUT)
+        message = json.loads(msg.data) if msg.type is WSMsgType.TEXT else None
+        if isinstance(message, dict) and message.get("op") == "auth" and isinstance(message.get("token"), str):
+            token = message["token"]
+    except (asyncio.TimeoutError, ValueError):
+        pass
+    if token_valid(token, settings.api_tokens):
+        await ws.send_json({"type": "authenticated"})
+        return True
+    await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"unauthorized: first send {op: auth, token}")
+    return False
 
 
 async def close_sockets(app: web.Application) -> None:
@@ -201,7 +258,15 @@ async def prediction_events(request: web.Request) -> web.StreamResponse:
     responses:
       '200':
         description: "text/event-stream of `subscribed` and `update` events whose data is {type, prediction}"
-        content: {text/event-stream: {schema: {type: string}}}
+        content:
+          text/event-stream:
+            schema:
+              description: One server-sent event; `data` is the JSON text of {type, prediction}
+              type: object
+              required: [data]
+              properties:
+                event: {type: string, enum: [subscribed, update]}
+                data: {type: string}
       '404': {description: 'Unknown id', content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}
     """
     service, settings = request.app[SERVICE], request.app[SETTINGS]
@@ -215,6 +280,8 @@ async def prediction_events(request: web.Request) -> web.StreamResponse:
     if await watch.start(service.store.get) is None:
         raise NotFound(f"no prediction {prediction_id}")
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    streams = request.app[METRICS].sse
+    streams.inc()
     try:
         await response.prepare(request)
         while True:
@@ -229,5 +296,6 @@ async def prediction_events(request: web.Request) -> web.StreamResponse:
                 break
         await response.write_eof()
     finally:
+        streams.dec()
         watch.stop()
     return response

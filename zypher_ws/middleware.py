@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from aiohttp_swagger3.swagger_route import RequestValidationFailed
 
-from .errors import InvalidInput, InvalidJSON, UnsupportedMediaType, ZypherError
-from .typedefs import SETTINGS
+from .access import bearer, is_public, token_valid
+from .errors import InvalidInput, InvalidJSON, Unauthorized, UnsupportedMediaType, ZypherError
+from .typedefs import METRICS, SETTINGS
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +66,45 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
 
 async def parse_json_body(request: web.Request) -> tuple[Any, bool]:
     """swagger3 media handler for application/json: malformed JSON is our 400 invalid_json."""
-    text = await request.text()
     try:
-        return json.loads(text, parse_constant=_reject_constant), False
-    except ValueError as exc:
+        # UTF-8 whatever the charset says (RFC 8259); undecodable bytes are malformed JSON too.
+        return json.loads((await request.read()).decode("utf-8"), parse_constant=_reject_constant), False
+    except ValueError as exc:  # UnicodeDecodeError included
         raise InvalidJSON(f"request body is not valid JSON: {exc}") from None
 
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
+
+
+@web.middleware
+async def count_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Counts and times every request by its route template (never the raw path: one series per id)."""
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        metrics = request.app[METRICS]
+        metrics.http_requests.labels(request.method, route, str(status)).inc()
+        metrics.http_duration.labels(route).observe(time.perf_counter() - started)
+
+
+@web.middleware
+async def require_token(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """With --api-token set, every route but the public ones needs `Authorization: Bearer <token>`.
+
+    The WebSocket authenticates itself (protocol header or first message): browsers cannot set headers.
+    """
+    settings = request.app[SETTINGS]
+    if settings.api_tokens and request.path != "/ws" and not is_public(request, settings):
+        if not token_valid(bearer(request.headers.get("Authorization")), settings.api_tokens):
+            raise Unauthorized()
+    return await handler(request)

@@ -13,8 +13,8 @@ ENV_PREFIX = "ZYPHER_"
 MiB = 1024 * 1024
 
 
-def _opt(default: Any, help: str, **extra: Any) -> Any:
-    return field(default=default, metadata={"help": help, **extra})
+def _opt(default: Any, help: str, *, secret: bool = False, **extra: Any) -> Any:
+    return field(default=default, repr=not secret, metadata={"help": help, **extra})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,6 +33,7 @@ class Settings:
     max_body: int = _opt(MiB, "largest request body in bytes (413 past it)")
     mock_latency_ms: float = _opt(0.0, "latency of each mock model call, like a remote accelerator")
     log_level: str = _opt("INFO", "DEBUG, INFO, WARNING or ERROR")
+    log_format: str = _opt("text", "text, or json for one JSON object per line")
     ws_max_subscriptions: int = _opt(1000, "most prediction ids one WebSocket may watch")
     ws_outbox: int = _opt(256, "messages buffered per WebSocket before a slow client is dropped")
     ws_max_message: int = _opt(64 * 1024, "largest WebSocket frame accepted, bytes (1009 past it)")
@@ -46,6 +47,20 @@ class Settings:
     redis_url: str = _opt("redis://127.0.0.1:6379/0", "the Redis server of the redis backend")
     redis_prefix: str = _opt("zypher", "prefix of every Redis key, so several services can share one Redis")
     redis_connections: int = _opt(32, "Redis connections per process for requests (blocking reads get their own)")
+    api_tokens: tuple[str, ...] = _opt(
+        (), "bearer tokens accepted; with any set, every route but the page, health and metrics needs one",
+        flag="--api-token",
+        secret=True,
+    )  # fmt: skip
+    metrics_need_token: bool = _opt(False, "with --api-token set, /metrics needs a token too")
+    ws_allowed_origins: tuple[str, ...] = _opt(
+        (), "browser origins allowed to open a WebSocket besides the service's own; * allows any",
+        flag="--ws-allowed-origin",
+    )  # fmt: skip
+    ws_max_per_client: int = _opt(256, "WebSockets open at once per client address (0: no limit)")
+    rate_limit: float = _opt(0.0, "POST /predict (and WebSocket predict) per second per client address; 0: off")
+    rate_burst: int = _opt(0, "requests a client may send at once above --rate-limit (0: twice the rate)")
+    metrics_port: int = _opt(0, "zypher-ws worker only: serve Prometheus /metrics on this port (0: off)")
     claim_idle: float = _opt(45.0, "seconds before live workers take over work a lost worker held (redis)")
 
     @property
@@ -60,8 +75,16 @@ class Settings:
 
     @classmethod
     def from_namespace(cls, ns: argparse.Namespace) -> Settings:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in vars(ns).items() if k in names})
+        values = vars(ns)
+        given: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in values:
+                continue
+            value = values[f.name]
+            if isinstance(value, list) or (value is None and f.name + _ENV_DEFAULT in values):
+                value = tuple(value) if value is not None else values[f.name + _ENV_DEFAULT]
+            given[f.name] = value
+        return cls(**given)
 
     def __post_init__(self) -> None:
         if self.workers < (0 if self.backend == "redis" else 1):
@@ -69,6 +92,15 @@ class Settings:
         for name in ("redis_connections", "max_queue", "max_batch_size", "max_body", "ws_outbox", "max_attempts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        for name in ("ws_max_per_client", "rate_burst", "metrics_port"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
+        if self.rate_limit < 0:
+            raise ValueError("rate_limit must not be negative")
+        if any(not token or len(token) < 16 for token in self.api_tokens):
+            raise ValueError("each api token must be at least 16 characters")
+        if self.log_format not in ("text", "json"):
+            raise ValueError(f"log_format must be text or json, not {self.log_format!r}")
         if self.executor not in ("thread", "process"):
             raise ValueError(f"executor must be thread or process, not {self.executor!r}")
         if self.backend not in ("embedded", "redis"):
@@ -88,24 +120,53 @@ def _env_name(name: str) -> str:
     return ENV_PREFIX + name.upper()
 
 
+def _bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(value)
+
+
+def _list(value: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in value.split(",") if item.strip())
+
+
+_ENV_DEFAULT = "__env_default"
+
+
 def add_settings_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
-    """Add one flag per settings field; its default comes from `ZYPHER_<NAME>` when set."""
+    """Add one flag per settings field; its default comes from `ZYPHER_<NAME>` when set.
+
+    List settings (`--api-token`) take one value per flag, repeated; their variable is comma-separated.
+    """
     for f in dataclasses.fields(Settings):
-        kind = {"int": int, "float": float}.get(str(f.type), str)
+        type_name = str(f.type)
+        kind: Any = {"int": int, "float": float, "bool": _bool, "tuple[str, ...]": _list}.get(type_name, str)
         env = _env_name(f.name)
         default = f.default
         if env in environ:
             try:
                 default = kind(environ[env])
             except ValueError:
-                parser.error(f"{env}={environ[env]!r} is not a valid {kind.__name__}")
+                parser.error(f"{env}={environ[env]!r} is not a valid {type_name}")
+        help = f"{f.metadata['help']} (env {env}"
+        if type_name == "tuple[str, ...]":
+            # argparse appends to a default list, so the environment's value is kept aside: flags replace it.
+            parser.set_defaults(**{f.name + _ENV_DEFAULT: default})
+            parser.add_argument(
+                f.metadata["flag"], dest=f.name, action="append", default=None, metavar="TEXT",
+                help=f"{help}, comma-separated; repeat the flag for more)",
+            )  # fmt: skip
+            continue
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,
             type=kind,
             default=default,
-            metavar={"int": "N", "float": "NUM"}.get(kind.__name__, "TEXT"),
-            help=f"{f.metadata['help']} (env {env}; default: %(default)s)",
+            metavar={"int": "N", "float": "NUM", "bool": "BOOL"}.get(type_name, "TEXT"),
+            help=f"{help}; default: %(default)s)",
         )
 
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from aiohttp import web
 
+from .access import RateLimiter, SocketCounter
+from .metrics import Metrics
 from .models import Model
 from .service import PredictionService
 from .settings import Settings
@@ -12,3 +16,8 @@ SETTINGS = web.AppKey("settings", Settings)
 MODEL = web.AppKey("model", Model)
 SERVICE = web.AppKey("service", PredictionService)
 SOCKETS: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("sockets")
+METRICS = web.AppKey("metrics", Metrics)
+LIMITER = web.AppKey("limiter", RateLimiter)
+WS_CLIENTS = web.AppKey("ws_clients", SocketCounter)
+DRAIN: web.AppKey[Callable[[], Awaitable[None]]] = web.AppKey("drain")
+"""Stops the workers, letting running batches finish (set while the service runs)."""

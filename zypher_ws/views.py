@@ -6,9 +6,11 @@ from typing import Any
 
 from aiohttp import web
 
-from .errors import InvalidHeader
+from .errors import InvalidHeader, ZypherError
+from .logs import PREDICTION_ID
+from .metrics import response as metrics_response
 from .records import Prediction, Status
-from .typedefs import SERVICE
+from .typedefs import LIMITER, METRICS, SERVICE
 
 _TRUE = {"true", "1", "yes"}
 _FALSE = {"false", "0", "no"}
@@ -34,7 +36,9 @@ def record_response(prediction: Prediction, status: int = 200) -> web.Response:
     headers = {}
     if status == 202:
         headers["Location"] = f"/predict/{prediction.prediction_id}"
-    return web.json_response(prediction.to_dict(), status=status, headers=headers)
+    response = web.json_response(prediction.to_dict(), status=status, headers=headers)
+    response[PREDICTION_ID] = prediction.prediction_id
+    return response
 
 
 async def predict(request: web.Request, body: dict[str, Any]) -> web.Response:
@@ -78,6 +82,8 @@ async def predict(request: web.Request, body: dict[str, Any]) -> web.Response:
         content: {application/json: {schema: {$ref: '#/components/schemas/Prediction'}}}
       '400': {description: 'Malformed JSON, bad header, or input failing the model schema', content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}
       '409': {description: 'Idempotency-Key reused with a different body (idempotency_conflict)', content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}
+      '401': {description: 'No valid bearer token (when tokens are configured)', content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}
+      '429': {description: 'Over the per-client rate limit (rate_limited); retry after `Retry-After` seconds', headers: {Retry-After: {schema: {type: integer}}}, content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}
       '413': {description: 'Body larger than the limit', content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}
       '415': {description: 'Body is not JSON', content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}
       '500': {description: 'The model raised (sync); the record carries the error', content: {application/json: {schema: {$ref: '#/components/schemas/Prediction'}}}}
@@ -87,6 +93,7 @@ async def predict(request: web.Request, body: dict[str, Any]) -> web.Response:
         content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}
     """
     service = request.app[SERVICE]
+    request.app[LIMITER].check(request.remote or "unknown")
     run_async = wants_async(request)
     prediction = await service.submit(body["input"], idempotency_key=request.headers.get("Idempotency-Key"))
     if run_async:
@@ -126,7 +133,9 @@ async def cancel_prediction(request: web.Request, prediction_id: str) -> web.Res
       '404': {description: 'Unknown id', content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}
       '409': {description: 'Already finished (code already_finished)', content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}
     """
-    return record_response(await request.app[SERVICE].cancel(prediction_id))
+    prediction = await request.app[SERVICE].cancel(prediction_id)
+    request.app[METRICS].finished([prediction])
+    return record_response(prediction)
 
 
 async def model_info(request: web.Request) -> web.Response:
@@ -173,3 +182,20 @@ async def readyz(request: web.Request) -> web.Response:
     """
     await request.app[SERVICE].check_ready()
     return web.json_response({"status": "ready"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus metrics of this process.
+
+    ---
+    summary: Prometheus metrics
+    tags: [health]
+    responses:
+      '200': {description: 'Metrics in the Prometheus text format', content: {text/plain: {schema: {type: string}}}}
+    """
+    m = request.app[METRICS]
+    try:
+        m.queue_depth.set(await request.app[SERVICE].queue.depth())
+    except ZypherError:
+        pass  # the backend is away: report the rest
+    return metrics_response(m)

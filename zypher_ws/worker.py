@@ -6,7 +6,10 @@ import asyncio
 import logging
 import signal
 
+from prometheus_client import start_http_server
+
 from .backend import open_backend
+from .metrics import Metrics
 from .models import Model, build_model
 from .runner import ModelRunner, make_executor
 from .settings import Settings
@@ -24,11 +27,20 @@ async def run_worker(settings: Settings, *, model: Model | None = None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    metrics = Metrics()
+    if settings.metrics_port:
+        # prometheus-client's own HTTP server, on a thread: this process has no aiohttp app.
+        start_http_server(settings.metrics_port, addr=settings.host, registry=metrics.registry)
     try:
         async with open_backend(settings, listen=False) as backend:
             await runner.load()
             pool = WorkerPool(
-                settings=settings, queue=backend.queue, store=backend.store, bus=backend.bus, runner=runner
+                settings=settings,
+                queue=backend.queue,
+                store=backend.store,
+                bus=backend.bus,
+                runner=runner,
+                metrics=metrics,
             )
             pool.start()
             log.info("worker taking predictions from %s (prefix %r)", settings.redis_url, settings.redis_prefix)

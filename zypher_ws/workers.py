@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from . import logs
 from .events import EventBus
-from .records import Job
+from .metrics import Metrics
+from .records import Job, Prediction
 from .runner import ModelRunner
 from .settings import Settings
 from .store import Store
@@ -17,13 +19,21 @@ log = logging.getLogger(__name__)
 
 class WorkerPool:
     def __init__(
-        self, *, settings: Settings, queue: WorkQueue, store: Store, bus: EventBus, runner: ModelRunner
+        self,
+        *,
+        settings: Settings,
+        queue: WorkQueue,
+        store: Store,
+        bus: EventBus,
+        runner: ModelRunner,
+        metrics: Metrics | None = None,
     ) -> None:
         self._settings = settings
         self._queue = queue
         self._store = store
         self._bus = bus
         self._runner = runner
+        self._metrics = metrics or Metrics()
         self._tasks: list[asyncio.Task[None]] = []
         self._waiting: set[asyncio.Task[None] | None] = set()
         self._stopping = False
@@ -70,10 +80,17 @@ class WorkerPool:
     async def run_batch(self, jobs: list[Job]) -> None:
         started = await self._store.start([job.prediction_id for job in jobs])
         if started:
-            await self._bus.publish(started)
-            # Inputs come from the records (canceled ones are not in `started`), not from the queue.
-            outcomes = await self._runner.run([p.prediction_id for p in started], [p.input for p in started])
-            finished = await self._store.finish(outcomes)
+            self._metrics.batch_started(started)
+            logs.state_changes(started)
+            finished: list[Prediction] = []
+            try:
+                await self._bus.publish(started)
+                # Inputs come from the records (canceled ones are not in `started`), not from the queue.
+                outcomes = await self._runner.run([p.prediction_id for p in started], [p.input for p in started])
+                finished = await self._store.finish(outcomes)
+            finally:
+                self._metrics.batch_finished(len(started), finished)
+            logs.state_changes(finished)
             await self._bus.publish(finished)
         # Only now, with outcomes stored: a worker dying before this leaves the jobs to be taken over.
         await self._queue.ack(jobs)
