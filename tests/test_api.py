@@ -173,7 +173,7 @@ async def test_one_raising_item_does_not_fail_its_batch(make_client: ClientFacto
 
 async def test_malformed_json(make_client: ClientFactory) -> None:
     client = await make_client(model=GatedModel(gated=False))
-    for body in ('{"input": ', "not json", '{"input": NaN}', ""):
+    for body in ('{"input": ', "not json", '{"input": NaN}', "", b'{"input": "\xe5\xff"}'):
         resp = await client.post("/predict", data=body, headers={"Content-Type": "application/json"})
         assert resp.status == 400, body
         assert_error(await resp.json(), "invalid_json" if body else "invalid_input")

@@ -146,3 +146,32 @@ async def test_expired_results_are_deleted_and_answer_404(make_client: ClientFac
             await asyncio.sleep(0.05)
 
     await asyncio.wait_for(until_gone(), 10)
+
+
+async def test_sigterm_finishes_running_work_pushes_it_closes_sockets_and_keeps_the_queue(tmp_path: Path) -> None:
+    db, log = tmp_path / "z.db", tmp_path / "executions.log"
+    args = ("--model", "recording_model:RecordingModel", "--store", f"sqlite:///{db}")
+    args += ("--workers", "1", "--max-batch-size", "1", "--shutdown-timeout", "20")
+    env = recording_env(log, latency=0.5)
+    port = free_port()
+    async with run_server(*args, env=env, port=port) as server, aiohttp.ClientSession(server.url) as http:
+        ids = []
+        for n in range(5):
+            resp = await http.post("/predict", json={"input": {"n": n}}, headers={"Async-Mode": "true"})
+            ids.append((await resp.json())["prediction_id"])
+        async with http.ws_connect(f"/ws?prediction_id={ids[0]}") as ws:
+            status = (await ws.receive_json(timeout=10))["prediction"]["status"]
+            while status != "running":
+                status = (await ws.receive_json(timeout=10))["prediction"]["status"]
+            server.proc.send_signal(signal.SIGTERM)  # under load: one running, four queued
+            final = await ws.receive_json(timeout=10)
+            assert final["type"] == "update" and final["prediction"]["status"] == "succeeded"  # pushed before closing
+            closing = await ws.receive(timeout=10)
+            assert closing.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED) and ws.close_code == 1001
+        assert await asyncio.wait_for(server.proc.wait(), 30) == 0
+    assert [int(x) for x in log.read_text().split()] == [0]  # the running one finished; nothing else started
+    async with run_server(*args, env={**env, "ZYPHER_TEST_LATENCY": "0"}, port=port) as server:
+        async with aiohttp.ClientSession(server.url) as http:
+            records = await wait_all_terminal(http, ids)
+    assert {r["status"] for r in records.values()} == {"succeeded"}
+    assert Counter(int(x) for x in log.read_text().split()) == Counter(range(5))  # each exactly once

@@ -66,6 +66,6 @@ def test_serve_help_lists_every_option_with_env_and_default(capsys: pytest.Captu
         build_parser().parse_args(["serve", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     for f in dataclasses.fields(Settings):
-        assert "--" + f.name.replace("_", "-") in out
+        assert f.metadata.get("flag", "--" + f.name.replace("_", "-")) in out
         assert "ZYPHER_" + f.name.upper() in out
     assert "default: 1048576" in out

@@ -1,0 +1,199 @@
+"""Operating it: metrics, logs, tokens, origins, limits, static files."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+import pytest
+from aiohttp import WSMsgType, WSServerHandshakeError
+from yarl import URL
+
+from conftest import WAIT, ClientFactory, GatedModel
+from helpers import run_server
+from zypher_ws.models import MockModel
+
+TOKEN = "t0ken-for-tests-0123456789"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def metric(text: str, name: str) -> float:
+    """The value of one sample line (`name` includes its labels) in a Prometheus exposition."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in metrics:\n{text}")
+
+
+# -- metrics -------------------------------------------------------------------------------------------
+
+
+async def test_metrics_count_requests_predictions_batches_and_sockets(make_client: ClientFactory) -> None:
+    client = await make_client(model=GatedModel(gated=False))
+    assert (await client.post("/predict", json={"input": {"x": 1}})).status == 200
+    assert (await client.post("/predict", json={"input": {"raise": "boom"}})).status == 500
+    async with client.ws_connect("/ws") as ws:
+        resp = await client.get("/metrics")
+        assert resp.status == 200 and resp.content_type == "text/plain"
+        text = await resp.text()
+        assert metric(text, "zypher_websocket_connections") == 1
+        await ws.send_json({"op": "ping"})
+    assert metric(text, 'zypher_http_requests_total{method="POST",route="/predict",status="200"}') == 1
+    assert metric(text, 'zypher_http_requests_total{method="POST",route="/predict",status="500"}') == 1
+    assert metric(text, 'zypher_predictions_total{status="succeeded"}') == 1
+    assert metric(text, 'zypher_predictions_total{status="failed"}') == 1
+    assert metric(text, "zypher_batch_size_count") == 2
+    assert metric(text, "zypher_end_to_end_seconds_count") == 2
+    assert metric(text, "zypher_queue_depth") == 0
+    assert metric(text, "zypher_predictions_in_flight") == 0
+
+
+async def test_metrics_route_labels_are_templates_not_ids(make_client: ClientFactory) -> None:
+    client = await make_client(model=GatedModel(gated=False))
+    for _ in range(3):
+        await client.get("/predict/no-such-id")
+    text = await (await client.get("/metrics")).text()
+    assert metric(text, 'zypher_http_requests_total{method="GET",route="/predict/{prediction_id}",status="404"}') == 3
+    assert "no-such-id" not in text
+
+
+# -- logs -----------------------------------------------------------------------------------------------
+
+
+async def test_json_logs_one_line_per_request_and_state_change_without_inputs_or_tokens() -> None:
+    secret_input = "very-private-input-value"
+    args = ("--model", "mock", "--store", "memory://", "--log-format", "json", "--api-token", TOKEN)
+    async with run_server(*args) as server, aiohttp.ClientSession(server.url, headers=AUTH) as http:
+        resp = await http.post("/predict", json={"input": {"text": secret_input}})
+        pid = (await resp.json())["prediction_id"]
+        await http.get(f"/predict/{pid}")
+    lines = [json.loads(line) for line in server.log if line.strip()]  # every line is one JSON object
+    requests = [e for e in lines if e.get("path", "").startswith("/predict")]
+    assert [(e["method"], e["status"], e["prediction_id"]) for e in requests] == [
+        ("POST", 200, pid),
+        ("GET", 200, pid),
+    ]
+    assert all(e["duration_ms"] >= 0 and e["level"] == "INFO" for e in requests)
+    changes = [e["status"] for e in lines if e["logger"] == "zypher_ws.predictions" and e["prediction_id"] == pid]
+    assert changes == ["queued", "running", "succeeded"]
+    text = "".join(server.log)
+    assert secret_input not in text and TOKEN not in text
+
+
+# -- tokens ----------------------------------------------------------------------------------------------
+
+
+async def test_tokens_guard_every_route_but_page_health_and_metrics(make_client: ClientFactory) -> None:
+    client = await make_client(model=GatedModel(gated=False), api_tokens=(TOKEN,))
+    for path in ("/", "/static/app.js", "/healthz", "/readyz", "/metrics"):
+        assert (await client.get(path)).status == 200, path
+    for method, path in (("GET", "/predict/x"), ("POST", "/predict"), ("GET", "/model"), ("GET", "/swagger")):
+        resp = await client.request(method, path, json={"input": {"x": 1}})
+        assert resp.status == 401, path
+        assert (await resp.json())["error"]["code"] == "unauthorized"
+        assert resp.headers["WWW-Authenticate"] == "Bearer"
+    wrong = await client.post("/predict", json={"input": {"x": 1}}, headers={"Authorization": "Bearer nope"})
+    assert wrong.status == 401
+    ok = await client.post("/predict", json={"input": {"x": 1}}, headers=AUTH)
+    assert ok.status == 200
+
+
+async def test_metrics_can_require_a_token_too(make_client: ClientFactory) -> None:
+    client = await make_client(model=GatedModel(gated=False), api_tokens=(TOKEN,), metrics_need_token=True)
+    assert (await client.get("/metrics")).status == 401
+    assert (await client.get("/metrics", headers=AUTH)).status == 200
+
+
+async def test_websocket_takes_the_token_in_its_first_message_or_protocol_header(make_client: ClientFactory) -> None:
+    client = await make_client(model=GatedModel(gated=False), api_tokens=(TOKEN,))
+    async with client.ws_connect("/ws") as ws:  # first message is not auth: closed with 1008
+        await ws.send_json({"op": "ping"})
+        assert (await ws.receive(timeout=WAIT)).type in (WSMsgType.CLOSE, WSMsgType.CLOSED)
+        assert ws.close_code == 1008
+    async with client.ws_connect(f"/ws?token={TOKEN}") as ws:  # never in the URL
+        await ws.send_json({"op": "auth", "token": "wrong"})
+        await ws.receive(timeout=WAIT)
+        assert ws.close_code == 1008
+    async with client.ws_connect("/ws") as ws:
+        await ws.send_json({"op": "auth", "token": TOKEN})
+        assert (await ws.receive_json(timeout=WAIT)) == {"type": "authenticated"}
+        await ws.send_json({"op": "predict", "input": {"x": 1}})
+        assert (await ws.receive_json(timeout=WAIT))["type"] == "accepted"
+    async with client.ws_connect("/ws", protocols=("zypher", f"bearer.{TOKEN}")) as ws:
+        assert ws.protocol == "zypher"
+        await ws.send_json({"op": "ping"})
+        assert (await ws.receive_json(timeout=WAIT)) == {"type": "pong"}
+
+
+# -- origins and limits ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "origin",
+    ["http://evil.example", "null", "http://127.0.0.1.evil.example", "http://127.0.0.1:1", "https://localhost"],
+)
+async def test_websocket_refuses_foreign_origins_before_upgrading(make_client: ClientFactory, origin: str) -> None:
+    client = await make_client(model=GatedModel(gated=False))
+    with pytest.raises(WSServerHandshakeError) as refused:
+        await client.ws_connect("/ws", headers={"Origin": origin})
+    assert refused.value.status == 403
+
+
+async def test_websocket_accepts_its_own_origin_and_the_allowlist(make_client: ClientFactory) -> None:
+    client = await make_client(model=GatedModel(gated=False), ws_allowed_origins=("https://app.example",))
+    own = f"http://{client.server.host}:{client.server.port}"
+    for origin in (own, "https://app.example", "https://APP.example/"):
+        async with client.ws_connect("/ws", headers={"Origin": origin}) as ws:
+            await ws.send_json({"op": "ping"})
+            assert (await ws.receive_json(timeout=WAIT)) == {"type": "pong"}
+
+
+async def test_rate_limit_per_client_answers_429_with_retry_after(make_client: ClientFactory) -> None:
+    client = await make_client(model=GatedModel(gated=False), rate_limit=0.5, rate_burst=2)
+    statuses = [(await client.post("/predict", json={"input": {"x": i}}, headers={"Async-Mode": "true"})).status
+                for i in range(2)]  # fmt: skip
+    assert statuses == [202, 202]
+    resp = await client.post("/predict", json={"input": {"x": 9}}, headers={"Async-Mode": "true"})
+    assert resp.status == 429 and int(resp.headers["Retry-After"]) >= 1
+    assert (await resp.json())["error"]["code"] == "rate_limited"
+    async with client.ws_connect("/ws") as ws:  # the WebSocket's predict op counts too
+        await ws.send_json({"op": "predict", "input": {"x": 10}, "request_id": "r"})
+        error = await ws.receive_json(timeout=WAIT)
+        assert error["type"] == "error" and error["error"]["code"] == "rate_limited" and error["request_id"] == "r"
+
+
+async def test_sockets_per_client_are_limited(make_client: ClientFactory) -> None:
+    client = await make_client(model=GatedModel(gated=False), ws_max_per_client=2)
+    first, second = await client.ws_connect("/ws"), await client.ws_connect("/ws")
+    with pytest.raises(WSServerHandshakeError) as refused:
+        await client.ws_connect("/ws")
+    assert refused.value.status == 429
+    await first.close()
+    third = await client.ws_connect("/ws")  # a closed one frees its place
+    await asyncio.gather(second.close(), third.close())
+
+
+# -- static files -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/static/../setup.cfg", "/static/%2e%2e/setup.cfg", "/static/..%2fsetup.cfg", "/static/%2e%2e%2fsetup.cfg",
+     "/static/....//setup.cfg", "/static/%252e%252e/setup.cfg", "/static/..\\setup.cfg"],
+)  # fmt: skip
+async def test_no_path_traversal_out_of_static(make_client: ClientFactory, path: str) -> None:
+    client = await make_client(model=GatedModel(gated=False))
+    resp = await client.get(URL(path, encoded=True))
+    assert resp.status in (403, 404)
+    assert "[metadata]" not in await resp.text()
+
+
+async def test_security_headers_on_page_and_static_files(make_client: ClientFactory) -> None:
+    client = await make_client(model=MockModel())
+    for path in ("/", "/static/app.js", "/static/style.css"):
+        resp = await client.get(path)
+        assert resp.status == 200
+        assert "default-src 'self'" in resp.headers["Content-Security-Policy"]
+        assert resp.headers["X-Content-Type-Options"] == "nosniff"
+        assert resp.headers["Referrer-Policy"] == "no-referrer"
