@@ -126,6 +126,32 @@ async def idle(url: str, sockets: int, hold: float) -> dict[str, Any]:
     return {"sockets": len(wss)}
 
 
+# -- flood: a fixed number of async submissions, as fast as they are accepted ----------------------------
+
+
+async def flood(url: str, count: int, concurrency: int, body: Any) -> dict[str, Any]:
+    accepted = refused = 0
+    remaining = count
+    conn = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(url, connector=conn) as http:
+
+        async def client() -> None:
+            nonlocal accepted, refused, remaining
+            while remaining > 0:
+                remaining -= 1
+                resp = await http.post("/predict", json={"input": body}, headers={"Async-Mode": "true"})
+                await resp.read()
+                if resp.status == 202:
+                    accepted += 1
+                else:
+                    refused += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    return {"rps": accepted / elapsed, "accepted": accepted, "refused": refused}
+
+
 # -- the model limit: no HTTP, the model alone at its best batch size -----------------------------------
 
 
@@ -165,6 +191,11 @@ def main() -> None:
     p.add_argument("--url", required=True)
     p.add_argument("--sockets", type=int, default=5000)
     p.add_argument("--hold", type=float, default=3.0)
+    p = sub.add_parser("flood")
+    p.add_argument("--url", required=True)
+    p.add_argument("--count", type=int, default=200_000)
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--body", required=True)
     p = sub.add_parser("model-limit")
     p.add_argument("--model", required=True)
     p.add_argument("--duration", type=float, default=4.0)
@@ -173,6 +204,8 @@ def main() -> None:
         out = asyncio.run(e2e(args.url, args.kind, args.concurrency, args.duration, json.loads(args.body)))
     elif args.cmd == "push":
         out = asyncio.run(push(args.url, args.sockets, args.ws_url or [args.url]))
+    elif args.cmd == "flood":
+        out = asyncio.run(flood(args.url, args.count, args.concurrency, json.loads(args.body)))
     elif args.cmd == "idle":
         out = asyncio.run(idle(args.url, args.sockets, args.hold))
     else:

@@ -144,7 +144,6 @@ def wrk(
     duration: float,
     body: Any = None,
     headers: dict[str, str] | None = None,
-    stop_after: int = 0,
     method: str = "POST",
 ) -> Run:
     """Closed-loop load from the load core. Non-2xx answers count as errors, not throughput."""
@@ -155,8 +154,6 @@ def wrk(
             body_file.flush()
             env["BENCH_BODY"] = body_file.name
         env["BENCH_HEADERS"] = "|".join(f"{k}: {v}" for k, v in (headers or {}).items())
-        if stop_after:
-            env["BENCH_STOP_AFTER"] = str(stop_after)
         argv = [
             "wrk",
             "-t1",

@@ -1,5 +1,5 @@
--- POSTs BENCH_BODY (a file) with BENCH_HEADERS ("Name: value|Name: value"); stops after BENCH_STOP_AFTER
--- responses per thread if set; prints one JSON line with the figures bench/harness.py reads.
+-- POSTs BENCH_BODY (a file) with BENCH_HEADERS ("Name: value|Name: value"); prints one JSON line with the
+-- figures bench/harness.py reads.
 wrk.method = os.getenv("BENCH_METHOD") or "POST"
 local body_file = os.getenv("BENCH_BODY")
 if body_file then
@@ -11,15 +11,6 @@ end
 for header in string.gmatch(os.getenv("BENCH_HEADERS") or "", "[^|]+") do
   local name, value = string.match(header, "^%s*([^:]+):%s*(.-)%s*$")
   wrk.headers[name] = value
-end
-
-local stop_after = tonumber(os.getenv("BENCH_STOP_AFTER") or "0")
-local seen = 0
-if stop_after > 0 then  -- defined only when needed: a response callback costs wrk throughput
-  function response(status, headers, body)
-    seen = seen + 1
-    if seen >= stop_after then wrk.thread:stop() end
-  end
 end
 
 function done(summary, latency, requests)
