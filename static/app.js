@@ -26,7 +26,7 @@ function setupToken() {
   input.value = token();
   input.addEventListener("change", () => {
     sessionStorage.setItem("zypher-token", input.value.trim());
-    loadModel().catch(() => {});
+    loadModel().catch((e) => { $("#model-name").textContent = `model unavailable: ${e.message}`; });
     if (socket) socket.close(); // reconnects with the new token
   });
 }
@@ -34,7 +34,9 @@ function setupToken() {
 // ---------------------------------------------------------------- model and input
 async function loadModel() {
   const resp = await api("/model");
-  model = await resp.json();
+  const body = await resp.json();
+  if (!resp.ok) throw new Error(body.error ? body.error.code : resp.status); // e.g. unauthorized: enter a token
+  model = body;
   $("#model-name").textContent = `model: ${model.name} ${model.version}`;
   if (model.name === "digits") {
     $("#digits-panel").hidden = false;
@@ -285,7 +287,7 @@ document.addEventListener("DOMContentLoaded", () => {
     if (id) watch(id);
   });
   setupToken();
-  loadModel().catch((e) => { $("#model-name").textContent = `model unavailable: ${e}`; });
+  loadModel().catch((e) => { $("#model-name").textContent = `model unavailable: ${e.message}`; });
   connect();
   const params = new URLSearchParams(location.search);
   for (const id of (params.get("watch") || "").split(",").filter(Boolean)) watch(id);

@@ -140,3 +140,19 @@ async def test_page_reconnects_after_the_server_restarts(browser: Any) -> None:
         await page.click("#submit")
         await page.locator('.prediction[data-status="succeeded"]').wait_for()
     assert page.errors == []
+
+
+async def test_page_takes_an_api_token_from_the_user(browser: Any, aiohttp_server: Any) -> None:
+    token = "browser-token-0123456789"
+    url, _ = await serve(aiohttp_server, MockModel(), api_tokens=(token,))
+    page = await open_page(browser, url)
+    await page.wait_for_function("document.querySelector('#model-name').textContent.includes('unavailable')")
+    await page.fill("#token", token)
+    await page.dispatch_event("#token", "change")
+    await page.wait_for_function("document.querySelector('#model-name').textContent.includes('mock')")
+    await page.wait_for_selector('#connection[data-state="open"]')
+    await page.fill("#input-json", '{"a": 1}')
+    await page.click("#submit")
+    await page.locator('.prediction[data-status="succeeded"]').wait_for()
+    assert await page.evaluate("sessionStorage.getItem('zypher-token')") == token
+    assert page.errors == []
