@@ -83,3 +83,4 @@ def test_image_builds_and_answers_healthz(tmp_path: Path) -> None:
         if server.stderr is not None:
             server.stderr.close()
         _buildah("rm", container)
+        _buildah("rmi", IMAGE)  # the base stays cached; the image under test would pile up (vfs copies)
