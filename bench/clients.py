@@ -149,7 +149,7 @@ async def flood(url: str, count: int, concurrency: int, body: Any) -> dict[str, 
         started = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
-    return {"rps": accepted / elapsed, "accepted": accepted, "refused": refused}
+    return {"rps": accepted / elapsed, "refused_rps": refused / elapsed, "accepted": accepted, "refused": refused}
 
 
 # -- the model limit: no HTTP, the model alone at its best batch size -----------------------------------

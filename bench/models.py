@@ -8,6 +8,7 @@ from bench.cpu_model import CpuModel, sample_input
 from zypher_ws.models import DigitsModel, MockModel, Model
 
 MODELS = ("mock", "mock50", "cpu", "digits")
+STUCK_MS = 600_000  # "stuck": a mock call of ten minutes, so nothing accepted ever leaves the queue
 
 DIGIT = [0, 0, 2, 14, 13, 3, 0, 0, 0, 0, 13, 13, 9, 11, 0, 0, 0, 0, 16, 7, 0, 12, 0, 0, 0, 3, 16, 5, 0, 10, 5, 0]
 DIGIT += [0, 5, 16, 1, 0, 8, 5, 0, 0, 3, 16, 1, 0, 10, 5, 0, 0, 0, 16, 8, 5, 14, 3, 0, 0, 0, 4, 16, 16, 9, 1, 0]
@@ -18,6 +19,8 @@ def bench_model(name: str) -> Model:
         return MockModel()
     if name == "mock50":
         return MockModel(latency_ms=50)
+    if name == "stuck":
+        return MockModel(latency_ms=STUCK_MS)
     if name == "cpu":
         return CpuModel()
     if name == "digits":
@@ -30,6 +33,7 @@ def serve_args(name: str) -> list[str]:
     return {
         "mock": ["--model", "mock"],
         "mock50": ["--model", "mock", "--mock-latency-ms", "50"],
+        "stuck": ["--model", "mock", "--mock-latency-ms", str(STUCK_MS), "--shutdown-timeout", "0"],
         "cpu": ["--model", "bench.cpu_model:CpuModel"],
         "digits": ["--model", "digits"],
     }[name]

@@ -190,34 +190,43 @@ def responsiveness(opts: Options) -> list[str]:
 
 
 def flood(opts: Options, count: int = 200_000) -> list[str]:
-    """Memory of the default service (SQLite store) holding `count` queued predictions: the model never
-    finishes one (a 10-minute mock call), so every accepted prediction stays queued."""
+    """Memory under a flood of `count` async submissions behind a model that never finishes one:
+    zypher-ws holding them all queued (to price one queued prediction), zypher-ws with its default bound
+    (the rest must be refused, memory flat), and the prototype (whose queue has no bound)."""
+    body = json.dumps(sample("mock"))
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        argv = zypher(
-            "--store", f"sqlite:///{tmp}/flood.db", "--max-queue", str(count), "--model", "mock",
-            "--mock-latency-ms", "600000", "--shutdown-timeout", "0",
-        )  # fmt: skip
-        with server(argv, ready_path="/readyz") as s:
-            base = s.rss_mib()
-            body = json.dumps(sample("mock"))
-            # Past the bound the service must refuse, not grow: 1,000 more than fit.
-            run = clients(LOAD_CPU, "flood", "--url", s.url, "--count", str(count + 1000), "--body", body)
-            peak = s.peak_rss_mib()
-    per = (peak - base) * 1024 * 1024 / max(1, run["accepted"])
+        scenarios = [
+            (f"zypher-ws, --max-queue {count:,}", zypher("--store", f"sqlite:///{tmp}/a.db", "--max-queue", str(count),
+                                                         *serve_args("stuck")), "/readyz", {}),
+            ("zypher-ws, default --max-queue 1,024", zypher("--store", f"sqlite:///{tmp}/b.db", *serve_args("stuck")),
+             "/readyz", {}),
+            ("prototype (flask run)", [str(BIN / "flask"), "--app", "bench.prototype:app", "run", "--port", "{port}"],
+             "/healthz", {"BENCH_MODEL": "stuck"}),
+        ]  # fmt: skip
+        for name, argv, ready, env in scenarios:
+            with server(argv, ready_path=ready, env=env) as s:
+                before = s.rss_mib()
+                run = clients(LOAD_CPU, "flood", "--url", s.url, "--count", str(count), "--body", body)
+                after = s.rss_mib()
+            per = (after - before) * 1024 * 1024 / max(1, run["accepted"])
+            rows.append([
+                name, f"{run['rps'] + run['refused_rps']:.0f}", f"{run['accepted']:,}", f"{run['refused']:,}",
+                f"{before:.0f}", f"{after:.0f}", f"{per:.0f}" if run["accepted"] >= count // 2 else "—",
+            ])  # fmt: skip
     return [
         table(
-            f"flood: {count:,} async submissions held queued (default SQLite store, --max-queue {count:,})",
-            ["accepted/s", "accepted", "refused (503)", "RSS before MiB", "peak RSS MiB", "bytes per queued one"],
+            f"flood: {count:,} async submissions behind a model that never finishes (zypher-ws on SQLite)",
             [
-                [
-                    f"{run['rps']:.0f}",
-                    f"{run['accepted']:,}",
-                    f"{run['refused']:,}",
-                    f"{base:.0f}",
-                    f"{peak:.0f}",
-                    f"{per:.0f}",
-                ]
+                "server",
+                "answers/s",
+                "accepted",
+                "refused (503)",
+                "RSS before MiB",
+                "RSS after MiB",
+                "bytes per accepted",
             ],
+            rows,
         )
     ]
 
@@ -267,7 +276,7 @@ def stores(opts: Options) -> list[str]:
 # -- live results: push latency to many sockets, memory of idle sockets -------------------------------
 
 
-def live(opts: Options, sockets: int = 1000, idle_sockets: int = 10_000) -> list[str]:
+def live(opts: Options, sockets: int = 1000, idle_sockets: int = 19_000) -> list[str]:
     # A model this slow lets every socket subscribe before the prediction finishes.
     argv = zypher("--store", "memory://", "--model", "mock", "--mock-latency-ms", "1500")
     rows = []
@@ -284,10 +293,14 @@ def live(opts: Options, sockets: int = 1000, idle_sockets: int = 10_000) -> list
     with server(zypher("--store", "memory://", "--model", "mock"), ready_path="/readyz") as s:
         before = s.rss_mib()
         proc = subprocess.Popen(
-            pinned(LOAD_CPU, [PY, "-m", "bench.clients", "idle", "--url", s.url, "--sockets", str(idle_sockets),
-                              "--hold", "3"]),
-            cwd=ROOT, stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            pinned(
+                LOAD_CPU,
+                [PY, "-m", "bench.clients", "idle", "--url", s.url, "--sockets", str(idle_sockets), "--hold", "3"],
+            ),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert proc.stdout is not None
         opened = json.loads(proc.stdout.readline())["open"]
         time.sleep(1)  # let the server settle with every socket open
