@@ -94,7 +94,7 @@ async def test_second_page_watching_the_same_id_sees_it_live(browser: Any, aioht
     gated = GatedModel()
     url, _ = await serve(aiohttp_server, gated)
     first = await open_page(browser, url)
-    await first.wait_for_function("document.querySelector('#input-json').value.length > 0")
+    await playwright_api.expect(first.locator("#input-json")).not_to_have_value("")
     await first.fill("#input-json", '{"x": 42}')
     await first.click("#submit")
     item = first.locator(".prediction")
@@ -146,10 +146,11 @@ async def test_page_takes_an_api_token_from_the_user(browser: Any, aiohttp_serve
     token = "browser-token-0123456789"
     url, _ = await serve(aiohttp_server, MockModel(), api_tokens=(token,))
     page = await open_page(browser, url)
-    await page.wait_for_function("document.querySelector('#model-name').textContent.includes('unavailable')")
+    # Selectors and expect, not wait_for_function: its polling evaluates strings, which the page's CSP forbids.
+    await page.locator("#model-name", has_text="unavailable").wait_for()
     await page.fill("#token", token)
     await page.dispatch_event("#token", "change")
-    await page.wait_for_function("document.querySelector('#model-name').textContent.includes('mock')")
+    await page.locator("#model-name", has_text="mock").wait_for()
     await page.wait_for_selector('#connection[data-state="open"]')
     await page.fill("#input-json", '{"a": 1}')
     await page.click("#submit")
