@@ -60,9 +60,11 @@ async def test_two_api_and_two_worker_processes(redis_settings: dict[str, str], 
         api_env = recording_env(tmp_path / "api.log")  # API processes only read the model's schema
         api_a = await stack.enter_async_context(run_server(*backend, *MODEL, "--workers", "0", env=api_env))
         api_b = await stack.enter_async_context(run_server(*backend, *MODEL, "--workers", "0", env=api_env))
-        for log in logs:
+        metrics_port = free_port()
+        for i, log in enumerate(logs):
             env = {**recording_env(log, latency=0.005), "ZYPHER_TEST_GATE": str(gate)}
-            await stack.enter_async_context(run_worker(*backend, *MODEL, "--workers", "2", env=env))
+            extra = ("--metrics-port", str(metrics_port)) if i == 0 else ()
+            await stack.enter_async_context(run_worker(*backend, *MODEL, "--workers", "2", *extra, env=env))
         http_a = await stack.enter_async_context(aiohttp.ClientSession(api_a.url))
         http_b = await stack.enter_async_context(aiohttp.ClientSession(api_b.url))
 
@@ -83,8 +85,14 @@ async def test_two_api_and_two_worker_processes(redis_settings: dict[str, str], 
         # Many predictions through both API processes: each runs exactly once across the workers.
         ids = await asyncio.gather(*(submit((http_a, http_b)[n % 2], n) for n in range(1, 301)))
         records = await wait_all_terminal(http_b, list(ids))
+        # A worker process has no HTTP API, but serves its own metrics when asked to.
+        metrics = await (await http_a.get(f"http://127.0.0.1:{metrics_port}/metrics")).text()
     assert {r["status"] for r in records.values()} == {"succeeded"}
     runs = [Counter(int(line) for line in log.read_text().split()) for log in logs]
+    succeeded = next(
+        line for line in metrics.splitlines() if line.startswith('zypher_predictions_total{status="succeeded"}')
+    )
+    assert float(succeeded.split()[-1]) == sum(runs[0].values())  # what that worker ran, it counted
     assert runs[0] + runs[1] == Counter(range(301))  # every n once, none twice
     assert runs[0] and runs[1]  # both workers took part
 
