@@ -14,17 +14,22 @@ JSON text messages. Client to server, by `op`:
 `{"op": "subscribe", "prediction_id": ID}` (or `"prediction_ids": [...]`),
 `{"op": "unsubscribe", "prediction_id": ID}` (or `prediction_ids`),
 `{"op": "predict", "input": INPUT, "request_id": "optional"}` (submits asynchronously and subscribes),
-`{"op": "ping"}`.
+`{"op": "ping"}`, and `{"op": "auth", "token": TOKEN}` (see below).
 
 Server to client, by `type`: `subscribed` (the current record, at once; if it is terminal it is the last
 message for that id), `update` (each later status change, in order), `accepted` (for `predict`, with the
-`request_id`), `pong`, and `error` (`{"error": {"code", "message"}, "request_id"}`; codes `invalid_json`,
-`invalid_message`, `unknown_op`, `not_found`, `too_many_subscriptions`, `invalid_input`, `queue_full`,
-`not_ready`). The socket stays open after an error. `GET /ws?prediction_id=ID` (repeatable) subscribes at
-connect. Each subscriber gets exactly one terminal message per prediction.
+`request_id`), `pong`, `authenticated`, and `error` (`{"error": {"code", "message"}, "request_id"}`;
+codes `invalid_json`, `invalid_message`, `unknown_op`, `not_found`, `too_many_subscriptions`,
+`invalid_input`, `queue_full`, `not_ready`, `rate_limited`, `backend_unavailable`). The socket stays
+open after an error. `GET /ws?prediction_id=ID` (repeatable) subscribes at connect. Each subscriber gets
+exactly one terminal message per prediction.
 
-Close codes: 1009 for a frame over the size limit, 1013 for a client that fell behind its outbox, 1001
-on server shutdown.
+With API tokens configured, send the token as the protocol `bearer.TOKEN` next to `zypher`
+(`Sec-WebSocket-Protocol: zypher, bearer.TOKEN`) or as the first message `{"op": "auth", "token": TOKEN}`.
+Upgrades from a browser origin other than the service's own (or the allowlist) are refused with 403.
+
+Close codes: 1008 for a missing or wrong token, 1009 for a frame over the size limit, 1013 for a client
+that fell behind its outbox, 1001 on server shutdown.
 """
 
 _TIMESTAMP = {"type": "string", "format": "date-time", "nullable": True}
