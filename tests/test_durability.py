@@ -27,6 +27,13 @@ def recording_env(log: Path, latency: float = 0.01) -> dict[str, str]:
     }
 
 
+async def submit_async(http: aiohttp.ClientSession, n: int) -> str:
+    """Submit {"n": n} to the recording model asynchronously; the prediction id of its 202."""
+    resp = await http.post("/predict", json={"input": {"n": n}}, headers={"Async-Mode": "true"})
+    assert resp.status == 202, await resp.text()
+    return str((await resp.json())["prediction_id"])
+
+
 async def wait_all_terminal(http: aiohttp.ClientSession, ids: list[str], timeout: float = 60) -> dict[str, Any]:
     async def one(pid: str) -> dict[str, Any]:
         while True:
@@ -99,11 +106,7 @@ async def test_queued_behind_a_slow_model_complete_after_restart(tmp_path: Path)
     env = recording_env(log, latency=0.3)
     port = free_port()
     async with run_server(*args, env=env, port=port) as server, aiohttp.ClientSession(server.url) as http:
-        ids = []
-        for i in range(10):
-            resp = await http.post("/predict", json={"input": {"n": i}}, headers={"Async-Mode": "true"})
-            assert resp.status == 202
-            ids.append((await resp.json())["prediction_id"])
+        ids = [await submit_async(http, i) for i in range(10)]
         server.proc.send_signal(signal.SIGKILL)
         await server.proc.wait()
     unfinished_at_kill = 10 - len(log.read_text().split()) if log.exists() else 10
@@ -155,10 +158,7 @@ async def test_sigterm_finishes_running_work_pushes_it_closes_sockets_and_keeps_
     env = recording_env(log, latency=0.5)
     port = free_port()
     async with run_server(*args, env=env, port=port) as server, aiohttp.ClientSession(server.url) as http:
-        ids = []
-        for n in range(5):
-            resp = await http.post("/predict", json={"input": {"n": n}}, headers={"Async-Mode": "true"})
-            ids.append((await resp.json())["prediction_id"])
+        ids = [await submit_async(http, n) for n in range(5)]
         async with http.ws_connect(f"/ws?prediction_id={ids[0]}") as ws:
             status = (await ws.receive_json(timeout=10))["prediction"]["status"]
             while status != "running":

@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
-from test_durability import recording_env, wait_all_terminal
+from test_durability import recording_env, submit_async, wait_all_terminal
 
 from helpers import free_port, run_server, run_worker
 from zypher_ws.redis_keys import RedisKeys
@@ -27,12 +27,6 @@ MODEL = ("--model", "recording_model:RecordingModel")
 
 def backend_args(settings: dict[str, str]) -> tuple[str, ...]:
     return ("--backend", "redis", "--redis-url", settings["redis_url"], "--redis-prefix", settings["redis_prefix"])
-
-
-async def submit(http: aiohttp.ClientSession, n: int, headers: dict[str, str] = ASYNC) -> str:
-    resp = await http.post("/predict", json={"input": {"n": n}}, headers=headers)
-    assert resp.status == 202, await resp.text()
-    return str((await resp.json())["prediction_id"])
 
 
 async def wait_status(http: aiohttp.ClientSession, ids: list[str], status: str, timeout: float = 30) -> None:
@@ -69,7 +63,7 @@ async def test_two_api_and_two_worker_processes(redis_settings: dict[str, str], 
         http_b = await stack.enter_async_context(aiohttp.ClientSession(api_b.url))
 
         # Submitted on A, watched on B: B is pushed the result a worker process produced.
-        pid = await submit(http_a, 0)
+        pid = await submit_async(http_a, 0)
         async with http_b.ws_connect("/ws") as ws:
             await ws.send_json({"op": "subscribe", "prediction_id": pid})
             first = await ws.receive_json(timeout=10)
@@ -83,7 +77,7 @@ async def test_two_api_and_two_worker_processes(redis_settings: dict[str, str], 
             assert seen in (["queued", "running", "succeeded"], ["running", "succeeded"])
 
         # Many predictions through both API processes: each runs exactly once across the workers.
-        ids = await asyncio.gather(*(submit((http_a, http_b)[n % 2], n) for n in range(1, 301)))
+        ids = await asyncio.gather(*(submit_async((http_a, http_b)[n % 2], n) for n in range(1, 301)))
         records = await wait_all_terminal(http_b, list(ids))
         # A worker process has no HTTP API, but serves its own metrics when asked to.
         metrics = await (await http_a.get(f"http://127.0.0.1:{metrics_port}/metrics")).text()
@@ -111,7 +105,7 @@ async def test_sigkill_a_worker_holding_a_batch(
         holder_env = {**recording_env(held_log), "ZYPHER_TEST_GATE": str(tmp_path / "never")}
         holding = ("--workers", "5", "--max-batch-size", "1")
         async with run_worker(*backend, *MODEL, *holding, env=holder_env) as holder:
-            ids = [await submit(http, n) for n in range(5)]
+            ids = [await submit_async(http, n) for n in range(5)]
             await wait_status(http, ids, "running")
             holder.proc.send_signal(signal.SIGKILL)
             await holder.proc.wait()
@@ -202,7 +196,7 @@ async def test_redis_restart_loses_nothing_and_the_service_recovers_by_itself(tm
             env = {**recording_env(tmp_path / "runs.log"), "ZYPHER_TEST_GATE": str(gate)}
             await stack.enter_async_context(run_worker(*backend, *MODEL, "--max-batch-size", "4", env=env))
             http = await stack.enter_async_context(aiohttp.ClientSession(api.url))
-            ids = [await submit(http, n) for n in range(12)]  # some running behind the gate, most queued
+            ids = [await submit_async(http, n) for n in range(12)]  # some running behind the gate, most queued
 
             first.kill()
             first.wait()
