@@ -108,8 +108,7 @@ _ROW_FIELDS = tuple(f.name for f in fields(Prediction))
 
 @dataclass(frozen=True, slots=True)
 class Job:
-    """What travels through the work queue."""
+    """What travels through the work queue: only the id, since workers read the input from the record."""
 
     prediction_id: str
-    input: Any
     receipt: str | None = None  # the queue's handle for acknowledging it, where the queue needs one

@@ -126,7 +126,7 @@ class RedisQueue:
         reply: Any = await self._redis.xreadgroup(
             self._keys.group, self.consumer, {self._keys.queue: ">"}, count=count, block=block_ms
         )
-        jobs = [Job(fields["id"], None, receipt=entry_id) for _, entries in reply or () for entry_id, fields in entries]
+        jobs = [Job(fields["id"], receipt=entry_id) for _, entries in reply or () for entry_id, fields in entries]
         self._held.update(job.receipt for job in jobs if job.receipt)
         return jobs
 
@@ -198,7 +198,7 @@ class RedisQueue:
                 approximate=True,
             )
         rerun = {p.prediction_id for p in again}
-        self._reclaimed.extend(Job(p.prediction_id, None, receipt=receipts[p.prediction_id]) for p in again)
+        self._reclaimed.extend(Job(p.prediction_id, receipt=receipts[p.prediction_id]) for p in again)
         # Finished, failed or vanished ones need no more work.
-        await self.ack([Job(pid, None, receipt=r) for pid, r in receipts.items() if pid not in rerun])
+        await self.ack([Job(pid, receipt=r) for pid, r in receipts.items() if pid not in rerun])
         return str(cursor)

@@ -75,7 +75,7 @@ class PredictionService:
         if stored.prediction_id != prediction.prediction_id:
             return stored
         try:
-            await self.queue.put(Job(prediction.prediction_id, value))
+            await self.queue.put(Job(prediction.prediction_id))
         except QueueFull:
             # Filled up while the record was being stored: take it back, so a 503 leaves nothing behind.
             await self.store.delete(prediction.prediction_id)
@@ -93,7 +93,7 @@ class PredictionService:
         """Queue again what a previous process accepted but did not finish; returns how many."""
         requeue, failed = await self.store.recover(self.settings.max_attempts)
         for prediction in requeue:
-            await self.queue.put(Job(prediction.prediction_id, prediction.input), force=True)
+            await self.queue.put(Job(prediction.prediction_id), force=True)
         logs.state_changes(failed)
         await self.bus.publish(failed)
         return len(requeue)
