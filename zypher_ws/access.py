@@ -18,6 +18,11 @@ TOKEN_PROTOCOL_PREFIX = "bearer."  # Sec-WebSocket-Protocol: zypher, bearer.<tok
 MAX_TRACKED_CLIENTS = 10_000  # the limiter's memory is bounded too: least recently seen addresses go first
 
 
+def client_address(request: web.Request) -> str:
+    """The peer address that per-client limits count by (X-Forwarded-For is not trusted)."""
+    return request.remote or "unknown"
+
+
 def token_valid(token: str | None, tokens: Iterable[str]) -> bool:
     """Constant-time against each configured token (all are compared, so timing says nothing)."""
     if token is None:

@@ -9,7 +9,7 @@ from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from .access import WS_PROTOCOL, RateLimiter, check_origin, token_valid, websocket_token
+from .access import WS_PROTOCOL, RateLimiter, check_origin, client_address, token_valid, websocket_token
 from .errors import InvalidMessage, NotFound, TooManySubscriptions, UnknownOp, ZypherError
 from .events import Watch
 from .metrics import Metrics
@@ -180,7 +180,7 @@ def _ids(message: dict[str, Any]) -> list[str]:
 async def websocket(request: web.Request) -> web.StreamResponse:
     settings, service = request.app[SETTINGS], request.app[SERVICE]
     check_origin(request, settings)  # 403 before any upgrade
-    client = request.remote or "unknown"
+    client = client_address(request)
     per_client = request.app[WS_CLIENTS]
     per_client.acquire(client)  # 429 before any upgrade
     try:

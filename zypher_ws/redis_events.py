@@ -33,7 +33,7 @@ class RedisEventBus:
         self._channel = keys.events
         self._read_many = read_many
         self._local = LocalEventBus()
-        self.connected = asyncio.Event()  # set while the channel subscription is live
+        self._connected = False  # while the channel subscription is live (to log a loss once)
 
     def listener_count(self) -> int:
         return self._local.listener_count()
@@ -57,15 +57,15 @@ class RedisEventBus:
                     await pubsub.subscribe(self._channel)
                     async for message in pubsub.listen():
                         if message["type"] == "subscribe":
-                            self.connected.set()
+                            self._connected = True
                             await self._catch_up()
                         elif message["type"] == "message":
                             rows = json.loads(message["data"])
                             self._local.dispatch([Prediction.from_row(row) for row in rows])
             except (*UNAVAILABLE, BackendUnavailable) as exc:
-                if self.connected.is_set():
+                if self._connected:
                     log.warning("lost the Redis event channel (%s); reconnecting", exc)
-                self.connected.clear()
+                self._connected = False
                 await asyncio.sleep(RECONNECT_DELAY)
 
     async def _catch_up(self) -> None:

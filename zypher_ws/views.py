@@ -6,6 +6,7 @@ from typing import Any
 
 from aiohttp import web
 
+from .access import client_address
 from .errors import InvalidHeader, ZypherError
 from .logs import PREDICTION_ID
 from .metrics import response as metrics_response
@@ -93,7 +94,7 @@ async def predict(request: web.Request, body: dict[str, Any]) -> web.Response:
         content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}
     """
     service = request.app[SERVICE]
-    request.app[LIMITER].check(request.remote or "unknown")
+    request.app[LIMITER].check(client_address(request))
     run_async = wants_async(request)
     prediction = await service.submit(body["input"], idempotency_key=request.headers.get("Idempotency-Key"))
     if run_async:

@@ -26,14 +26,14 @@ class WorkerPool:
         store: Store,
         bus: EventBus,
         runner: ModelRunner,
-        metrics: Metrics | None = None,
+        metrics: Metrics,
     ) -> None:
         self._settings = settings
         self._queue = queue
         self._store = store
         self._bus = bus
         self._runner = runner
-        self._metrics = metrics or Metrics()
+        self._metrics = metrics
         self._tasks: list[asyncio.Task[None]] = []
         self._waiting: set[asyncio.Task[None] | None] = set()
         self._stopping = False
