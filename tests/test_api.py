@@ -141,6 +141,31 @@ async def test_get_shows_queued_then_running_then_succeeded(make_client: ClientF
         assert done["started_at"] <= done["completed_at"]
 
 
+class AwkwardOutputModel(GatedModel):
+    """Results that JSON encoders disagree on: integers past 64 bits, NaN, infinity, non-string keys."""
+
+    def predict_batch(self, inputs: list[Any]) -> list[Any]:
+        return [{"big": 2**70 + x["x"], "nan": float("nan"), "inf": [float("-inf")], 7: "seven"} for x in inputs]
+
+
+def strict_json(text: str) -> Any:
+    def reject(name: str) -> Any:
+        raise AssertionError(f"{name} in a response: not valid JSON")
+
+    return json.loads(text, parse_constant=reject)
+
+
+async def test_results_are_always_valid_json(make_client: ClientFactory) -> None:
+    client = await make_client(model=AwkwardOutputModel(gated=False))
+    resp = await client.post("/predict", json={"input": {"x": 1}})
+    assert resp.status == 200
+    expected = {"big": 2**70 + 1, "nan": None, "inf": [None], "7": "seven"}
+    record = strict_json(await resp.text())
+    assert record["result"] == expected  # the big integer exact, not rounded through a float
+    stored = strict_json(await (await client.get(record["links"]["self"])).text())
+    assert stored["result"] == expected
+
+
 # -- failures -------------------------------------------------------------------------------------
 
 
@@ -173,10 +198,12 @@ async def test_one_raising_item_does_not_fail_its_batch(make_client: ClientFacto
 
 async def test_malformed_json(make_client: ClientFactory) -> None:
     client = await make_client(model=GatedModel(gated=False))
-    for body in ('{"input": ', "not json", '{"input": NaN}', "", b'{"input": "\xe5\xff"}'):
+    too_deep = '{"input": ' + "[" * 100_000 + "]" * 100_000 + "}"  # past the parser's recursion limit
+    for body in ('{"input": ', "not json", '{"input": NaN}', "", b'{"input": "\xe5\xff"}', too_deep):
         resp = await client.post("/predict", data=body, headers={"Content-Type": "application/json"})
-        assert resp.status == 400, body
+        assert resp.status == 400, body[:40]
         assert_error(await resp.json(), "invalid_json" if body else "invalid_input")
+    assert (await client.post("/predict", json={"input": {"x": 1}})).status == 200  # and it keeps serving
 
 
 @pytest.mark.parametrize(

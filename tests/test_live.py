@@ -51,6 +51,7 @@ async def test_ping_and_every_bad_message_leave_the_socket_open(make_client: Cli
         await assert_quiet(ws)
         cases: list[tuple[str | bytes, str]] = [
             ("{not json", "invalid_json"),
+            ("[" * 30_000 + "]" * 30_000, "invalid_json"),  # nested past the parser's recursion limit
             ("[1, 2]", "invalid_message"),
             ('{"op": "dance"}', "unknown_op"),
             ('{"no": "op"}', "unknown_op"),

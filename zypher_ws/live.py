@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from typing import Any
 
@@ -12,6 +11,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from .access import WS_PROTOCOL, RateLimiter, check_origin, client_address, token_valid, websocket_token
 from .errors import InvalidMessage, NotFound, TooManySubscriptions, UnknownOp, ZypherError
 from .events import Watch
+from .json_codec import dumps, dumps_str, loads
 from .metrics import Metrics
 from .records import Prediction
 from .service import PredictionService
@@ -70,7 +70,7 @@ class WsSession:
     async def _send_loop(self) -> None:
         while True:
             message = await self.outbox.get()
-            await self.ws.send_str(json.dumps(message))
+            await self.ws.send_str(dumps_str(message))
 
     async def _close(self, code: int, message: bytes) -> None:
         try:
@@ -133,7 +133,7 @@ class WsSession:
 
     async def handle(self, raw: str) -> None:
         try:
-            message = json.loads(raw)
+            message = loads(raw)
         except ValueError as exc:
             self.send(ws_error("invalid_json", f"message is not valid JSON: {exc}"))
             return
@@ -226,13 +226,13 @@ async def _authenticate(ws: web.WebSocketResponse, settings: Settings) -> bool:
     token = None
     try:
         msg = await ws.receive(timeout=AUTH_TIMEOUT)
-        message = json.loads(msg.data) if msg.type is WSMsgType.TEXT else None
+        message = loads(msg.data) if msg.type is WSMsgType.TEXT else None
         if isinstance(message, dict) and message.get("op") == "auth" and isinstance(message.get("token"), str):
             token = message["token"]
     except (asyncio.TimeoutError, ValueError):
         pass
     if token_valid(token, settings.api_tokens):
-        await ws.send_json({"type": "authenticated"})
+        await ws.send_str(dumps_str({"type": "authenticated"}))
         return True
     await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"unauthorized: first send {op: auth, token}")
     return False
@@ -290,8 +290,8 @@ async def prediction_events(request: web.Request) -> web.StreamResponse:
             except asyncio.TimeoutError:
                 await response.write(b": keep-alive\n\n")  # proxies close idle streams
                 continue
-            data = json.dumps({"type": kind, "prediction": prediction.to_dict()})
-            await response.write(f"event: {kind}\ndata: {data}\n\n".encode())
+            data = dumps({"type": kind, "prediction": prediction.to_dict()})
+            await response.write(b"event: %s\ndata: %s\n\n" % (kind.encode(), data))
             if prediction.status.terminal:
                 break
         await response.write_eof()

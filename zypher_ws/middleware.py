@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import Any
@@ -13,6 +12,7 @@ from aiohttp_swagger3.swagger_route import RequestValidationFailed
 
 from .access import bearer, is_public, token_valid
 from .errors import InvalidInput, InvalidJSON, Unauthorized, UnsupportedMediaType, ZypherError
+from .json_codec import json_response, loads
 from .typedefs import METRICS, SETTINGS
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ _HTTP_CODES = {
 
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response({"error": {"code": code, "message": message}}, status=status, headers=headers)
+    return json_response({"error": {"code": code, "message": message}}, status=status, headers=headers)
 
 
 def _flatten(errors: Any, prefix: str = "") -> list[str]:
@@ -68,13 +68,9 @@ async def parse_json_body(request: web.Request) -> tuple[Any, bool]:
     """swagger3 media handler for application/json: malformed JSON is our 400 invalid_json."""
     try:
         # UTF-8 whatever the charset says (RFC 8259); undecodable bytes are malformed JSON too.
-        return json.loads((await request.read()).decode("utf-8"), parse_constant=_reject_constant), False
+        return loads(await request.read()), False
     except ValueError as exc:  # UnicodeDecodeError included
         raise InvalidJSON(f"request body is not valid JSON: {exc}") from None
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
 
 
 @web.middleware

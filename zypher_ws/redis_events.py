@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 
 from .errors import BackendUnavailable
 from .events import Listener, LocalEventBus
+from .json_codec import dumps
 from .records import Prediction
 from .redis_keys import RedisKeys
 from .redis_store import UNAVAILABLE, translate_errors
@@ -41,7 +42,7 @@ class RedisEventBus:
     @translate_errors
     async def publish(self, predictions: list[Prediction]) -> None:
         if predictions:
-            await self._redis.publish(self._channel, json.dumps([p.to_row() for p in predictions]))
+            await self._redis.publish(self._channel, dumps([p.to_row() for p in predictions]))
 
     def subscribe(self, prediction_id: str, listener: Listener) -> None:
         self._local.subscribe(prediction_id, listener)

@@ -17,6 +17,7 @@ import redis.exceptions
 
 from . import store as rules
 from .errors import BackendUnavailable
+from .json_codec import dumps_str
 from .records import Prediction, Status
 from .redis_keys import RedisKeys
 from .store import IdempotencyKey, Outcome
@@ -52,7 +53,7 @@ def translate_errors(method: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P,
 
 
 def dump(prediction: Prediction) -> str:
-    return json.dumps(prediction.to_row(), separators=(",", ":"))
+    return dumps_str(prediction.to_row())
 
 
 def load(raw: str | bytes) -> Prediction:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from . import store as rules
+from .json_codec import dumps_str
 from .records import Prediction, Status
 from .store import IdempotencyKey, Outcome
 
@@ -170,7 +171,7 @@ class SQLiteStore:
             "INSERT INTO predictions (id, status, expires_at, record) VALUES (?, ?, ?, ?) "
             "ON CONFLICT (id) DO UPDATE SET status = excluded.status, expires_at = excluded.expires_at, "
             "record = excluded.record",
-            (p.prediction_id, p.status.value, p.expires_at, json.dumps(p.to_row())),
+            (p.prediction_id, p.status.value, p.expires_at, dumps_str(p.to_row())),
         )
         self._remember(p)
         return p
@@ -179,7 +180,7 @@ class SQLiteStore:
         changed = [p for p in updates if p is not None]
         conn.executemany(
             "UPDATE predictions SET status = ?, expires_at = ?, record = ? WHERE id = ?",
-            [(p.status.value, p.expires_at, json.dumps(p.to_row()), p.prediction_id) for p in changed],
+            [(p.status.value, p.expires_at, dumps_str(p.to_row()), p.prediction_id) for p in changed],
         )
         for p in changed:
             self._remember(p)

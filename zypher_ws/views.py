@@ -8,6 +8,7 @@ from aiohttp import web
 
 from .access import client_address
 from .errors import InvalidHeader, ZypherError
+from .json_codec import json_response
 from .logs import PREDICTION_ID
 from .metrics import response as metrics_response
 from .records import Prediction, Status
@@ -37,7 +38,7 @@ def record_response(prediction: Prediction, status: int = 200) -> web.Response:
     headers = {}
     if status == 202:
         headers["Location"] = f"/predict/{prediction.prediction_id}"
-    response = web.json_response(prediction.to_dict(), status=status, headers=headers)
+    response = json_response(prediction.to_dict(), status=status, headers=headers)
     response[PREDICTION_ID] = prediction.prediction_id
     return response
 
@@ -149,7 +150,7 @@ async def model_info(request: web.Request) -> web.Response:
       '200': {description: 'Name, version, input and output JSON Schemas', content: {application/json: {schema: {$ref: '#/components/schemas/ModelInfo'}}}}
     """
     model = request.app[SERVICE].model
-    return web.json_response(
+    return json_response(
         {
             "name": model.name,
             "version": model.version,
@@ -168,7 +169,7 @@ async def healthz(request: web.Request) -> web.Response:
     responses:
       '200': {description: 'Up', content: {application/json: {schema: {$ref: '#/components/schemas/Status'}}}}
     """
-    return web.json_response({"status": "ok"})
+    return json_response({"status": "ok"})
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -182,7 +183,7 @@ async def readyz(request: web.Request) -> web.Response:
       '503': {description: 'Model not loaded, backend unavailable or queue full', content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}
     """
     await request.app[SERVICE].check_ready()
-    return web.json_response({"status": "ready"})
+    return json_response({"status": "ready"})
 
 
 async def metrics(request: web.Request) -> web.Response:
