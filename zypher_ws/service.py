@@ -106,19 +106,27 @@ class PredictionService:
 
     async def wait(self, prediction_id: str, timeout: float) -> Prediction:
         """The prediction once terminal, or its latest state when `timeout` runs out first."""
+        loop = asyncio.get_running_loop()
+        settled = loop.create_future()  # a bare future and timer: asyncio.wait costs more per request
         latest: list[Prediction] = []
-        done = asyncio.get_running_loop().create_future()
 
         def deliver(prediction: Prediction, snapshot: bool) -> None:
             latest.append(prediction)
-            if prediction.status.terminal and not done.done():
-                done.set_result(prediction)
+            if prediction.status.terminal:
+                _settle(settled)
 
         watch = Watch(self.bus, prediction_id, deliver)
         if await watch.start(self.store.get) is None:
             raise NotFound(f"no prediction {prediction_id}")
+        timer = loop.call_later(timeout, _settle, settled)
         try:
-            await asyncio.wait([done], timeout=timeout)
+            await settled
         finally:
+            timer.cancel()
             watch.stop()
         return latest[-1]
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

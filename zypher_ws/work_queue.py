@@ -42,7 +42,7 @@ class MemoryQueue:
     def __init__(self, maxsize: int) -> None:
         self.maxsize = maxsize
         self._items: deque[Job] = deque()
-        self._nonempty = asyncio.Event()
+        self._waiters: set[asyncio.Future[None]] = set()
 
     async def depth(self) -> int:
         return len(self._items)
@@ -51,12 +51,12 @@ class MemoryQueue:
         if not force and len(self._items) >= self.maxsize:
             raise QueueFull()
         self._items.append(job)
-        self._nonempty.set()
+        for waiter in self._waiters:
+            _wake(waiter)
 
     async def get_batch(self, max_size: int, max_delay: float) -> list[Job]:
         while not self._items:
-            self._nonempty.clear()
-            await self._nonempty.wait()
+            await self._wait(None)
         batch = self._take(max_size)
         if len(batch) < max_size and max_delay > 0:
             # A lone request waits at most max_delay for company; under load batches fill at once.
@@ -67,16 +67,28 @@ class MemoryQueue:
                 if remaining <= 0:
                     break
                 if not self._items:
-                    self._nonempty.clear()
                     try:
-                        await asyncio.wait_for(self._nonempty.wait(), remaining)
-                    except asyncio.TimeoutError:
-                        break
+                        await self._wait(remaining)
                     except asyncio.CancelledError:
                         self._items.extendleft(reversed(batch))  # a stopping worker loses nothing
                         raise
+                    if not self._items:
+                        break
                 batch.extend(self._take(max_size - len(batch)))
         return batch
+
+    async def _wait(self, timeout: float | None) -> None:
+        """Until a job is put or `timeout` runs out: a future and a timer, cheaper than wait_for's task."""
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        timer = None if timeout is None else loop.call_later(timeout, _wake, waiter)
+        self._waiters.add(waiter)
+        try:
+            await waiter
+        finally:
+            self._waiters.discard(waiter)
+            if timer is not None:
+                timer.cancel()
 
     async def ack(self, jobs: Sequence[Job]) -> None:
         pass  # taken off the deque when read; a crash loses the deque, and the durable store recovers
@@ -87,3 +99,8 @@ class MemoryQueue:
     def _take(self, n: int) -> list[Job]:
         items = self._items
         return [items.popleft() for _ in range(min(n, len(items)))]
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
