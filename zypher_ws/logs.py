@@ -49,6 +49,10 @@ def configure(level: str, fmt: str) -> None:
 class AccessLogger(AbstractAccessLogger):
     """One line per request: method, path, status, duration, and the prediction it concerned, if any."""
 
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.INFO)  # aiohttp skips log() entirely when False
+
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         prediction_id = response.get(PREDICTION_ID)
         if prediction_id is None and isinstance(request, web.Request):

@@ -5,6 +5,7 @@ a process with workers its batches and outcomes (`zypher-ws worker --metrics-por
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -46,6 +47,21 @@ class Metrics:
         self.slow_clients = Counter(
             "zypher_slow_clients_dropped", "WebSockets closed for falling behind their outbox", registry=r
         )
+        # Labelled children by label values: `.labels()` takes a lock and checks its arguments every call.
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def _child(self, metric: Any, *values: str) -> Any:
+        key = (metric, *values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
+
+    # -- what the HTTP layer reports ---------------------------------------------------------------------
+
+    def request_done(self, method: str, route: str, status: int, seconds: float) -> None:
+        self._child(self.http_requests, method, route, str(status)).inc()
+        self._child(self.http_duration, route).observe(seconds)
 
     # -- what workers report ---------------------------------------------------------------------------
 
@@ -64,7 +80,7 @@ class Metrics:
         for p in predictions:
             if not p.status.terminal or p.completed_at is None:
                 continue
-            self.predictions.labels(p.status.value).inc()
+            self._child(self.predictions, p.status.value).inc()
             self.end_to_end.observe(max(0.0, p.completed_at - p.created_at))
             if p.started_at is not None:
                 self.model_time.observe(max(0.0, p.completed_at - p.started_at))

@@ -73,6 +73,9 @@ async def parse_json_body(request: web.Request) -> tuple[Any, bool]:
         raise InvalidJSON(f"request body is not valid JSON: {exc}") from None
 
 
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 @web.middleware
 async def count_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Counts and times every request by its route template (never the raw path: one series per id)."""
@@ -88,9 +91,8 @@ async def count_requests(request: web.Request, handler: Handler) -> web.StreamRe
     finally:
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else "unmatched"
-        metrics = request.app[METRICS]
-        metrics.http_requests.labels(request.method, route, str(status)).inc()
-        metrics.http_duration.labels(route).observe(time.perf_counter() - started)
+        method = request.method if request.method in _METHODS else "other"  # any token parses as a method
+        request.app[METRICS].request_done(method, route, status, time.perf_counter() - started)
 
 
 @web.middleware
