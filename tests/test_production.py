@@ -44,6 +44,9 @@ async def test_metrics_count_requests_predictions_batches_and_sockets(make_clien
     assert metric(text, 'zypher_predictions_total{status="succeeded"}') == 1
     assert metric(text, 'zypher_predictions_total{status="failed"}') == 1
     assert metric(text, "zypher_batch_size_count") == 2
+    assert metric(text, 'zypher_batch_size_bucket{le="1.0"}') == 2  # two calls of one (sequential requests)
+    assert metric(text, 'zypher_batch_size_bucket{le="+Inf"}') == 2 and metric(text, "zypher_batch_size_sum") == 2
+    assert metric(text, 'zypher_http_request_duration_seconds_count{route="/predict"}') == 2
     assert metric(text, "zypher_end_to_end_seconds_count") == 2
     assert metric(text, "zypher_queue_depth") == 0
     assert metric(text, "zypher_predictions_in_flight") == 0
@@ -56,6 +59,15 @@ async def test_metrics_route_labels_are_templates_not_ids(make_client: ClientFac
     text = await (await client.get("/metrics")).text()
     assert metric(text, 'zypher_http_requests_total{method="GET",route="/predict/{prediction_id}",status="404"}') == 3
     assert "no-such-id" not in text
+
+
+async def test_metrics_put_unknown_methods_in_one_series(make_client: ClientFactory) -> None:
+    client = await make_client(model=GatedModel(gated=False))
+    for method in ("PROPFIND", "PURGE", "MKCOL"):  # methods the HTTP parser knows and no route takes
+        assert (await client.request(method, "/predict")).status == 405
+    text = await (await client.get("/metrics")).text()
+    assert metric(text, 'zypher_http_requests_total{method="other",route="unmatched",status="405"}') == 3
+    assert "PROPFIND" not in text
 
 
 # -- logs -----------------------------------------------------------------------------------------------
