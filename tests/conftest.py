@@ -127,6 +127,12 @@ def backend(request: pytest.FixtureRequest) -> dict[str, Any]:
     return settings
 
 
+def listener_count(app: web.Application) -> int:
+    """How many listeners the app's event bus holds (sockets, SSE streams and sync requests waiting)."""
+    count: int = app[SERVICE].bus.listener_count()  # type: ignore[attr-defined]
+    return count
+
+
 async def stored_count(app: web.Application) -> int:
     """How many prediction records the app's backend holds."""
     store, settings = app[SERVICE].store, app[SETTINGS]

@@ -12,7 +12,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from openapi_spec_validator import validate
 
-from conftest import WAIT, ClientFactory, GatedModel, stored_count
+from conftest import WAIT, ClientFactory, GatedModel, listener_count, stored_count
 from zypher_ws.models import MockModel
 from zypher_ws.typedefs import SERVICE
 
@@ -125,6 +125,30 @@ async def test_sync_timeout_answers_202_and_the_prediction_carries_on(
     gated.release.set()
     done = await poll_until_terminal(client, resp.headers["Location"])
     assert done["status"] == "succeeded" and done["result"] == {"echo": {"x": 4}}
+    assert listener_count(client.app) == 0
+
+
+async def test_sync_predict_hears_its_result_without_reading_it_back(
+    make_client: ClientFactory, gated: GatedModel
+) -> None:
+    client = await make_client(model=gated)
+    store = client.app[SERVICE].store
+    reads: list[str] = []
+    real_get = store.get
+
+    async def counting_get(prediction_id: str) -> Any:
+        reads.append(prediction_id)
+        return await real_get(prediction_id)
+
+    store.get = counting_get  # type: ignore[method-assign]
+    pending = asyncio.create_task(client.post("/predict", json={"input": {"x": 7}}))
+    await gated.wait_started(1)
+    assert listener_count(client.app) == 1
+    gated.release.set()
+    resp = await pending
+    assert resp.status == 200 and (await resp.json())["result"] == {"echo": {"x": 7}}
+    assert reads == []  # it listened from before the prediction was queued
+    assert listener_count(client.app) == 0
 
 
 async def test_get_shows_queued_then_running_then_succeeded(make_client: ClientFactory, gated: GatedModel) -> None:
@@ -267,6 +291,7 @@ async def test_queue_full_is_503_with_retry_after_and_stores_nothing(
         assert int(resp.headers["Retry-After"]) >= 1
         assert_error(await resp.json(), "queue_full")
     assert await stored_count(client.app) == before
+    assert listener_count(client.app) == 0
     ready = await client.get("/readyz")
     assert ready.status == 503
     gated.release.set()

@@ -12,7 +12,7 @@ from aiohttp import WSMsgType
 from aiohttp.test_utils import TestClient
 from rawws import RawWebSocket
 
-from conftest import WAIT, ClientFactory, GatedModel
+from conftest import WAIT, ClientFactory, GatedModel, listener_count
 from zypher_ws.models import MockModel
 from zypher_ws.typedefs import SERVICE, SOCKETS
 
@@ -35,11 +35,6 @@ async def submit(client: TestClient, value: Any) -> dict[str, Any]:
     assert resp.status == 202
     record: dict[str, Any] = await resp.json()
     return record
-
-
-def listeners(client: TestClient) -> int:
-    count: int = client.app[SERVICE].bus.listener_count()  # type: ignore[attr-defined]
-    return count
 
 
 # -- messages and errors --------------------------------------------------------------------------
@@ -74,7 +69,7 @@ async def test_ping_and_every_bad_message_leave_the_socket_open(make_client: Cli
         assert message["error"]["code"] == "not_found"
         assert message["request_id"] == "r1" and message["prediction_id"] == "f" * 32
         await assert_quiet(ws)
-    assert listeners(client) == 0
+    assert listener_count(client.app) == 0
 
 
 async def test_predict_op_accepts_and_pushes_updates(make_client: ClientFactory, gated: GatedModel) -> None:
@@ -148,7 +143,7 @@ async def test_subscribing_to_a_finished_prediction_is_one_message(make_client: 
         await ws.send_json({"op": "subscribe", "prediction_id": done["prediction_id"]})
         assert (await recv(ws))["type"] == "subscribed"  # asking again after the end answers again
         await assert_quiet(ws)
-    assert listeners(client) == 0
+    assert listener_count(client.app) == 0
 
 
 async def test_unsubscribe_stops_updates(make_client: ClientFactory, gated: GatedModel) -> None:
@@ -159,7 +154,7 @@ async def test_unsubscribe_stops_updates(make_client: ClientFactory, gated: Gate
         assert (await recv(ws))["type"] == "subscribed"
         await ws.send_json({"op": "unsubscribe", "prediction_id": record["prediction_id"]})
         await assert_quiet(ws)
-        assert listeners(client) == 0
+        assert listener_count(client.app) == 0
         gated.release.set()
         await (await client.post("/predict", json={"input": {"x": 2}})).json()  # worker is past the first
         await assert_quiet(ws)
@@ -224,7 +219,7 @@ async def test_exactly_one_terminal_message_when_completion_races_the_subscribe(
     for seq in statuses.values():
         assert seq.count("succeeded") == 1 and seq[-1] == "succeeded"
         assert [rank[s] for s in seq] == sorted({rank[s] for s in seq})  # strictly increasing
-    assert listeners(client) == 0
+    assert listener_count(client.app) == 0
 
 
 # -- limits and lifecycle ------------------------------------------------------------------------------
@@ -263,7 +258,7 @@ async def test_slow_client_is_dropped_and_nobody_else_waits(make_client: ClientF
     await asyncio.wait_for(dropped_and_finished(), WAIT * 4)
     assert await asyncio.wait_for(slow.read_until_close(), WAIT) == 1013
     slow.close()
-    assert listeners(client) == 0  # the dropped socket left no subscriptions behind
+    assert listener_count(client.app) == 0  # the dropped socket left no subscriptions behind
 
 
 async def test_oversized_frame_closes_with_1009(make_client: ClientFactory) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 from . import logs
 from .errors import NotFound, NotReady, QueueFull
-from .events import EventBus, Watch
+from .events import EventBus, Listener, Watch
 from .models import Model
 from .records import Job, Prediction
 from .runner import ModelRunner
@@ -61,27 +61,75 @@ class PredictionService:
         With an idempotency key already used for the same input, returns that prediction as it is now
         (and runs nothing); with a different input, raises IdempotencyConflict.
         """
+        prediction, _ = await self._submit(value, idempotency_key, None)
+        return prediction
+
+    async def run(self, value: Any, *, idempotency_key: str | None = None, timeout: float) -> Prediction:
+        """Submit, then wait: the prediction once terminal, or as it stands when `timeout` runs out.
+
+        It listens before the prediction is queued, so no change can slip past and nothing is read back.
+        """
+        loop = asyncio.get_running_loop()
+        settled = loop.create_future()  # a bare future and timer: asyncio.wait costs more per request
+        changes: list[Prediction] = []
+
+        def on_change(prediction: Prediction) -> None:
+            changes.append(prediction)
+            if prediction.status.terminal:
+                _settle(settled)
+
+        prediction, new = await self._submit(value, idempotency_key, on_change)
+        if not new:
+            return await self.wait(prediction.prediction_id, timeout)  # an earlier prediction: follow it
+        timer = loop.call_later(timeout, _settle, settled)
+        try:
+            await settled
+        finally:
+            timer.cancel()
+            self.bus.unsubscribe(prediction.prediction_id, on_change)
+        for change in changes:
+            if change.status.rank >= prediction.status.rank:  # never backwards (a takeover restarts it)
+                prediction = change
+        return prediction
+
+    async def _submit(
+        self, value: Any, idempotency_key: str | None, listener: Listener | None
+    ) -> tuple[Prediction, bool]:
+        """The prediction, and False if it is an earlier one with the same idempotency key.
+
+        `listener` hears every change of a new prediction from before it is queued; the caller unsubscribes.
+        """
         self.validate_input(value)
         if not self.model_ready:
             raise NotReady()
         if await self.queue.depth() >= self.queue.maxsize:
             raise QueueFull()  # checked first too, so a full queue costs no store write
         prediction = Prediction.new(value, model_name=self.model.name, model_version=self.model.version)
+        pid = prediction.prediction_id
         key = None
         if idempotency_key is not None:
             canonical = json.dumps(value, sort_keys=True, separators=(",", ":"))
             key = IdempotencyKey(idempotency_key, hashlib.sha256(canonical.encode()).hexdigest())
-        stored = await self.store.add(prediction, key)
-        if stored.prediction_id != prediction.prediction_id:
-            return stored
+        if listener is not None:
+            self.bus.subscribe(pid, listener)
         try:
-            await self.queue.put(Job(prediction.prediction_id))
-        except QueueFull:
-            # Filled up while the record was being stored: take it back, so a 503 leaves nothing behind.
-            await self.store.delete(prediction.prediction_id)
-            raise QueueFull() from None
+            stored = await self.store.add(prediction, key)
+            if stored.prediction_id != pid:
+                if listener is not None:
+                    self.bus.unsubscribe(pid, listener)
+                return stored, False
+            try:
+                await self.queue.put(Job(pid))
+            except QueueFull:
+                # Filled up while the record was being stored: take it back, so a 503 leaves nothing behind.
+                await self.store.delete(pid)
+                raise QueueFull() from None
+        except BaseException:
+            if listener is not None:
+                self.bus.unsubscribe(pid, listener)
+            raise
         logs.state_changes([prediction])
-        return prediction
+        return prediction, True
 
     async def get(self, prediction_id: str) -> Prediction:
         prediction = await self.store.get(prediction_id)

@@ -97,10 +97,10 @@ async def predict(request: web.Request, body: dict[str, Any]) -> web.Response:
     service = request.app[SERVICE]
     request.app[LIMITER].check(client_address(request))
     run_async = wants_async(request)
-    prediction = await service.submit(body["input"], idempotency_key=request.headers.get("Idempotency-Key"))
+    key = request.headers.get("Idempotency-Key")
     if run_async:
-        return record_response(prediction, 202)
-    prediction = await service.wait(prediction.prediction_id, service.settings.sync_timeout)
+        return record_response(await service.submit(body["input"], idempotency_key=key), 202)
+    prediction = await service.run(body["input"], idempotency_key=key, timeout=service.settings.sync_timeout)
     if not prediction.status.terminal:
         return record_response(prediction, 202)
     return record_response(prediction, 500 if prediction.status is Status.FAILED else 200)
