@@ -198,12 +198,12 @@ class Figure:
     def median(self) -> float:
         return statistics.median(self.values) if self.values else float("nan")
 
-    def show(self, digits: int = 0) -> str:
+    def show(self, digits: int = 0, unit: str = "") -> str:
         if not self.values:
             return "—"
         if len(self.values) == 1:
-            return f"{self.median:.{digits}f}"
-        return f"{self.median:.{digits}f} ({min(self.values):.{digits}f}–{max(self.values):.{digits}f})"
+            return f"{self.median:.{digits}f}{unit}"
+        return f"{self.median:.{digits}f}{unit} ({min(self.values):.{digits}f}–{max(self.values):.{digits}f})"
 
 
 def ratio(a: Figure, b: Figure) -> str:
