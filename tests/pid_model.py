@@ -1,8 +1,9 @@
-"""A pure-Python model that answers with the id of the process that ran it (for --executor process)."""
+"""A pure-Python model that answers with the process that ran it and that thread's niceness."""
 
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 
 
@@ -16,4 +17,5 @@ class PidModel:
         self.loaded_in = os.getpid()
 
     def predict_batch(self, inputs: list[Any]) -> list[Any]:
-        return [{"pid": os.getpid(), "loaded_in": self.loaded_in, "square": x * x} for x in inputs]
+        nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        return [{"pid": os.getpid(), "loaded_in": self.loaded_in, "nice": nice, "square": x * x} for x in inputs]

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import numpy as np
+import pytest
 
 from helpers import run_server
 
@@ -51,3 +53,14 @@ async def test_process_executor_runs_the_model_in_worker_processes_that_each_loa
     pids = {r["pid"] for r in results}
     assert server.proc.pid not in pids and len(pids) <= 2
     assert all(r["loaded_in"] == r["pid"] for r in results)  # each process loaded its own copy
+
+
+@pytest.mark.parametrize(("executor", "nice"), [("thread", 10), ("process", 10), ("thread", 0)])
+async def test_the_model_runs_at_a_lower_priority_than_the_event_loop(executor: str, nice: int) -> None:
+    env = {"PYTHONPATH": str(Path(__file__).parent)}
+    args = ("--model", "pid_model:PidModel", "--executor", executor, "--model-nice", str(nice), "--store", "memory://")
+    async with run_server(*args, env=env) as server, aiohttp.ClientSession(server.url) as http:
+        result = (await (await http.post("/predict", json={"input": 3})).json())["result"]
+        loop_nice = os.getpriority(os.PRIO_PROCESS, server.proc.pid)  # the main thread's
+    assert result["square"] == 9
+    assert result["nice"] == min(19, loop_nice + nice)

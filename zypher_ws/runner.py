@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from multiprocessing import get_context
@@ -26,6 +28,9 @@ def make_executor(settings: Settings) -> Executor:
 
     Threads suit models that release the GIL (numpy, torch, remote calls). Processes suit pure-Python
     models that hold it; each process builds and loads its own copy of the model named by --model.
+    Either way they run at a lower scheduling priority (--model-nice) than the event loop, so a model
+    that saturates the CPU only gets the cycles the loop leaves: requests and health checks are still
+    read and answered at once, and batches grow while the model waits.
     """
     workers = max(1, settings.workers)
     if settings.executor == "process":
@@ -33,7 +38,19 @@ def make_executor(settings: Settings) -> Executor:
         return ProcessPoolExecutor(
             max_workers=workers, mp_context=get_context("spawn"), initializer=_load_here, initargs=(settings,)
         )
-    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="zypher-model")
+    return ThreadPoolExecutor(
+        max_workers=workers, thread_name_prefix="zypher-model", initializer=_lower_priority, initargs=(settings,)
+    )
+
+
+def _lower_priority(settings: Settings) -> None:
+    """Raise this thread's (or process's) niceness: on Linux every thread has its own."""
+    if settings.model_nice > 0 and hasattr(os, "setpriority"):
+        try:
+            current = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), min(19, current + settings.model_nice))
+        except OSError as exc:
+            log.warning("could not lower the model's scheduling priority: %s", exc)
 
 
 _process_model: Model | None = None  # the model, inside each worker process of --executor process
@@ -43,6 +60,7 @@ def _load_here(settings: Settings) -> None:
     global _process_model
     from .models import build_model
 
+    _lower_priority(settings)
     model = build_model(settings)
     model.load()
     _process_model = model

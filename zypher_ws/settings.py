@@ -26,6 +26,9 @@ class Settings:
     model: str = _opt("digits", "model to serve: digits, mock, or package.module:factory")
     workers: int = _opt(2, "concurrent model calls (batches in flight); 0 = no model here (redis backend)")
     executor: str = _opt("thread", "where the model runs: thread (numpy, GIL-releasing) or process (pure Python)")
+    model_nice: int = _opt(
+        10, "scheduling niceness of the model's threads or processes (0-19): the event loop, at 0, runs first"
+    )
     max_queue: int = _opt(1024, "most predictions waiting in the queue; past it POST answers 503")
     max_batch_size: int = _opt(32, "most predictions handed to the model in one call")
     max_batch_delay_ms: float = _opt(2.0, "longest a worker waits to fill a batch while others are busy (idle: none)")
@@ -95,6 +98,8 @@ class Settings:
         for name in ("ws_max_per_client", "rate_burst", "metrics_port"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
+        if not 0 <= self.model_nice <= 19:
+            raise ValueError("model_nice must be between 0 and 19")
         if self.rate_limit < 0:
             raise ValueError("rate_limit must not be negative")
         if any(not token or len(token) < 16 for token in self.api_tokens):
