@@ -33,14 +33,16 @@ def dumps_str(value: Any) -> str:
 def loads(data: str | bytes) -> Any:
     """Parse one JSON document. Raises ValueError (UnicodeDecodeError included) for anything malformed."""
     try:
-        text = data.decode("utf-8") if isinstance(data, bytes) else data
-        return json.loads(text, parse_constant=_reject_constant)
+        return _DECODER.decode(data.decode("utf-8") if isinstance(data, bytes) else data)
     except RecursionError:
         raise ValueError("nested too deeply") from None
 
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)  # json.loads would build one per call
 
 
 def _finite(value: Any) -> Any:
