@@ -3,8 +3,10 @@
 Out: orjson (several times faster than the standard library on the records every response and push
 carries); what orjson refuses, integers past 64 bits, goes through the standard library instead.
 NaN and infinities become null, so every answer is valid JSON.
-In: the standard library, which keeps big integers exact (orjson would turn them into floats), with
-NaN/Infinity and nesting too deep for the parser reported as malformed JSON like any other.
+In: orjson too, except where it would differ from the standard library: a run of 19 or more digits
+(orjson would turn integers past 64 bits into floats; the standard library keeps them exact) or anything
+orjson rejects (the standard library then accepts it or words the error). NaN/Infinity and nesting
+too deep for the parser are malformed JSON like any other.
 """
 
 from __future__ import annotations
@@ -32,6 +34,12 @@ def dumps_str(value: Any) -> str:
 
 def loads(data: str | bytes) -> Any:
     """Parse one JSON document. Raises ValueError (UnicodeDecodeError included) for anything malformed."""
+    raw = data if isinstance(data, bytes) else data.encode("utf-8", "surrogatepass")
+    if _LONG_RUN not in raw.translate(_DIGITS_ONLY):
+        try:
+            return orjson.loads(raw)  # many times faster on the long arrays of numbers models take
+        except orjson.JSONDecodeError:
+            pass  # the standard library has the last word: it accepts a lone surrogate, and words errors
     try:
         return _DECODER.decode(data.decode("utf-8") if isinstance(data, bytes) else data)
     except RecursionError:
@@ -43,6 +51,10 @@ def _reject_constant(name: str) -> Any:
 
 
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant)  # json.loads would build one per call
+# A run of 19 digits, found by mapping digits to "0" and the rest to " " (a regex is ten times slower).
+# Up to 18 digits every integer fits in 64 bits, so orjson keeps it exact.
+_DIGITS_ONLY = bytes(0x30 if 0x30 <= b <= 0x39 else 0x20 for b in range(256))
+_LONG_RUN = b"0" * 19
 
 
 def _finite(value: Any) -> Any:

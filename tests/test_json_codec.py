@@ -1,0 +1,57 @@
+"""The service's JSON codec parses exactly like the standard library (fast path or not) and always
+writes valid JSON."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from zypher_ws.json_codec import dumps, loads
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**80), max_value=2**80)  # past 64 bits too: they must stay exact
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=8), children, max_size=5),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(json_values)
+def test_loads_agrees_with_the_standard_library(value: Any) -> None:
+    text = json.dumps(value)
+    expected = json.loads(text)
+    assert loads(text) == expected
+    assert loads(text.encode()) == expected
+    assert json.loads(dumps(value)) == expected  # and what it writes reads back the same
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (b"[123456789012345678901234567890]", [123456789012345678901234567890]),  # exact, not a float
+        (b"[18446744073709551615, -9223372036854775808]", [2**64 - 1, -(2**63)]),
+        (b'"\\ud800"', "\ud800"),  # a lone surrogate escape: orjson refuses it, JSON allows it
+        (' {"a": 1, "a": 2} ', {"a": 2}),
+    ],
+)
+def test_loads_edge_cases(raw: str | bytes, expected: Any) -> None:
+    assert loads(raw) == expected
+
+
+@pytest.mark.parametrize("raw", [b"NaN", b"[Infinity]", b"[-Infinity]", b"{", b"", b"\xff", b"[" * 5000])
+def test_loads_rejects_with_value_error(raw: bytes) -> None:
+    with pytest.raises(ValueError):
+        loads(raw)
+
+
+def test_dumps_writes_only_valid_json() -> None:
+    out = dumps({"nan": float("nan"), "inf": [float("inf")], 3: "three", "big": 2**70})
+    assert json.loads(out, parse_constant=pytest.fail) == {"nan": None, "inf": [None], "3": "three", "big": 2**70}
