@@ -152,6 +152,35 @@ async def flood(url: str, count: int, concurrency: int, body: Any) -> dict[str, 
     return {"rps": accepted / elapsed, "refused_rps": refused / elapsed, "accepted": accepted, "refused": refused}
 
 
+async def probe(url: str, rate: float, duration: float) -> dict[str, Any]:
+    """GET `url` at a fixed rate, the way a health checker or a load balancer does, and time each answer.
+
+    Open loop: a slow answer does not delay the next probe, so queueing inside the server shows.
+    """
+    latencies: list[float] = []
+    failures = 0
+
+    async def one(http: aiohttp.ClientSession) -> None:
+        nonlocal failures
+        t0 = time.perf_counter()
+        async with http.get(url) as resp:
+            await resp.read()
+            if resp.status != 200:
+                failures += 1
+        latencies.append(time.perf_counter() - t0)
+
+    async with aiohttp.ClientSession() as http:
+        await one(http)  # open the connection first
+        latencies.clear()
+        tasks = []
+        started = time.perf_counter()
+        for i in range(int(rate * duration)):
+            await asyncio.sleep(max(0.0, started + i / rate - time.perf_counter()))  # pacing, not syncing
+            tasks.append(asyncio.create_task(one(http)))
+        await asyncio.gather(*tasks)
+    return {"probes": len(latencies), "failures": failures, **percentiles(latencies)}
+
+
 # -- the model limit: no HTTP, the model alone at its best batch size -----------------------------------
 
 
@@ -196,6 +225,10 @@ def main() -> None:
     p.add_argument("--count", type=int, default=200_000)
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--body", required=True)
+    p = sub.add_parser("probe")
+    p.add_argument("--url", required=True)
+    p.add_argument("--rate", type=float, default=100.0)
+    p.add_argument("--duration", type=float, default=3.0)
     p = sub.add_parser("model-limit")
     p.add_argument("--model", required=True)
     p.add_argument("--duration", type=float, default=4.0)
@@ -206,6 +239,8 @@ def main() -> None:
         out = asyncio.run(push(args.url, args.sockets, args.ws_url or [args.url]))
     elif args.cmd == "flood":
         out = asyncio.run(flood(args.url, args.count, args.concurrency, json.loads(args.body)))
+    elif args.cmd == "probe":
+        out = asyncio.run(probe(args.url, args.rate, args.duration))
     elif args.cmd == "idle":
         out = asyncio.run(idle(args.url, args.sockets, args.hold))
     else:
