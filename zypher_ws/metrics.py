@@ -49,7 +49,7 @@ class LoopHistogram(Collector):
     def collect(self) -> Iterator[HistogramMetricFamily]:
         family = HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
         les = [repr(b) for b in self._bounds] + ["+Inf"]  # 1.0, 0.0005: as prometheus-client writes them
-        for values, series in self._series.items():
+        for values, series in list(self._series.items()):  # a worker's scrape runs on another thread
             cumulative, buckets = 0, []
             for le, count in zip(les, series.counts, strict=True):
                 cumulative += count

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 
@@ -34,6 +35,8 @@ async def run_worker(settings: Settings, *, model: Model | None = None) -> None:
     try:
         async with open_backend(settings, listen=False) as backend:
             await runner.load()
+            gc.collect()
+            gc.freeze()  # what startup made lives as long as the process: keep full collections short
             pool = WorkerPool(
                 settings=settings,
                 queue=backend.queue,
