@@ -69,8 +69,7 @@ class PredictionService:
 
         It listens before the prediction is queued, so no change can slip past and nothing is read back.
         """
-        loop = asyncio.get_running_loop()
-        settled = loop.create_future()  # a bare future and timer: asyncio.wait costs more per request
+        settled = asyncio.get_running_loop().create_future()
         changes: list[Prediction] = []
 
         def on_change(prediction: Prediction) -> None:
@@ -81,11 +80,9 @@ class PredictionService:
         prediction, new = await self._submit(value, idempotency_key, on_change)
         if not new:
             return await self.wait(prediction.prediction_id, timeout)  # an earlier prediction: follow it
-        timer = loop.call_later(timeout, _settle, settled)
         try:
-            await settled
+            await _settled_within(settled, timeout)
         finally:
-            timer.cancel()
             self.bus.unsubscribe(prediction.prediction_id, on_change)
         for change in changes:
             if change.status.rank >= prediction.status.rank:  # never backwards (a takeover restarts it)
@@ -154,8 +151,7 @@ class PredictionService:
 
     async def wait(self, prediction_id: str, timeout: float) -> Prediction:
         """The prediction once terminal, or its latest state when `timeout` runs out first."""
-        loop = asyncio.get_running_loop()
-        settled = loop.create_future()  # a bare future and timer: asyncio.wait costs more per request
+        settled = asyncio.get_running_loop().create_future()
         latest: list[Prediction] = []
 
         def deliver(prediction: Prediction, snapshot: bool) -> None:
@@ -166,13 +162,21 @@ class PredictionService:
         watch = Watch(self.bus, prediction_id, deliver)
         if await watch.start(self.store.get) is None:
             raise NotFound(f"no prediction {prediction_id}")
-        timer = loop.call_later(timeout, _settle, settled)
         try:
-            await settled
+            await _settled_within(settled, timeout)
         finally:
-            timer.cancel()
             watch.stop()
         return latest[-1]
+
+
+async def _settled_within(future: asyncio.Future[None], timeout: float) -> None:
+    """Until `future` is settled or `timeout` runs out: a bare timer, where asyncio.wait would build a
+    set of callbacks per request."""
+    timer = asyncio.get_running_loop().call_later(timeout, _settle, future)
+    try:
+        await future
+    finally:
+        timer.cancel()
 
 
 def _settle(future: asyncio.Future[None]) -> None:
