@@ -7,7 +7,6 @@ import json
 from typing import Any
 
 import aiohttp
-import pytest
 from aiohttp import WSMsgType
 from aiohttp.test_utils import TestClient
 from rawws import RawWebSocket
@@ -328,15 +327,6 @@ async def test_sse_unknown_id_is_404_json(make_client: ClientFactory) -> None:
     resp = await client.get("/predict/nope/events")
     assert resp.status == 404
     assert (await resp.json())["error"]["code"] == "not_found"
-
-
-@pytest.mark.parametrize("path", ["/", "/static/app.js", "/static/style.css"])
-async def test_page_is_served_with_security_headers(make_client: ClientFactory, path: str) -> None:
-    client = await make_client(model=MockModel())
-    resp = await client.get(path)
-    assert resp.status == 200
-    assert "default-src 'self'" in resp.headers["Content-Security-Policy"]
-    assert resp.headers["X-Content-Type-Options"] == "nosniff"
 
 
 def test_static_dir_holds_the_page() -> None:

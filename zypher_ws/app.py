@@ -17,7 +17,7 @@ from .backend import open_backend
 from .metrics import Metrics
 from .middleware import count_requests, json_errors, parse_json_body, require_token
 from .models import Model, build_model
-from .pages import add_page_routes, security_headers
+from .pages import add_page_routes
 from .runner import ModelRunner, make_executor
 from .service import PredictionService
 from .settings import Settings
@@ -36,7 +36,7 @@ def create_app(settings: Settings, *, model: Model | None = None) -> web.Applica
         raise ValueError("--executor process runs the model named by --model; it cannot take a model object")
     app = web.Application(
         client_max_size=settings.max_body,
-        middlewares=[count_requests, security_headers, json_errors, require_token],
+        middlewares=[count_requests, json_errors, require_token],
     )
     app[SETTINGS] = settings
     app[METRICS] = Metrics()

@@ -31,17 +31,20 @@ def static_dir() -> Path:
 
 
 async def index(request: web.Request) -> web.FileResponse:
-    return web.FileResponse(static_dir() / "index.html")
+    return web.FileResponse(static_dir() / "index.html", headers=SECURITY_HEADERS)
 
 
 @web.middleware
 async def security_headers(request: web.Request, handler: Handler) -> web.StreamResponse:
     response = await handler(request)
-    if request.path == "/" or request.path.startswith("/static/"):
-        response.headers.update(SECURITY_HEADERS)
+    response.headers.update(SECURITY_HEADERS)
     return response
 
 
 def add_page_routes(app: web.Application) -> None:
+    """`/` and the files under `/static/`, the latter in an app of their own, so the headers middleware
+    runs for page files only, not for every API request."""
     app.router.add_get("/", index)
-    app.router.add_static("/static/", static_dir(), follow_symlinks=False)
+    files = web.Application(middlewares=[security_headers])
+    files.router.add_static("/", static_dir(), follow_symlinks=False)
+    app.add_subapp("/static/", files)
