@@ -118,6 +118,23 @@ async def test_sweep_deletes_only_expired_finished(store: Store) -> None:
     assert (await store.add(fresh, IdempotencyKey(done.prediction_id, "fp"))).prediction_id == fresh.prediction_id
 
 
+async def test_memory_store_keeps_a_bounded_number_of_finished_records() -> None:
+    store = MemoryStore(ttl=60, max_finished=3)
+    unfinished = [await store.add(new(i)) for i in range(4)]
+    finished = []
+    for i in range(5):
+        p = await store.add(new(10 + i))
+        await store.start([p.prediction_id])
+        finished += await store.finish([Outcome(p.prediction_id, result=i)])
+    kept = [await store.get(p.prediction_id) for p in finished]
+    assert kept[:2] == [None, None]  # the two oldest finished went first
+    assert [p.result for p in kept[2:] if p is not None] == [2, 3, 4]
+    assert None not in [await store.get(p.prediction_id) for p in unfinished]  # never unfinished ones
+    assert len(store) == 4 + 3
+    canceled = await store.cancel(unfinished[0].prediction_id)  # finishing by cancel counts too
+    assert await store.get(canceled.prediction_id) is not None and await store.get(finished[2].prediction_id) is None
+
+
 async def test_sqlite_survives_reopen_and_recovers_in_order(tmp_path: Path) -> None:
     path = tmp_path / "z.db"
     s = SQLiteStore(path, ttl=60)

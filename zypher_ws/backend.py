@@ -46,7 +46,7 @@ async def open_backend(settings: Settings, *, listen: bool = True) -> AsyncItera
 
 async def open_store(settings: Settings) -> Store:
     if settings.store == "memory://":
-        return MemoryStore(ttl=settings.result_ttl)
+        return MemoryStore(ttl=settings.result_ttl, max_finished=settings.memory_max_results)
     sqlite = SQLiteStore(
         path_from_url(settings.store), ttl=settings.result_ttl, synchronous=settings.sqlite_synchronous
     )

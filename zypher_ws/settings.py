@@ -43,6 +43,9 @@ class Settings:
     ws_heartbeat: float = _opt(30.0, "seconds between WebSocket pings; a peer that misses one is dropped")
     shutdown_timeout: float = _opt(30.0, "seconds running predictions get to finish on SIGTERM")
     store: str = _opt("sqlite:///zypher.db", "where records live: sqlite:///relative.db, sqlite:////abs.db, memory://")
+    memory_max_results: int = _opt(
+        50_000, "memory:// only: most finished predictions kept; the oldest go first, before --result-ttl"
+    )
     sqlite_synchronous: str = _opt("FULL", "SQLite synchronous pragma: FULL survives power loss, NORMAL a crash")
     max_attempts: int = _opt(3, "times a prediction may be started; past it a lost one ends failed (worker_lost)")
     result_ttl: float = _opt(86400.0, "seconds a finished prediction is kept before it is deleted")
@@ -92,7 +95,10 @@ class Settings:
     def __post_init__(self) -> None:
         if self.workers < (0 if self.backend == "redis" else 1):
             raise ValueError("workers must be at least 1 (0, an API-only process, needs --backend redis)")
-        for name in ("redis_connections", "max_queue", "max_batch_size", "max_body", "ws_outbox", "max_attempts"):
+        for name in (
+            "redis_connections", "max_queue", "max_batch_size", "max_body", "ws_outbox", "max_attempts",
+            "memory_max_results",
+        ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         for name in ("ws_max_per_client", "rate_burst", "metrics_port"):

@@ -107,11 +107,17 @@ def check_idempotency(existing: Prediction | None, stored: IdempotencyKey | None
 
 
 class MemoryStore:
-    """Records in a dict: fast, and gone when the process ends."""
+    """Records in a dict: fast, and gone when the process ends.
 
-    def __init__(self, *, ttl: float = 86400.0) -> None:
+    At most `max_finished` finished records are kept (the oldest finished go first, before their TTL):
+    the heap is the only place they live. Unfinished ones are bounded by the queue.
+    """
+
+    def __init__(self, *, ttl: float = 86400.0, max_finished: int = 50_000) -> None:
         self.ttl = ttl
+        self.max_finished = max_finished
         self._records: dict[str, Prediction] = {}
+        self._finished: dict[str, None] = {}  # ids of finished records, oldest first
         self._keys: dict[str, tuple[str, IdempotencyKey]] = {}
 
     def __len__(self) -> int:
@@ -133,6 +139,7 @@ class MemoryStore:
 
     async def delete(self, prediction_id: str) -> None:
         self._records.pop(prediction_id, None)
+        self._finished.pop(prediction_id, None)
 
     async def start(self, prediction_ids: Sequence[str]) -> list[Prediction]:
         return self._apply(start(self._records.get(pid), len(prediction_ids)) for pid in prediction_ids)
@@ -150,6 +157,7 @@ class MemoryStore:
         expired = [p.prediction_id for p in self._records.values() if p.expires_at is not None and p.expires_at <= now]
         for pid in expired:
             del self._records[pid]
+            self._finished.pop(pid, None)
         self._keys = {k: v for k, v in self._keys.items() if v[0] in self._records}
         return len(expired)
 
@@ -163,4 +171,10 @@ class MemoryStore:
         changed = [p for p in updates if p is not None]
         for p in changed:
             self._records[p.prediction_id] = p
+            if p.status.terminal:
+                self._finished[p.prediction_id] = None
+        while len(self._finished) > self.max_finished:
+            oldest = next(iter(self._finished))
+            del self._finished[oldest]
+            self._records.pop(oldest, None)
         return changed
