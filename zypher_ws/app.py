@@ -67,14 +67,7 @@ async def service_ctx(app: web.Application) -> AsyncIterator[None]:
         recovered = await service.recover()
         if recovered:
             log.info("queued again %d predictions accepted before the last stop", recovered)
-        pool = WorkerPool(
-            settings=settings,
-            queue=backend.queue,
-            store=backend.store,
-            bus=backend.bus,
-            runner=runner,
-            metrics=app[METRICS],
-        )
+        pool = WorkerPool.over(backend, settings=settings, runner=runner, metrics=app[METRICS])
         app[DRAIN] = lambda: pool.stop(settings.shutdown_timeout)
         load = None
         if settings.workers:

@@ -37,14 +37,7 @@ async def run_worker(settings: Settings, *, model: Model | None = None) -> None:
             await runner.load()
             gc.collect()
             gc.freeze()  # what startup made lives as long as the process: keep full collections short
-            pool = WorkerPool(
-                settings=settings,
-                queue=backend.queue,
-                store=backend.store,
-                bus=backend.bus,
-                runner=runner,
-                metrics=metrics,
-            )
+            pool = WorkerPool.over(backend, settings=settings, runner=runner, metrics=metrics)
             pool.start()
             log.info("worker taking predictions from %s (prefix %r)", settings.redis_url, settings.redis_prefix)
             await stop.wait()

@@ -6,6 +6,7 @@ import asyncio
 import logging
 
 from . import logs
+from .backend import Backend
 from .events import EventBus
 from .metrics import Metrics
 from .records import Job, Prediction
@@ -38,6 +39,13 @@ class WorkerPool:
         self._waiting: set[asyncio.Task[None] | None] = set()
         self._stopping = False
         self.busy = 0
+
+    @classmethod
+    def over(cls, backend: Backend, *, settings: Settings, runner: ModelRunner, metrics: Metrics) -> WorkerPool:
+        """A pool taking work from a backend's queue, recording in its store and announcing on its bus."""
+        return cls(
+            settings=settings, queue=backend.queue, store=backend.store, bus=backend.bus, runner=runner, metrics=metrics
+        )
 
     def start(self) -> None:
         self._tasks = [
