@@ -115,7 +115,7 @@ class Metrics:
 
     def request_done(self, method: str, route: str, status: int, seconds: float) -> None:
         self._child(self.http_requests, method, route, str(status)).inc()
-        self._child(self.http_duration, route).observe(seconds)
+        self.http_duration.labels(route).observe(seconds)  # a dict lookup already, no lock
 
     # -- what workers report ---------------------------------------------------------------------------
 
