@@ -3,6 +3,7 @@ and each store applies them atomically (a dict in one thread, a transaction in S
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -117,7 +118,9 @@ class MemoryStore:
         self.ttl = ttl
         self.max_finished = max_finished
         self._records: dict[str, Prediction] = {}
-        self._finished: dict[str, None] = {}  # ids of finished records, oldest first
+        # Ids of finished records, oldest first. An OrderedDict, not a dict: popping a plain dict's first
+        # key again and again leaves holes that the next iter() must scan past (quadratic at load).
+        self._finished: OrderedDict[str, None] = OrderedDict()
         self._keys: dict[str, tuple[str, IdempotencyKey]] = {}
 
     def __len__(self) -> int:
@@ -174,7 +177,6 @@ class MemoryStore:
             if p.status.terminal:
                 self._finished[p.prediction_id] = None
         while len(self._finished) > self.max_finished:
-            oldest = next(iter(self._finished))
-            del self._finished[oldest]
+            oldest, _ = self._finished.popitem(last=False)
             self._records.pop(oldest, None)
         return changed
