@@ -7,12 +7,14 @@ import json
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import WSMsgType
 from aiohttp.test_utils import TestClient
 from rawws import RawWebSocket
 
 from conftest import WAIT, ClientFactory, GatedModel, listener_count
 from zypher_ws.models import MockModel
+from zypher_ws.records import Prediction
 from zypher_ws.typedefs import SERVICE, SOCKETS
 
 ASYNC = {"Async-Mode": "true"}
@@ -180,6 +182,43 @@ async def test_fan_out_and_isolation(make_client: ClientFactory, gated: GatedMod
         assert message["prediction"]["prediction_id"] == b["prediction_id"]
         statuses.append(message["prediction"]["status"])
     for ws in [*watchers, other]:
+        await ws.close()
+
+
+async def terminal_frame(ws: aiohttp.ClientWebSocketResponse) -> str:
+    """The raw text of the first message carrying a finished record (earlier states may come first)."""
+    while True:
+        frame = await ws.receive_str(timeout=WAIT)
+        if json.loads(frame)["prediction"]["status"] in ("succeeded", "failed", "canceled"):
+            return frame
+
+
+async def test_a_state_is_encoded_once_for_all_its_watchers(
+    make_client: ClientFactory, gated: GatedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = await make_client(model=gated)
+    a = await submit(client, {"x": 1})
+    watchers = [await client.ws_connect(f"/ws?prediction_id={a['prediction_id']}") for _ in range(3)]
+    for ws in watchers:
+        assert (await recv(ws))["type"] == "subscribed"
+    await gated.wait_started(1)
+    encoded: list[str] = []
+    to_dict = Prediction.to_dict
+
+    def counting(self: Prediction) -> dict[str, Any]:
+        encoded.append(self.status.value)
+        return to_dict(self)
+
+    monkeypatch.setattr(Prediction, "to_dict", counting)
+    async with client.get(f"/predict/{a['prediction_id']}/events") as sse:
+        gated.release.set()
+        frames = {await terminal_frame(ws) for ws in watchers}
+        body = (await sse.read()).decode()
+    assert len(frames) == 1  # the same frame on every socket
+    assert "event: update\ndata: " in body
+    # The SSE snapshot is its own message; the update, on three sockets and the stream, was built once.
+    assert encoded.count("succeeded") == 1
+    for ws in watchers:
         await ws.close()
 
 

@@ -24,6 +24,27 @@ SLOW_CLIENT_CLOSE = WSCloseCode.TRY_AGAIN_LATER  # 1013: the client fell behind 
 AUTH_TIMEOUT = 10.0  # seconds a socket has to authenticate when tokens are required
 
 
+class _UpdateFrames:
+    """The encoded `update` message of the state seen last.
+
+    The bus hands one state to all its watchers in a row, so a prediction watched by N sockets (or
+    event streams) is built and encoded once per state, not N times. One entry, swapped whole.
+    """
+
+    def __init__(self) -> None:
+        self._last: tuple[Prediction | None, bytes] = (None, b"")
+
+    def __call__(self, prediction: Prediction) -> bytes:
+        last, frame = self._last
+        if last is not prediction:
+            frame = dumps({"type": "update", "prediction": prediction.to_dict()})
+            self._last = (prediction, frame)
+        return frame
+
+
+update_frame = _UpdateFrames()
+
+
 def ws_error(code: str, message: str, request_id: Any = None, **extra: Any) -> dict[str, Any]:
     return {"type": "error", "error": {"code": code, "message": message}, "request_id": request_id, **extra}
 
@@ -47,7 +68,7 @@ class WsSession:
         self.service = service
         self.settings = settings
         self.watches: dict[str, Watch] = {}
-        self.outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=settings.ws_outbox)
+        self.outbox: asyncio.Queue[bytes] = asyncio.Queue(maxsize=settings.ws_outbox)  # encoded frames
         self.dropped = False
         self._closing: asyncio.Task[None] | None = None
         self._sender = asyncio.create_task(self._send_loop())
@@ -55,10 +76,14 @@ class WsSession:
     # -- outgoing ---------------------------------------------------------------------------------
 
     def send(self, message: dict[str, Any]) -> None:
+        self.send_frame(dumps(message))
+
+    def send_frame(self, frame: bytes) -> None:
+        """Queue one JSON text frame, already encoded."""
         if self.dropped:
             return
         try:
-            self.outbox.put_nowait(message)
+            self.outbox.put_nowait(frame)
         except asyncio.QueueFull:
             # The client is not reading. Drop it rather than buffer without bound or slow the workers.
             self.dropped = True
@@ -69,8 +94,8 @@ class WsSession:
 
     async def _send_loop(self) -> None:
         while True:
-            message = await self.outbox.get()
-            await self.ws.send_str(dumps_str(message))
+            frame = await self.outbox.get()
+            await self.ws.send_frame(frame, WSMsgType.TEXT)
 
     async def _close(self, code: int, message: bytes) -> None:
         try:
@@ -102,9 +127,11 @@ class WsSession:
         def deliver(prediction: Prediction, snapshot: bool) -> None:
             if prediction.status.terminal:
                 self.watches.pop(prediction_id, None)
-            kind = first if snapshot else "update"
-            message: dict[str, Any] = {"type": kind, "prediction": prediction.to_dict()}
-            if kind == "accepted":
+            if not snapshot:
+                self.send_frame(update_frame(prediction))
+                return
+            message: dict[str, Any] = {"type": first, "prediction": prediction.to_dict()}
+            if first == "accepted":
                 message["request_id"] = request_id
             self.send(message)
 
@@ -290,7 +317,11 @@ async def prediction_events(request: web.Request) -> web.StreamResponse:
             except asyncio.TimeoutError:
                 await response.write(b": keep-alive\n\n")  # proxies close idle streams
                 continue
-            data = dumps({"type": kind, "prediction": prediction.to_dict()})
+            data = (
+                update_frame(prediction)
+                if kind == "update"
+                else dumps({"type": kind, "prediction": prediction.to_dict()})
+            )
             await response.write(b"event: %s\ndata: %s\n\n" % (kind.encode(), data))
             if prediction.status.terminal:
                 break
