@@ -190,7 +190,7 @@ def model_limit(name: str, duration: float) -> dict[str, Any]:
     model = bench_model(name)
     model.load()
     best: dict[str, Any] = {"rps": 0.0, "batch": 0}
-    for batch in (1, 8, 32, 128):
+    for batch in (1, 8, 32, 128, 256):
         inputs = [sample(name)] * batch
         model.predict_batch(inputs)
         calls, t0 = 0, time.perf_counter()
