@@ -256,41 +256,41 @@ def flood(opts: Options, count: int = 200_000) -> list[str]:
 
 
 def stores(opts: Options) -> list[str]:
-    rows = []
-    figures: dict[str, dict[str, Figure]] = {}
+    """SQLite against memory, in rounds (each round starts both once) with the ratios paired per round."""
+    names = ("memory://", "sqlite (FULL)")
+    keys = ("submit", "sync1_p50", "sync1_p99", "sync32", "sync32_p99")
+    f = {name: {k: Figure() for k in keys} for name in names}
+    paired = {"submit": Figure(), "sync32": Figure()}  # SQLite ÷ memory within one round
+    body = {"input": sample("mock")}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, store in (("memory://", "memory://"), ("sqlite (FULL)", f"sqlite:///{tmp}/full.db")):
-            f = figures[name] = {k: Figure() for k in ("submit", "sync1_p50", "sync1_p99", "sync32", "sync32_p99")}
-            with server(
-                zypher("--store", store, "--max-queue", "300000", "--model", "mock"), ready_path="/readyz"
-            ) as s:
-                body = {"input": sample("mock")}
-                for _ in range(opts.repeat):
+        for round_ in range(opts.repeat):
+            for name, store in zip(names, ("memory://", f"sqlite:///{tmp}/full{round_}.db"), strict=True):
+                argv = zypher("--store", store, "--max-queue", "300000", "--model", "mock")
+                with server(argv, ready_path="/readyz") as s:
                     one = wrk(s.url + "/predict", connections=1, duration=opts.duration, body=body)
-                    f["sync1_p50"].add(one.p50_ms)
-                    f["sync1_p99"].add(one.p99_ms)
                     many = wrk(s.url + "/predict", connections=32, duration=opts.duration, body=body)
-                    f["sync32"].add(many.rps)
-                    f["sync32_p99"].add(many.p99_ms)
-                for _ in range(opts.repeat):
                     submit = wrk(
                         s.url + "/predict", connections=32, duration=opts.duration, body=body,
                         headers={"Async-Mode": "true"},
                     )  # fmt: skip
-                    f["submit"].add(submit.rps)
-            rows.append([
-                name, f["submit"].show(), f["sync1_p50"].show(2), f["sync1_p99"].show(2), f["sync32"].show(),
-                f["sync32_p99"].show(2),
-            ])  # fmt: skip
-    mem, sql = figures["memory://"], figures["sqlite (FULL)"]
+                for key, value in zip(keys, (submit.rps, one.p50_ms, one.p99_ms, many.rps, many.p99_ms), strict=True):
+                    f[name][key].add(value)
+            mem, sql = f["memory://"], f["sqlite (FULL)"]
+            for key, figure in paired.items():
+                figure.add(sql[key].values[-1] / mem[key].values[-1])
+    rows = [
+        [name, g["submit"].show(), g["sync1_p50"].show(2), g["sync1_p99"].show(2), g["sync32"].show(),
+         g["sync32_p99"].show(2)]
+        for name, g in f.items()
+    ]  # fmt: skip
     return [
         table(
             "store: SQLite (the durable default) against memory, model `mock` 0 ms",
             ["store", "async submit/s c=32", "sync p50 ms c=1", "sync p99 ms c=1", "sync/s c=32", "sync p99 ms c=32"],
             rows,
         ),
-        f"\nSQLite ÷ memory: async submit {ratio(sql['submit'], mem['submit'])}, "
-        f"sync c=32 {ratio(sql['sync32'], mem['sync32'])}",
+        f"\nSQLite ÷ memory, medians of per-round ratios: async submit {paired['submit'].show(2, '×')}, "
+        f"sync c=32 {paired['sync32'].show(2, '×')}",
     ]
 
 
