@@ -6,7 +6,8 @@ from importlib.util import find_spec
 from pathlib import Path
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
+
+from .errors import NotFound
 
 # Only this service's own origin: no inline script, nothing fetched from elsewhere.
 CSP = (
@@ -34,17 +35,19 @@ async def index(request: web.Request) -> web.FileResponse:
     return web.FileResponse(static_dir() / "index.html", headers=SECURITY_HEADERS)
 
 
-@web.middleware
-async def security_headers(request: web.Request, handler: Handler) -> web.StreamResponse:
-    response = await handler(request)
-    response.headers.update(SECURITY_HEADERS)
-    return response
-
-
 def add_page_routes(app: web.Application) -> None:
-    """`/` and the files under `/static/`, the latter in an app of their own, so the headers middleware
-    runs for page files only, not for every API request."""
+    """`/` and the page's files under `/static/`.
+
+    The files are listed once here and looked up by name: nothing a request says is ever joined to a
+    filesystem path, and a name not on the list is the API's JSON 404, not a bare one.
+    """
+    files = {path.name: path for path in static_dir().iterdir() if path.is_file()}
+
+    async def page_file(request: web.Request) -> web.FileResponse:
+        path = files.get(request.match_info["name"])
+        if path is None:
+            raise NotFound(f"no file {request.path}")
+        return web.FileResponse(path, headers=SECURITY_HEADERS)
+
     app.router.add_get("/", index)
-    files = web.Application(middlewares=[security_headers])
-    files.router.add_static("/", static_dir(), follow_symlinks=False)
-    app.add_subapp("/static/", files)
+    app.router.add_get("/static/{name}", page_file)
