@@ -28,14 +28,17 @@ def bench_model(name: str) -> Model:
     raise ValueError(f"unknown benchmark model {name!r}; one of {MODELS}")
 
 
+# Tuned as a user would: this model's cost per input keeps falling up to batches of 128-256.
+CPU_TUNING = ("--max-batch-size", "128")
+
+
 def serve_args(name: str) -> list[str]:
     """`zypher-ws serve` flags for the same model."""
     return {
         "mock": ["--model", "mock"],
         "mock50": ["--model", "mock", "--mock-latency-ms", "50"],
         "stuck": ["--model", "mock", "--mock-latency-ms", str(STUCK_MS), "--shutdown-timeout", "0"],
-        # Tuned as a user would: this model's cost per input keeps falling up to batches of 128-256.
-        "cpu": ["--model", "bench.cpu_model:CpuModel", "--max-batch-size", "128"],
+        "cpu": ["--model", "bench.cpu_model:CpuModel", *CPU_TUNING],
         "digits": ["--model", "digits"],
     }[name]
 
