@@ -16,6 +16,7 @@ from .runner import ModelRunner
 from .settings import Settings
 from .store import IdempotencyKey, Store
 from .validation import InputValidator
+from .waiting import settle, settled_within
 from .work_queue import WorkQueue
 
 
@@ -75,13 +76,13 @@ class PredictionService:
         def on_change(prediction: Prediction) -> None:
             changes.append(prediction)
             if prediction.status.terminal:
-                _settle(settled)
+                settle(settled)
 
         prediction, new = await self._submit(value, idempotency_key, on_change)
         if not new:
             return await self.wait(prediction.prediction_id, timeout)  # an earlier prediction: follow it
         try:
-            await _settled_within(settled, timeout)
+            await settled_within(settled, timeout)
         finally:
             self.bus.unsubscribe(prediction.prediction_id, on_change)
         for change in changes:
@@ -157,28 +158,13 @@ class PredictionService:
         def deliver(prediction: Prediction, snapshot: bool) -> None:
             latest.append(prediction)
             if prediction.status.terminal:
-                _settle(settled)
+                settle(settled)
 
         watch = Watch(self.bus, prediction_id, deliver)
         if await watch.start(self.store.get) is None:
             raise NotFound(f"no prediction {prediction_id}")
         try:
-            await _settled_within(settled, timeout)
+            await settled_within(settled, timeout)
         finally:
             watch.stop()
         return latest[-1]
-
-
-async def _settled_within(future: asyncio.Future[None], timeout: float) -> None:
-    """Until `future` is settled or `timeout` runs out: a bare timer, where asyncio.wait would build a
-    set of callbacks per request."""
-    timer = asyncio.get_running_loop().call_later(timeout, _settle, future)
-    try:
-        await future
-    finally:
-        timer.cancel()
-
-
-def _settle(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)

@@ -9,6 +9,7 @@ from typing import Protocol
 
 from .errors import QueueFull
 from .records import Job
+from .waiting import settle, settled_within
 
 
 class WorkQueue(Protocol):
@@ -52,7 +53,7 @@ class MemoryQueue:
             raise QueueFull()
         self._items.append(job)
         for waiter in self._waiters:
-            _wake(waiter)
+            settle(waiter)
 
     async def get_batch(self, max_size: int, max_delay: float) -> list[Job]:
         while not self._items:
@@ -78,17 +79,13 @@ class MemoryQueue:
         return batch
 
     async def _wait(self, timeout: float | None) -> None:
-        """Until a job is put or `timeout` runs out: a future and a timer, cheaper than wait_for's task."""
-        loop = asyncio.get_running_loop()
-        waiter = loop.create_future()
-        timer = None if timeout is None else loop.call_later(timeout, _wake, waiter)
+        """Until a job is put or `timeout` runs out."""
+        waiter = asyncio.get_running_loop().create_future()
         self._waiters.add(waiter)
         try:
-            await waiter
+            await settled_within(waiter, timeout)
         finally:
             self._waiters.discard(waiter)
-            if timer is not None:
-                timer.cancel()
 
     async def ack(self, jobs: Sequence[Job]) -> None:
         pass  # taken off the deque when read; a crash loses the deque, and the durable store recovers
@@ -99,8 +96,3 @@ class MemoryQueue:
     def _take(self, n: int) -> list[Job]:
         items = self._items
         return [items.popleft() for _ in range(min(n, len(items)))]
-
-
-def _wake(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
