@@ -110,11 +110,10 @@ class PredictionService:
             key = IdempotencyKey(idempotency_key, hashlib.sha256(canonical.encode()).hexdigest())
         if listener is not None:
             self.bus.subscribe(pid, listener)
+        queued = False
         try:
             stored = await self.store.add(prediction, key)
             if stored.prediction_id != pid:
-                if listener is not None:
-                    self.bus.unsubscribe(pid, listener)
                 return stored, False
             try:
                 await self.queue.put(Job(pid))
@@ -122,10 +121,10 @@ class PredictionService:
                 # Filled up while the record was being stored: take it back, so a 503 leaves nothing behind.
                 await self.store.delete(pid)
                 raise QueueFull() from None
-        except BaseException:
-            if listener is not None:
-                self.bus.unsubscribe(pid, listener)
-            raise
+            queued = True
+        finally:
+            if listener is not None and not queued:
+                self.bus.unsubscribe(pid, listener)  # nothing of ours to hear
         logs.state_changes([prediction])
         return prediction, True
 
