@@ -31,10 +31,6 @@ def static_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "static"
 
 
-async def index(request: web.Request) -> web.FileResponse:
-    return web.FileResponse(static_dir() / "index.html", headers=SECURITY_HEADERS)
-
-
 def add_page_routes(app: web.Application) -> None:
     """`/` and the page's files under `/static/`.
 
@@ -42,6 +38,9 @@ def add_page_routes(app: web.Application) -> None:
     filesystem path, and a name not on the list is the API's JSON 404, not a bare one.
     """
     files = {path.name: path for path in static_dir().iterdir() if path.is_file()}
+
+    async def index(request: web.Request) -> web.FileResponse:
+        return web.FileResponse(files["index.html"], headers=SECURITY_HEADERS)
 
     async def page_file(request: web.Request) -> web.FileResponse:
         path = files.get(request.match_info["name"])
