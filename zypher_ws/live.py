@@ -11,7 +11,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from .access import WS_PROTOCOL, RateLimiter, check_origin, client_address, token_valid, websocket_token
 from .errors import InvalidMessage, NotFound, TooManySubscriptions, UnknownOp, ZypherError
 from .events import Watch
-from .json_codec import dumps, dumps_str, loads
+from .json_codec import dumps, loads
 from .metrics import Metrics
 from .records import Prediction
 from .service import PredictionService
@@ -37,12 +37,17 @@ class _UpdateFrames:
     def __call__(self, prediction: Prediction) -> bytes:
         last, frame = self._last
         if last is not prediction:
-            frame = dumps({"type": "update", "prediction": prediction.to_dict()})
+            frame = dumps(record_message("update", prediction))
             self._last = (prediction, frame)
         return frame
 
 
 update_frame = _UpdateFrames()
+
+
+def record_message(kind: str, prediction: Prediction) -> dict[str, Any]:
+    """A message carrying a record: `subscribed`, `accepted` or `update` (WebSocket and SSE alike)."""
+    return {"type": kind, "prediction": prediction.to_dict()}
 
 
 def ws_error(code: str, message: str, request_id: Any = None, **extra: Any) -> dict[str, Any]:
@@ -130,7 +135,7 @@ class WsSession:
             if not snapshot:
                 self.send_frame(update_frame(prediction))
                 return
-            message: dict[str, Any] = {"type": first, "prediction": prediction.to_dict()}
+            message = record_message(first, prediction)
             if first == "accepted":
                 message["request_id"] = request_id
             self.send(message)
@@ -259,7 +264,7 @@ async def _authenticate(ws: web.WebSocketResponse, settings: Settings) -> bool:
     except (asyncio.TimeoutError, ValueError):
         pass
     if token_valid(token, settings.api_tokens):
-        await ws.send_str(dumps_str({"type": "authenticated"}))
+        await ws.send_frame(dumps({"type": "authenticated"}), WSMsgType.TEXT)
         return True
     await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"unauthorized: first send {op: auth, token}")
     return False
@@ -317,11 +322,7 @@ async def prediction_events(request: web.Request) -> web.StreamResponse:
             except asyncio.TimeoutError:
                 await response.write(b": keep-alive\n\n")  # proxies close idle streams
                 continue
-            data = (
-                update_frame(prediction)
-                if kind == "update"
-                else dumps({"type": kind, "prediction": prediction.to_dict()})
-            )
+            data = update_frame(prediction) if kind == "update" else dumps(record_message(kind, prediction))
             await response.write(b"event: %s\ndata: %s\n\n" % (kind.encode(), data))
             if prediction.status.terminal:
                 break
