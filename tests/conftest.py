@@ -13,12 +13,14 @@ from aiohttp.test_utils import TestClient
 
 from zypher_ws.app import create_app
 from zypher_ws.models import Model
+from zypher_ws.records import Status
 from zypher_ws.redis_keys import RedisKeys
 from zypher_ws.settings import Settings
 from zypher_ws.store import MemoryStore
 from zypher_ws.typedefs import SERVICE, SETTINGS
 
 WAIT = 5.0  # seconds any awaited event may take before a test fails
+TERMINAL = frozenset(s.value for s in Status if s.terminal)  # statuses as records carry them
 
 
 class GatedModel:

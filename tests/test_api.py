@@ -12,7 +12,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from openapi_spec_validator import validate
 
-from conftest import WAIT, ClientFactory, GatedModel, listener_count, stored_count
+from conftest import TERMINAL, WAIT, ClientFactory, GatedModel, listener_count, stored_count
 from zypher_ws.models import MockModel
 from zypher_ws.typedefs import SERVICE
 
@@ -28,7 +28,7 @@ async def poll_until_terminal(client: TestClient, location: str) -> dict[str, An
             resp = await client.get(location)
             assert resp.status == 200
             record: dict[str, Any] = await resp.json()
-            if record["status"] in ("succeeded", "failed", "canceled"):
+            if record["status"] in TERMINAL:
                 return record
 
     return await asyncio.wait_for(poll(), WAIT)

@@ -12,11 +12,10 @@ from typing import Any
 
 import aiohttp
 
-from conftest import ClientFactory, GatedModel
+from conftest import TERMINAL, ClientFactory, GatedModel
 from helpers import free_port, run_server
 
 TESTS = str(Path(__file__).parent)
-TERMINAL = {"succeeded", "failed", "canceled"}
 
 
 def recording_env(log: Path, latency: float = 0.01) -> dict[str, str]:

@@ -12,7 +12,7 @@ from aiohttp import WSMsgType
 from aiohttp.test_utils import TestClient
 from rawws import RawWebSocket
 
-from conftest import WAIT, ClientFactory, GatedModel, listener_count
+from conftest import TERMINAL, WAIT, ClientFactory, GatedModel, listener_count
 from zypher_ws.models import MockModel
 from zypher_ws.records import Prediction
 from zypher_ws.typedefs import SERVICE, SOCKETS
@@ -189,7 +189,7 @@ async def terminal_frame(ws: aiohttp.ClientWebSocketResponse) -> str:
     """The raw text of the first message carrying a finished record (earlier states may come first)."""
     while True:
         frame = await ws.receive_str(timeout=WAIT)
-        if json.loads(frame)["prediction"]["status"] in ("succeeded", "failed", "canceled"):
+        if json.loads(frame)["prediction"]["status"] in TERMINAL:
             return frame
 
 
