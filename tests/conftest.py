@@ -11,13 +11,13 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from zypher_ws.app import create_app
+from zypher_ws.backends.memory import MemoryStore
+from zypher_ws.backends.redis.keys import RedisKeys
+from zypher_ws.http.app import create_app
+from zypher_ws.http.keys import SERVICE, SETTINGS
 from zypher_ws.models import Model
 from zypher_ws.records import Status
-from zypher_ws.redis_keys import RedisKeys
 from zypher_ws.settings import Settings
-from zypher_ws.store import MemoryStore
-from zypher_ws.typedefs import SERVICE, SETTINGS
 
 WAIT = 5.0  # seconds any awaited event may take before a test fails
 TERMINAL = frozenset(s.value for s in Status if s.terminal)  # statuses as records carry them
@@ -131,7 +131,7 @@ def backend(request: pytest.FixtureRequest) -> dict[str, Any]:
 
 def listener_count(app: web.Application) -> int:
     """How many listeners the app's event bus holds (sockets, SSE streams and sync requests waiting)."""
-    count: int = app[SERVICE].bus.listener_count()  # type: ignore[attr-defined]
+    count: int = app[SERVICE].bus.listener_count()
     return count
 
 

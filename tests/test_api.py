@@ -13,8 +13,8 @@ from aiohttp.test_utils import TestClient
 from openapi_spec_validator import validate
 
 from conftest import TERMINAL, WAIT, ClientFactory, GatedModel, listener_count, stored_count
+from zypher_ws.http.keys import SERVICE
 from zypher_ws.models import MockModel
-from zypher_ws.typedefs import SERVICE
 
 HOLDOUT = Path(__file__).parent / "data" / "digits_holdout.npz"
 ASYNC = {"Async-Mode": "true"}

@@ -14,9 +14,9 @@ import pytest
 
 from conftest import WAIT, GatedModel, make_settings
 from helpers import free_port, run_server
-from zypher_ws.app import create_app
+from zypher_ws.http.app import create_app
+from zypher_ws.http.keys import SERVICE
 from zypher_ws.models import MockModel
-from zypher_ws.typedefs import SERVICE
 
 CHROMIUM = os.environ.get("ZYPHER_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = Path(os.environ.get("ZYPHER_ARTIFACTS", Path(__file__).resolve().parent.parent / "artifacts"))

@@ -13,9 +13,9 @@ from aiohttp.test_utils import TestClient
 from rawws import RawWebSocket
 
 from conftest import TERMINAL, WAIT, ClientFactory, GatedModel, listener_count
+from zypher_ws.http.keys import SERVICE, SOCKETS
 from zypher_ws.models import MockModel
 from zypher_ws.records import Prediction
-from zypher_ws.typedefs import SERVICE, SOCKETS
 
 ASYNC = {"Async-Mode": "true"}
 
@@ -369,6 +369,6 @@ async def test_sse_unknown_id_is_404_json(make_client: ClientFactory) -> None:
 
 
 def test_static_dir_holds_the_page() -> None:
-    from zypher_ws.pages import static_dir
+    from zypher_ws.http.pages import static_dir
 
     assert {"index.html", "app.js", "style.css"} <= {p.name for p in static_dir().iterdir()}

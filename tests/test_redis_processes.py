@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from test_durability import recording_env, submit_async, wait_all_terminal
 
 from helpers import free_port, run_server, run_worker
-from zypher_ws.redis_keys import RedisKeys
+from zypher_ws.backends.redis.keys import RedisKeys
 
 ASYNC = {"Async-Mode": "true"}
 MODEL = ("--model", "recording_model:RecordingModel")

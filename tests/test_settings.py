@@ -43,11 +43,11 @@ def test_invalid_values_rejected() -> None:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"workers": 0}, "needs --backend redis"),
+        ({"workers": 0}, "needs a redis:// store"),
         ({"backend": "mysql"}, "backend must be"),
         ({"executor": "fiber"}, "executor must be"),
         ({"claim_idle": 0}, "claim_idle"),
-        ({"store": "postgres://x"}, "store must be"),
+        ({"store": "postgres://x"}, "no backend for"),
     ],
 )
 def test_inconsistent_values_rejected(overrides: dict[str, Any], message: str) -> None:

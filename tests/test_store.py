@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
+from zypher_ws.backends import Store, Sweeps
+from zypher_ws.backends.memory import MemoryStore
+from zypher_ws.backends.redis.keys import RedisKeys
+from zypher_ws.backends.redis.store import RedisStore
+from zypher_ws.backends.sqlite import SQLiteStore
 from zypher_ws.errors import AlreadyFinished, IdempotencyConflict, NotFound
-from zypher_ws.records import Prediction, Status
-from zypher_ws.redis_keys import RedisKeys
-from zypher_ws.redis_store import RedisStore
-from zypher_ws.sqlite_store import SQLiteStore
-from zypher_ws.store import IdempotencyKey, MemoryStore, Outcome, Store
+from zypher_ws.records import IdempotencyKey, Outcome, Prediction, Status
 
 
 def new(value: object = 1) -> Prediction:
@@ -109,6 +110,7 @@ async def test_sweep_deletes_only_expired_finished(store: Store) -> None:
         ttls = [await store._redis.pttl(store._keys.record(p.prediction_id)) for p in (done, running, queued)]
         assert 0 < ttls[0] <= 60_000 and ttls[1:] == [-1, -1]
         return
+    assert isinstance(store, Sweeps)
     assert await store.sweep(time.time()) == 0
     assert await store.sweep(time.time() + 61) == 1
     assert await store.get(done.prediction_id) is None

@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import make_settings
-from zypher_ws.app import create_app
+from zypher_ws.http.app import create_app
+from zypher_ws.http.keys import SERVICE
 from zypher_ws.models import MockModel
-from zypher_ws.typedefs import SERVICE
 
 DEFINED_CLOSE_CODES = {1000, 1001, 1003, 1007, 1008, 1009, 1011, 1013}
 OPS = st.sampled_from(["subscribe", "unsubscribe", "predict", "ping", "auth", "nope", None, 1])

@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import gc
-import logging
 import os
 from collections.abc import Sequence
-
-from aiohttp import web
 
 from . import logs
 from .settings import Settings, add_settings_arguments
@@ -26,19 +22,12 @@ def build_parser() -> argparse.ArgumentParser:
     worker = commands.add_parser(
         "worker",
         help="run model workers only (no HTTP), taking work from Redis",
-        description="Run model workers for --backend redis. Every option is also an environment variable "
+        description="Run model workers taking work from Redis (--redis-url, or --store redis://...). "
+        "Every option is also an environment variable "
         "ZYPHER_<NAME>; HTTP options are ignored.",
     )
     add_settings_arguments(worker, {"ZYPHER_BACKEND": "redis", **os.environ})
     return parser
-
-
-async def _freeze_startup_objects(app: web.Application) -> None:
-    """Modules, the app and its services live as long as the process: take them out of the garbage
-    collector's sight (gc.freeze), so a full collection walks only what came later. Without this one
-    stalled the event loop for up to 70 ms under load (the p99 of /healthz)."""
-    gc.collect()
-    gc.freeze()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -49,25 +38,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(f"zypher-ws: {exc}") from None
     logs.configure(settings.log_level, settings.log_format)
     if args.command == "serve":
-        from .app import create_app
+        from .http.app import serve
 
-        app = create_app(settings)
-        app.on_startup.append(_freeze_startup_objects)  # after the cleanup contexts have started
-        web.run_app(
-            app,
-            host=settings.host,
-            port=settings.port,
-            shutdown_timeout=settings.shutdown_timeout,
-            print=lambda msg: logging.getLogger("zypher_ws").info(msg),
-            access_log_class=logs.AccessLogger,
-        )
+        serve(settings)
     elif args.command == "worker":
         import asyncio
 
         from .worker import run_worker
 
-        if settings.backend != "redis" or settings.workers < 1:
-            raise SystemExit("zypher-ws worker: needs --backend redis and --workers of at least 1")
+        if not settings.shared_backend or settings.workers < 1:
+            raise SystemExit("zypher-ws worker: needs a shared backend (redis) and --workers of at least 1")
         asyncio.run(run_worker(settings))
 
 

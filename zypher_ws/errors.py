@@ -1,9 +1,11 @@
-"""Domain errors. Each carries its HTTP status and a stable `code`; one middleware renders them."""
+"""Domain errors: the one table of error codes. Each class carries its HTTP status and a stable `code`
+once; the HTTP and WebSocket envelopes are built from the class (http/errors.py), and records that end
+failed carry `to_dict()`. Nothing else spells a code."""
 
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import ClassVar
 
 
 class ZypherError(Exception):
@@ -16,92 +18,55 @@ class ZypherError(Exception):
         self.message = message
         self.headers = headers or {}
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, str]:
         return {"code": self.code, "message": self.message}
 
 
-class InvalidJSON(ZypherError):
+class InternalError(ZypherError):
+    """Our bug: logged with its traceback, answered without it."""
+
+    def __init__(self, message: str = "internal server error") -> None:
+        super().__init__(message)
+
+
+class RetryLater(ZypherError):
+    """Refused for now, not for good: the answer carries `Retry-After` (seconds, at least 1)."""
+
+    status = 503
+    default_message: ClassVar[str] = "unavailable; retry later"
+
+    def __init__(self, message: str | None = None, *, retry_after: float = 1) -> None:
+        super().__init__(message or self.default_message, headers={"Retry-After": str(max(1, math.ceil(retry_after)))})
+
+
+# -- the request itself is wrong (4xx) ---------------------------------------------------------------
+
+
+class BadRequest(ZypherError):
     status = 400
+    code = "bad_request"
+
+
+class InvalidJSON(BadRequest):
     code = "invalid_json"
 
 
-class InvalidInput(ZypherError):
-    status = 400
+class InvalidInput(BadRequest):
     code = "invalid_input"
 
 
-class InvalidMessage(ZypherError):
+class InvalidHeader(BadRequest):
+    code = "invalid_header"
+
+
+class InvalidMessage(BadRequest):
     """A WebSocket message that is JSON but not a valid request."""
 
-    status = 400
     code = "invalid_message"
 
 
 class UnknownOp(InvalidMessage):
     code = "unknown_op"
-
-
-class TooManySubscriptions(ZypherError):
-    status = 429
-    code = "too_many_subscriptions"
-
-
-class InvalidHeader(ZypherError):
-    status = 400
-    code = "invalid_header"
-
-
-class NotFound(ZypherError):
-    status = 404
-    code = "not_found"
-
-
-class AlreadyFinished(ZypherError):
-    status = 409
-    code = "already_finished"
-
-
-class IdempotencyConflict(ZypherError):
-    status = 409
-    code = "idempotency_conflict"
-
-
-class UnsupportedMediaType(ZypherError):
-    status = 415
-    code = "unsupported_media_type"
-
-
-class QueueFull(ZypherError):
-    status = 503
-    code = "queue_full"
-
-    def __init__(self, message: str = "the prediction queue is full; retry later", *, retry_after: int = 1) -> None:
-        super().__init__(message, headers={"Retry-After": str(retry_after)})
-
-
-class NotReady(ZypherError):
-    status = 503
-    code = "not_ready"
-
-    def __init__(self, message: str = "the model is not loaded yet", *, retry_after: int = 1) -> None:
-        super().__init__(message, headers={"Retry-After": str(retry_after)})
-
-
-class BackendUnavailable(ZypherError):
-    """The shared backend (Redis) did not answer. Retry; an Idempotency-Key makes a retried POST safe."""
-
-    status = 503
-    code = "backend_unavailable"
-
-    def __init__(self, message: str = "the backend is unavailable; retry later", *, retry_after: int = 1) -> None:
-        super().__init__(message, headers={"Retry-After": str(retry_after)})
-
-
-class ModelError(ZypherError):
-    """What a prediction records when the model raised on its input."""
-
-    status = 500
-    code = "model_error"
 
 
 class Unauthorized(ZypherError):
@@ -117,14 +82,112 @@ class Forbidden(ZypherError):
     code = "forbidden"
 
 
-class RateLimited(ZypherError):
-    status = 429
-    code = "rate_limited"
+class NotFound(ZypherError):
+    status = 404
+    code = "not_found"
 
-    def __init__(self, message: str, *, retry_after: float) -> None:
-        super().__init__(message, headers={"Retry-After": str(max(1, math.ceil(retry_after)))})
+
+class MethodNotAllowed(ZypherError):
+    status = 405
+    code = "method_not_allowed"
+
+
+class AlreadyFinished(ZypherError):
+    status = 409
+    code = "already_finished"
+
+
+class IdempotencyConflict(ZypherError):
+    status = 409
+    code = "idempotency_conflict"
+
+
+class BodyTooLarge(ZypherError):
+    status = 413
+    code = "body_too_large"
+
+
+class UnsupportedMediaType(ZypherError):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class TooManySubscriptions(ZypherError):
+    status = 429
+    code = "too_many_subscriptions"
 
 
 class TooManySockets(ZypherError):
     status = 429
     code = "too_many_sockets"
+
+
+class RateLimited(RetryLater):
+    status = 429
+    code = "rate_limited"
+
+
+# -- the service cannot take it now (503, with Retry-After) --------------------------------------------
+
+
+class QueueFull(RetryLater):
+    code = "queue_full"
+    default_message = "the prediction queue is full; retry later"
+
+
+class NotReady(RetryLater):
+    code = "not_ready"
+    default_message = "the model is not loaded yet"
+
+
+class BackendUnavailable(RetryLater):
+    """The shared backend (Redis) did not answer. Retry; an Idempotency-Key makes a retried POST safe."""
+
+    code = "backend_unavailable"
+    default_message = "the backend is unavailable; retry later"
+
+
+# -- what a failed prediction records ------------------------------------------------------------------
+
+
+class ModelError(ZypherError):
+    """The model raised on this input."""
+
+    status = 500
+    code = "model_error"
+
+
+class WorkerLost(ZypherError):
+    """The process running it stopped --max-attempts times: it is not started again."""
+
+    status = 500
+    code = "worker_lost"
+
+
+class HttpError(ZypherError):
+    """Any other 4xx aiohttp answers by itself; the envelope carries aiohttp's status."""
+
+    status = 400
+    code = "http_error"
+
+
+def error_class_for_status(status: int) -> type[ZypherError]:
+    """The error a bare HTTP status maps to (aiohttp's own 404, 405, 413...), for one envelope everywhere."""
+    return _BY_STATUS.get(status, HttpError)
+
+
+def all_error_classes() -> list[type[ZypherError]]:
+    """Every error class, for documentation and tests."""
+    found: list[type[ZypherError]] = []
+    pending: list[type[ZypherError]] = [ZypherError]
+    while pending:
+        cls = pending.pop()
+        found.append(cls)
+        pending.extend(cls.__subclasses__())
+    return found
+
+
+# The generic class of each bare status: the one whose code names the status itself.
+_BY_STATUS: dict[int, type[ZypherError]] = {
+    cls.status: cls for cls in (BadRequest, Forbidden, NotFound, MethodNotAllowed, BodyTooLarge, UnsupportedMediaType)
+}

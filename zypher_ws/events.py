@@ -1,53 +1,11 @@
-"""Status-change notifications, and watches that turn them into an ordered, gap-free stream per prediction."""
+"""Watches: a bus's status changes turned into an ordered, gap-free stream per prediction and consumer."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Protocol
 
+from .backends.base import EventBus
 from .records import Prediction
-
-Listener = Callable[[Prediction], None]
-"""Called on the event loop with each new state. Must not block: put it in a queue and return."""
-
-
-class EventBus(Protocol):
-    async def publish(self, predictions: list[Prediction]) -> None: ...
-
-    def subscribe(self, prediction_id: str, listener: Listener) -> None: ...
-
-    def unsubscribe(self, prediction_id: str, listener: Listener) -> None: ...
-
-
-class LocalEventBus:
-    """Delivers to listeners in this process, synchronously, in publish order."""
-
-    def __init__(self) -> None:
-        self._listeners: dict[str, set[Listener]] = {}
-
-    def listener_count(self) -> int:
-        return sum(len(s) for s in self._listeners.values())
-
-    def watched_ids(self) -> list[str]:
-        return list(self._listeners)
-
-    async def publish(self, predictions: list[Prediction]) -> None:
-        self.dispatch(predictions)
-
-    def dispatch(self, predictions: list[Prediction]) -> None:
-        for prediction in predictions:
-            for listener in tuple(self._listeners.get(prediction.prediction_id, ())):
-                listener(prediction)
-
-    def subscribe(self, prediction_id: str, listener: Listener) -> None:
-        self._listeners.setdefault(prediction_id, set()).add(listener)
-
-    def unsubscribe(self, prediction_id: str, listener: Listener) -> None:
-        listeners = self._listeners.get(prediction_id)
-        if listeners is not None:
-            listeners.discard(listener)
-            if not listeners:
-                del self._listeners[prediction_id]
 
 
 class Watch:

@@ -16,7 +16,6 @@ import math
 from typing import Any
 
 import orjson
-from aiohttp import web
 
 _OPTIONS = orjson.OPT_NON_STR_KEYS
 
@@ -66,7 +65,3 @@ def _finite(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_finite(v) for v in value]
     return value
-
-
-def json_response(data: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(body=dumps(data), status=status, headers=headers, content_type="application/json")

@@ -8,9 +8,7 @@ from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import HistogramMetricFamily
 from prometheus_client.registry import Collector
 
@@ -140,8 +138,5 @@ class Metrics:
                 self.model_time.observe(max(0.0, p.completed_at - p.started_at))
 
     def exposition(self) -> bytes:
+        """The Prometheus text format (content type `prometheus_client.exposition.CONTENT_TYPE_LATEST`)."""
         return generate_latest(self.registry)
-
-
-def response(metrics: Metrics) -> web.Response:
-    return web.Response(body=metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import secrets
 import time
+import uuid
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from functools import lru_cache
@@ -61,7 +61,7 @@ class Prediction:
     @classmethod
     def new(cls, input: Any, *, model_name: str, model_version: str) -> Prediction:
         return cls(
-            prediction_id=secrets.token_hex(16),  # 128 random bits (a uuid4 has 122)
+            prediction_id=uuid.uuid4().hex,  # a real uuid4 (version nibble 4), as documented
             status=Status.QUEUED,
             model_name=model_name,
             model_version=model_version,
@@ -134,3 +134,18 @@ class Job:
 
     prediction_id: str
     receipt: str | None = None  # the queue's handle for acknowledging it, where the queue needs one
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a worker learned about one prediction: a result, or an error."""
+
+    prediction_id: str
+    result: Any = None
+    error: dict[str, str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyKey:
+    key: str
+    fingerprint: str  # hash of the request body: one key, one body

@@ -13,14 +13,14 @@ from typing import Any
 
 from .errors import ModelError
 from .models import Model
+from .records import Outcome
 from .settings import Settings
-from .store import Outcome
 
 log = logging.getLogger(__name__)
 
 
 def _error(exc: BaseException) -> dict[str, str]:
-    return {"code": ModelError.code, "message": f"{type(exc).__name__}: {exc}"}
+    return ModelError(f"{type(exc).__name__}: {exc}").to_dict()
 
 
 def make_executor(settings: Settings) -> Executor:

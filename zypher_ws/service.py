@@ -5,19 +5,24 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
 from . import logs
+from .backends import Checks, EventBus, Recovers, Store, Sweeps, WorkQueue
+from .backends.base import Listener
 from .errors import NotFound, NotReady, QueueFull
-from .events import EventBus, Listener, Watch
+from .events import Watch
 from .models import Model
-from .records import Job, Prediction
+from .records import IdempotencyKey, Job, Prediction
 from .runner import ModelRunner
 from .settings import Settings
-from .store import IdempotencyKey, Store
 from .validation import InputValidator
 from .waiting import settle, settled_within
-from .work_queue import WorkQueue
+
+log = logging.getLogger(__name__)
 
 
 class PredictionService:
@@ -48,7 +53,8 @@ class PredictionService:
         """Raise NotReady or BackendUnavailable unless a new prediction would be accepted now."""
         if not self.model_ready:
             raise NotReady(self.runner.load_error or "the model is not loaded yet")
-        await self.store.check()
+        if isinstance(self.store, Checks):
+            await self.store.check()
         if await self.queue.depth() >= self.queue.maxsize:
             raise NotReady("the queue is full")
 
@@ -134,8 +140,14 @@ class PredictionService:
             raise NotFound(f"no prediction {prediction_id}")
         return prediction
 
+    async def queue_depth(self) -> int:
+        """Predictions waiting to start (here, or in the shared queue)."""
+        return await self.queue.depth()
+
     async def recover(self) -> int:
         """Queue again what a previous process accepted but did not finish; returns how many."""
+        if not isinstance(self.store, Recovers):
+            return 0  # nothing outlives the process here, or the shared queue hands lost work over itself
         requeue, failed = await self.store.recover(self.settings.max_attempts)
         for prediction in requeue:
             await self.queue.put(Job(prediction.prediction_id), force=True)
@@ -159,11 +171,31 @@ class PredictionService:
             if prediction.status.terminal:
                 settle(settled)
 
-        watch = Watch(self.bus, prediction_id, deliver)
-        if await watch.start(self.store.get) is None:
-            raise NotFound(f"no prediction {prediction_id}")
+        watch = await self.watch(prediction_id, deliver)
         try:
             await settled_within(settled, timeout)
         finally:
             watch.stop()
         return latest[-1]
+
+    async def watch(self, prediction_id: str, deliver: Callable[[Prediction, bool], None]) -> Watch:
+        """Follow one prediction: `deliver(state, is_snapshot)` gets its current state at once, then each
+        later one exactly once, in order, ending with the terminal one. Raises NotFound for an unknown id.
+        Call `stop()` on the watch to stop early."""
+        watch = Watch(self.bus, prediction_id, deliver)
+        if await watch.start(self.store.get) is None:
+            raise NotFound(f"no prediction {prediction_id}")
+        return watch
+
+    async def sweep_forever(self, clock: Callable[[], float] = time.time) -> None:
+        """Delete expired results now and then (a tenth of the TTL, at most a minute apart), where the
+        store does not expire them itself."""
+        if not isinstance(self.store, Sweeps):
+            return
+        while True:
+            try:
+                if removed := await self.store.sweep(clock()):
+                    log.info("deleted %d expired predictions", removed)
+            except Exception:
+                log.exception("retention sweep failed; trying again later")
+            await asyncio.sleep(min(max(self.settings.result_ttl / 10, 0.05), 60.0))

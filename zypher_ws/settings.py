@@ -42,14 +42,18 @@ class Settings:
     ws_max_message: int = _opt(64 * 1024, "largest WebSocket frame accepted, bytes (1009 past it)")
     ws_heartbeat: float = _opt(30.0, "seconds between WebSocket pings; a peer that misses one is dropped")
     shutdown_timeout: float = _opt(30.0, "seconds running predictions get to finish on SIGTERM")
-    store: str = _opt("sqlite:///zypher.db", "where records live: sqlite:///relative.db, sqlite:////abs.db, memory://")
+    store: str = _opt(
+        "sqlite:///zypher.db",
+        "where records live: sqlite:///relative.db, sqlite:////abs.db, memory://, or redis://host:port/db "
+        "(shared by many processes)",
+    )
     memory_max_results: int = _opt(
         50_000, "memory:// only: most finished predictions kept; the oldest go first, before --result-ttl"
     )
     sqlite_synchronous: str = _opt("FULL", "SQLite synchronous pragma: FULL survives power loss, NORMAL a crash")
     max_attempts: int = _opt(3, "times a prediction may be started; past it a lost one ends failed (worker_lost)")
     result_ttl: float = _opt(86400.0, "seconds a finished prediction is kept before it is deleted")
-    backend: str = _opt("embedded", "embedded (one process, --store) or redis (many processes, --redis-url)")
+    backend: str = _opt("embedded", "embedded (one process, --store) or redis (the same as --store $redis_url)")
     redis_url: str = _opt("redis://127.0.0.1:6379/0", "the Redis server of the redis backend")
     redis_prefix: str = _opt("zypher", "prefix of every Redis key, so several services can share one Redis")
     redis_connections: int = _opt(32, "Redis connections per process for requests (blocking reads get their own)")
@@ -68,6 +72,20 @@ class Settings:
     rate_burst: int = _opt(0, "requests a client may send at once above --rate-limit (0: twice the rate)")
     metrics_port: int = _opt(0, "zypher-ws worker only: serve Prometheus /metrics on this port (0: off)")
     claim_idle: float = _opt(45.0, "seconds before live workers take over work a lost worker held (redis)")
+
+    @property
+    def backend_url(self) -> str:
+        """Where records, the queue and events live; its scheme picks the backend (see backends/)."""
+        if self.backend == "redis" and not self.store.startswith(("redis", "unix")):
+            return self.redis_url
+        return self.store
+
+    @property
+    def shared_backend(self) -> bool:
+        """Many processes share the backend, so workers may run in other processes."""
+        from .backends import is_shared
+
+        return is_shared(self.backend_url)
 
     @property
     def max_batch_delay(self) -> float:
@@ -93,8 +111,11 @@ class Settings:
         return cls(**given)
 
     def __post_init__(self) -> None:
-        if self.workers < (0 if self.backend == "redis" else 1):
-            raise ValueError("workers must be at least 1 (0, an API-only process, needs --backend redis)")
+        from .backends import kind_of
+
+        shared = kind_of(self.backend_url).shared  # raises for a URL no backend takes
+        if self.workers < (0 if shared else 1):
+            raise ValueError("workers must be at least 1 (0, an API-only process, needs a redis:// store)")
         for name in (
             "redis_connections", "max_queue", "max_batch_size", "max_body", "ws_outbox", "max_attempts",
             "memory_max_results",
@@ -121,8 +142,8 @@ class Settings:
         for name in ("sync_timeout", "max_batch_delay_ms", "mock_latency_ms", "shutdown_timeout", "result_ttl"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
-        if not (self.store == "memory://" or self.store.startswith("sqlite:///")):
-            raise ValueError(f"store must be memory:// or sqlite:///path, not {self.store!r}")
+        if self.store.startswith("sqlite:") and not self.store.startswith("sqlite:///"):
+            raise ValueError(f"a sqlite store is sqlite:///relative.db or sqlite:////absolute.db, not {self.store!r}")
         if self.sqlite_synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
             raise ValueError("sqlite_synchronous must be OFF, NORMAL, FULL or EXTRA")
 

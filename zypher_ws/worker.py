@@ -9,7 +9,7 @@ import signal
 
 from prometheus_client import start_http_server
 
-from .backend import open_backend
+from .backends import open_backend
 from .metrics import Metrics
 from .models import Model, build_model
 from .runner import ModelRunner, make_executor
@@ -39,7 +39,7 @@ async def run_worker(settings: Settings, *, model: Model | None = None) -> None:
             gc.freeze()  # what startup made lives as long as the process: keep full collections short
             pool = WorkerPool.over(backend, settings=settings, runner=runner, metrics=metrics)
             pool.start()
-            log.info("worker taking predictions from %s (prefix %r)", settings.redis_url, settings.redis_prefix)
+            log.info("worker taking predictions from %s (prefix %r)", settings.backend_url, settings.redis_prefix)
             await stop.wait()
             log.info("stopping: running batches get %.0f s to finish", settings.shutdown_timeout)
             await pool.stop(settings.shutdown_timeout)

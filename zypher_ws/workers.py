@@ -6,14 +6,11 @@ import asyncio
 import logging
 
 from . import logs
-from .backend import Backend
-from .events import EventBus
+from .backends import Backend, EventBus, Store, WorkQueue
 from .metrics import Metrics
 from .records import Job, Prediction
 from .runner import ModelRunner
 from .settings import Settings
-from .store import Store
-from .work_queue import WorkQueue
 
 log = logging.getLogger(__name__)
 

@@ -14,12 +14,13 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import redis.asyncio as aioredis
 
-from .errors import BackendUnavailable
-from .events import Listener, LocalEventBus
-from .json_codec import dumps
-from .records import Prediction
-from .redis_keys import RedisKeys
-from .redis_store import UNAVAILABLE, translate_errors
+from ...errors import BackendUnavailable
+from ...json_codec import dumps
+from ...records import Prediction
+from ..base import Listener
+from ..memory import LocalEventBus
+from .keys import RedisKeys
+from .store import UNAVAILABLE, translate_errors
 
 log = logging.getLogger(__name__)
 

@@ -1,29 +1,30 @@
-"""The application factory. No I/O here: resources start and stop in cleanup contexts."""
+"""The application factory, and `serve`. No I/O in the factory: resources start and stop in cleanup contexts."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
-import time
 import warnings
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 from aiohttp_swagger3 import SwaggerDocs, SwaggerInfo, SwaggerUiSettings
 
-from . import __version__, live, openapi, views
+from .. import __version__
+from ..backends import open_backend
+from ..metrics import Metrics
+from ..models import Model, build_model
+from ..runner import ModelRunner, make_executor
+from ..service import PredictionService
+from ..settings import Settings
+from ..workers import WorkerPool
+from . import live, openapi, views
 from .access import RateLimiter, SocketCounter
-from .backend import open_backend
-from .metrics import Metrics
+from .access_log import AccessLogger
+from .keys import DRAIN, LIMITER, METRICS, MODEL, SERVICE, SETTINGS, SOCKETS, WS_CLIENTS
 from .middleware import count_requests, json_errors, parse_json_body, require_token
-from .models import Model, build_model
 from .pages import add_page_routes
-from .runner import ModelRunner, make_executor
-from .service import PredictionService
-from .settings import Settings
-from .store import Store
-from .typedefs import DRAIN, LIMITER, METRICS, MODEL, SERVICE, SETTINGS, SOCKETS, WS_CLIENTS
-from .workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ async def service_ctx(app: web.Application) -> AsyncIterator[None]:
             pool.start()
         else:
             log.info("no workers in this process (--workers 0): predictions run in `zypher-ws worker` processes")
-        sweeper = asyncio.create_task(_sweep_forever(backend.store, settings.result_ttl), name="zypher-sweeper")
+        sweeper = asyncio.create_task(service.sweep_forever(), name="zypher-sweeper")
         try:
             yield
         finally:
@@ -91,17 +92,6 @@ async def service_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _drain_workers(app: web.Application) -> None:
     if DRAIN in app:
         await app[DRAIN]()
-
-
-async def _sweep_forever(store: Store, ttl: float) -> None:
-    """Delete expired results now and then (a tenth of the TTL, at most a minute apart)."""
-    while True:
-        try:
-            if removed := await store.sweep(time.time()):
-                log.info("deleted %d expired predictions", removed)
-        except Exception:
-            log.exception("retention sweep failed; trying again later")
-        await asyncio.sleep(min(max(ttl / 10, 0.05), 60.0))
 
 
 def _log_load_failure(task: asyncio.Task[None]) -> None:
@@ -144,3 +134,25 @@ def _swagger(app: web.Application, model: Model) -> SwaggerDocs:
         ),
         swagger_ui_settings=SwaggerUiSettings(path="/swagger"),
     )
+
+
+def serve(settings: Settings) -> None:
+    """`zypher-ws serve`: run the app until SIGINT or SIGTERM."""
+    app = create_app(settings)
+    app.on_startup.append(_freeze_startup_objects)  # after the cleanup contexts have started
+    web.run_app(
+        app,
+        host=settings.host,
+        port=settings.port,
+        shutdown_timeout=settings.shutdown_timeout,
+        print=lambda msg: logging.getLogger("zypher_ws").info(msg),
+        access_log_class=AccessLogger,
+    )
+
+
+async def _freeze_startup_objects(app: web.Application) -> None:
+    """Modules, the app and its services live as long as the process: take them out of the garbage
+    collector's sight (gc.freeze), so a full collection walks only what came later. Without this one
+    stalled the event loop for up to 70 ms under load (the p99 of /healthz)."""
+    gc.collect()
+    gc.freeze()

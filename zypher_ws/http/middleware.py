@@ -10,26 +10,22 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from aiohttp_swagger3.swagger_route import RequestValidationFailed
 
+from ..errors import (
+    BodyTooLarge,
+    InternalError,
+    InvalidInput,
+    InvalidJSON,
+    Unauthorized,
+    UnsupportedMediaType,
+    ZypherError,
+    error_class_for_status,
+)
+from ..json_codec import loads
 from .access import bearer, is_public, token_valid
-from .errors import InvalidInput, InvalidJSON, Unauthorized, UnsupportedMediaType, ZypherError
-from .json_codec import json_response, loads
-from .typedefs import METRICS, SETTINGS
+from .envelopes import error_response
+from .keys import METRICS, SETTINGS
 
 log = logging.getLogger(__name__)
-
-_HTTP_CODES = {
-    400: "bad_request",
-    401: "unauthorized",
-    403: "forbidden",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "body_too_large",
-    415: "unsupported_media_type",
-}
-
-
-def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    return json_response({"error": {"code": code, "message": message}}, status=status, headers=headers)
 
 
 def _flatten(errors: Any, prefix: str = "") -> list[str]:
@@ -47,21 +43,25 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
                 raise UnsupportedMediaType(f"send application/json, not {request.content_type}")
         return await handler(request)
     except ZypherError as exc:
-        return error_response(exc.status, exc.code, exc.message, exc.headers)
+        return error_response(exc)
     except RequestValidationFailed as exc:
-        return error_response(400, InvalidInput.code, "; ".join(_flatten(exc.errors)))
+        return error_response(InvalidInput("; ".join(_flatten(exc.errors))))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        if exc.status == 413:
-            message = f"request body is larger than {request.app[SETTINGS].max_body} bytes"
-        else:
-            message = exc.reason
-        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-        return error_response(exc.status, _HTTP_CODES.get(exc.status, "http_error"), message, headers)
+        return error_response(_from_http(exc, request), status=exc.status)
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
-        return error_response(500, "internal_error", "internal server error")
+        return error_response(InternalError())
+
+
+def _from_http(exc: web.HTTPException, request: web.Request) -> ZypherError:
+    """aiohttp's own refusals (no route, wrong method, body too large) in our envelope."""
+    cls = error_class_for_status(exc.status)
+    if cls is BodyTooLarge:
+        return BodyTooLarge(f"request body is larger than {request.app[SETTINGS].max_body} bytes")
+    headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+    return cls(exc.reason, headers=headers)
 
 
 async def parse_json_body(request: web.Request) -> tuple[Any, bool]:

@@ -5,14 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from aiohttp import web
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from ..errors import InvalidHeader, ZypherError
+from ..records import Prediction, Status
 from .access import client_address
-from .errors import InvalidHeader, ZypherError
-from .json_codec import json_response
-from .logs import PREDICTION_ID
-from .metrics import response as metrics_response
-from .records import Prediction, Status
-from .typedefs import LIMITER, METRICS, SERVICE
+from .access_log import PREDICTION_ID
+from .envelopes import json_response
+from .keys import LIMITER, METRICS, SERVICE
 
 _TRUE = {"true", "1", "yes"}
 _FALSE = {"false", "0", "no"}
@@ -197,7 +197,7 @@ async def metrics(request: web.Request) -> web.Response:
     """
     m = request.app[METRICS]
     try:
-        m.queue_depth.set(await request.app[SERVICE].queue.depth())
+        m.queue_depth.set(await request.app[SERVICE].queue_depth())
     except ZypherError:
         pass  # the backend is away: report the rest
-    return metrics_response(m)
+    return web.Response(body=m.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})

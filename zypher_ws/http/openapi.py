@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .models import Model
-from .records import Status
+from ..models import Model
+from ..records import Status
 
 WEBSOCKET_PROTOCOL = """\
 ## Live results: WebSocket `GET /ws`

@@ -10,8 +10,8 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from .errors import Forbidden, RateLimited, TooManySockets
-from .settings import Settings
+from ..errors import Forbidden, RateLimited, TooManySockets
+from ..settings import Settings
 
 WS_PROTOCOL = "zypher"
 TOKEN_PROTOCOL_PREFIX = "bearer."  # Sec-WebSocket-Protocol: zypher, bearer.<token>

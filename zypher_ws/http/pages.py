@@ -7,7 +7,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from .errors import NotFound
+from ..errors import NotFound
 
 # Only this service's own origin: no inline script, nothing fetched from elsewhere.
 CSP = (
@@ -28,7 +28,7 @@ def static_dir() -> Path:
     for location in (spec.submodule_search_locations or []) if spec else []:
         if (Path(location) / "index.html").is_file():
             return Path(location)
-    return Path(__file__).resolve().parent.parent / "static"
+    return Path(__file__).resolve().parent.parent.parent / "static"
 
 
 def add_page_routes(app: web.Application) -> None:

@@ -15,10 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from . import store as rules
-from .json_codec import dumps_str
-from .records import Prediction, Status
-from .store import IdempotencyKey, Outcome
+from .. import lifecycle
+from ..json_codec import dumps_str
+from ..records import IdempotencyKey, Outcome, Prediction, Status
 
 T = TypeVar("T")
 Op = Callable[[sqlite3.Connection], Any]
@@ -74,9 +73,6 @@ class SQLiteStore:
         conn.execute("PRAGMA foreign_keys=ON")
         conn.executescript(SCHEMA)
         self._conn = conn
-
-    async def check(self) -> None:
-        pass  # a local file: if it fails, writes report it
 
     async def close(self) -> None:
         if self._flusher is not None:
@@ -202,7 +198,7 @@ class SQLiteStore:
                 ).fetchone()
                 if row is not None:
                     existing = self._load(conn, row[0])
-                    rules.check_idempotency(existing, IdempotencyKey(idempotency.key, row[1]), idempotency)
+                    lifecycle.check_idempotency(existing, IdempotencyKey(idempotency.key, row[1]), idempotency)
                     if existing is not None:
                         return existing
                 self._save(conn, prediction)
@@ -228,19 +224,21 @@ class SQLiteStore:
     async def start(self, prediction_ids: Sequence[str]) -> list[Prediction]:
         n = len(prediction_ids)
         return await self._write(
-            lambda conn: self._update([rules.start(p, n) for p in self._load_many(conn, prediction_ids)], conn)
+            lambda conn: self._update([lifecycle.start(p, n) for p in self._load_many(conn, prediction_ids)], conn)
         )
 
     async def finish(self, outcomes: Sequence[Outcome]) -> list[Prediction]:
         def op(conn: sqlite3.Connection) -> list[Prediction]:
             current = self._load_many(conn, [o.prediction_id for o in outcomes])
-            return self._update([rules.finish(p, o, self.ttl) for p, o in zip(current, outcomes, strict=True)], conn)
+            return self._update(
+                [lifecycle.finish(p, o, self.ttl) for p, o in zip(current, outcomes, strict=True)], conn
+            )
 
         return await self._write(op)
 
     async def cancel(self, prediction_id: str) -> Prediction:
         return await self._write(
-            lambda conn: self._save(conn, rules.cancel(self._load(conn, prediction_id), prediction_id, self.ttl))
+            lambda conn: self._save(conn, lifecycle.cancel(self._load(conn, prediction_id), prediction_id, self.ttl))
         )
 
     async def recover(self, max_attempts: int) -> tuple[list[Prediction], list[Prediction]]:
@@ -248,7 +246,7 @@ class SQLiteStore:
             rows = conn.execute(
                 "SELECT record FROM predictions WHERE status IN ('queued', 'running') ORDER BY seq"
             ).fetchall()
-            recovered = [rules.recover(Prediction.from_row(json.loads(r[0])), max_attempts, self.ttl) for r in rows]
+            recovered = [lifecycle.recover(Prediction.from_row(json.loads(r[0])), max_attempts, self.ttl) for r in rows]
             self._update(list(recovered), conn)
             return (
                 [p for p in recovered if p.status is Status.QUEUED],

@@ -1,4 +1,4 @@
-"""Where records, the queue and status events live: this process (embedded) or a Redis server."""
+"""`redis://`: records, the work stream and status events in a Redis server shared by many processes."""
 
 from __future__ import annotations
 
@@ -9,71 +9,35 @@ import socket
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from .errors import BackendUnavailable
-from .events import EventBus, LocalEventBus
-from .settings import Settings
-from .sqlite_store import SQLiteStore, path_from_url
-from .store import MemoryStore, Store
-from .work_queue import MemoryQueue, WorkQueue
+import redis.asyncio as aioredis
+import redis.exceptions
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+
+from ...errors import BackendUnavailable
+from .. import Backend
+from .events import RedisEventBus
+from .keys import RedisKeys
+from .queue import RedisQueue
+from .store import RedisStore
+
+if TYPE_CHECKING:
+    from ...settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Backend:
-    store: Store
-    queue: WorkQueue
-    bus: EventBus
-
-
 @asynccontextmanager
-async def open_backend(settings: Settings, *, listen: bool = True) -> AsyncIterator[Backend]:
-    """Open the configured backend; `listen=False` skips receiving events (a worker-only process)."""
-    if settings.backend == "redis":
-        async with _redis_backend(settings, listen=listen) as backend:
-            yield backend
-        return
-    store = await open_store(settings)
-    queue = MemoryQueue(settings.max_queue)
-    try:
-        yield Backend(store, queue, LocalEventBus())
-    finally:
-        await queue.close()
-        await store.close()
-
-
-async def open_store(settings: Settings) -> Store:
-    if settings.store == "memory://":
-        return MemoryStore(ttl=settings.result_ttl, max_finished=settings.memory_max_results)
-    sqlite = SQLiteStore(
-        path_from_url(settings.store), ttl=settings.result_ttl, synchronous=settings.sqlite_synchronous
-    )
-    await sqlite.open()
-    return sqlite
-
-
-@asynccontextmanager
-async def _redis_backend(settings: Settings, *, listen: bool) -> AsyncIterator[Backend]:
-    # Imported here so the embedded default does not need redis-py loaded.
-    import redis.asyncio as aioredis
-    import redis.exceptions
-    from redis.asyncio.retry import Retry
-    from redis.backoff import ExponentialBackoff
-
-    from .redis_events import RedisEventBus
-    from .redis_keys import RedisKeys
-    from .redis_queue import RedisQueue
-    from .redis_store import RedisStore
-
+async def open_redis(settings: Settings, url: str, *, listen: bool) -> AsyncIterator[Backend]:
     keys = RedisKeys(settings.redis_prefix)
     # A bounded pool: past it a command waits (up to 5 s) for a free connection instead of opening more.
     # The socket timeout sits well above the longest blocking read (1 s), so a hung server is noticed.
     # Commands retry twice on a broken connection: after Redis restarts, pooled connections are stale.
     # A retried XADD can add an entry twice; a worker skips the second, as its record is no longer queued.
     pool = aioredis.BlockingConnectionPool.from_url(
-        settings.redis_url,
+        url,
         retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
         retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
         max_connections=settings.redis_connections + settings.workers + 1,  # + blocking reads, + pub/sub

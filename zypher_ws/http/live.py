@@ -8,15 +8,16 @@ from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from ..errors import InvalidJSON, InvalidMessage, TooManySubscriptions, UnknownOp, ZypherError
+from ..events import Watch
+from ..json_codec import dumps, loads
+from ..metrics import Metrics
+from ..records import Prediction
+from ..service import PredictionService
+from ..settings import Settings
 from .access import WS_PROTOCOL, RateLimiter, check_origin, client_address, token_valid, websocket_token
-from .errors import InvalidMessage, NotFound, TooManySubscriptions, UnknownOp, ZypherError
-from .events import Watch
-from .json_codec import dumps, loads
-from .metrics import Metrics
-from .records import Prediction
-from .service import PredictionService
-from .settings import Settings
-from .typedefs import LIMITER, METRICS, SERVICE, SETTINGS, SOCKETS, WS_CLIENTS
+from .envelopes import ws_error
+from .keys import LIMITER, METRICS, SERVICE, SETTINGS, SOCKETS, WS_CLIENTS
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +49,6 @@ update_frame = _UpdateFrames()
 def record_message(kind: str, prediction: Prediction) -> dict[str, Any]:
     """A message carrying a record: `subscribed`, `accepted` or `update` (WebSocket and SSE alike)."""
     return {"type": kind, "prediction": prediction.to_dict()}
-
-
-def ws_error(code: str, message: str, request_id: Any = None, **extra: Any) -> dict[str, Any]:
-    return {"type": "error", "error": {"code": code, "message": message}, "request_id": request_id, **extra}
 
 
 class WsSession:
@@ -140,10 +137,9 @@ class WsSession:
                 message["request_id"] = request_id
             self.send(message)
 
-        watch = self.watches[prediction_id] = Watch(self.service.bus, prediction_id, deliver)
-        if await watch.start(self.service.store.get) is None:
-            self.watches.pop(prediction_id, None)
-            raise NotFound(f"no prediction {prediction_id}")
+        watch = await self.service.watch(prediction_id, deliver)
+        if not watch.closed:  # a terminal snapshot ends the watch at once
+            self.watches[prediction_id] = watch
 
     def check_room(self) -> None:
         if len(self.watches) >= self.settings.ws_max_subscriptions:
@@ -154,7 +150,7 @@ class WsSession:
             try:
                 await self.watch(pid)
             except ZypherError as exc:
-                self.send(ws_error(exc.code, exc.message, request_id, prediction_id=pid))
+                self.send(ws_error(exc, request_id, prediction_id=pid))
 
     def unwatch(self, prediction_id: str) -> None:
         watch = self.watches.pop(prediction_id, None)
@@ -167,10 +163,10 @@ class WsSession:
         try:
             message = loads(raw)
         except ValueError as exc:
-            self.send(ws_error("invalid_json", f"message is not valid JSON: {exc}"))
+            self.send(ws_error(InvalidJSON(f"message is not valid JSON: {exc}")))
             return
         if not isinstance(message, dict):
-            self.send(ws_error("invalid_message", "a message is a JSON object with an `op`"))
+            self.send(ws_error(InvalidMessage("a message is a JSON object with an `op`")))
             return
         request_id = message.get("request_id")
         op = message.get("op")
@@ -194,7 +190,7 @@ class WsSession:
             else:
                 raise UnknownOp(f"unknown op {op!r}: use subscribe, unsubscribe, predict, ping or auth")
         except ZypherError as exc:
-            self.send(ws_error(exc.code, exc.message, request_id))
+            self.send(ws_error(exc, request_id))
 
 
 def _ids(message: dict[str, Any]) -> list[str]:
@@ -242,7 +238,7 @@ async def _serve_socket(
             if msg.type is WSMsgType.TEXT:
                 await session.handle(msg.data)
             elif msg.type is WSMsgType.BINARY:
-                session.send(ws_error("invalid_message", "send JSON text frames, not binary"))
+                session.send(ws_error(InvalidMessage("send JSON text frames, not binary")))
             if session.dropped:
                 break
     finally:
@@ -308,9 +304,7 @@ async def prediction_events(request: web.Request) -> web.StreamResponse:
     def deliver(prediction: Prediction, snapshot: bool) -> None:
         events.put_nowait(("subscribed" if snapshot else "update", prediction))
 
-    watch = Watch(service.bus, prediction_id, deliver)
-    if await watch.start(service.store.get) is None:
-        raise NotFound(f"no prediction {prediction_id}")
+    watch = await service.watch(prediction_id, deliver)
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     streams = request.app[METRICS].sse
     streams.inc()

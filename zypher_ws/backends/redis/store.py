@@ -1,6 +1,6 @@
 """Prediction records in Redis, shared by every API and worker process.
 
-Each record is one JSON string. State changes read, apply the lifecycle rules from `store` and write
+Each record is one JSON string. State changes read, apply the rules of `lifecycle` and write
 back inside WATCH/MULTI, so a cancel on one process and a start on another cannot both win.
 Finished records carry a TTL and Redis deletes them itself, so there is nothing to sweep.
 """
@@ -15,12 +15,11 @@ from typing import Any, ParamSpec, TypeVar
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from . import store as rules
-from .errors import BackendUnavailable
-from .json_codec import dumps_str
-from .records import Prediction, Status
-from .redis_keys import RedisKeys
-from .store import IdempotencyKey, Outcome
+from ... import lifecycle
+from ...errors import BackendUnavailable
+from ...json_codec import dumps_str
+from ...records import IdempotencyKey, Outcome, Prediction, Status
+from .keys import RedisKeys
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -83,7 +82,7 @@ class RedisStore:
         stored_claim, raw = found
         existing = load(raw) if raw else None
         stored = IdempotencyKey(idempotency.key, json.loads(stored_claim)[1])
-        rules.check_idempotency(existing, stored, idempotency)
+        lifecycle.check_idempotency(existing, stored, idempotency)
         if existing is not None:
             return existing
         # The key outlived its prediction (taken back after a full queue, or expired): claim it afresh.
@@ -109,16 +108,16 @@ class RedisStore:
 
     async def start(self, prediction_ids: Sequence[str]) -> list[Prediction]:
         n = len(prediction_ids)
-        return _changed(await self._transact(prediction_ids, lambda current, _: rules.start(current, n)))
+        return _changed(await self._transact(prediction_ids, lambda current, _: lifecycle.start(current, n)))
 
     async def finish(self, outcomes: Sequence[Outcome]) -> list[Prediction]:
         by_id = {o.prediction_id: o for o in outcomes}
         return _changed(
-            await self._transact(list(by_id), lambda current, pid: rules.finish(current, by_id[pid], self.ttl))
+            await self._transact(list(by_id), lambda current, pid: lifecycle.finish(current, by_id[pid], self.ttl))
         )
 
     async def cancel(self, prediction_id: str) -> Prediction:
-        changes = await self._transact([prediction_id], lambda current, pid: rules.cancel(current, pid, self.ttl))
+        changes = await self._transact([prediction_id], lambda current, pid: lifecycle.cancel(current, pid, self.ttl))
         after = changes[0][1]
         assert after is not None  # the rule raises rather than return nothing
         return after
@@ -134,16 +133,10 @@ class RedisStore:
         def rule(current: Prediction | None, _: str) -> Prediction | None:
             if current is None or current.status.terminal:
                 return None
-            return rules.recover(current, max_attempts, self.ttl)
+            return lifecycle.recover(current, max_attempts, self.ttl)
 
         changed = _changed(await self._transact(prediction_ids, rule))
         return [p for p in changed if p.status is Status.QUEUED], [p for p in changed if p.status.terminal]
-
-    async def recover(self, max_attempts: int) -> tuple[list[Prediction], list[Prediction]]:
-        return [], []  # the queue lives in Redis; workers take over a lost worker's entries (reclaim)
-
-    async def sweep(self, now: float) -> int:
-        return 0  # finished records carry a TTL; Redis deletes them
 
     @translate_errors
     async def check(self) -> None:

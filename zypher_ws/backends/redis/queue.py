@@ -18,11 +18,11 @@ from typing import Any
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from .errors import QueueFull
-from .events import EventBus
-from .records import Job
-from .redis_keys import RedisKeys
-from .redis_store import UNAVAILABLE, RedisStore, translate_errors
+from ...errors import QueueFull, WorkerLost
+from ...records import Job
+from ..base import EventBus
+from .keys import RedisKeys
+from .store import UNAVAILABLE, RedisStore, translate_errors
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ class RedisQueue:
         for prediction in failed:
             await self._redis.xadd(
                 self._keys.dead_letter,
-                {"id": prediction.prediction_id, "reason": "worker_lost"},
+                {"id": prediction.prediction_id, "reason": WorkerLost.code},
                 maxlen=DEAD_LETTER_MAX,
                 approximate=True,
             )

@@ -6,11 +6,11 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from ..metrics import Metrics
+from ..models import Model
+from ..service import PredictionService
+from ..settings import Settings
 from .access import RateLimiter, SocketCounter
-from .metrics import Metrics
-from .models import Model
-from .service import PredictionService
-from .settings import Settings
 
 SETTINGS = web.AppKey("settings", Settings)
 MODEL = web.AppKey("model", Model)

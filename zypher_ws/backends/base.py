@@ -1,0 +1,107 @@
+"""The seams between the core and where records, work and events live.
+
+A backend is three small parts: a `Store` of records, a `WorkQueue` of jobs and an `EventBus` of state
+changes. Capabilities only some stores have (recovery after a restart, sweeping expired records,
+a health check of a remote server) are protocols of their own, so no store carries no-op methods.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol, runtime_checkable
+
+from ..records import IdempotencyKey, Job, Outcome, Prediction
+
+Listener = Callable[[Prediction], None]
+"""Called on the event loop with each new state. Must not block: put it in a queue and return."""
+
+
+class Store(Protocol):
+    async def add(self, prediction: Prediction, idempotency: IdempotencyKey | None = None) -> Prediction:
+        """Store a new prediction, or return the one already stored under the same idempotency key.
+
+        Raises IdempotencyConflict when that key was used with a different body.
+        """
+        ...
+
+    async def get(self, prediction_id: str) -> Prediction | None: ...
+
+    async def delete(self, prediction_id: str) -> None: ...
+
+    async def start(self, prediction_ids: Sequence[str]) -> list[Prediction]:
+        """Move the still-queued ones to running; return those (canceled ones are skipped)."""
+        ...
+
+    async def finish(self, outcomes: Sequence[Outcome]) -> list[Prediction]:
+        """Record outcomes of running predictions; return the updated ones (canceled ones keep their state)."""
+        ...
+
+    async def cancel(self, prediction_id: str) -> Prediction:
+        """Cancel a queued or running prediction. Raises NotFound or AlreadyFinished."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+@runtime_checkable
+class Recovers(Protocol):
+    """A store whose records outlive the process: what was unfinished is found again at start."""
+
+    async def recover(self, max_attempts: int) -> tuple[list[Prediction], list[Prediction]]:
+        """(predictions to queue again in their original order, ones failed as worker_lost)."""
+        ...
+
+
+@runtime_checkable
+class Sweeps(Protocol):
+    """A store that deletes expired records itself, when asked (others let their server expire them)."""
+
+    async def sweep(self, now: float) -> int:
+        """Delete finished predictions whose expires_at has passed; return how many."""
+        ...
+
+
+@runtime_checkable
+class Checks(Protocol):
+    """A store on a server that can be away."""
+
+    async def check(self) -> None:
+        """Raise BackendUnavailable if the store cannot be reached."""
+        ...
+
+
+class WorkQueue(Protocol):
+    maxsize: int
+
+    async def depth(self) -> int:
+        """How many jobs wait to be taken (not counting ones being run)."""
+        ...
+
+    async def put(self, job: Job, *, force: bool = False) -> None:
+        """Enqueue, or raise QueueFull at once: callers never wait for room.
+
+        `force` goes past the bound (recovery must not drop what was accepted).
+        """
+        ...
+
+    async def get_batch(self, max_size: int, max_delay: float) -> list[Job]:
+        """Wait for one job, then gather up to max_size, waiting at most max_delay for more."""
+        ...
+
+    async def ack(self, jobs: Sequence[Job]) -> None:
+        """The jobs' outcomes are stored: they need not be delivered again."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class EventBus(Protocol):
+    async def publish(self, predictions: list[Prediction]) -> None: ...
+
+    def subscribe(self, prediction_id: str, listener: Listener) -> None: ...
+
+    def unsubscribe(self, prediction_id: str, listener: Listener) -> None: ...
+
+    def listener_count(self) -> int:
+        """Listeners held in this process (sockets, event streams and sync requests waiting)."""
+        ...

@@ -1,0 +1,177 @@
+"""`memory://`: records, queue and events in this process. Fast, and gone when the process ends.
+
+The queue and the bus are also the embedded parts of `sqlite:///`, whose records alone are durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Sequence
+
+from .. import lifecycle
+from ..errors import QueueFull
+from ..records import IdempotencyKey, Job, Outcome, Prediction
+from ..waiting import settle, settled_within
+from .base import Listener
+
+
+class MemoryStore:
+    """Records in a dict: fast, and gone when the process ends.
+
+    At most `max_finished` finished records are kept (the oldest finished go first, before their TTL):
+    the heap is the only place they live. Unfinished ones are bounded by the queue.
+    """
+
+    def __init__(self, *, ttl: float = 86400.0, max_finished: int = 50_000) -> None:
+        self.ttl = ttl
+        self.max_finished = max_finished
+        self._records: dict[str, Prediction] = {}
+        # Ids of finished records, oldest first. An OrderedDict, not a dict: popping a plain dict's first
+        # key again and again leaves holes that the next iter() must scan past (quadratic at load).
+        self._finished: OrderedDict[str, None] = OrderedDict()
+        self._keys: dict[str, tuple[str, IdempotencyKey]] = {}
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    async def add(self, prediction: Prediction, idempotency: IdempotencyKey | None = None) -> Prediction:
+        if idempotency is not None:
+            pid, stored = self._keys.get(idempotency.key, (None, None))
+            existing = self._records.get(pid) if pid else None
+            lifecycle.check_idempotency(existing, stored, idempotency)
+            if existing is not None:
+                return existing
+            self._keys[idempotency.key] = (prediction.prediction_id, idempotency)
+        self._records[prediction.prediction_id] = prediction
+        return prediction
+
+    async def get(self, prediction_id: str) -> Prediction | None:
+        return self._records.get(prediction_id)
+
+    async def delete(self, prediction_id: str) -> None:
+        self._records.pop(prediction_id, None)
+        self._finished.pop(prediction_id, None)
+
+    async def start(self, prediction_ids: Sequence[str]) -> list[Prediction]:
+        return self._apply(lifecycle.start(self._records.get(pid), len(prediction_ids)) for pid in prediction_ids)
+
+    async def finish(self, outcomes: Sequence[Outcome]) -> list[Prediction]:
+        return self._apply(lifecycle.finish(self._records.get(o.prediction_id), o, self.ttl) for o in outcomes)
+
+    async def cancel(self, prediction_id: str) -> Prediction:
+        return self._apply([lifecycle.cancel(self._records.get(prediction_id), prediction_id, self.ttl)])[0]
+
+    async def sweep(self, now: float) -> int:
+        expired = [p.prediction_id for p in self._records.values() if p.expires_at is not None and p.expires_at <= now]
+        for pid in expired:
+            del self._records[pid]
+            self._finished.pop(pid, None)
+        self._keys = {k: v for k, v in self._keys.items() if v[0] in self._records}
+        return len(expired)
+
+    async def close(self) -> None:
+        pass
+
+    def _apply(self, updates: Iterable[Prediction | None]) -> list[Prediction]:
+        changed = [p for p in updates if p is not None]
+        for p in changed:
+            self._records[p.prediction_id] = p
+            if p.status.terminal:
+                self._finished[p.prediction_id] = None
+        while len(self._finished) > self.max_finished:
+            oldest, _ = self._finished.popitem(last=False)
+            self._records.pop(oldest, None)
+        return changed
+
+
+class MemoryQueue:
+    """An in-process deque with a hard bound. `force` lets recovery requeue past the bound."""
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self._items: deque[Job] = deque()
+        self._waiters: set[asyncio.Future[None]] = set()
+
+    async def depth(self) -> int:
+        return len(self._items)
+
+    async def put(self, job: Job, *, force: bool = False) -> None:
+        if not force and len(self._items) >= self.maxsize:
+            raise QueueFull()
+        self._items.append(job)
+        for waiter in self._waiters:
+            settle(waiter)
+
+    async def get_batch(self, max_size: int, max_delay: float) -> list[Job]:
+        while not self._items:
+            await self._wait(None)
+        batch = self._take(max_size)
+        if len(batch) < max_size and max_delay > 0:
+            # A lone request waits at most max_delay for company; under load batches fill at once.
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + max_delay
+            while len(batch) < max_size:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                if not self._items:
+                    try:
+                        await self._wait(remaining)
+                    except asyncio.CancelledError:
+                        self._items.extendleft(reversed(batch))  # a stopping worker loses nothing
+                        raise
+                    if not self._items:
+                        break
+                batch.extend(self._take(max_size - len(batch)))
+        return batch
+
+    async def _wait(self, timeout: float | None) -> None:
+        """Until a job is put or `timeout` runs out."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.add(waiter)
+        try:
+            await settled_within(waiter, timeout)
+        finally:
+            self._waiters.discard(waiter)
+
+    async def ack(self, jobs: Sequence[Job]) -> None:
+        pass  # taken off the deque when read; a crash loses the deque, and the durable store recovers
+
+    async def close(self) -> None:
+        pass
+
+    def _take(self, n: int) -> list[Job]:
+        items = self._items
+        return [items.popleft() for _ in range(min(n, len(items)))]
+
+
+class LocalEventBus:
+    """Delivers to listeners in this process, synchronously, in publish order."""
+
+    def __init__(self) -> None:
+        self._listeners: dict[str, set[Listener]] = {}
+
+    def listener_count(self) -> int:
+        return sum(len(s) for s in self._listeners.values())
+
+    def watched_ids(self) -> list[str]:
+        return list(self._listeners)
+
+    async def publish(self, predictions: list[Prediction]) -> None:
+        self.dispatch(predictions)
+
+    def dispatch(self, predictions: list[Prediction]) -> None:
+        for prediction in predictions:
+            for listener in tuple(self._listeners.get(prediction.prediction_id, ())):
+                listener(prediction)
+
+    def subscribe(self, prediction_id: str, listener: Listener) -> None:
+        self._listeners.setdefault(prediction_id, set()).add(listener)
+
+    def unsubscribe(self, prediction_id: str, listener: Listener) -> None:
+        listeners = self._listeners.get(prediction_id)
+        if listeners is not None:
+            listeners.discard(listener)
+            if not listeners:
+                del self._listeners[prediction_id]

@@ -1,0 +1,48 @@
+"""The lifecycle rules every store applies: which transitions are allowed and what they produce.
+
+Pure functions of the current record; each store runs them atomically (a dict on the loop, a SQLite
+transaction, a Redis WATCH/MULTI), so the rules live once and no store can drift from the others.
+"""
+
+from __future__ import annotations
+
+from .errors import AlreadyFinished, IdempotencyConflict, NotFound, WorkerLost
+from .records import IdempotencyKey, Outcome, Prediction, Status
+
+
+def start(current: Prediction | None, batch_size: int) -> Prediction | None:
+    """queued -> running; None for anything else (canceled meanwhile, or gone)."""
+    if current is None or current.status is not Status.QUEUED:
+        return None
+    return current.started(batch_size=batch_size)
+
+
+def finish(current: Prediction | None, outcome: Outcome, ttl: float) -> Prediction | None:
+    """running -> succeeded | failed; None if it is no longer running (a cancel keeps its state)."""
+    if current is None or current.status is not Status.RUNNING:
+        return None
+    status = Status.FAILED if outcome.error else Status.SUCCEEDED
+    return current.finished(status, ttl=ttl, result=outcome.result, error=outcome.error)
+
+
+def cancel(current: Prediction | None, prediction_id: str, ttl: float) -> Prediction:
+    if current is None:
+        raise NotFound(f"no prediction {prediction_id}")
+    if current.status.terminal:
+        raise AlreadyFinished(f"prediction {prediction_id} already {current.status.value}")
+    return current.finished(Status.CANCELED, ttl=ttl)
+
+
+def recover(current: Prediction, max_attempts: int, ttl: float) -> Prediction:
+    """A prediction found queued or running at start: queue it again, or give up after max_attempts."""
+    if current.status is Status.RUNNING:
+        if current.attempts >= max_attempts:
+            error = WorkerLost(f"the worker running it stopped {current.attempts} times").to_dict()
+            return current.finished(Status.FAILED, ttl=ttl, error=error)
+        return current.requeued()
+    return current
+
+
+def check_idempotency(existing: Prediction | None, stored: IdempotencyKey | None, asked: IdempotencyKey) -> None:
+    if existing is not None and stored is not None and stored.fingerprint != asked.fingerprint:
+        raise IdempotencyConflict(f"Idempotency-Key {asked.key!r} was already used with a different body")
