@@ -1,0 +1,53 @@
+"""The layering rule: the core (everything outside zypher_ws.http) imports nothing of aiohttp.
+
+Checked in a fresh interpreter where importing aiohttp fails, so a stray import anywhere in the core,
+even a transitive one, fails this test.
+"""
+
+from __future__ import annotations
+
+import pkgutil
+import subprocess
+import sys
+
+import zypher_ws
+
+BLOCKER = """
+import importlib.abc, sys
+
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "aiohttp" or name.startswith(("aiohttp.", "aiohttp_swagger3")):
+            raise ImportError(f"the core imported {name}")
+        return None
+
+sys.meta_path.insert(0, Block())
+import importlib
+for name in sys.argv[1:]:
+    importlib.import_module(name)
+print("ok", len(sys.argv) - 1)
+"""
+
+
+def core_modules() -> list[str]:
+    names = [m.name for m in pkgutil.walk_packages(zypher_ws.__path__, "zypher_ws.")]
+    # __main__ runs the command line when imported; it only calls cli.main, which is checked.
+    http = ("zypher_ws.http", "zypher_ws.http.")
+    return [n for n in names if not (n == http[0] or n.startswith(http[1]) or n.endswith("__main__"))]
+
+
+def test_the_core_imports_no_aiohttp() -> None:
+    modules = core_modules()
+    # The seams and the pieces named by the layout must be among them, so the walk itself is checked.
+    for expected in ("zypher_ws.service", "zypher_ws.workers", "zypher_ws.backends.sqlite", "zypher_ws.models"):
+        assert expected in modules
+    done = subprocess.run([sys.executable, "-c", BLOCKER, *modules], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"ok {len(modules)}"
+
+
+def test_the_blocker_catches_the_http_layer() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", BLOCKER, "zypher_ws.http.app"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode != 0 and "imported aiohttp" in done.stderr
