@@ -7,7 +7,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from multiprocessing import get_context
 from typing import Any
 
@@ -75,6 +75,21 @@ def _predict_here(inputs: list[Any]) -> list[Any]:
     return _process_model.predict_batch(inputs)
 
 
+def exit_past_stuck_model_calls(runner: ModelRunner) -> None:
+    """The last step of a shutdown: if model calls outlived --shutdown-timeout, exit now rather than let
+    the interpreter join their threads (a 60 s call would hold the exit for 60 s). Everything else has
+    already stopped: the store is closed, and those predictions are recovered on the next start."""
+    stuck = runner.abandon()
+    if stuck:
+        log.warning(
+            "%d model call(s) still running after --shutdown-timeout: abandoned; "
+            "their predictions run again on the next start",
+            stuck,
+        )
+        logging.shutdown()
+        os._exit(0)
+
+
 class ModelRunner:
     def __init__(self, model: Model, executor: Executor) -> None:
         self.model = model
@@ -86,11 +101,29 @@ class ModelRunner:
         self.loaded = False
         self.load_error: str | None = None
         self.loaded_event = asyncio.Event()
+        self._calls: set[Future[Any]] = set()  # model calls submitted and not yet returned
+
+    def _submit(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        call = self._executor.submit(fn, *args)
+        self._calls.add(call)
+        call.add_done_callback(self._calls.discard)  # on the executor's thread: set.discard is atomic
+        return asyncio.wrap_future(call)
+
+    def abandon(self) -> int:
+        """At exit, after the executor was shut down: how many model calls are still running. They are
+        given up (processes are terminated; a thread cannot be, so the caller must exit without joining
+        it) and their predictions stay `running` in the store, for recovery on the next start."""
+        running = sum(1 for call in tuple(self._calls) if not call.done())
+        if running and isinstance(self._executor, ProcessPoolExecutor):
+            # No public way to stop a busy worker process; its call's result is not wanted any more.
+            for process in list(getattr(self._executor, "_processes", {}).values()):
+                process.terminate()
+        return running
 
     async def load(self) -> None:
         """Load in the executor. A failure is kept for /readyz and re-raised."""
         try:
-            await asyncio.get_running_loop().run_in_executor(self._executor, self._load)
+            await self._submit(self._load)
         except Exception as exc:
             self.load_error = f"the model failed to load: {type(exc).__name__}: {exc}"
             raise
@@ -100,9 +133,8 @@ class ModelRunner:
 
     async def run(self, ids: list[str], inputs: list[Any]) -> list[Outcome]:
         """One model call for the batch; if it raises, each item alone, so one bad input fails only itself."""
-        loop = asyncio.get_running_loop()
         try:
-            results = await loop.run_in_executor(self._executor, self._predict, inputs)
+            results = await self._submit(self._predict, inputs)
             if len(results) != len(inputs):
                 raise ValueError(f"model returned {len(results)} outputs for {len(inputs)} inputs")
             return [Outcome(pid, result=r) for pid, r in zip(ids, results, strict=True)]

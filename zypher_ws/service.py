@@ -7,7 +7,8 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from . import logs
@@ -43,14 +44,37 @@ class PredictionService:
         self.queue = queue
         self.bus = bus
         self._validate = InputValidator(model.input_schema)
+        self.stopping = False
+        self._on_stop: set[Callable[[], None]] = set()
 
     @property
     def model_ready(self) -> bool:
         """The model is loaded here, or runs elsewhere (an API-only process of the redis backend)."""
         return self.runner.loaded or self.settings.workers == 0
 
+    def stop(self) -> None:
+        """Shutdown has begun: refuse new predictions, and let everyone waiting answer now with what
+        they have (a sync request its unfinished record, a stream its last message). Accepted
+        predictions stay where they are: durable ones resume on the next start."""
+        self.stopping = True
+        for callback in tuple(self._on_stop):
+            callback()
+
+    @contextmanager
+    def until_stop(self, callback: Callable[[], None]) -> Iterator[None]:
+        """While the block runs, `callback` is called (once) if shutdown begins; at once if it has."""
+        if self.stopping:
+            callback()
+        self._on_stop.add(callback)
+        try:
+            yield
+        finally:
+            self._on_stop.discard(callback)
+
     async def check_ready(self) -> None:
         """Raise NotReady or BackendUnavailable unless a new prediction would be accepted now."""
+        if self.stopping:
+            raise NotReady("the service is shutting down")
         if not self.model_ready:
             raise NotReady(self.runner.load_error or "the model is not loaded yet")
         if isinstance(self.store, Checks):
@@ -88,7 +112,8 @@ class PredictionService:
         if not new:
             return await self.wait(prediction.prediction_id, timeout)  # an earlier prediction: follow it
         try:
-            await settled_within(settled, timeout)
+            with self.until_stop(lambda: settle(settled)):
+                await settled_within(settled, timeout)
         finally:
             self.bus.unsubscribe(prediction.prediction_id, on_change)
         for change in changes:
@@ -104,6 +129,8 @@ class PredictionService:
         `listener` hears every change of a new prediction from before it is queued; the caller unsubscribes.
         """
         self.validate_input(value)
+        if self.stopping:
+            raise NotReady("the service is shutting down")
         if not self.model_ready:
             raise NotReady()
         if await self.queue.depth() >= self.queue.maxsize:
@@ -173,7 +200,8 @@ class PredictionService:
 
         watch = await self.watch(prediction_id, deliver)
         try:
-            await settled_within(settled, timeout)
+            with self.until_stop(lambda: settle(settled)):
+                await settled_within(settled, timeout)
         finally:
             watch.stop()
         return latest[-1]

@@ -12,7 +12,7 @@ from prometheus_client import start_http_server
 from .backends import open_backend
 from .metrics import Metrics
 from .models import Model, build_model
-from .runner import ModelRunner, make_executor
+from .runner import ModelRunner, exit_past_stuck_model_calls, make_executor
 from .settings import Settings
 from .workers import WorkerPool
 
@@ -45,3 +45,4 @@ async def run_worker(settings: Settings, *, model: Model | None = None) -> None:
             await pool.stop(settings.shutdown_timeout)
     finally:
         executor.shutdown(wait=False, cancel_futures=True)
+    exit_past_stuck_model_calls(runner)

@@ -15,14 +15,14 @@ from .. import __version__
 from ..backends import open_backend
 from ..metrics import Metrics
 from ..models import Model, build_model
-from ..runner import ModelRunner, make_executor
+from ..runner import ModelRunner, exit_past_stuck_model_calls, make_executor
 from ..service import PredictionService
 from ..settings import Settings
 from ..workers import WorkerPool
 from . import live, openapi, views
 from .access import RateLimiter, SocketCounter
 from .access_log import AccessLogger
-from .keys import DRAIN, LIMITER, METRICS, MODEL, SERVICE, SETTINGS, SOCKETS, WS_CLIENTS
+from .keys import DRAIN, LIMITER, METRICS, MODEL, SERVICE, SETTINGS, SOCKETS, STREAMS, WS_CLIENTS
 from .middleware import count_requests, json_errors, parse_json_body, require_token
 from .pages import add_page_routes
 
@@ -45,11 +45,15 @@ def create_app(settings: Settings, *, model: Model | None = None) -> web.Applica
     app[WS_CLIENTS] = SocketCounter(settings.ws_max_per_client)
     app[MODEL] = model if model is not None else build_model(settings)
     app[SOCKETS] = set()
+    app[STREAMS] = set()
     app.cleanup_ctx.append(service_ctx)
-    # On SIGTERM aiohttp stops accepting, then runs these in order: running predictions finish (and are
-    # pushed), then sockets close with 1001. Queued ones stay in the durable store for the next start.
+    # On SIGTERM aiohttp stops accepting, then runs these in order: new predictions are refused and
+    # waiting sync requests answer 202 with their Location at once; running batches get
+    # --shutdown-timeout to finish (and are pushed); then streams and sockets get a `shutdown` message
+    # and close. Queued predictions stay in the durable store for the next start.
+    app.on_shutdown.append(_stop_service)
     app.on_shutdown.append(_drain_workers)
-    app.on_shutdown.append(live.close_sockets)
+    app.on_shutdown.append(live.close_live)
     _add_routes(app)
     app.router.add_get("/ws", live.websocket)
     add_page_routes(app)
@@ -87,6 +91,11 @@ async def service_ctx(app: web.Application) -> AsyncIterator[None]:
             sweeper.cancel()
             await pool.stop(settings.shutdown_timeout)
             executor.shutdown(wait=False, cancel_futures=True)
+
+
+async def _stop_service(app: web.Application) -> None:
+    if SERVICE in app:
+        app[SERVICE].stop()
 
 
 async def _drain_workers(app: web.Application) -> None:
@@ -148,6 +157,8 @@ def serve(settings: Settings) -> None:
         print=lambda msg: logging.getLogger("zypher_ws").info(msg),
         access_log_class=AccessLogger,
     )
+    if SERVICE in app:
+        exit_past_stuck_model_calls(app[SERVICE].runner)
 
 
 async def _freeze_startup_objects(app: web.Application) -> None:

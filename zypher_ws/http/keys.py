@@ -16,6 +16,8 @@ SETTINGS = web.AppKey("settings", Settings)
 MODEL = web.AppKey("model", Model)
 SERVICE = web.AppKey("service", PredictionService)
 SOCKETS: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("sockets")
+STREAMS: web.AppKey[set[Callable[[], None]]] = web.AppKey("streams")
+"""One callback per open event stream: calling it ends the stream with a `shutdown` event."""
 METRICS = web.AppKey("metrics", Metrics)
 LIMITER = web.AppKey("limiter", RateLimiter)
 WS_CLIENTS = web.AppKey("ws_clients", SocketCounter)

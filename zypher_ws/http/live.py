@@ -17,7 +17,7 @@ from ..service import PredictionService
 from ..settings import Settings
 from .access import WS_PROTOCOL, RateLimiter, check_origin, client_address, token_valid, websocket_token
 from .envelopes import ws_error
-from .keys import LIMITER, METRICS, SERVICE, SETTINGS, SOCKETS, WS_CLIENTS
+from .keys import LIMITER, METRICS, SERVICE, SETTINGS, SOCKETS, STREAMS, WS_CLIENTS
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +222,10 @@ async def _serve_socket(
 ) -> web.WebSocketResponse:
     authenticated = not settings.api_tokens or token_valid(websocket_token(request), settings.api_tokens)
     ws = web.WebSocketResponse(
-        heartbeat=settings.ws_heartbeat or None, max_msg_size=settings.ws_max_message, protocols=(WS_PROTOCOL,)
+        timeout=CLOSE_WAIT,
+        heartbeat=settings.ws_heartbeat or None,
+        max_msg_size=settings.ws_max_message,
+        protocols=(WS_PROTOCOL,),
     )
     await ws.prepare(request)
     if not authenticated and not await _authenticate(ws, settings):
@@ -266,13 +269,30 @@ async def _authenticate(ws: web.WebSocketResponse, settings: Settings) -> bool:
     return False
 
 
-async def close_sockets(app: web.Application) -> None:
-    """on_shutdown: tell every WebSocket client the server is going away (1001)."""
-    sockets = app[SOCKETS].copy()
-    await asyncio.gather(
-        *(ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown") for ws in sockets),
-        return_exceptions=True,
-    )
+SHUTDOWN_MESSAGE = {"type": "shutdown", "message": "the server is shutting down: reconnect and subscribe again"}
+CLOSE_WAIT = 1.0  # seconds a client gets to answer our close frame at shutdown
+
+
+async def close_live(app: web.Application) -> None:
+    """on_shutdown, once running batches have finished (and been pushed): every event stream ends with a
+    `shutdown` event, every WebSocket gets a `shutdown` message and closes with 1001."""
+    streams = app[STREAMS]
+    for end in tuple(streams):
+        end()
+    frame = dumps(SHUTDOWN_MESSAGE)
+    closing = [asyncio.create_task(_close_going_away(ws, frame)) for ws in app[SOCKETS].copy()]
+    if closing:
+        # A client whose writes are stuck must not hold the exit: stop waiting a little after CLOSE_WAIT.
+        # (aiohttp closes the connection once the close frame is out, as this runs beside the handler.)
+        await asyncio.wait(closing, timeout=CLOSE_WAIT + 1.0)
+
+
+async def _close_going_away(ws: web.WebSocketResponse, frame: bytes) -> None:
+    try:
+        await ws.send_frame(frame, WSMsgType.TEXT)
+        await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
+    except ConnectionError:
+        pass  # gone already: it loses nothing, its predictions are in the store
 
 
 async def prediction_events(request: web.Request) -> web.StreamResponse:
@@ -293,21 +313,26 @@ async def prediction_events(request: web.Request) -> web.StreamResponse:
               type: object
               required: [data]
               properties:
-                event: {type: string, enum: [subscribed, update]}
+                event: {type: string, enum: [subscribed, update, shutdown]}
                 data: {type: string}
       '404': {description: 'Unknown id', content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}
     """
     service, settings = request.app[SERVICE], request.app[SETTINGS]
     prediction_id = request.match_info["prediction_id"]
-    events: asyncio.Queue[tuple[str, Prediction]] = asyncio.Queue()  # at most one per lifecycle rank
+    # At most one per lifecycle rank, and one `shutdown` (None) when the server stops.
+    events: asyncio.Queue[tuple[str, Prediction | None]] = asyncio.Queue()
 
     def deliver(prediction: Prediction, snapshot: bool) -> None:
         events.put_nowait(("subscribed" if snapshot else "update", prediction))
+
+    def end() -> None:
+        events.put_nowait(("shutdown", None))
 
     watch = await service.watch(prediction_id, deliver)
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     streams = request.app[METRICS].sse
     streams.inc()
+    request.app[STREAMS].add(end)
     try:
         await response.prepare(request)
         while True:
@@ -316,12 +341,16 @@ async def prediction_events(request: web.Request) -> web.StreamResponse:
             except asyncio.TimeoutError:
                 await response.write(b": keep-alive\n\n")  # proxies close idle streams
                 continue
+            if prediction is None:
+                await response.write(b"event: shutdown\ndata: %s\n\n" % dumps(SHUTDOWN_MESSAGE))
+                break
             data = update_frame(prediction) if kind == "update" else dumps(record_message(kind, prediction))
             await response.write(b"event: %s\ndata: %s\n\n" % (kind.encode(), data))
             if prediction.status.terminal:
                 break
         await response.write_eof()
     finally:
+        request.app[STREAMS].discard(end)
         streams.dec()
         watch.stop()
     return response

@@ -29,7 +29,7 @@ With API tokens configured, send the token as the protocol `bearer.TOKEN` next t
 Upgrades from a browser origin other than the service's own (or the allowlist) are refused with 403.
 
 Close codes: 1008 for a missing or wrong token, 1009 for a frame over the size limit, 1013 for a client
-that fell behind its outbox, 1001 on server shutdown.
+that fell behind its outbox, 1001 on server shutdown (after a `{"type": "shutdown"}` message).
 """
 
 _TIMESTAMP = {"type": "string", "format": "date-time", "nullable": True}
