@@ -165,8 +165,9 @@ async def test_sigterm_finishes_running_work_pushes_it_closes_sockets_and_keeps_
             server.proc.send_signal(signal.SIGTERM)  # under load: one running, four queued
             final = await ws.receive_json(timeout=10)
             assert final["type"] == "update" and final["prediction"]["status"] == "succeeded"  # pushed before closing
+            assert (await ws.receive_json(timeout=10))["type"] == "shutdown"
             closing = await ws.receive(timeout=10)
-            assert closing.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED) and ws.close_code == 1001
+            assert (closing.type, closing.data) == (aiohttp.WSMsgType.CLOSE, 1001)
         assert await asyncio.wait_for(server.proc.wait(), 30) == 0
     assert [int(x) for x in log.read_text().split()] == [0]  # the running one finished; nothing else started
     async with run_server(*args, env={**env, "ZYPHER_TEST_LATENCY": "0"}, port=port) as server:

@@ -102,6 +102,11 @@ class IdempotencyConflict(ZypherError):
     code = "idempotency_conflict"
 
 
+class RequestTimeout(ZypherError):
+    status = 408
+    code = "request_timeout"
+
+
 class BodyTooLarge(ZypherError):
     status = 413
     code = "body_too_large"
@@ -138,6 +143,13 @@ class QueueFull(RetryLater):
 class NotReady(RetryLater):
     code = "not_ready"
     default_message = "the model is not loaded yet"
+
+
+class StorageFull(RetryLater):
+    """The store's disk is full: nothing new is accepted until writes succeed again (they are retried)."""
+
+    code = "storage_full"
+    default_message = "the store cannot write (no space left); retry later"
 
 
 class BackendUnavailable(RetryLater):

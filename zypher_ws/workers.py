@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from . import logs
 from .backends import Backend, EventBus, Store, WorkQueue
+from .backends.base import Releases
+from .errors import RetryLater
 from .metrics import Metrics
 from .records import Job, Prediction
 from .runner import ModelRunner
 from .settings import Settings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+RETRY_FIRST = 0.05  # seconds before a failed store write is tried again; doubling up to RETRY_MAX
+RETRY_MAX = 2.0
 
 
 class WorkerPool:
@@ -36,6 +44,7 @@ class WorkerPool:
         self._waiting: set[asyncio.Task[None] | None] = set()
         self._stopping = False
         self.busy = 0
+        self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep  # tests pass a fake clock's
 
     @classmethod
     def over(cls, backend: Backend, *, settings: Settings, runner: ModelRunner, metrics: Metrics) -> WorkerPool:
@@ -79,23 +88,59 @@ class WorkerPool:
                 await self.run_batch(jobs)
             except Exception:  # a store or bus failure must not kill the worker
                 log.exception("worker failed on a batch of %d", len(jobs))
+                if isinstance(self._queue, Releases):
+                    await self._queue.release(jobs)  # let a live worker take them over
             finally:
                 self.busy -= 1
 
     async def run_batch(self, jobs: list[Job]) -> None:
-        started = await self._store.start([job.prediction_id for job in jobs])
+        ids = [job.prediction_id for job in jobs]
+        started = await self._until_done(lambda: self._store.start(ids), "the start of a batch")
         if started:
             self._metrics.batch_started(started)
             logs.state_changes(started)
             finished: list[Prediction] = []
             try:
-                await self._bus.publish(started)
+                await self._announce(started)
                 # Inputs come from the records (canceled ones are not in `started`), not from the queue.
                 outcomes = await self._runner.run([p.prediction_id for p in started], [p.input for p in started])
-                finished = await self._store.finish(outcomes)
+                finished = await self._until_done(lambda: self._store.finish(outcomes), "a batch's outcomes")
             finally:
                 self._metrics.batch_finished(len(started), finished)
             logs.state_changes(finished)
-            await self._bus.publish(finished)
+            await self._announce(finished)
         # Only now, with outcomes stored: a worker dying before this leaves the jobs to be taken over.
-        await self._queue.ack(jobs)
+        await self._until_done(lambda: self._queue.ack(jobs), "the acknowledgement of a batch")
+
+    async def _until_done(self, write: Callable[[], Awaitable[T]], what: str) -> T:
+        """Retry a write that failed for a passing reason (Redis away, the disk full) until it succeeds.
+
+        Giving up would strand the batch: its records would stay queued or running, and its entries look
+        held, until a restart (and a restart would run finished work again). The outcome is in hand, so
+        it is kept and written once the store is back. Only a stopping pool gives up: what it leaves is
+        recovered at the next start or taken over by a live worker.
+        """
+        delay, failing = RETRY_FIRST, False
+        while True:
+            try:
+                result = await write()
+            except RetryLater as exc:
+                if self._stopping:
+                    raise
+                if not failing:
+                    log.warning("could not record %s (%s); retrying until it succeeds", what, exc.message)
+                    failing = True
+                await self.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX)
+                continue
+            if failing:
+                log.info("recorded %s once the store answered again", what)
+            return result
+
+    async def _announce(self, predictions: list[Prediction]) -> None:
+        """Publish state changes. Best effort: they are stored already, and subscribers elsewhere read
+        the records again when their event channel comes back."""
+        try:
+            await self._bus.publish(predictions)
+        except RetryLater as exc:
+            log.warning("could not announce %d state changes (%s)", len(predictions), exc.message)

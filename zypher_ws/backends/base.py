@@ -95,6 +95,15 @@ class WorkQueue(Protocol):
     async def close(self) -> None: ...
 
 
+@runtime_checkable
+class Releases(Protocol):
+    """A queue whose taken jobs stay assigned to this process until acknowledged (Redis)."""
+
+    async def release(self, jobs: Sequence[Job]) -> None:
+        """Stop holding these jobs: a live worker takes them over after the queue's idle time."""
+        ...
+
+
 class EventBus(Protocol):
     async def publish(self, predictions: list[Prediction]) -> None: ...
 

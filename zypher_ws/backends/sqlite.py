@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .. import lifecycle
+from ..errors import StorageFull
 from ..json_codec import dumps_str
 from ..records import IdempotencyKey, Outcome, Prediction, Status
 
@@ -40,6 +41,19 @@ CREATE TABLE IF NOT EXISTS idempotency_keys (
 """
 
 
+SQLITE_FULL = 13
+
+
+def _is_full(exc: BaseException) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    return isinstance(exc, sqlite3.OperationalError) and (code == SQLITE_FULL or "disk is full" in str(exc))
+
+
+def _touch_probe(conn: sqlite3.Connection) -> None:
+    conn.execute("CREATE TABLE IF NOT EXISTS write_probe (id INTEGER PRIMARY KEY, at REAL)")
+    conn.execute("INSERT OR REPLACE INTO write_probe (id, at) VALUES (1, julianday('now'))")
+
+
 def path_from_url(url: str) -> Path:
     """`sqlite:///relative/path.db` or `sqlite:////absolute/path.db` (SQLAlchemy's convention)."""
     if not url.startswith("sqlite:///"):
@@ -59,6 +73,7 @@ class SQLiteStore:
         # Committed state of unfinished predictions, so starting and finishing one does not read it back
         # and parse it again. Touched only on the store's thread; any rollback empties it.
         self._live: dict[str, Prediction] = {}
+        self._full = False  # the last commit failed for lack of space (read on the loop; a bool swap)
 
     # -- plumbing ---------------------------------------------------------------------------------
 
@@ -73,6 +88,12 @@ class SQLiteStore:
         conn.execute("PRAGMA foreign_keys=ON")
         conn.executescript(SCHEMA)
         self._conn = conn
+
+    async def check(self) -> None:
+        """Raise StorageFull while writes fail for lack of space; once they might succeed again, a tiny
+        write says so, so /readyz recovers by itself as soon as space is freed."""
+        if self._full:
+            await self._write(_touch_probe)
 
     async def close(self) -> None:
         if self._flusher is not None:
@@ -133,7 +154,11 @@ class SQLiteStore:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             self._live.clear()
+            if _is_full(exc):
+                self._full = True
+                exc = StorageFull()
             return [(False, exc)] * len(ops)
+        self._full = False
         return results
 
     def _in_savepoint(self, conn: sqlite3.Connection, op: Op) -> tuple[bool, Any]:
@@ -141,6 +166,8 @@ class SQLiteStore:
         try:
             result = op(conn)
         except Exception as exc:
+            if _is_full(exc):
+                raise  # not this op's fault: the whole transaction fails, and is reported as StorageFull
             conn.execute("ROLLBACK TO op")
             conn.execute("RELEASE op")
             self._live.clear()

@@ -141,6 +141,10 @@ class RedisQueue:
             await pipe.execute()
         self._held.difference_update(receipts)
 
+    async def release(self, jobs: Sequence[Job]) -> None:
+        # No longer touched by _maintain, so they look idle and are claimed after --claim-idle.
+        self._held.difference_update(job.receipt for job in jobs if job.receipt)
+
     async def close(self) -> None:
         if self._maintenance is not None:
             self._maintenance.cancel()

@@ -1,0 +1,141 @@
+"""A store that cannot write (a full disk, Redis away): clear answers, /readyz says so, nothing is stranded.
+
+The full disk is simulated by a SQLite store whose every transaction fails the way SQLite fails when the
+filesystem is full (the real error, raised from inside the transaction), registered under a URL scheme
+of its own: the backend registry is the seam.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import WAIT, GatedModel, make_settings
+from zypher_ws import backends, workers
+from zypher_ws.backends import Backend, Kind
+from zypher_ws.backends.memory import LocalEventBus, MemoryQueue
+from zypher_ws.backends.sqlite import SQLiteStore, path_from_url
+from zypher_ws.http.app import create_app
+from zypher_ws.http.keys import SERVICE
+from zypher_ws.records import Outcome, Prediction
+from zypher_ws.settings import Settings
+
+
+class FillingStore(SQLiteStore):
+    """SQLite whose transactions fail with SQLITE_FULL while `full` is set."""
+
+    full = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.finish_failed = asyncio.Event()
+
+    def _transaction(self, ops: list[Any]) -> list[tuple[bool, Any]]:
+        if self.full:
+            ops = [_no_space] * len(ops)
+        return super()._transaction(ops)
+
+    async def finish(self, outcomes: Sequence[Outcome]) -> list[Prediction]:
+        try:
+            return await super().finish(outcomes)
+        except Exception:
+            self.finish_failed.set()
+            raise
+
+
+def _no_space(conn: sqlite3.Connection) -> None:
+    raise sqlite3.OperationalError("database or disk is full")
+
+
+@pytest.fixture
+def filling(monkeypatch: pytest.MonkeyPatch) -> list[FillingStore]:
+    """Registers `filling-sqlite:///path`; the list holds the store each app opened."""
+    opened: list[FillingStore] = []
+
+    @asynccontextmanager
+    async def open_filling(settings: Settings, url: str, listen: bool) -> AsyncIterator[Backend]:
+        store = FillingStore(path_from_url(url.replace("filling-", "", 1)), ttl=settings.result_ttl)
+        await store.open()
+        opened.append(store)
+        queue = MemoryQueue(settings.max_queue)
+        try:
+            yield Backend(store, queue, LocalEventBus())
+        finally:
+            await store.close()
+
+    monkeypatch.setitem(backends.SCHEMES, "filling-sqlite", Kind(open_filling, shared=False))
+    monkeypatch.setattr(workers, "RETRY_MAX", 0.01)  # retry at once: the test releases the disk itself
+    return opened
+
+
+async def test_a_full_disk_refuses_new_work_clearly_and_resumes_by_itself(
+    aiohttp_client: Any, filling: list[FillingStore], tmp_path: Path
+) -> None:
+    gated = GatedModel()
+    gated.bind(asyncio.get_running_loop())
+    settings = make_settings(store=f"filling-sqlite:///{tmp_path / 'z.db'}")
+    client = await aiohttp_client(create_app(settings, model=gated))
+    service = client.app[SERVICE]
+    await asyncio.wait_for(service.runner.loaded_event.wait(), WAIT)
+    store = filling[0]
+
+    accepted = await client.post("/predict", json={"input": {"x": 1}}, headers={"Async-Mode": "true"})
+    assert accepted.status == 202
+    pid = (await accepted.json())["prediction_id"]
+    await gated.wait_started()
+
+    store.full = True
+    gated.release.set()  # the model answers while the disk is full: its outcome cannot be written
+    await asyncio.wait_for(store.finish_failed.wait(), WAIT)
+
+    refused = await client.post("/predict", json={"input": {"x": 2}}, headers={"Async-Mode": "true"})
+    assert refused.status == 503
+    assert (await refused.json())["error"]["code"] == "storage_full"
+    assert int(refused.headers["Retry-After"]) >= 1
+    ready = await client.get("/readyz")
+    assert ready.status == 503 and (await ready.json())["error"]["code"] == "storage_full"
+
+    store.full = False  # space is freed: no restart, no client action
+    done = await service.wait(pid, WAIT)
+    assert done.status.value == "succeeded" and done.result == {"echo": {"x": 1}}
+    assert len(gated.batches) == 1  # recorded from the outcome in hand, never run again
+    assert (await client.get("/readyz")).status == 200
+    again = await client.post("/predict", json={"input": {"x": 3}}, headers={"Async-Mode": "true"})
+    assert again.status == 202
+
+
+async def test_a_redis_blip_while_a_batch_finishes_is_retried_not_stranded(
+    aiohttp_client: Any, redis_settings: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The outcome is written once Redis answers again: the batch does not stay `running` (held and
+    looking fresh to other workers) until someone restarts the process."""
+    from zypher_ws.backends.redis.store import RedisStore
+    from zypher_ws.errors import BackendUnavailable
+
+    failures = 2
+    original = RedisStore.finish
+
+    async def blip(self: RedisStore, outcomes: Sequence[Outcome]) -> list[Prediction]:
+        nonlocal failures
+        if failures:
+            failures -= 1
+            raise BackendUnavailable("Redis is unavailable: Connection reset by peer")
+        return await original(self, outcomes)
+
+    monkeypatch.setattr(RedisStore, "finish", blip)
+    monkeypatch.setattr(workers, "RETRY_MAX", 0.01)
+    gated = GatedModel(gated=False)
+    gated.bind(asyncio.get_running_loop())
+    client = await aiohttp_client(create_app(make_settings(**redis_settings), model=gated))
+    await asyncio.wait_for(client.app[SERVICE].runner.loaded_event.wait(), WAIT)
+    resp = await client.post("/predict", json={"input": {"x": 7}})
+    assert resp.status == 200
+    record = await resp.json()
+    assert record["status"] == "succeeded" and record["result"] == {"echo": {"x": 7}}
+    assert failures == 0 and len(gated.batches) == 1
