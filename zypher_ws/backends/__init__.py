@@ -16,7 +16,18 @@ from .base import Checks, EventBus, Recovers, Store, Sweeps, WorkQueue
 if TYPE_CHECKING:
     from ..settings import Settings
 
-__all__ = ["Backend", "Checks", "Kind", "EventBus", "Recovers", "Store", "Sweeps", "WorkQueue", "is_shared", "open_backend"]
+__all__ = [
+    "Backend",
+    "Checks",
+    "EventBus",
+    "Kind",
+    "Recovers",
+    "Store",
+    "Sweeps",
+    "WorkQueue",
+    "is_shared",
+    "open_backend",
+]
 
 
 @dataclass(frozen=True)
