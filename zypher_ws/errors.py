@@ -107,6 +107,13 @@ class RequestTimeout(ZypherError):
     code = "request_timeout"
 
 
+class ClientClosedRequest(ZypherError):
+    """The client went away before its request was read: nginx's 499, for the access log only."""
+
+    status = 499
+    code = "client_closed_request"
+
+
 class BodyTooLarge(ZypherError):
     status = 413
     code = "body_too_large"

@@ -34,6 +34,12 @@ class Settings:
     max_batch_delay_ms: float = _opt(2.0, "longest a worker waits to fill a batch while others are busy (idle: none)")
     sync_timeout: float = _opt(30.0, "seconds a synchronous POST waits before answering 202")
     max_body: int = _opt(MiB, "largest request body in bytes (413 past it)")
+    read_timeout: float = _opt(
+        30.0, "seconds a client has to send a request's head (on a new connection) and its body (408 past it)"
+    )
+    max_connections_per_client: int = _opt(
+        1024, "open connections per client address; more are refused (0: no cap, e.g. behind a proxy)"
+    )
     mock_latency_ms: float = _opt(0.0, "latency of each mock model call, like a remote accelerator")
     log_level: str = _opt("INFO", "DEBUG, INFO, WARNING or ERROR")
     log_format: str = _opt("text", "text, or json for one JSON object per line")
@@ -122,7 +128,7 @@ class Settings:
         ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
-        for name in ("ws_max_per_client", "rate_burst", "metrics_port"):
+        for name in ("ws_max_per_client", "rate_burst", "metrics_port", "max_connections_per_client"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
         if not 0 <= self.model_nice <= 19:
@@ -139,7 +145,9 @@ class Settings:
             raise ValueError(f"backend must be embedded or redis, not {self.backend!r}")
         if self.claim_idle <= 0:
             raise ValueError("claim_idle must be positive")
-        for name in ("sync_timeout", "max_batch_delay_ms", "mock_latency_ms", "shutdown_timeout", "result_ttl"):
+        for name in (
+            "sync_timeout", "max_batch_delay_ms", "mock_latency_ms", "shutdown_timeout", "result_ttl", "read_timeout",
+        ):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
         if self.store.startswith("sqlite:") and not self.store.startswith("sqlite:///"):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import resource
+import signal
 import warnings
 from collections.abc import AsyncIterator
 
@@ -22,6 +24,7 @@ from ..workers import WorkerPool
 from . import live, openapi, views
 from .access import RateLimiter, SocketCounter
 from .access_log import AccessLogger
+from .connections import ConnectionLimits, GuardedSite, quiet_resource_errors
 from .keys import DRAIN, LIMITER, METRICS, MODEL, SERVICE, SETTINGS, SOCKETS, STREAMS, WS_CLIENTS
 from .middleware import count_requests, json_errors, parse_json_body, require_token
 from .pages import add_page_routes
@@ -149,16 +152,39 @@ def serve(settings: Settings) -> None:
     """`zypher-ws serve`: run the app until SIGINT or SIGTERM."""
     app = create_app(settings)
     app.on_startup.append(_freeze_startup_objects)  # after the cleanup contexts have started
-    web.run_app(
-        app,
-        host=settings.host,
-        port=settings.port,
-        shutdown_timeout=settings.shutdown_timeout,
-        print=lambda msg: logging.getLogger("zypher_ws").info(msg),
-        access_log_class=AccessLogger,
-    )
+    _raise_open_file_limit()
+    asyncio.run(_run(app, settings))
     if SERVICE in app:
         exit_past_stuck_model_calls(app[SERVICE].runner)
+
+
+async def _run(app: web.Application, settings: Settings) -> None:
+    """What web.run_app does, with every connection guarded (http/connections.py)."""
+    loop = asyncio.get_running_loop()
+    quiet_resource_errors(loop)
+    runner = web.AppRunner(app, access_log_class=AccessLogger, shutdown_timeout=settings.shutdown_timeout)
+    await runner.setup()
+    try:
+        limits = ConnectionLimits(settings.max_connections_per_client)
+        site = GuardedSite(runner, settings.host, settings.port, limits=limits, head_timeout=settings.read_timeout)
+        await site.start()
+        logging.getLogger("zypher_ws").info("Running on %s (Ctrl-C or SIGTERM to stop)", site.name)
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def _raise_open_file_limit() -> None:
+    """Every connection is a file descriptor: take the hard limit the system allows, not the soft 1024."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (OSError, ValueError) as exc:
+        log.warning("could not raise the open file limit: %s", exc)
 
 
 async def _freeze_startup_objects(app: web.Application) -> None:

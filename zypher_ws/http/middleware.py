@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -12,9 +13,11 @@ from aiohttp_swagger3.swagger_route import RequestValidationFailed
 
 from ..errors import (
     BodyTooLarge,
+    ClientClosedRequest,
     InternalError,
     InvalidInput,
     InvalidJSON,
+    RequestTimeout,
     Unauthorized,
     UnsupportedMediaType,
     ZypherError,
@@ -43,13 +46,20 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
                 raise UnsupportedMediaType(f"send application/json, not {request.content_type}")
         return await handler(request)
     except ZypherError as exc:
-        return error_response(exc)
+        response = error_response(exc)
+        if isinstance(exc, RequestTimeout):
+            response.force_close()  # the rest of a trickled body is not worth waiting for
+        return response
     except RequestValidationFailed as exc:
         return error_response(InvalidInput("; ".join(_flatten(exc.errors))))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         return error_response(_from_http(exc, request), status=exc.status)
+    except ConnectionResetError:
+        # Not our failure, and nobody reads the answer: one line, no traceback, no 500.
+        log.info("client %s went away during %s %s", request.remote, request.method, request.path)
+        return error_response(ClientClosedRequest("the client closed the connection"))
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(InternalError())
@@ -66,9 +76,15 @@ def _from_http(exc: web.HTTPException, request: web.Request) -> ZypherError:
 
 async def parse_json_body(request: web.Request) -> tuple[Any, bool]:
     """swagger3 media handler for application/json: malformed JSON is our 400 invalid_json."""
+    timeout = request.app[SETTINGS].read_timeout
+    try:
+        # A client trickling its body must not hold a connection (and its buffer) for ever.
+        body = await asyncio.wait_for(request.read(), timeout or None)
+    except asyncio.TimeoutError:
+        raise RequestTimeout(f"the request body did not arrive within {timeout:g} s") from None
     try:
         # UTF-8 whatever the charset says (RFC 8259); undecodable bytes are malformed JSON too.
-        return loads(await request.read()), False
+        return loads(body), False
     except ValueError as exc:  # UnicodeDecodeError included
         raise InvalidJSON(f"request body is not valid JSON: {exc}") from None
 
