@@ -1,12 +1,17 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from zypher_ws.cli import build_parser
-from zypher_ws.settings import OPTIONS, Settings
+from zypher_ws.settings import OPTIONS, REFERENCE_COMMAND, Settings
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_defaults() -> None:
@@ -143,3 +148,14 @@ def test_secrets_are_not_shown(capsys: pytest.CaptureFixture[str]) -> None:
     assert token not in capsys.readouterr().out
     s = Settings(api_tokens=(token,))
     assert token not in repr(s)
+    assert "| `--api-token` | `ZYPHER_API_TOKENS` | list of text |  |" in (ROOT / "docs/configuration.md").read_text()
+
+
+def test_the_configuration_reference_is_current() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "zypher_ws.settings", "--markdown"], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert done.returncode == 0 and not done.stderr, done.stderr
+    assert done.stdout == (ROOT / "docs/configuration.md").read_text(), (
+        f"docs/configuration.md is out of date with zypher_ws/settings.py; regenerate it: {REFERENCE_COMMAND}"
+    )

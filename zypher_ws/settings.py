@@ -1,8 +1,9 @@
 """The one place that reads configuration: CLI flags over `ZYPHER_*` environment variables over defaults.
 
 Each option is declared once, as a field of `Settings`: its type (a `Literal` lists its choices), its default,
-its help and its bounds. From that declaration come the command line (`add_settings_arguments`) and the
-validation (`Settings.__post_init__`).
+its help and its bounds. From that declaration come the command line (`add_settings_arguments`), the
+validation (`Settings.__post_init__`) and the reference, docs/configuration.md
+(`python -m zypher_ws.settings --markdown`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -341,3 +343,66 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zypher-ws serve")
     add_settings_arguments(parser, environ)
     return parser
+
+
+# -- the reference: docs/configuration.md ---------------------------------------------------------------
+
+REFERENCE_COMMAND = "python -m zypher_ws.settings --markdown > docs/configuration.md"
+REFERENCE_INTRO = """\
+Every option is a flag of `zypher-ws serve` and `zypher-ws worker` and an environment variable; a flag wins over
+the variable, the variable over the default. `zypher-ws serve --help` lists them with their defaults.
+`zypher-ws worker` takes the same options (HTTP ones are ignored) and defaults `--backend` to `redis`.
+List options take the flag once per value; their variable is comma-separated. Booleans are `true` or `false`
+(also `yes`/`no`, `on`/`off`, `1`/`0`). A value outside an option's choices or bounds is refused at start-up,
+naming the option."""
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _code(text: str) -> str:
+    return f"`{text}`" if text else ""
+
+
+def _accepts(option: Option) -> str:
+    if option.choices:
+        either = _either([_code(choice) for choice in option.choices])
+        return either + (" (any case)" if option.any_case else "")
+    kind = _KINDS[option.kind][1]
+    return f"{kind}, {option.bounds}" if option.bounds else kind
+
+
+def reference_markdown() -> str:
+    """docs/configuration.md: every option with its flag, variable, accepted values, default and help."""
+    lines = [
+        "<!-- generated from zypher_ws/settings.py by `python -m zypher_ws.settings --markdown`; do not edit -->",
+        "# Configuration",
+        "",
+        REFERENCE_INTRO,
+        "",
+        "| flag | environment | accepts | default | meaning |",
+        "|---|---|---|---|---|",
+    ]
+    for o in OPTIONS:
+        default = "none" if o.default == () and not o.secret else _code(o.shown(o.default))
+        lines.append(f"| `{o.flag}` | `{o.env}` | {_accepts(o)} | {_cell(default)} | {_cell(o.help)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m zypher_ws.settings", description="Print the reference of every option of Settings."
+    )
+    parser.add_argument(
+        "--markdown",
+        action="store_true",
+        required=True,
+        help=f"as Markdown, docs/configuration.md: {REFERENCE_COMMAND}",
+    )
+    parser.parse_args(argv)
+    sys.stdout.write(reference_markdown())
+
+
+if __name__ == "__main__":
+    main()
