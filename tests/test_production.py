@@ -75,7 +75,18 @@ async def test_metrics_put_unknown_methods_in_one_series(make_client: ClientFact
 
 async def test_json_logs_one_line_per_request_and_state_change_without_inputs_or_tokens() -> None:
     secret_input = "very-private-input-value"
-    args = ("--model", "mock", "--store", "memory://", "--log-format", "json", "--api-token", TOKEN)
+    args = (
+        "--model",
+        "mock",
+        "--store",
+        "memory://",
+        "--log-format",
+        "json",
+        "--api-token",
+        TOKEN,
+        "--log-level",
+        "DEBUG",
+    )
     async with run_server(*args) as server, aiohttp.ClientSession(server.url, headers=AUTH) as http:
         resp = await http.post("/predict", json={"input": {"text": secret_input}})
         pid = (await resp.json())["prediction_id"]
@@ -87,8 +98,10 @@ async def test_json_logs_one_line_per_request_and_state_change_without_inputs_or
         ("GET", 200, pid),
     ]
     assert all(e["duration_ms"] >= 0 and e["level"] == "INFO" for e in requests)
-    changes = [e["status"] for e in lines if e["logger"] == "zypher_ws.predictions" and e["prediction_id"] == pid]
-    assert changes == ["queued", "running", "succeeded"]
+    changes = [
+        (e["status"], e["level"]) for e in lines if e["logger"] == "zypher_ws.predictions" and e["prediction_id"] == pid
+    ]
+    assert changes == [("queued", "DEBUG"), ("running", "DEBUG"), ("succeeded", "DEBUG")]  # the normal lifecycle
     text = "".join(server.log)
     assert secret_input not in text and TOKEN not in text
 
