@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import sqlite3
 import threading
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,8 @@ import pytest
 from aiohttp.test_utils import TestClient
 from openapi_spec_validator import validate
 
-from conftest import TERMINAL, WAIT, ClientFactory, GatedModel, listener_count, stored_count
+from conftest import TERMINAL, WAIT, ClientFactory, GatedModel, listener_count, make_settings, stored_count
+from zypher_ws.http.app import create_app
 from zypher_ws.http.keys import SERVICE
 from zypher_ws.models import MockModel
 
@@ -391,3 +393,30 @@ async def test_openapi_spec_is_valid_and_complete(make_client: ClientFactory) ->
     assert {"200", "202", "400", "413", "415", "500", "503"} <= set(post["responses"])
     ui = await client.get("/swagger/")
     assert ui.status == 200 and "swagger" in (await ui.text()).lower()
+
+
+async def test_sqlite_sync_prediction_is_on_disk_when_answered_200_or_202(aiohttp_client: Any, tmp_path: Path) -> None:
+    """A sync request without a key is written once, finished, before its 200; or as it stands before a 202."""
+    path = tmp_path / "z.db"
+    gated = GatedModel()
+    gated.bind(asyncio.get_running_loop())
+    client = await aiohttp_client(create_app(make_settings(store=f"sqlite:///{path}", sync_timeout=0.2), model=gated))
+    await asyncio.wait_for(client.app[SERVICE].runner.loaded_event.wait(), WAIT)
+
+    def on_disk() -> dict[str, str]:
+        with sqlite3.connect(path) as conn:
+            return dict(conn.execute("SELECT id, status FROM predictions").fetchall())
+
+    late = await client.post("/predict", json={"input": {"x": 1}})  # the model is held: 202 after the timeout
+    assert late.status == 202
+    late_id = (await late.json())["prediction_id"]
+    assert on_disk() == {late_id: "running"}
+    gated.release.set()
+    resp = await client.post("/predict", json={"input": {"x": 2}})
+    assert resp.status == 200
+    pid = (await resp.json())["prediction_id"]
+    assert on_disk()[pid] == "succeeded"
+    got = await client.get(f"/predict/{pid}")
+    assert (await got.json())["status"] == "succeeded"
+    await poll_until_terminal(client, f"/predict/{late_id}")
+    assert on_disk() == {late_id: "succeeded", pid: "succeeded"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from zypher_ws.backends import Store, Sweeps
+from zypher_ws.backends import DefersWrites, Store, Sweeps
 from zypher_ws.backends.memory import MemoryStore
 from zypher_ws.backends.redis.keys import RedisKeys
 from zypher_ws.backends.redis.store import RedisStore
@@ -165,6 +166,71 @@ async def test_sqlite_survives_reopen_and_recovers_in_order(tmp_path: Path) -> N
     _, failed = await s.recover(max_attempts=3)
     assert [p.prediction_id for p in failed] == [preds[0].prediction_id]
     assert failed[0].error is not None and failed[0].error["code"] == "worker_lost"
+    await s.close()
+
+
+async def test_lifecycle_of_a_deferred_prediction(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "z.db", ttl=60)
+    await store.open()
+    assert isinstance(store, DefersWrites)
+    a, b, c = new(1), new(2), new(3)
+    for p in (a, b, c):
+        assert await store.add_deferred(p) == p
+        assert await store.get(p.prediction_id) == p
+    await store.cancel(c.prediction_id)
+    started = await store.start([a.prediction_id, b.prediction_id, c.prediction_id])
+    assert [p.prediction_id for p in started] == [a.prediction_id, b.prediction_id]
+    assert all(p.status is Status.RUNNING and p.attempts == 1 for p in started)
+    assert (await store.get(a.prediction_id)) == started[0]
+    await store.cancel(b.prediction_id)
+    done = await store.finish([Outcome(a.prediction_id, result="ok"), Outcome(b.prediction_id, result=2)])
+    assert [(p.prediction_id, p.status) for p in done] == [(a.prediction_id, Status.SUCCEEDED)]
+    for p, status in ((a, Status.SUCCEEDED), (b, Status.CANCELED), (c, Status.CANCELED)):
+        got = await store.get(p.prediction_id)
+        assert got is not None and got.status is status
+    with pytest.raises(AlreadyFinished):
+        await store.cancel(a.prediction_id)
+    d = new(4)
+    await store.add_deferred(d)
+    await store.delete(d.prediction_id)
+    assert await store.get(d.prediction_id) is None
+    await store.close()
+
+
+def on_disk(path: Path) -> dict[str, str]:
+    with sqlite3.connect(path) as conn:
+        return dict(conn.execute("SELECT id, status FROM predictions").fetchall())
+
+
+async def test_sqlite_writes_a_deferred_prediction_once_it_is_finished(tmp_path: Path) -> None:
+    path = tmp_path / "z.db"
+    s = SQLiteStore(path, ttl=60)
+    await s.open()
+    ran, kept, canceled, cut_off = new(1), new(2), new(3), new(4)
+    for p in (ran, kept, canceled, cut_off):
+        await s.add_deferred(p)
+    await s.start([ran.prediction_id, kept.prediction_id])
+    assert on_disk(path) == {}  # added and started: nothing written
+    await s.finish([Outcome(ran.prediction_id, result="done")])
+    assert on_disk(path) == {ran.prediction_id: "succeeded"}  # one write, finished
+    await s.persist(kept.prediction_id)  # before a 202: on disk as it stands, then as any other record
+    await s.cancel(canceled.prediction_id)
+    assert on_disk(path) == {
+        ran.prediction_id: "succeeded",
+        kept.prediction_id: "running",
+        canceled.prediction_id: "canceled",
+    }
+    [finished] = await s.finish([Outcome(kept.prediction_id, result="later")])
+    assert finished.status is Status.SUCCEEDED and finished.attempts == 1
+    await s.close()  # what was never written is kept for the next start
+    assert on_disk(path)[cut_off.prediction_id] == "queued"
+
+    s = SQLiteStore(path, ttl=60)
+    await s.open()
+    requeue, _ = await s.recover(max_attempts=3)
+    assert [p.prediction_id for p in requeue] == [cut_off.prediction_id]
+    got = await s.get(kept.prediction_id)
+    assert got is not None and got.result == "later"
     await s.close()
 
 

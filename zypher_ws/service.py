@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from . import logs
-from .backends import Checks, EventBus, Recovers, Store, Sweeps, WorkQueue
+from .backends import Checks, DefersWrites, EventBus, Recovers, Store, Sweeps, WorkQueue
 from .backends.base import Listener
 from .errors import NotFound, NotReady, QueueFull
 from .events import Watch
@@ -45,6 +45,7 @@ class PredictionService:
         self.bus = bus
         self._validate = InputValidator(model.input_schema)
         self.stopping = False
+        self._defers = store if isinstance(store, DefersWrites) else None
         self._on_stop: set[Callable[[], None]] = set()
 
     @property
@@ -108,7 +109,11 @@ class PredictionService:
             if prediction.status.terminal:
                 settle(settled)
 
-        prediction, new = await self._submit(value, idempotency_key, on_change)
+        # Without a key the record may stay in this process until it is finished and be written once
+        # then: if the process dies first, the client gets no answer (and retries), not a lost 202. With a
+        # key it is stored first, so that concurrent and later retries find it.
+        durable = idempotency_key is not None
+        prediction, new = await self._submit(value, idempotency_key, on_change, durable=durable)
         if not new:
             return await self.wait(prediction.prediction_id, timeout)  # an earlier prediction: follow it
         try:
@@ -119,10 +124,12 @@ class PredictionService:
         for change in changes:
             if change.status.rank >= prediction.status.rank:  # never backwards (a takeover restarts it)
                 prediction = change
+        if not prediction.status.terminal and self._defers is not None:
+            await self._defers.persist(prediction.prediction_id)  # a 202 follows: on disk before it
         return prediction
 
     async def _submit(
-        self, value: Any, idempotency_key: str | None, listener: Listener | None
+        self, value: Any, idempotency_key: str | None, listener: Listener | None, *, durable: bool = True
     ) -> tuple[Prediction, bool]:
         """The prediction, and False if it is an earlier one with the same idempotency key.
 
@@ -145,7 +152,10 @@ class PredictionService:
             self.bus.subscribe(pid, listener)
         queued = False
         try:
-            stored = await self.store.add(prediction, key)
+            if not durable and key is None and self._defers is not None:
+                stored = await self._defers.add_deferred(prediction)
+            else:
+                stored = await self.store.add(prediction, key)
             if stored.prediction_id != pid:
                 return stored, False
             try:

@@ -11,7 +11,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .base import Checks, EventBus, Recovers, Store, Sweeps, WorkQueue
+from .base import Checks, DefersWrites, EventBus, Recovers, Store, Sweeps, WorkQueue
 
 if TYPE_CHECKING:
     from ..settings import Settings
@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Backend",
     "Checks",
+    "DefersWrites",
     "EventBus",
     "Kind",
     "Recovers",

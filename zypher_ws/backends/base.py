@@ -53,6 +53,23 @@ class Recovers(Protocol):
 
 
 @runtime_checkable
+class DefersWrites(Protocol):
+    """A durable store that can hold a new prediction in this process and write it once, finished.
+
+    For a sync request without an Idempotency-Key, whose client has had no answer yet: a crash before
+    the write loses only a request that gets a connection error (and can be retried), never a 202.
+    """
+
+    async def add_deferred(self, prediction: Prediction) -> Prediction:
+        """Like `add` without a key, but written only when it finishes (or `persist` is called)."""
+        ...
+
+    async def persist(self, prediction_id: str) -> None:
+        """Make a deferred prediction durable as it stands now (before a 202 is sent for it)."""
+        ...
+
+
+@runtime_checkable
 class Sweeps(Protocol):
     """A store that deletes expired records itself, when asked (others let their server expire them)."""
 

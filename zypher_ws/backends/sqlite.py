@@ -74,6 +74,12 @@ class SQLiteStore:
         # and parse it again. Touched only on the store's thread; any rollback empties it.
         self._live: dict[str, Prediction] = {}
         self._full = False  # the last commit failed for lack of space (read on the loop; a bool swap)
+        # Predictions added with add_deferred (sync requests without a key) live only here, on the loop's
+        # side, until they finish: then they are written once, finished, instead of added, started and
+        # finished in three commits. Ids in _writing have a write queued; their next change goes through the
+        # database, behind that write (group commits run in the order they were queued).
+        self._unsaved: dict[str, Prediction] = {}
+        self._writing: set[str] = set()
 
     # -- plumbing ---------------------------------------------------------------------------------
 
@@ -96,6 +102,11 @@ class SQLiteStore:
             await self._write(_touch_probe)
 
     async def close(self) -> None:
+        # What was never written (sync requests cut off by the shutdown) is kept for the next start.
+        unsaved = [p for pid, p in self._unsaved.items() if pid not in self._writing]
+        if unsaved and self._conn is not None:
+            await self._write(lambda conn: [self._save(conn, p) for p in unsaved])
+            self._unsaved.clear()
         if self._flusher is not None:
             await self._flusher
         if self._conn is not None:
@@ -217,6 +228,10 @@ class SQLiteStore:
 
     # -- the Store interface ----------------------------------------------------------------------
 
+    async def add_deferred(self, prediction: Prediction) -> Prediction:
+        self._unsaved[prediction.prediction_id] = prediction
+        return prediction
+
     async def add(self, prediction: Prediction, idempotency: IdempotencyKey | None = None) -> Prediction:
         def op(conn: sqlite3.Connection) -> Prediction:
             if idempotency is not None:
@@ -238,10 +253,39 @@ class SQLiteStore:
 
         return await self._write(op)
 
+    async def persist(self, prediction_id: str) -> None:
+        unsaved = self._unsaved.get(prediction_id)
+        if unsaved is None or prediction_id in self._writing:
+            await self._write(lambda conn: None)  # returns once what was queued before it has committed
+        else:
+            await self._write_unsaved(unsaved)
+
+    async def _write_unsaved(self, p: Prediction) -> Prediction:
+        """Write an unsaved prediction (in its new state `p`); from then on it lives in the database."""
+        pid = p.prediction_id
+        self._writing.add(pid)
+        try:
+            await self._write(lambda conn: self._save(conn, p))
+            self._unsaved.pop(pid, None)
+        finally:
+            self._writing.discard(pid)
+        return p
+
+    def _in_memory(self, prediction_id: str) -> Prediction | None:
+        """The unsaved prediction, if it is one and no write of it is queued."""
+        return None if prediction_id in self._writing else self._unsaved.get(prediction_id)
+
     async def get(self, prediction_id: str) -> Prediction | None:
+        unsaved = self._unsaved.get(prediction_id)
+        if unsaved is not None:
+            return unsaved
         return await self._read(lambda conn: self._load(conn, prediction_id))
 
     async def delete(self, prediction_id: str) -> None:
+        if self._in_memory(prediction_id) is not None:
+            del self._unsaved[prediction_id]
+            return
+
         def op(conn: sqlite3.Connection) -> None:
             conn.execute("DELETE FROM predictions WHERE id = ?", (prediction_id,))
             self._live.pop(prediction_id, None)
@@ -250,20 +294,55 @@ class SQLiteStore:
 
     async def start(self, prediction_ids: Sequence[str]) -> list[Prediction]:
         n = len(prediction_ids)
-        return await self._write(
-            lambda conn: self._update([lifecycle.start(p, n) for p in self._load_many(conn, prediction_ids)], conn)
-        )
+        started: list[Prediction] = []
+        stored: list[str] = []
+        for pid in prediction_ids:
+            unsaved = self._in_memory(pid)
+            if unsaved is None:
+                stored.append(pid)
+            elif (running := lifecycle.start(unsaved, n)) is not None:
+                self._unsaved[pid] = running  # not written: if the process dies, no one was answered
+                started.append(running)
+        if stored:
+            started += await self._write(
+                lambda conn: self._update([lifecycle.start(p, n) for p in self._load_many(conn, stored)], conn)
+            )
+        return started
 
     async def finish(self, outcomes: Sequence[Outcome]) -> list[Prediction]:
+        once: list[Prediction] = []  # unsaved ones, written now for the first time, finished
+        stored: list[Outcome] = []
+        for o in outcomes:
+            unsaved = self._in_memory(o.prediction_id)
+            if unsaved is None:
+                stored.append(o)
+            elif (done := lifecycle.finish(unsaved, o, self.ttl)) is not None:
+                once.append(done)
+
         def op(conn: sqlite3.Connection) -> list[Prediction]:
-            current = self._load_many(conn, [o.prediction_id for o in outcomes])
-            return self._update(
-                [lifecycle.finish(p, o, self.ttl) for p, o in zip(current, outcomes, strict=True)], conn
+            for p in once:
+                self._save(conn, p)
+            if not stored:
+                return once
+            current = self._load_many(conn, [o.prediction_id for o in stored])
+            return once + self._update(
+                [lifecycle.finish(p, o, self.ttl) for p, o in zip(current, stored, strict=True)], conn
             )
 
-        return await self._write(op)
+        ids = [p.prediction_id for p in once]
+        self._writing.update(ids)
+        try:
+            finished = await self._write(op)
+            for pid in ids:
+                self._unsaved.pop(pid, None)  # committed: read from the database from now on
+        finally:
+            self._writing.difference_update(ids)
+        return finished
 
     async def cancel(self, prediction_id: str) -> Prediction:
+        unsaved = self._in_memory(prediction_id)
+        if unsaved is not None:
+            return await self._write_unsaved(lifecycle.cancel(unsaved, prediction_id, self.ttl))
         return await self._write(
             lambda conn: self._save(conn, lifecycle.cancel(self._load(conn, prediction_id), prediction_id, self.ttl))
         )
