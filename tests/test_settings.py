@@ -50,7 +50,7 @@ def test_bad_environment_value_is_a_clear_error(capsys: pytest.CaptureFixture[st
         ({"rate_limit": -0.5}, "--rate-limit must be at least 0 (got -0.5)"),
         ({"claim_idle": 0}, "--claim-idle must be more than 0 (got 0)"),
         ({"log_format": "xml"}, "--log-format must be text or json (got 'xml')"),
-        ({"sqlite_synchronous": "on"}, "--sqlite-synchronous must be OFF, NORMAL, FULL or EXTRA (got 'ON')"),
+        ({"sqlite_synchronous": "on"}, "--sqlite-synchronous must be ACCEPTED, OFF, NORMAL, FULL or EXTRA (got 'ON')"),
     ],
 )
 def test_invalid_values_rejected_naming_the_flag(overrides: dict[str, Any], message: str) -> None:
@@ -98,7 +98,7 @@ def test_choices_come_from_the_literal_types(capsys: pytest.CaptureFixture[str])
         "executor": ("thread", "process"),
         "log_level": ("DEBUG", "INFO", "WARNING", "ERROR"),
         "log_format": ("text", "json"),
-        "sqlite_synchronous": ("OFF", "NORMAL", "FULL", "EXTRA"),
+        "sqlite_synchronous": ("ACCEPTED", "OFF", "NORMAL", "FULL", "EXTRA"),
         "backend": ("embedded", "redis"),
     }
     with pytest.raises(SystemExit):

@@ -6,6 +6,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -251,3 +252,32 @@ async def test_redis_reclaim_reruns_lost_work_until_max_attempts(redis_settings:
     assert again == [] and [p.prediction_id for p in failed] == [lost.prediction_id]
     assert failed[0].status is Status.FAILED and failed[0].error["code"] == "worker_lost"  # type: ignore[index]
     await client.aclose()
+
+
+async def test_sqlite_fsyncs_the_commits_that_accept_or_cancel_and_no_others(tmp_path: Path) -> None:
+    """--sqlite-synchronous ACCEPTED (the default): FULL for a commit that a 202 or a cancel waits on,
+    NORMAL for the rest (a sync 200, starts and finishes), read back from the connection at each commit."""
+    seen: list[int] = []
+
+    class Observed(SQLiteStore):
+        def _transaction(self, ops: list[Any], sync: bool = False) -> list[tuple[bool, Any]]:
+            results = super()._transaction(ops, sync)
+            assert self._conn is not None
+            seen.append(self._conn.execute("PRAGMA synchronous").fetchone()[0])  # 1 NORMAL, 2 FULL
+            return results
+
+    s = Observed(tmp_path / "z.db", ttl=60)
+    await s.open()
+    accepted, sync_one, canceled, timed_out = new(1), new(2), new(3), new(4)
+    await s.add(accepted)  # async submit: before its 202
+    await s.start([accepted.prediction_id])
+    await s.finish([Outcome(accepted.prediction_id, result=1)])
+    await s.add_deferred(sync_one)
+    await s.start([sync_one.prediction_id])
+    await s.finish([Outcome(sync_one.prediction_id, result=2)])  # a sync 200: written once, not fsynced
+    await s.add(canceled)
+    await s.cancel(canceled.prediction_id)
+    await s.add_deferred(timed_out)
+    await s.persist(timed_out.prediction_id)  # a sync request's timeout: its 202 follows
+    await s.close()
+    assert seen == [2, 1, 1, 1, 2, 2, 2]

@@ -85,8 +85,12 @@ class Settings:
     memory_max_results: int = _opt(
         50_000, "memory:// only: most finished predictions kept; the oldest go first, before --result-ttl", min=1
     )
-    sqlite_synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = _opt(
-        "FULL", "SQLite synchronous pragma: FULL survives power loss, NORMAL a crash", any_case=True
+    sqlite_synchronous: Literal["ACCEPTED", "OFF", "NORMAL", "FULL", "EXTRA"] = _opt(
+        "ACCEPTED",
+        "SQLite's synchronous pragma: ACCEPTED fsyncs the commits that accept (before a 202) or cancel a "
+        "prediction and commits the rest with NORMAL; FULL fsyncs every commit; NORMAL survives a crash of "
+        "the process, not of the machine",
+        any_case=True,
     )
     max_attempts: int = _opt(
         3, "times a prediction may be started; past it a lost one ends failed (worker_lost)", min=1

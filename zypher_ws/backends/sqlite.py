@@ -62,7 +62,7 @@ def path_from_url(url: str) -> Path:
 
 
 class SQLiteStore:
-    def __init__(self, path: Path, *, ttl: float = 86400.0, synchronous: str = "FULL") -> None:
+    def __init__(self, path: Path, *, ttl: float = 86400.0, synchronous: str = "ACCEPTED") -> None:
         self.path = path
         self.ttl = ttl
         self.synchronous = synchronous
@@ -74,6 +74,8 @@ class SQLiteStore:
         # and parse it again. Touched only on the store's thread; any rollback empties it.
         self._live: dict[str, Prediction] = {}
         self._full = False  # the last commit failed for lack of space (read on the loop; a bool swap)
+        self._sync_next = False  # an op queued for the next commit needs it fsynced
+        self._synced = False  # the connection's synchronous pragma is FULL now
         # Predictions added with add_deferred (sync requests without a key) live only here, on the loop's
         # side, until they finish: then they are written once, finished, instead of added, started and
         # finished in three commits. Ids in _writing have a write queued; their next change goes through the
@@ -90,7 +92,8 @@ class SQLiteStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute(f"PRAGMA synchronous={self.synchronous}")
+        self._synced = self.synchronous != "ACCEPTED"  # one pragma for every commit
+        conn.execute(f"PRAGMA synchronous={'NORMAL' if self.synchronous == 'ACCEPTED' else self.synchronous}")
         conn.execute("PRAGMA foreign_keys=ON")
         conn.executescript(SCHEMA)
         self._conn = conn
@@ -122,10 +125,18 @@ class SQLiteStore:
         assert conn is not None, "store not open"
         return await self._run(lambda: op(conn))
 
-    async def _write(self, op: Callable[[sqlite3.Connection], T]) -> T:
-        """Queue `op` for the next group commit and wait until it is durable."""
+    async def _write(self, op: Callable[[sqlite3.Connection], T], *, sync: bool = False) -> T:
+        """Queue `op` for the next group commit and wait until it has committed.
+
+        With `--sqlite-synchronous ACCEPTED` (the default) a commit is fsynced (FULL) when one of its ops
+        asks for it with `sync`: those that accept a prediction before its 202, or cancel one. The rest
+        commit with NORMAL, which survives a crash of the process but not of the machine; a synced
+        commit makes every earlier one durable too.
+        """
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._pending.append((op, future))
+        if sync:
+            self._sync_next = True
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._flush())
         return await future
@@ -134,8 +145,9 @@ class SQLiteStore:
         try:
             while self._pending:
                 batch, self._pending = self._pending, []
+                sync, self._sync_next = self._sync_next, False
                 ops = [op for op, _ in batch]
-                outcomes = await asyncio.get_running_loop().run_in_executor(self._thread, self._transaction, ops)
+                outcomes = await asyncio.get_running_loop().run_in_executor(self._thread, self._transaction, ops, sync)
                 for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
                     if future.done():
                         continue
@@ -146,12 +158,15 @@ class SQLiteStore:
         finally:
             self._flusher = None
 
-    def _transaction(self, ops: list[Op]) -> list[tuple[bool, Any]]:
+    def _transaction(self, ops: list[Op], sync: bool = False) -> list[tuple[bool, Any]]:
         """Run ops in one transaction. If one raises (a conflict), run them again, each in a savepoint,
         so its neighbours still commit; the common case pays for no savepoints."""
         conn = self._conn
         assert conn is not None, "store not open"
         try:
+            if self.synchronous == "ACCEPTED" and sync != self._synced:
+                conn.execute(f"PRAGMA synchronous={'FULL' if sync else 'NORMAL'}")  # outside a transaction
+                self._synced = sync
             conn.execute("BEGIN IMMEDIATE")
             try:
                 results: list[tuple[bool, Any]] = [(True, op(conn)) for op in ops]
@@ -251,12 +266,12 @@ class SQLiteStore:
                 return prediction
             return self._save(conn, prediction)
 
-        return await self._write(op)
+        return await self._write(op, sync=True)  # a 202 may follow: on disk before it
 
     async def persist(self, prediction_id: str) -> None:
         unsaved = self._unsaved.get(prediction_id)
         if unsaved is None or prediction_id in self._writing:
-            await self._write(lambda conn: None)  # returns once what was queued before it has committed
+            await self._write(lambda conn: None, sync=True)  # once what was queued before has committed, synced
         else:
             await self._write_unsaved(unsaved)
 
@@ -265,7 +280,7 @@ class SQLiteStore:
         pid = p.prediction_id
         self._writing.add(pid)
         try:
-            await self._write(lambda conn: self._save(conn, p))
+            await self._write(lambda conn: self._save(conn, p), sync=True)  # for a 202 or a cancel
             self._unsaved.pop(pid, None)
         finally:
             self._writing.discard(pid)
@@ -344,7 +359,8 @@ class SQLiteStore:
         if unsaved is not None:
             return await self._write_unsaved(lifecycle.cancel(unsaved, prediction_id, self.ttl))
         return await self._write(
-            lambda conn: self._save(conn, lifecycle.cancel(self._load(conn, prediction_id), prediction_id, self.ttl))
+            lambda conn: self._save(conn, lifecycle.cancel(self._load(conn, prediction_id), prediction_id, self.ttl)),
+            sync=True,
         )
 
     async def recover(self, max_attempts: int) -> tuple[list[Prediction], list[Prediction]]:
