@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import threading
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from aiohttp.test_utils import TestClient
 from openapi_spec_validator import validate
 
 from conftest import TERMINAL, WAIT, ClientFactory, GatedModel, listener_count, stored_count
+from zypher_ws.json_codec import MAX_DEPTH
 from zypher_ws.models import MockModel
 from zypher_ws.typedefs import SERVICE
 
@@ -228,6 +230,20 @@ async def test_malformed_json(make_client: ClientFactory) -> None:
         assert resp.status == 400, body[:40]
         assert_error(await resp.json(), "invalid_json" if body else "invalid_input")
     assert (await client.post("/predict", json={"input": {"x": 1}})).status == 200  # and it keeps serving
+
+
+@pytest.mark.parametrize("model", [None, MockModel()], ids=["digits", "mock"])
+@pytest.mark.parametrize("depth", [MAX_DEPTH, 500, 1023])
+async def test_nesting_the_parser_takes_but_deeper_than_max_depth_is_400(
+    make_client: ClientFactory, model: MockModel | None, depth: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = await make_client(model=model)
+    body = '{"input": ' + "[" * depth + "]" * depth + "}"
+    resp = await client.post("/predict", data=body, headers={"Content-Type": "application/json"})
+    assert resp.status == 400
+    assert "nested deeper than 128 levels" in assert_error(await resp.json(), "invalid_json")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # no traceback: it is the client's
+    assert await stored_count(client.app) == 0
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import Any
 
 import aiohttp
@@ -13,6 +14,7 @@ from aiohttp.test_utils import TestClient
 from rawws import RawWebSocket
 
 from conftest import TERMINAL, WAIT, ClientFactory, GatedModel, listener_count
+from zypher_ws.json_codec import MAX_DEPTH
 from zypher_ws.models import MockModel
 from zypher_ws.records import Prediction
 from zypher_ws.typedefs import SERVICE, SOCKETS
@@ -70,6 +72,21 @@ async def test_ping_and_every_bad_message_leave_the_socket_open(make_client: Cli
         assert message["error"]["code"] == "not_found"
         assert message["request_id"] == "r1" and message["prediction_id"] == "f" * 32
         await assert_quiet(ws)
+    assert listener_count(client.app) == 0
+
+
+@pytest.mark.parametrize("depth", [MAX_DEPTH, 1023])
+async def test_predict_op_nested_deeper_than_max_depth_is_an_error_message(
+    make_client: ClientFactory, depth: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = await make_client(model=MockModel())
+    async with client.ws_connect("/ws") as ws:
+        await ws.send_str('{"op": "predict", "request_id": 1, "input": ' + "[" * depth + "]" * depth + "}")
+        message = await recv(ws)
+        assert message["type"] == "error" and message["error"]["code"] == "invalid_json", message
+        assert "nested deeper than 128 levels" in message["error"]["message"]
+        await assert_quiet(ws)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert listener_count(client.app) == 0
 
 
