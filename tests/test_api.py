@@ -16,7 +16,7 @@ from openapi_spec_validator import validate
 from conftest import TERMINAL, WAIT, ClientFactory, GatedModel, listener_count, stored_count
 from zypher_ws.json_codec import MAX_DEPTH
 from zypher_ws.models import MockModel
-from zypher_ws.typedefs import SERVICE
+from zypher_ws.typedefs import SERVICE, SETTINGS
 
 HOLDOUT = Path(__file__).parent / "data" / "digits_holdout.npz"
 ASYNC = {"Async-Mode": "true"}
@@ -263,6 +263,45 @@ async def test_body_failing_the_schema_names_the_field(make_client: ClientFactor
     assert resp.status == 400
     message = assert_error(await resp.json(), "invalid_input")
     assert field in message
+
+
+async def test_large_invalid_inputs_keep_the_loop_responsive_and_get_small_answers(
+    make_client: ClientFactory,
+) -> None:
+    """586 KiB bodies (under --max-body) that the digits schema rejects once blocked the loop ~8 s each."""
+    client = await make_client()  # the real digits model
+    loop = asyncio.get_running_loop()
+    bodies = {
+        json.dumps({"input": [16] * 150_000}).encode(): "input",  # its 400 once repeated all of it
+        json.dumps({"input": [17] * 150_000}).encode(): "input",
+        json.dumps({"input": [0, 0, 0, [17] * 150_000] + [0] * 60}).encode(): "input[3]",
+    }
+    assert all(500_000 < len(body) < client.app[SETTINGS].max_body for body in bodies)
+    posted = asyncio.Event()
+
+    async def post(body: bytes, field: str) -> None:
+        resp = await client.post("/predict", data=body, headers={"Content-Type": "application/json"})
+        raw = await resp.read()
+        assert resp.status == 400 and len(raw) < 300, raw[:300]
+        assert assert_error(json.loads(raw), "invalid_input").startswith(f"{field}: too large: "), raw
+
+    async def post_all() -> None:
+        try:
+            for _ in range(2):
+                await asyncio.gather(*(post(body, field) for body, field in bodies.items() for _ in range(2)))
+        finally:
+            posted.set()
+
+    async def probe() -> list[float]:
+        latencies = []
+        while not latencies or not posted.is_set():
+            started = loop.time()
+            assert (await client.get("/healthz")).status == 200
+            latencies.append(loop.time() - started)
+        return latencies
+
+    _, latencies = await asyncio.wait_for(asyncio.gather(post_all(), probe()), 120)
+    assert max(latencies) < 0.5, latencies
 
 
 async def test_wrong_content_type_is_415(make_client: ClientFactory) -> None:

@@ -17,7 +17,7 @@ from conftest import TERMINAL, WAIT, ClientFactory, GatedModel, listener_count
 from zypher_ws.json_codec import MAX_DEPTH
 from zypher_ws.models import MockModel
 from zypher_ws.records import Prediction
-from zypher_ws.typedefs import SERVICE, SOCKETS
+from zypher_ws.typedefs import SERVICE, SETTINGS, SOCKETS
 
 ASYNC = {"Async-Mode": "true"}
 
@@ -113,6 +113,40 @@ async def test_predict_op_accepts_and_pushes_updates(make_client: ClientFactory,
         error = await recv(ws)
         assert error["error"]["code"] == "invalid_input" and error["request_id"] == 3
         assert "input.x" in error["error"]["message"]
+
+
+async def test_large_invalid_predict_messages_keep_the_loop_responsive(make_client: ClientFactory) -> None:
+    """42 KB `predict` messages the digits schema rejects once cost the loop ~0.3 s each and echoed the input."""
+    client = await make_client()  # the real digits model
+    loop = asyncio.get_running_loop()
+    message = json.dumps({"op": "predict", "input": [16] * 10_000, "request_id": 9})
+    assert 40_000 < len(message) < client.app[SETTINGS].ws_max_message
+    answered = asyncio.Event()
+
+    async def send_all(ws: aiohttp.ClientWebSocketResponse) -> None:
+        try:
+            for _ in range(10):
+                await ws.send_str(message)
+            for _ in range(10):
+                raw = await ws.receive_str(timeout=WAIT)
+                assert len(raw) < 300, raw[:300]
+                error = json.loads(raw)
+                assert error["error"]["code"] == "invalid_input" and error["request_id"] == 9
+                assert error["error"]["message"].startswith("input: too large: it has 10000 items")
+        finally:
+            answered.set()
+
+    async def probe() -> list[float]:
+        latencies = []
+        while not latencies or not answered.is_set():
+            started = loop.time()
+            assert (await client.get("/healthz")).status == 200
+            latencies.append(loop.time() - started)
+        return latencies
+
+    async with client.ws_connect("/ws") as ws:
+        _, latencies = await asyncio.wait_for(asyncio.gather(send_all(ws), probe()), 60)
+    assert max(latencies) < 0.5, latencies
 
 
 async def test_predict_op_when_queue_full(make_client: ClientFactory, gated: GatedModel) -> None:

@@ -128,3 +128,10 @@ class RateLimited(ZypherError):
 class TooManySockets(ZypherError):
     status = 429
     code = "too_many_sockets"
+
+
+class InputTooLarge(ZypherError):
+    """An input too large to check against the model's schema within the time a request may take."""
+
+    status = 413
+    code = "input_too_large"

@@ -86,7 +86,7 @@ async def predict(request: web.Request, body: dict[str, Any]) -> web.Response:
       '409': {description: 'Idempotency-Key reused with a different body (idempotency_conflict)', content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}
       '401': {description: 'No valid bearer token (when tokens are configured)', content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}
       '429': {description: 'Over the per-client rate limit (rate_limited); retry after `Retry-After` seconds', headers: {Retry-After: {schema: {type: integer}}}, content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}
-      '413': {description: 'Body larger than the limit', content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}
+      '413': {description: 'Body larger than the limit (body_too_large), or an input too large to check against a schema without a fast validator (input_too_large)', content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}
       '415': {description: 'Body is not JSON', content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}
       '500': {description: 'The model raised (sync); the record carries the error', content: {application/json: {schema: {$ref: '#/components/schemas/Prediction'}}}}
       '503':
