@@ -304,6 +304,41 @@ async def test_large_invalid_inputs_keep_the_loop_responsive_and_get_small_answe
     assert max(latencies) < 0.5, latencies
 
 
+async def post_with_raw_key(client: TestClient, key: bytes) -> tuple[int, dict[str, Any]]:
+    """POST /predict with an Idempotency-Key of exactly these bytes (aiohttp's client would encode them)."""
+    body = b'{"input": {"x": 1}}'
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        writer.write(
+            b"POST /predict HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Type: application/json\r\n"
+            b"Idempotency-Key: %s\r\nContent-Length: %d\r\n\r\n%s" % (key, len(body), body)
+        )
+        response = await asyncio.wait_for(reader.read(), WAIT)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    head, _, payload = response.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(payload)
+
+
+@pytest.mark.parametrize("store", ["memory://", "sqlite"])
+async def test_an_idempotency_key_no_store_can_keep_is_400_invalid_header(
+    make_client: ClientFactory, tmp_path: Path, store: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = await make_client(
+        model=GatedModel(gated=False), store=store.replace("sqlite", f"sqlite:///{tmp_path / 'z.db'}")
+    )
+    for key in (b"\xff\xfe", "caf\u00e9".encode(), b"\xed\xa0\x80"):
+        status, body = await post_with_raw_key(client, key)
+        assert (status, body["error"]["code"]) == (400, "invalid_header"), key
+        assert "Idempotency-Key" in body["error"]["message"]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert await stored_count(client.app) == 0
+    for key in (b"order-42 ~!", b"k" * 255):
+        status, body = await post_with_raw_key(client, key)
+        assert status == 200 and body["status"] == "succeeded", key
+
+
 async def test_wrong_content_type_is_415(make_client: ClientFactory) -> None:
     client = await make_client(model=GatedModel(gated=False))
     resp = await client.post("/predict", data='{"input": {}}', headers={"Content-Type": "text/plain"})

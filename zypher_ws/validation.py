@@ -13,6 +13,7 @@ This runs on the event loop, so every step is bounded (the parser has already bo
   fastjsonschema's first error or, for a schema without a fast path, refused as too large to check.
 - Messages name the field and the rule and never repeat the input: jsonschema's own carry its repr,
   which for a long array is longer than the request.
+The other request fields that reach a store are checked here too.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from urllib.parse import unquote
 import fastjsonschema
 import jsonschema
 
-from .errors import InputTooLarge, InvalidInput
+from .errors import InputTooLarge, InvalidHeader, InvalidInput
 
 JSONSCHEMA_VALUES = 1_000
 """The largest input, in JSON values, that jsonschema examines: ~10 ms if valid, ~40 ms to describe."""
@@ -389,3 +390,19 @@ def _clip_path(text: str) -> str:
 def _fast_message(exc: fastjsonschema.JsonSchemaValueException) -> str:
     where = "input" + (exc.name or "data")[len("data") :]  # fastjsonschema calls the input `data`
     return f"{_clip_path(where)}: {_describe(exc.rule, exc.rule_definition, exc.value, exc.definition)}"
+
+
+# -- the other request fields that reach a store ------------------------------------------------------
+
+_IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,255}")
+
+
+def idempotency_key(raw: str | None) -> str | None:
+    """The `Idempotency-Key` header if it is 1 to 255 printable ASCII characters; else InvalidHeader.
+
+    Keys are tokens such as UUIDs; bytes beyond ASCII reach us decoded with surrogateescape, as lone
+    surrogates that neither SQLite nor Redis can encode.
+    """
+    if raw is None or _IDEMPOTENCY_KEY.fullmatch(raw):
+        return raw
+    raise InvalidHeader("Idempotency-Key must be 1 to 255 printable ASCII characters")

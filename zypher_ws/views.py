@@ -13,6 +13,7 @@ from .logs import PREDICTION_ID
 from .metrics import response as metrics_response
 from .records import Prediction, Status
 from .typedefs import LIMITER, METRICS, SERVICE
+from .validation import idempotency_key
 
 _TRUE = {"true", "1", "yes"}
 _FALSE = {"false", "0", "no"}
@@ -70,6 +71,7 @@ async def predict(request: web.Request, body: dict[str, Any]) -> web.Response:
         description: >
           Repeating a request with the same key and body returns the same prediction (as it is now) and
           runs nothing again, for as long as the prediction is kept; the same key with another body is 409.
+          1 to 255 printable ASCII characters (400 invalid_header otherwise).
         schema: {type: string, maxLength: 255}
     requestBody:
       required: true
@@ -97,7 +99,7 @@ async def predict(request: web.Request, body: dict[str, Any]) -> web.Response:
     service = request.app[SERVICE]
     request.app[LIMITER].check(client_address(request))
     run_async = wants_async(request)
-    key = request.headers.get("Idempotency-Key")
+    key = idempotency_key(request.headers.get("Idempotency-Key"))
     if run_async:
         return record_response(await service.submit(body["input"], idempotency_key=key), 202)
     prediction = await service.run(body["input"], idempotency_key=key, timeout=service.settings.sync_timeout)
