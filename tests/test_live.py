@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -73,6 +75,39 @@ async def test_ping_and_every_bad_message_leave_the_socket_open(make_client: Cli
         assert message["request_id"] == "r1" and message["prediction_id"] == "f" * 32
         await assert_quiet(ws)
     assert listener_count(client.app) == 0
+
+
+@pytest.mark.parametrize("store", ["memory://", "sqlite"])
+async def test_an_id_that_is_not_32_hex_is_not_found_without_asking_the_store(
+    make_client: ClientFactory, tmp_path: Path, store: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = await make_client(model=MockModel(), store=store.replace("sqlite", f"sqlite:///{tmp_path / 'z.db'}"))
+    backend, asked = client.app[SERVICE].store, []
+
+    def spying(real: Callable[[str], Awaitable[Any]]) -> Callable[[str], Awaitable[Any]]:
+        async def spy(prediction_id: str) -> Any:
+            asked.append(prediction_id)
+            return await real(prediction_id)
+
+        return spy
+
+    monkeypatch.setattr(backend, "get", spying(backend.get))
+    monkeypatch.setattr(backend, "cancel", spying(backend.cancel))
+    ids = ["\ud800", "F" * 32, "0" * 31, "0" * 33, "", "../" + "0" * 29]
+    async with client.ws_connect("/ws") as ws:
+        for pid in ids:  # a lone surrogate once made SQLite and Redis raise, and the socket die
+            await ws.send_str(json.dumps({"op": "subscribe", "prediction_id": pid, "request_id": "r"}))
+            message = await recv(ws)
+            assert message["error"]["code"] == "not_found" and message["prediction_id"] == pid, message
+        await ws.send_str(json.dumps({"op": "subscribe", "prediction_ids": ["\ud800", "f" * 32]}))
+        assert [(await recv(ws))["prediction_id"] for _ in range(2)] == ["\ud800", "f" * 32]
+        await assert_quiet(ws)
+    for path in ("F" * 32, "0" * 31, "%ED%A0%80", "%FF%FE"):
+        for resp in (await client.get(f"/predict/{path}"), await client.get(f"/predict/{path}/events")):
+            assert resp.status == 404 and (await resp.json())["error"]["code"] == "not_found"
+        resp = await client.delete(f"/predict/{path}")
+        assert resp.status == 404 and (await resp.json())["error"]["code"] == "not_found"
+    assert asked == ["f" * 32]  # only the one id that could exist
 
 
 @pytest.mark.parametrize("depth", [MAX_DEPTH, 1023])

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from zypher_ws.errors import InputTooLarge, InvalidInput
 from zypher_ws.models import DigitsModel, MockModel
-from zypher_ws.validation import JSONSCHEMA_VALUES, InputValidator, max_values
+from zypher_ws.records import Prediction
+from zypher_ws.validation import JSONSCHEMA_VALUES, InputValidator, is_prediction_id, max_values
 
 DIGITS = DigitsModel.input_schema
 NEWEST = "https://json-schema.org/draft/2020-12/schema"
@@ -196,3 +197,9 @@ def test_no_valid_input_is_over_the_bound(value: Any) -> None:
         if jsonschema.validators.validator_for(schema)(schema).is_valid(value):
             assert count(value) <= bound
             InputValidator(schema)(value)
+
+
+def test_every_id_a_prediction_gets_is_a_prediction_id() -> None:
+    ids = {Prediction.new(None, model_name="m", model_version="1").prediction_id for _ in range(100)}
+    assert len(ids) == 100 and all(is_prediction_id(pid) for pid in ids)
+    assert not any(is_prediction_id(pid) for pid in ("F" * 32, "f" * 31, "f" * 33, "\ud800" * 32, "f" * 31 + "\n"))

@@ -6,6 +6,7 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from .records import Prediction
+from .validation import is_prediction_id
 
 Listener = Callable[[Prediction], None]
 """Called on the event loop with each new state. Must not block: put it in a queue and return."""
@@ -73,6 +74,9 @@ class Watch:
 
     async def start(self, read: Callable[[str], Awaitable[Prediction | None]]) -> Prediction | None:
         """Subscribe, then read the current state. Returns None (and stops) if the id is unknown."""
+        if not is_prediction_id(self.prediction_id):
+            self.closed = True
+            return None
         self._bus.subscribe(self.prediction_id, self._on_event)
         try:
             snapshot = await read(self.prediction_id)

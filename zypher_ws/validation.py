@@ -395,6 +395,13 @@ def _fast_message(exc: fastjsonschema.JsonSchemaValueException) -> str:
 # -- the other request fields that reach a store ------------------------------------------------------
 
 _IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,255}")
+_PREDICTION_ID = re.compile("[0-9a-f]{32}")  # as Prediction.new makes them
+
+
+def is_prediction_id(value: str) -> bool:
+    """Whether `value` could name a prediction. Any other string is unknown without asking a store, which
+    might not even encode it (a lone surrogate from a WebSocket message)."""
+    return _PREDICTION_ID.fullmatch(value) is not None
 
 
 def idempotency_key(raw: str | None) -> str | None:
