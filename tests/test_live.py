@@ -16,6 +16,7 @@ from aiohttp.test_utils import TestClient
 from rawws import RawWebSocket
 
 from conftest import TERMINAL, WAIT, ClientFactory, GatedModel, listener_count
+from zypher_ws import live
 from zypher_ws.json_codec import MAX_DEPTH
 from zypher_ws.models import MockModel
 from zypher_ws.records import Prediction
@@ -108,6 +109,57 @@ async def test_an_id_that_is_not_32_hex_is_not_found_without_asking_the_store(
         resp = await client.delete(f"/predict/{path}")
         assert resp.status == 404 and (await resp.json())["error"]["code"] == "not_found"
     assert asked == ["f" * 32]  # only the one id that could exist
+
+
+async def test_errors_of_ours_become_internal_error_messages_never_http_bytes(
+    make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = await make_client(model=MockModel())
+    pid = (await submit(client, 1))["prediction_id"]
+    service, broken = client.app[SERVICE], asyncio.Event()
+    broken.set()
+    read = service.store.get
+
+    async def get(prediction_id: str) -> Any:
+        if broken.is_set():
+            raise RuntimeError("a bug of ours")
+        return await read(prediction_id)
+
+    async def submit_broken(value: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("another bug of ours")
+
+    monkeypatch.setattr(service.store, "get", get)
+    monkeypatch.setattr(service, "submit", submit_broken)
+    internal = {"code": "internal_error", "message": "internal server error"}
+    async with client.ws_connect(f"/ws?prediction_id={pid}") as ws:
+        assert await recv(ws) == {"type": "error", "error": internal, "request_id": None, "prediction_id": pid}
+        await ws.send_json({"op": "subscribe", "prediction_id": pid, "request_id": "s"})
+        assert await recv(ws) == {"type": "error", "error": internal, "request_id": "s", "prediction_id": pid}
+        await ws.send_json({"op": "predict", "input": 2, "request_id": "p"})
+        assert await recv(ws) == {"type": "error", "error": internal, "request_id": "p"}
+        await assert_quiet(ws)
+        broken.clear()
+        await ws.send_json({"op": "subscribe", "prediction_id": pid})  # the failed ones left nothing behind
+        assert (await recv(ws))["type"] == "subscribed"
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 3 and all(r.exc_info for r in errors)  # once each, with its traceback
+    assert listener_count(client.app) == 0
+
+
+async def test_an_error_of_ours_outside_any_message_closes_the_socket_with_1011(
+    make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = await make_client(model=MockModel())
+
+    def broken_session(*args: Any) -> None:
+        raise RuntimeError("a bug of ours")
+
+    monkeypatch.setattr(live, "WsSession", broken_session)
+    async with client.ws_connect("/ws") as ws:
+        msg = await ws.receive(timeout=WAIT)
+        assert msg.type is WSMsgType.CLOSE and ws.close_code == 1011
+    assert not client.app[SOCKETS]
+    assert (await client.get("/healthz")).status == 200
 
 
 @pytest.mark.parametrize("depth", [MAX_DEPTH, 1023])

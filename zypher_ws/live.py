@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 SLOW_CLIENT_CLOSE = WSCloseCode.TRY_AGAIN_LATER  # 1013: the client fell behind its outbox
 AUTH_TIMEOUT = 10.0  # seconds a socket has to authenticate when tokens are required
+INTERNAL_ERROR = ZypherError.code  # what a client is told of a bug of ours
 
 
 class _UpdateFrames:
@@ -141,7 +142,12 @@ class WsSession:
             self.send(message)
 
         watch = self.watches[prediction_id] = Watch(self.service.bus, prediction_id, deliver)
-        if await watch.start(self.service.store.get) is None:
+        try:
+            found = await watch.start(self.service.store.get)
+        except BaseException:
+            self.watches.pop(prediction_id, None)  # stopped already; a later subscribe starts afresh
+            raise
+        if found is None:
             self.watches.pop(prediction_id, None)
             raise NotFound(f"no prediction {prediction_id}")
 
@@ -155,6 +161,9 @@ class WsSession:
                 await self.watch(pid)
             except ZypherError as exc:
                 self.send(ws_error(exc.code, exc.message, request_id, prediction_id=pid))
+            except Exception:
+                log.exception("unhandled error subscribing a WebSocket")
+                self.send(ws_error(INTERNAL_ERROR, "internal server error", request_id, prediction_id=pid))
 
     def unwatch(self, prediction_id: str) -> None:
         watch = self.watches.pop(prediction_id, None)
@@ -195,6 +204,9 @@ class WsSession:
                 raise UnknownOp(f"unknown op {op!r}: use subscribe, unsubscribe, predict, ping or auth")
         except ZypherError as exc:
             self.send(ws_error(exc.code, exc.message, request_id))
+        except Exception:  # ours: answered like the others, since nothing may escape the upgraded socket
+            log.exception("unhandled error answering a WebSocket message")
+            self.send(ws_error(INTERNAL_ERROR, "internal server error", request_id))
 
 
 def _ids(message: dict[str, Any]) -> list[str]:
@@ -229,13 +241,22 @@ async def _serve_socket(
         heartbeat=settings.ws_heartbeat or None, max_msg_size=settings.ws_max_message, protocols=(WS_PROTOCOL,)
     )
     await ws.prepare(request)
-    if not authenticated and not await _authenticate(ws, settings):
-        return ws
-    sockets = request.app[SOCKETS]
-    sockets.add(ws)
-    metrics = request.app[METRICS]
-    metrics.websockets.inc()
+    try:
+        if authenticated or await _authenticate(ws, settings):
+            await _converse(request, ws, service, settings, client)
+    except Exception:  # past the upgrade, aiohttp would write an HTTP 500 into the socket: close it instead
+        log.exception("unhandled error on a WebSocket")
+        await ws.close(code=WSCloseCode.INTERNAL_ERROR, message=b"internal error")
+    return ws
+
+
+async def _converse(
+    request: web.Request, ws: web.WebSocketResponse, service: PredictionService, settings: Settings, client: str
+) -> None:
+    sockets, metrics = request.app[SOCKETS], request.app[METRICS]
     session = WsSession(ws, service, settings, metrics, request.app[LIMITER], client)
+    sockets.add(ws)
+    metrics.websockets.inc()
     try:
         await session.subscribe(request.query.getall("prediction_id", []))
         async for msg in ws:
@@ -249,7 +270,6 @@ async def _serve_socket(
         sockets.discard(ws)
         metrics.websockets.dec()
         await session.close()
-    return ws
 
 
 async def _authenticate(ws: web.WebSocketResponse, settings: Settings) -> bool:
