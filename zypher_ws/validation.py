@@ -7,10 +7,10 @@ the input, and several times that to describe an invalid one, since it builds ev
 
 This runs on the event loop, so every step is bounded (the parser has already bounded the nesting):
 - fastjsonschema stops at the first error, having read no more than the schema allows.
-- jsonschema, to say precisely what is wrong, is given an input only if it holds no more values than
-  the schema can accept (`max_values`: 73 for digits) nor than JSONSCHEMA_VALUES. A larger one is
-  refused as too large after counting that many; where the schema sets no bound, it is described from
-  fastjsonschema's first error or, for a schema without a fast path, refused as too large to check.
+- jsonschema, to say precisely what is wrong, is given an input only if it holds at most twice as many
+  values as the schema can accept (`max_values`: 73 for digits), and at most JSONSCHEMA_VALUES. A
+  larger one is refused as too large after counting that many; where the schema sets no bound, it is
+  described from fastjsonschema's first error or, without a fast path, refused as too large to check.
 - Messages name the field and the rule and never repeat the input: jsonschema's own carry its repr,
   which for a long array is longer than the request.
 The other request fields that reach a store are checked here too.
@@ -50,8 +50,10 @@ class InputValidator:
         self._fast = _compile_fast(schema)
         self.max_values = max_values(schema)
         """No input the schema accepts holds more JSON values than this (None: the schema sets no bound)."""
-        bound = JSONSCHEMA_VALUES if self.max_values is None else min(self.max_values, JSONSCHEMA_VALUES)
-        self._examined = max(bound, 1)  # the most values jsonschema is given to describe
+        # The most values jsonschema is given to describe: a little over the schema's bound (a row too
+        # long) still gets a precise message; far over, the input is refused as too large.
+        bound = JSONSCHEMA_VALUES if self.max_values is None else max(2 * self.max_values, 64)
+        self._examined = min(bound, JSONSCHEMA_VALUES)
 
     def __call__(self, value: Any) -> None:
         """Raise InvalidInput naming the offending field, or InputTooLarge."""
@@ -62,6 +64,8 @@ class InputValidator:
                 return
             except fastjsonschema.JsonSchemaValueException as exc:
                 fast_error = exc
+            except ArithmeticError:  # its multipleOf divides huge integers as floats: jsonschema decides
+                pass
         overflow = _overflow(value, self._examined)
         if overflow is None:  # small enough for jsonschema to say precisely what is wrong
             error = _most_relevant(self._reference.iter_errors(value))
