@@ -140,6 +140,11 @@ BOUNDED: list[tuple[dict[str, Any], int, Any]] = [  # schema, its bound, an inpu
         [1, [2, 3]],
     ),
     ({"$schema": NEWEST, "type": "array", "prefixItems": [PIXEL, {"type": "string"}], "items": False}, 3, [1, "a"]),
+    (
+        {"$schema": "http://json-schema.org/draft-07/schema#", "items": [PIXEL, PIXEL], "maxItems": 2, "type": "array"},
+        3,
+        [1, 2],
+    ),
     (OBJECT, 5, {"x": 1, "tags": ["a", "b"]}),
     ({"type": "object", "maxProperties": 2, "additionalProperties": {"type": "string"}}, 3, {"a": "1", "b": "2"}),
     ({"enum": [1, [1, 2, 3]]}, 4, [1, 2, 3]),

@@ -208,14 +208,18 @@ class _Bounds:
             first = [self.of(s, refs) for s in items]
         else:  # 2020-12's prefixItems, which its `items` then skips and older drafts ignore: either may apply
             rest = items
-            first = [_largest([self.of(s, refs), self._rest(rest, refs)]) for s in schema.get("prefixItems", [])]
+            prefix = schema.get("prefixItems")
+            first = [_largest([self.of(s, refs), self._rest(rest, refs)]) for s in prefix or []]
         most = _limit(schema.get("maxItems"))
         if rest is False:
             most = len(first) if most is None else min(most, len(first))
         if most is None:
             return None
-        extra = max(most - len(first), 0)
-        total = _sum([*first[:most], extra * b if (b := self._rest(rest, refs)) is not None else None])
+        bounds = first[:most]
+        if most > len(first):
+            each = self._rest(rest, refs)
+            bounds.append(None if each is None else (most - len(first)) * each)
+        total = _sum(bounds)
         return None if total is None else 1 + total
 
     def _rest(self, schema: Any, refs: frozenset[str]) -> int | None:
