@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import sqlite3
 import threading
 from pathlib import Path
@@ -15,7 +16,8 @@ from openapi_spec_validator import validate
 
 from conftest import TERMINAL, WAIT, ClientFactory, GatedModel, listener_count, make_settings, stored_count
 from zypher_ws.http.app import create_app
-from zypher_ws.http.keys import SERVICE
+from zypher_ws.http.keys import SERVICE, SETTINGS
+from zypher_ws.json_codec import MAX_DEPTH
 from zypher_ws.models import MockModel
 
 HOLDOUT = Path(__file__).parent / "data" / "digits_holdout.npz"
@@ -232,6 +234,20 @@ async def test_malformed_json(make_client: ClientFactory) -> None:
     assert (await client.post("/predict", json={"input": {"x": 1}})).status == 200  # and it keeps serving
 
 
+@pytest.mark.parametrize("model", [None, MockModel()], ids=["digits", "mock"])
+@pytest.mark.parametrize("depth", [MAX_DEPTH, 500, 1023])
+async def test_nesting_the_parser_takes_but_deeper_than_max_depth_is_400(
+    make_client: ClientFactory, model: MockModel | None, depth: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = await make_client(model=model)
+    body = '{"input": ' + "[" * depth + "]" * depth + "}"
+    resp = await client.post("/predict", data=body, headers={"Content-Type": "application/json"})
+    assert resp.status == 400
+    assert "nested deeper than 128 levels" in assert_error(await resp.json(), "invalid_json")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # no traceback: it is the client's
+    assert await stored_count(client.app) == 0
+
+
 @pytest.mark.parametrize(
     ("body", "field"),
     [
@@ -249,6 +265,80 @@ async def test_body_failing_the_schema_names_the_field(make_client: ClientFactor
     assert resp.status == 400
     message = assert_error(await resp.json(), "invalid_input")
     assert field in message
+
+
+async def test_large_invalid_inputs_keep_the_loop_responsive_and_get_small_answers(
+    make_client: ClientFactory,
+) -> None:
+    """586 KiB bodies (under --max-body) that the digits schema rejects once blocked the loop ~8 s each."""
+    client = await make_client()  # the real digits model
+    loop = asyncio.get_running_loop()
+    bodies = {
+        json.dumps({"input": [16] * 150_000}).encode(): "input",  # its 400 once repeated all of it
+        json.dumps({"input": [17] * 150_000}).encode(): "input",
+        json.dumps({"input": [0, 0, 0, [17] * 150_000] + [0] * 60}).encode(): "input[3]",
+    }
+    assert all(500_000 < len(body) < client.app[SETTINGS].max_body for body in bodies)
+    posted = asyncio.Event()
+
+    async def post(body: bytes, field: str) -> None:
+        resp = await client.post("/predict", data=body, headers={"Content-Type": "application/json"})
+        raw = await resp.read()
+        assert resp.status == 400 and len(raw) < 300, raw[:300]
+        assert assert_error(json.loads(raw), "invalid_input").startswith(f"{field}: too large: "), raw
+
+    async def post_all() -> None:
+        try:
+            for _ in range(2):
+                await asyncio.gather(*(post(body, field) for body, field in bodies.items() for _ in range(2)))
+        finally:
+            posted.set()
+
+    async def probe() -> list[float]:
+        latencies = []
+        while not latencies or not posted.is_set():
+            started = loop.time()
+            assert (await client.get("/healthz")).status == 200
+            latencies.append(loop.time() - started)
+        return latencies
+
+    _, latencies = await asyncio.wait_for(asyncio.gather(post_all(), probe()), 120)
+    assert max(latencies) < 0.5, latencies
+
+
+async def post_with_raw_key(client: TestClient, key: bytes) -> tuple[int, dict[str, Any]]:
+    """POST /predict with an Idempotency-Key of exactly these bytes (aiohttp's client would encode them)."""
+    body = b'{"input": {"x": 1}}'
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        writer.write(
+            b"POST /predict HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Type: application/json\r\n"
+            b"Idempotency-Key: %s\r\nContent-Length: %d\r\n\r\n%s" % (key, len(body), body)
+        )
+        response = await asyncio.wait_for(reader.read(), WAIT)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    head, _, payload = response.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(payload)
+
+
+@pytest.mark.parametrize("store", ["memory://", "sqlite"])
+async def test_an_idempotency_key_no_store_can_keep_is_400_invalid_header(
+    make_client: ClientFactory, tmp_path: Path, store: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = await make_client(
+        model=GatedModel(gated=False), store=store.replace("sqlite", f"sqlite:///{tmp_path / 'z.db'}")
+    )
+    for key in (b"\xff\xfe", "caf\u00e9".encode(), b"\xed\xa0\x80"):
+        status, body = await post_with_raw_key(client, key)
+        assert (status, body["error"]["code"]) == (400, "invalid_header"), key
+        assert "Idempotency-Key" in body["error"]["message"]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert await stored_count(client.app) == 0
+    for key in (b"order-42 ~!", b"k" * 255):
+        status, body = await post_with_raw_key(client, key)
+        assert status == 200 and body["status"] == "succeeded", key
 
 
 async def test_wrong_content_type_is_415(make_client: ClientFactory) -> None:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zypher_ws.json_codec import dumps, loads
+from zypher_ws.json_codec import MAX_DEPTH, dumps, loads
 
 json_values = st.recursive(
     st.none()
@@ -55,3 +55,48 @@ def test_loads_rejects_with_value_error(raw: bytes) -> None:
 def test_dumps_writes_only_valid_json() -> None:
     out = dumps({"nan": float("nan"), "inf": [float("inf")], 3: "three", "big": 2**70})
     assert json.loads(out, parse_constant=pytest.fail) == {"nan": None, "inf": [None], "3": "three", "big": 2**70}
+
+
+def _nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+def test_loads_takes_nesting_up_to_max_depth() -> None:
+    value: Any = []
+    for _ in range(MAX_DEPTH - 2):
+        value = [value]
+    assert loads(_nested(MAX_DEPTH - 1)) == value
+    assert loads(json.dumps({"k": value})) == {"k": value}  # the object is the 128th level
+
+
+@pytest.mark.parametrize("depth", [MAX_DEPTH + 1, 500, 1023, 1024, 100_000])
+def test_loads_refuses_nesting_deeper_than_max_depth(depth: int) -> None:
+    for raw in (_nested(depth), '{"a":' * depth + "1" + "}" * depth):
+        with pytest.raises(ValueError, match="nested deeper than 128 levels"):
+            loads(raw)
+        with pytest.raises(ValueError, match="nested deeper than 128 levels"):
+            loads(raw.encode())
+
+
+# Strings full of brackets, quotes and backslashes: only the brackets outside strings nest.
+tricky = st.text(alphabet='[]{}"\\a\u00e9', max_size=6)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    levels=st.lists(st.tuples(st.booleans(), tricky, tricky), min_size=MAX_DEPTH - 2, max_size=MAX_DEPTH + 2),
+    leaf=tricky,
+    ascii_only=st.booleans(),
+)
+def test_depth_counts_only_brackets_outside_strings(
+    levels: list[tuple[bool, str, str]], leaf: str, ascii_only: bool
+) -> None:
+    value: Any = leaf
+    for is_list, a, b in levels:
+        value = [a, value, b] if is_list else {a: value, a + "!": b}
+    text = json.dumps(value, ensure_ascii=ascii_only)
+    if len(levels) <= MAX_DEPTH:
+        assert loads(text) == value
+    else:
+        with pytest.raises(ValueError, match="nested deeper"):
+            loads(text)

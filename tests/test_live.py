@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -13,7 +16,9 @@ from aiohttp.test_utils import TestClient
 from rawws import RawWebSocket
 
 from conftest import TERMINAL, WAIT, ClientFactory, GatedModel, listener_count
-from zypher_ws.http.keys import SERVICE, SOCKETS
+from zypher_ws.http import live
+from zypher_ws.http.keys import SERVICE, SETTINGS, SOCKETS
+from zypher_ws.json_codec import MAX_DEPTH
 from zypher_ws.models import MockModel
 from zypher_ws.records import Prediction
 
@@ -73,6 +78,105 @@ async def test_ping_and_every_bad_message_leave_the_socket_open(make_client: Cli
     assert listener_count(client.app) == 0
 
 
+@pytest.mark.parametrize("store", ["memory://", "sqlite"])
+async def test_an_id_that_is_not_32_hex_is_not_found_without_asking_the_store(
+    make_client: ClientFactory, tmp_path: Path, store: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = await make_client(model=MockModel(), store=store.replace("sqlite", f"sqlite:///{tmp_path / 'z.db'}"))
+    backend, asked = client.app[SERVICE].store, []
+
+    def spying(real: Callable[[str], Awaitable[Any]]) -> Callable[[str], Awaitable[Any]]:
+        async def spy(prediction_id: str) -> Any:
+            asked.append(prediction_id)
+            return await real(prediction_id)
+
+        return spy
+
+    monkeypatch.setattr(backend, "get", spying(backend.get))
+    monkeypatch.setattr(backend, "cancel", spying(backend.cancel))
+    ids = ["\ud800", "F" * 32, "0" * 31, "0" * 33, "", "../" + "0" * 29]
+    async with client.ws_connect("/ws") as ws:
+        for pid in ids:  # a lone surrogate once made SQLite and Redis raise, and the socket die
+            await ws.send_str(json.dumps({"op": "subscribe", "prediction_id": pid, "request_id": "r"}))
+            message = await recv(ws)
+            assert message["error"]["code"] == "not_found" and message["prediction_id"] == pid, message
+        await ws.send_str(json.dumps({"op": "subscribe", "prediction_ids": ["\ud800", "f" * 32]}))
+        assert [(await recv(ws))["prediction_id"] for _ in range(2)] == ["\ud800", "f" * 32]
+        await assert_quiet(ws)
+    for path in ("F" * 32, "0" * 31, "%ED%A0%80", "%FF%FE"):
+        for resp in (await client.get(f"/predict/{path}"), await client.get(f"/predict/{path}/events")):
+            assert resp.status == 404 and (await resp.json())["error"]["code"] == "not_found"
+        resp = await client.delete(f"/predict/{path}")
+        assert resp.status == 404 and (await resp.json())["error"]["code"] == "not_found"
+    assert asked == ["f" * 32]  # only the one id that could exist
+
+
+async def test_errors_of_ours_become_internal_error_messages_never_http_bytes(
+    make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = await make_client(model=MockModel())
+    pid = (await submit(client, 1))["prediction_id"]
+    service, broken = client.app[SERVICE], asyncio.Event()
+    broken.set()
+    read = service.store.get
+
+    async def get(prediction_id: str) -> Any:
+        if broken.is_set():
+            raise RuntimeError("a bug of ours")
+        return await read(prediction_id)
+
+    async def submit_broken(value: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("another bug of ours")
+
+    monkeypatch.setattr(service.store, "get", get)
+    monkeypatch.setattr(service, "submit", submit_broken)
+    internal = {"code": "internal_error", "message": "internal server error"}
+    async with client.ws_connect(f"/ws?prediction_id={pid}") as ws:
+        assert await recv(ws) == {"type": "error", "error": internal, "request_id": None, "prediction_id": pid}
+        await ws.send_json({"op": "subscribe", "prediction_id": pid, "request_id": "s"})
+        assert await recv(ws) == {"type": "error", "error": internal, "request_id": "s", "prediction_id": pid}
+        await ws.send_json({"op": "predict", "input": 2, "request_id": "p"})
+        assert await recv(ws) == {"type": "error", "error": internal, "request_id": "p"}
+        await assert_quiet(ws)
+        broken.clear()
+        await ws.send_json({"op": "subscribe", "prediction_id": pid})  # the failed ones left nothing behind
+        assert (await recv(ws))["type"] == "subscribed"
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 3 and all(r.exc_info for r in errors)  # once each, with its traceback
+    assert listener_count(client.app) == 0
+
+
+async def test_an_error_of_ours_outside_any_message_closes_the_socket_with_1011(
+    make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = await make_client(model=MockModel())
+
+    def broken_session(*args: Any) -> None:
+        raise RuntimeError("a bug of ours")
+
+    monkeypatch.setattr(live, "WsSession", broken_session)
+    async with client.ws_connect("/ws") as ws:
+        msg = await ws.receive(timeout=WAIT)
+        assert msg.type is WSMsgType.CLOSE and ws.close_code == 1011
+    assert not client.app[SOCKETS]
+    assert (await client.get("/healthz")).status == 200
+
+
+@pytest.mark.parametrize("depth", [MAX_DEPTH, 1023])
+async def test_predict_op_nested_deeper_than_max_depth_is_an_error_message(
+    make_client: ClientFactory, depth: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = await make_client(model=MockModel())
+    async with client.ws_connect("/ws") as ws:
+        await ws.send_str('{"op": "predict", "request_id": 1, "input": ' + "[" * depth + "]" * depth + "}")
+        message = await recv(ws)
+        assert message["type"] == "error" and message["error"]["code"] == "invalid_json", message
+        assert "nested deeper than 128 levels" in message["error"]["message"]
+        await assert_quiet(ws)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert listener_count(client.app) == 0
+
+
 async def test_predict_op_accepts_and_pushes_updates(make_client: ClientFactory, gated: GatedModel) -> None:
     client = await make_client(model=gated)
     async with client.ws_connect("/ws") as ws:
@@ -96,6 +200,40 @@ async def test_predict_op_accepts_and_pushes_updates(make_client: ClientFactory,
         error = await recv(ws)
         assert error["error"]["code"] == "invalid_input" and error["request_id"] == 3
         assert "input.x" in error["error"]["message"]
+
+
+async def test_large_invalid_predict_messages_keep_the_loop_responsive(make_client: ClientFactory) -> None:
+    """42 KB `predict` messages the digits schema rejects once cost the loop ~0.3 s each and echoed the input."""
+    client = await make_client()  # the real digits model
+    loop = asyncio.get_running_loop()
+    message = json.dumps({"op": "predict", "input": [16] * 10_000, "request_id": 9})
+    assert 40_000 < len(message) < client.app[SETTINGS].ws_max_message
+    answered = asyncio.Event()
+
+    async def send_all(ws: aiohttp.ClientWebSocketResponse) -> None:
+        try:
+            for _ in range(10):
+                await ws.send_str(message)
+            for _ in range(10):
+                raw = await ws.receive_str(timeout=WAIT)
+                assert len(raw) < 300, raw[:300]
+                error = json.loads(raw)
+                assert error["error"]["code"] == "invalid_input" and error["request_id"] == 9
+                assert error["error"]["message"].startswith("input: too large: it has 10000 items")
+        finally:
+            answered.set()
+
+    async def probe() -> list[float]:
+        latencies = []
+        while not latencies or not answered.is_set():
+            started = loop.time()
+            assert (await client.get("/healthz")).status == 200
+            latencies.append(loop.time() - started)
+        return latencies
+
+    async with client.ws_connect("/ws") as ws:
+        _, latencies = await asyncio.wait_for(asyncio.gather(send_all(ws), probe()), 60)
+    assert max(latencies) < 0.5, latencies
 
 
 async def test_predict_op_when_queue_full(make_client: ClientFactory, gated: GatedModel) -> None:

@@ -36,10 +36,10 @@ class FillingStore(SQLiteStore):
         super().__init__(*args, **kwargs)
         self.finish_failed = asyncio.Event()
 
-    def _transaction(self, ops: list[Any]) -> list[tuple[bool, Any]]:
+    def _transaction(self, ops: list[Any], sync: bool = False) -> list[tuple[bool, Any]]:
         if self.full:
             ops = [_no_space] * len(ops)
-        return super()._transaction(ops)
+        return super()._transaction(ops, sync)
 
     async def finish(self, outcomes: Sequence[Outcome]) -> list[Prediction]:
         try:

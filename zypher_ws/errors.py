@@ -134,6 +134,13 @@ class TooManySockets(ZypherError):
     code = "too_many_sockets"
 
 
+class InputTooLarge(ZypherError):
+    """An input too large to check against the model's schema within the time a request may take."""
+
+    status = 413
+    code = "input_too_large"
+
+
 class RateLimited(RetryLater):
     status = 429
     code = "rate_limited"

@@ -6,6 +6,7 @@ from collections.abc import Awaitable, Callable
 
 from .backends.base import EventBus
 from .records import Prediction
+from .validation import is_prediction_id
 
 
 class Watch:
@@ -31,6 +32,9 @@ class Watch:
 
     async def start(self, read: Callable[[str], Awaitable[Prediction | None]]) -> Prediction | None:
         """Subscribe, then read the current state. Returns None (and stops) if the id is unknown."""
+        if not is_prediction_id(self.prediction_id):
+            self.closed = True
+            return None
         self._bus.subscribe(self.prediction_id, self._on_event)
         try:
             snapshot = await read(self.prediction_id)

@@ -20,7 +20,7 @@ from .models import Model
 from .records import IdempotencyKey, Job, Prediction
 from .runner import ModelRunner
 from .settings import Settings
-from .validation import InputValidator
+from .validation import InputValidator, is_prediction_id
 from .waiting import settle, settled_within
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ class PredictionService:
         return prediction, True
 
     async def get(self, prediction_id: str) -> Prediction:
-        prediction = await self.store.get(prediction_id)
+        prediction = await self.store.get(prediction_id) if is_prediction_id(prediction_id) else None
         if prediction is None:
             raise NotFound(f"no prediction {prediction_id}")
         return prediction
@@ -193,6 +193,8 @@ class PredictionService:
         return len(requeue)
 
     async def cancel(self, prediction_id: str) -> Prediction:
+        if not is_prediction_id(prediction_id):
+            raise NotFound(f"no prediction {prediction_id}")
         prediction = await self.store.cancel(prediction_id)
         logs.state_changes([prediction])
         await self.bus.publish([prediction])

@@ -147,7 +147,12 @@ class SQLiteStore:
                 batch, self._pending = self._pending, []
                 sync, self._sync_next = self._sync_next, False
                 ops = [op for op, _ in batch]
-                outcomes = await asyncio.get_running_loop().run_in_executor(self._thread, self._transaction, ops, sync)
+                try:
+                    outcomes = await asyncio.get_running_loop().run_in_executor(
+                        self._thread, self._transaction, ops, sync
+                    )
+                except Exception as exc:  # a bug of ours: every waiter hears of it, none waits for ever
+                    outcomes = [(False, exc)] * len(batch)
                 for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
                     if future.done():
                         continue

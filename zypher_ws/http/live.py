@@ -8,7 +8,7 @@ from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from ..errors import InvalidJSON, InvalidMessage, TooManySubscriptions, UnknownOp, ZypherError
+from ..errors import InternalError, InvalidJSON, InvalidMessage, TooManySubscriptions, UnknownOp, ZypherError
 from ..events import Watch
 from ..json_codec import dumps, loads
 from ..metrics import Metrics
@@ -151,6 +151,9 @@ class WsSession:
                 await self.watch(pid)
             except ZypherError as exc:
                 self.send(ws_error(exc, request_id, prediction_id=pid))
+            except Exception:
+                log.exception("unhandled error subscribing a WebSocket")
+                self.send(ws_error(InternalError(), request_id, prediction_id=pid))
 
     def unwatch(self, prediction_id: str) -> None:
         watch = self.watches.pop(prediction_id, None)
@@ -191,6 +194,9 @@ class WsSession:
                 raise UnknownOp(f"unknown op {op!r}: use subscribe, unsubscribe, predict, ping or auth")
         except ZypherError as exc:
             self.send(ws_error(exc, request_id))
+        except Exception:  # ours: answered like the others, since nothing may escape the upgraded socket
+            log.exception("unhandled error answering a WebSocket message")
+            self.send(ws_error(InternalError(), request_id))
 
 
 def _ids(message: dict[str, Any]) -> list[str]:
@@ -228,13 +234,22 @@ async def _serve_socket(
         protocols=(WS_PROTOCOL,),
     )
     await ws.prepare(request)
-    if not authenticated and not await _authenticate(ws, settings):
-        return ws
-    sockets = request.app[SOCKETS]
-    sockets.add(ws)
-    metrics = request.app[METRICS]
-    metrics.websockets.inc()
+    try:
+        if authenticated or await _authenticate(ws, settings):
+            await _converse(request, ws, service, settings, client)
+    except Exception:  # past the upgrade, aiohttp would write an HTTP 500 into the socket: close it instead
+        log.exception("unhandled error on a WebSocket")
+        await ws.close(code=WSCloseCode.INTERNAL_ERROR, message=b"internal error")
+    return ws
+
+
+async def _converse(
+    request: web.Request, ws: web.WebSocketResponse, service: PredictionService, settings: Settings, client: str
+) -> None:
+    sockets, metrics = request.app[SOCKETS], request.app[METRICS]
     session = WsSession(ws, service, settings, metrics, request.app[LIMITER], client)
+    sockets.add(ws)
+    metrics.websockets.inc()
     try:
         await session.subscribe(request.query.getall("prediction_id", []))
         async for msg in ws:
@@ -248,7 +263,6 @@ async def _serve_socket(
         sockets.discard(ws)
         metrics.websockets.dec()
         await session.close()
-    return ws
 
 
 async def _authenticate(ws: web.WebSocketResponse, settings: Settings) -> bool:

@@ -9,6 +9,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from ..errors import InvalidHeader, ZypherError
 from ..records import Prediction, Status
+from ..validation import idempotency_key
 from .access import client_address
 from .access_log import PREDICTION_ID
 from .envelopes import json_response
@@ -70,6 +71,7 @@ async def predict(request: web.Request, body: dict[str, Any]) -> web.Response:
         description: >
           Repeating a request with the same key and body returns the same prediction (as it is now) and
           runs nothing again, for as long as the prediction is kept; the same key with another body is 409.
+          1 to 255 printable ASCII characters (400 invalid_header otherwise).
         schema: {type: string, maxLength: 255}
     requestBody:
       required: true
@@ -86,7 +88,7 @@ async def predict(request: web.Request, body: dict[str, Any]) -> web.Response:
       '409': {description: 'Idempotency-Key reused with a different body (idempotency_conflict)', content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}
       '401': {description: 'No valid bearer token (when tokens are configured)', content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}
       '429': {description: 'Over the per-client rate limit (rate_limited); retry after `Retry-After` seconds', headers: {Retry-After: {schema: {type: integer}}}, content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}
-      '413': {description: 'Body larger than the limit', content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}
+      '413': {description: 'Body larger than the limit (body_too_large), or an input too large to check against a schema without a fast validator (input_too_large)', content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}
       '415': {description: 'Body is not JSON', content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}
       '500': {description: 'The model raised (sync); the record carries the error', content: {application/json: {schema: {$ref: '#/components/schemas/Prediction'}}}}
       '503':
@@ -97,7 +99,7 @@ async def predict(request: web.Request, body: dict[str, Any]) -> web.Response:
     service = request.app[SERVICE]
     request.app[LIMITER].check(client_address(request))
     run_async = wants_async(request)
-    key = request.headers.get("Idempotency-Key")
+    key = idempotency_key(request.headers.get("Idempotency-Key"))
     if run_async:
         return record_response(await service.submit(body["input"], idempotency_key=key), 202)
     prediction = await service.run(body["input"], idempotency_key=key, timeout=service.settings.sync_timeout)
