@@ -12,7 +12,8 @@ import pytest
 from aiohttp.test_utils import TestClient
 from openapi_spec_validator import validate
 
-from conftest import TERMINAL, WAIT, ClientFactory, GatedModel, listener_count, stored_count
+from fakes import TERMINAL, WAIT, GatedModel
+from helpers import ClientFactory, listener_count, stored_count
 from zypher_ws.http.keys import SERVICE
 from zypher_ws.models import MockModel
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from conftest import WAIT, GatedModel, make_settings
+from fakes import WAIT, GatedModel, make_settings
 from helpers import free_port, run_server
 from zypher_ws.http.app import create_app
 from zypher_ws.http.keys import SERVICE

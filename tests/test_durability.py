@@ -3,46 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import signal
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 
-from conftest import TERMINAL, ClientFactory, GatedModel
-from helpers import free_port, run_server
-
-TESTS = str(Path(__file__).parent)
-
-
-def recording_env(log: Path, latency: float = 0.01) -> dict[str, str]:
-    return {
-        "ZYPHER_TEST_EXEC_LOG": str(log),
-        "ZYPHER_TEST_LATENCY": str(latency),
-        "PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]),
-    }
-
-
-async def submit_async(http: aiohttp.ClientSession, n: int) -> str:
-    """Submit {"n": n} to the recording model asynchronously; the prediction id of its 202."""
-    resp = await http.post("/predict", json={"input": {"n": n}}, headers={"Async-Mode": "true"})
-    assert resp.status == 202, await resp.text()
-    return str((await resp.json())["prediction_id"])
-
-
-async def wait_all_terminal(http: aiohttp.ClientSession, ids: list[str], timeout: float = 60) -> dict[str, Any]:
-    async def one(pid: str) -> dict[str, Any]:
-        while True:
-            record: dict[str, Any] = await (await http.get(f"/predict/{pid}")).json()
-            assert "status" in record, record
-            if record["status"] in TERMINAL:
-                return record
-
-    records = await asyncio.wait_for(asyncio.gather(*(one(pid) for pid in ids)), timeout)
-    return {r["prediction_id"]: r for r in records}
+from fakes import GatedModel
+from helpers import ClientFactory, free_port, recording_env, run_server, submit_async, wait_all_terminal
 
 
 async def test_sigkill_at_random_moments_loses_nothing_and_never_reruns_finished(tmp_path: Path) -> None:

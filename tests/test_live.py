@@ -12,7 +12,8 @@ from aiohttp import WSMsgType
 from aiohttp.test_utils import TestClient
 from rawws import RawWebSocket
 
-from conftest import TERMINAL, WAIT, ClientFactory, GatedModel, listener_count
+from fakes import TERMINAL, WAIT, GatedModel
+from helpers import ClientFactory, listener_count
 from zypher_ws.http.keys import SERVICE, SOCKETS
 from zypher_ws.models import MockModel
 from zypher_ws.records import Prediction

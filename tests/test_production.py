@@ -10,8 +10,8 @@ import pytest
 from aiohttp import WSMsgType, WSServerHandshakeError
 from yarl import URL
 
-from conftest import WAIT, ClientFactory, GatedModel
-from helpers import run_server
+from fakes import WAIT, GatedModel
+from helpers import ClientFactory, run_server
 from zypher_ws.models import MockModel
 
 TOKEN = "t0ken-for-tests-0123456789"

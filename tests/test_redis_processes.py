@@ -16,9 +16,8 @@ from typing import Any
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
-from test_durability import recording_env, submit_async, wait_all_terminal
 
-from helpers import free_port, run_server, run_worker
+from helpers import free_port, recording_env, run_server, run_worker, submit_async, wait_all_terminal
 from zypher_ws.backends.redis.keys import RedisKeys
 
 ASYNC = {"Async-Mode": "true"}
