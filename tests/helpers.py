@@ -16,7 +16,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from fakes import TERMINAL
+from fakes import TERMINAL, WAIT
 from zypher_ws.backends.memory import MemoryStore
 from zypher_ws.backends.redis.keys import RedisKeys
 from zypher_ws.http.keys import SERVICE, SETTINGS
@@ -51,6 +51,17 @@ async def stored_count(app: web.Application) -> int:
         await client.aclose()
 
 
+async def eventually(check: Callable[[], Awaitable[bool]], what: str, timeout: float = WAIT) -> None:
+    """A bounded poll with a pause, for state the server changes on its own schedule with nothing to
+    wait on (a handler's cleanup after a close): checks every 10 ms, fails after `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await check():
+        if loop.time() > deadline:
+            raise AssertionError(f"not {what} after {timeout} s")
+        await asyncio.sleep(0.01)
+
+
 # -- a client of a real server ----------------------------------------------------------------------------
 
 
@@ -70,16 +81,27 @@ async def submit_async(http: aiohttp.ClientSession, n: int) -> str:
     return str((await resp.json())["prediction_id"])
 
 
-async def wait_all_terminal(http: aiohttp.ClientSession, ids: list[str], timeout: float = 60) -> dict[str, Any]:
-    async def one(pid: str) -> dict[str, Any]:
-        while True:
-            record: dict[str, Any] = await (await http.get(f"/predict/{pid}")).json()
-            assert "status" in record, record
-            if record["status"] in TERMINAL:
-                return record
+SUBSCRIPTIONS_PER_SOCKET = 100  # well under the outbox (256), so the snapshots alone never overflow it
 
-    records = await asyncio.wait_for(asyncio.gather(*(one(pid) for pid in ids)), timeout)
-    return {r["prediction_id"]: r for r in records}
+
+async def wait_all_terminal(http: aiohttp.ClientSession, ids: list[str], timeout: float = 60) -> dict[str, Any]:
+    """Every prediction's terminal record by id, as pushed to WebSocket subscriptions (no polling)."""
+
+    async def follow(chunk: list[str]) -> dict[str, Any]:
+        records: dict[str, Any] = {}
+        async with http.ws_connect("/ws") as ws:
+            await ws.send_json({"op": "subscribe", "prediction_ids": chunk})
+            while len(records) < len(chunk):
+                message = await ws.receive_json()
+                assert message["type"] in ("subscribed", "update"), message
+                record = message["prediction"]
+                if record["status"] in TERMINAL:
+                    records[record["prediction_id"]] = record
+        return records
+
+    chunks = [ids[i : i + SUBSCRIPTIONS_PER_SOCKET] for i in range(0, len(ids), SUBSCRIPTIONS_PER_SOCKET)]
+    found = await asyncio.wait_for(asyncio.gather(*(follow(chunk) for chunk in chunks)), timeout)
+    return {pid: record for records in found for pid, record in records.items()}
 
 
 # -- the real command -------------------------------------------------------------------------------------

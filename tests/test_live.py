@@ -13,7 +13,7 @@ from aiohttp.test_utils import TestClient
 from rawws import RawWebSocket
 
 from fakes import TERMINAL, WAIT, GatedModel
-from helpers import ClientFactory, listener_count
+from helpers import ClientFactory, eventually, listener_count
 from zypher_ws.http.keys import SERVICE, SOCKETS
 from zypher_ws.models import MockModel
 from zypher_ws.records import Prediction
@@ -287,14 +287,12 @@ async def test_slow_client_is_dropped_and_nobody_else_waits(make_client: ClientF
             while (await recv(fast))["prediction"]["status"] != "succeeded":
                 pass
 
-    async def dropped_and_finished() -> None:
-        service = client.app[SERVICE]
-        # The server drops the slow socket and finishes the work on its own schedule: yield until then.
-        # (Reading from the slow socket any earlier would make it a fast one.)
-        while await service.queue.depth() or client.app[SOCKETS]:  # noqa: ASYNC110
-            await asyncio.sleep(0)
+    async def dropped_and_finished() -> bool:
+        return not await client.app[SERVICE].queue.depth() and not client.app[SOCKETS]
 
-    await asyncio.wait_for(dropped_and_finished(), WAIT * 4)
+    # The server drops the slow socket and finishes the work on its own schedule, and says so to no one
+    # (reading from the slow socket any earlier would make it a fast one): a bounded poll.
+    await eventually(dropped_and_finished, "dropped the slow socket and drained the queue", WAIT * 4)
     assert await asyncio.wait_for(slow.read_until_close(), WAIT) == 1013
     slow.close()
     assert listener_count(client.app) == 0  # the dropped socket left no subscriptions behind

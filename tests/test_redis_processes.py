@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from helpers import free_port, recording_env, run_server, run_worker, submit_async, wait_all_terminal
+from helpers import eventually, free_port, recording_env, run_server, run_worker, submit_async, wait_all_terminal
 from zypher_ws.backends.redis.keys import RedisKeys
 
 ASYNC = {"Async-Mode": "true"}
@@ -110,6 +110,13 @@ async def test_sigkill_a_worker_holding_a_batch(
             await holder.proc.wait()
         await stack.enter_async_context(run_worker(*backend, *MODEL, env=recording_env(rescue_log)))
         records = await wait_all_terminal(http, ids, timeout=15)  # claim time 1 s, plus a read or two
+        if max_attempts == 1:
+            # The rescuing worker adds each dead-letter entry just after the record failed (and was
+            # announced), so the last may still be on its way: give it a moment, with the worker alive.
+            async def all_dead_lettered() -> bool:
+                return sorted(await _dead_letter_ids(redis_settings)) == sorted(ids)
+
+            await eventually(all_dead_lettered, "every lost prediction in the dead-letter stream")
         dead_letter = await _dead_letter_ids(redis_settings)
     assert not held_log.exists()  # the killed worker never finished anything
     if max_attempts == 2:
