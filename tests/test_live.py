@@ -8,7 +8,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import WSMsgType
+from aiohttp import WSCloseCode, WSMsgType
 from aiohttp.test_utils import TestClient
 from rawws import RawWebSocket
 
@@ -75,18 +75,18 @@ async def test_ping_and_every_bad_message_leave_the_socket_open(make_client: Cli
 
 
 async def test_predict_op_accepts_and_pushes_updates(make_client: ClientFactory, gated: GatedModel) -> None:
-    client = await make_client(model=gated)
+    client = await make_client(model=gated, workers=1, max_batch_size=1)
+    await submit(client, {"x": 0})
+    await gated.wait_started(1)  # the lone worker is busy: the next prediction is accepted queued
     async with client.ws_connect("/ws") as ws:
         await ws.send_json({"op": "predict", "input": {"x": 5}, "request_id": "req-7"})
         accepted = await recv(ws)
         assert accepted["type"] == "accepted" and accepted["request_id"] == "req-7"
-        assert accepted["prediction"]["status"] in ("queued", "running")
+        assert accepted["prediction"]["status"] == "queued"
         pid = accepted["prediction"]["prediction_id"]
-        await gated.wait_started(1)
-        if accepted["prediction"]["status"] == "queued":
-            running = await recv(ws)
-            assert (running["type"], running["prediction"]["status"]) == ("update", "running")
         gated.release.set()
+        running = await recv(ws)
+        assert (running["type"], running["prediction"]["status"]) == ("update", "running")
         done = await recv(ws)
         assert done["type"] == "update" and done["prediction"]["status"] == "succeeded"
         assert done["prediction"]["prediction_id"] == pid
@@ -308,11 +308,19 @@ async def test_oversized_frame_closes_with_1009(make_client: ClientFactory) -> N
 
 
 async def test_heartbeat_drops_a_dead_peer(make_client: ClientFactory) -> None:
-    client = await make_client(model=MockModel(), ws_heartbeat=0.1)
+    client = await make_client(model=MockModel(), ws_heartbeat=0.5)
     port = client.server.port
     assert port is not None
     dead = await RawWebSocket.connect("127.0.0.1", port)  # never answers the server's pings
-    await asyncio.wait_for(dead.read_until_close(), WAIT)
+    dead.send_json({"op": "ping"})  # but talks once, so its socket is surely being served
+    while (frame := await asyncio.wait_for(dead.read_frame(), WAIT))[0] != 0x1:
+        assert frame[0] == 0x9  # the server's own ping may come first: left unanswered
+    assert json.loads(frame[1]) == {"type": "pong"}
+    (served,) = client.app[SOCKETS]
+    # The peer missed a pong: the server closes the connection without a closing handshake (a dead peer
+    # would not answer one), so no close frame arrives and the server records 1006, abnormal closure.
+    assert await asyncio.wait_for(dead.read_until_close(), WAIT) is None
+    assert served.close_code == WSCloseCode.ABNORMAL_CLOSURE == 1006
     dead.close()
 
 
