@@ -24,9 +24,12 @@ HOLDOUT = Path(__file__).parent / "data" / "digits_holdout.npz"
 TIMEOUT_MS = WAIT * 1000
 
 playwright_api = pytest.importorskip("playwright.async_api", reason="playwright is not installed")
-pytestmark = pytest.mark.skipif(
-    shutil.which(CHROMIUM) is None, reason=f"Chromium not found at {CHROMIUM} (apt-get install chromium)"
-)
+pytestmark = [
+    pytest.mark.slow,  # a real browser
+    pytest.mark.skipif(
+        shutil.which(CHROMIUM) is None, reason=f"Chromium not found at {CHROMIUM} (apt-get install chromium)"
+    ),
+]
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from zypher_ws.http.keys import SERVICE, SETTINGS
 from zypher_ws.records import rfc3339
 
 
+@pytest.mark.slow
 async def test_sigkill_at_random_moments_loses_nothing_and_never_reruns_finished(tmp_path: Path) -> None:
     db, log = tmp_path / "z.db", tmp_path / "executions.log"
     args = ("--model", "recording_model:RecordingModel", "--store", f"sqlite:///{db}", "--workers", "2")
@@ -65,6 +66,7 @@ async def test_sigkill_at_random_moments_loses_nothing_and_never_reruns_finished
         assert record["result"] == {"n": accepted[pid]}
 
 
+@pytest.mark.slow
 async def test_queued_behind_a_slow_model_complete_after_restart(tmp_path: Path) -> None:
     db, log = tmp_path / "z.db", tmp_path / "executions.log"
     args = (
@@ -156,6 +158,7 @@ async def test_expired_results_are_deleted_and_answer_404(
         assert status == (200 if expected == 0 else 404)
 
 
+@pytest.mark.slow
 async def test_sigterm_finishes_running_work_pushes_it_closes_sockets_and_keeps_the_queue(tmp_path: Path) -> None:
     db, log = tmp_path / "z.db", tmp_path / "executions.log"
     args = ("--model", "recording_model:RecordingModel", "--store", f"sqlite:///{db}")

@@ -13,6 +13,7 @@ import pytest
 from helpers import run_server, wait_all_terminal
 
 HOLDOUT = Path(__file__).parent / "data" / "digits_holdout.npz"
+pytestmark = pytest.mark.slow  # real server processes
 
 
 async def test_real_process_serves_digits_sync_and_async() -> None:

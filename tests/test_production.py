@@ -73,6 +73,7 @@ async def test_metrics_put_unknown_methods_in_one_series(make_client: ClientFact
 # -- logs -----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_json_logs_one_line_per_request_and_state_change_without_inputs_or_tokens() -> None:
     secret_input = "very-private-input-value"
     args = ("--model", "mock", "--store", "memory://", "--log-format", "json", "--api-token", TOKEN)

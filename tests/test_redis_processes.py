@@ -21,6 +21,7 @@ from helpers import eventually, free_port, recording_env, run_server, run_worker
 from zypher_ws.backends.redis.keys import RedisKeys
 
 ASYNC = {"Async-Mode": "true"}
+pytestmark = pytest.mark.slow  # real server, worker and Redis processes
 MODEL = ("--model", "recording_model:RecordingModel")
 
 
