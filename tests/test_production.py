@@ -7,11 +7,12 @@ import json
 
 import aiohttp
 import pytest
-from aiohttp import WSMsgType, WSServerHandshakeError
+from aiohttp import WSMsgType, WSServerHandshakeError, web
 from yarl import URL
 
-from fakes import WAIT, GatedModel
+from fakes import WAIT, GatedModel, make_settings
 from helpers import ClientFactory, run_server
+from zypher_ws.http.app import create_app
 from zypher_ws.models import MockModel
 
 TOKEN = "t0ken-for-tests-0123456789"
@@ -217,3 +218,10 @@ async def test_security_headers_on_page_and_static_files(make_client: ClientFact
         resp = await client.get(missing)  # the API's own 404, not aiohttp's bare one
         assert resp.status == 404 and (await resp.json())["error"]["code"] == "not_found", missing
     assert "Content-Security-Policy" not in (await client.get("/healthz")).headers  # page files only
+
+
+def test_a_string_app_key_is_an_error_even_after_the_app_is_built() -> None:
+    """The swagger library's string keys are let through where it sets them, and nowhere else."""
+    app = create_app(make_settings(), model=MockModel())
+    with pytest.raises(web.NotAppKeyWarning):
+        app["state"] = 1
