@@ -1,95 +1,21 @@
+"""Fixtures only: the fakes live in fakes.py, the helpers in helpers.py."""
+
 from __future__ import annotations
 
 import asyncio
 import os
-import threading
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from zypher_ws.backends.memory import MemoryStore
-from zypher_ws.backends.redis.keys import RedisKeys
+from fakes import WAIT, GatedModel, make_settings
+from helpers import ClientFactory
 from zypher_ws.http.app import create_app
-from zypher_ws.http.keys import SERVICE, SETTINGS
+from zypher_ws.http.keys import SERVICE
 from zypher_ws.models import Model
-from zypher_ws.records import Status
-from zypher_ws.settings import Settings
-
-WAIT = 5.0  # seconds any awaited event may take before a test fails
-TERMINAL = frozenset(s.value for s in Status if s.terminal)  # statuses as records carry them
-
-
-class GatedModel:
-    """A fake model that runs only when the test lets it.
-
-    `started` is set (on the loop) each time a batch begins; the batch then waits for `release`.
-    An input {"raise": "..."} makes predict_batch raise; otherwise the result echoes the input.
-    """
-
-    name = "gated"
-    version = "0.0.1"
-    input_schema: dict[str, Any] = {
-        "type": "object",
-        "properties": {"x": {"type": "integer"}, "raise": {"type": "string"}},
-        "additionalProperties": False,
-    }
-    output_schema: dict[str, Any] = {"type": "object"}
-
-    def __init__(self, *, gated: bool = True, load_gate: threading.Event | None = None) -> None:
-        self.release = threading.Event()
-        if not gated:
-            self.release.set()
-        self.load_gate = load_gate
-        self.batches: list[list[Any]] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._started = 0
-        self._started_changed: asyncio.Event | None = None
-
-    def load(self) -> None:
-        if self.load_gate is not None:
-            self.load_gate.wait(WAIT)
-
-    def predict_batch(self, inputs: list[Any]) -> list[Any]:
-        self.batches.append(list(inputs))
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._note_start)
-        self.release.wait(WAIT)
-        bad = [x["raise"] for x in inputs if "raise" in x]
-        if bad:
-            raise ValueError(bad[0])
-        return [{"echo": x} for x in inputs]
-
-    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._started_changed = asyncio.Event()
-
-    def _note_start(self) -> None:
-        self._started += 1
-        assert self._started_changed is not None
-        self._started_changed.set()
-
-    async def wait_started(self, count: int = 1) -> None:
-        """Wait until `count` batches have begun in total."""
-        assert self._started_changed is not None
-
-        async def _wait() -> None:
-            while self._started < count:
-                self._started_changed.clear()  # type: ignore[union-attr]
-                await self._started_changed.wait()  # type: ignore[union-attr]
-
-        await asyncio.wait_for(_wait(), WAIT)
-
-
-def make_settings(**overrides: Any) -> Settings:
-    defaults: dict[str, Any] = {"max_batch_delay_ms": 0.0, "shutdown_timeout": 1.0, "store": "memory://"}
-    return Settings(**{**defaults, **overrides})
-
-
-ClientFactory = Callable[..., Awaitable[TestClient]]
 
 REDIS_URL = os.environ.get("ZYPHER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
@@ -127,26 +53,6 @@ def backend(request: pytest.FixtureRequest) -> dict[str, Any]:
         return {}
     settings: dict[str, Any] = request.getfixturevalue("redis_settings")
     return settings
-
-
-def listener_count(app: web.Application) -> int:
-    """How many listeners the app's event bus holds (sockets, SSE streams and sync requests waiting)."""
-    count: int = app[SERVICE].bus.listener_count()
-    return count
-
-
-async def stored_count(app: web.Application) -> int:
-    """How many prediction records the app's backend holds."""
-    store, settings = app[SERVICE].store, app[SETTINGS]
-    if isinstance(store, MemoryStore):
-        return len(store)
-    import redis.asyncio as aioredis
-
-    client = aioredis.Redis.from_url(settings.redis_url)
-    try:
-        return len([key async for key in client.scan_iter(match=RedisKeys(settings.redis_prefix).record("*"))])
-    finally:
-        await client.aclose()
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Running the real `zypher-ws` command in tests."""
+"""Helpers for tests that go through HTTP: looking into an app, and running the real `zypher-ws` command."""
 
 from __future__ import annotations
 
@@ -6,11 +6,105 @@ import asyncio
 import os
 import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from fakes import TERMINAL, WAIT
+from zypher_ws.backends.memory import MemoryStore
+from zypher_ws.backends.redis.keys import RedisKeys
+from zypher_ws.http.keys import SERVICE, SETTINGS
 
 STARTUP_TIMEOUT = 30.0
+TESTS = str(Path(__file__).parent)
+
+ClientFactory = Callable[..., Awaitable[TestClient]]
+"""The `make_client` fixture: make_client(model=None, wait_loaded=True, **settings) -> a test client."""
+
+
+# -- looking into an app ------------------------------------------------------------------------------
+
+
+def listener_count(app: web.Application) -> int:
+    """How many listeners the app's event bus holds (sockets, SSE streams and sync requests waiting)."""
+    count: int = app[SERVICE].bus.listener_count()
+    return count
+
+
+async def stored_count(app: web.Application) -> int:
+    """How many prediction records the app's backend holds."""
+    store, settings = app[SERVICE].store, app[SETTINGS]
+    if isinstance(store, MemoryStore):
+        return len(store)
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(settings.redis_url)
+    try:
+        return len([key async for key in client.scan_iter(match=RedisKeys(settings.redis_prefix).record("*"))])
+    finally:
+        await client.aclose()
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], what: str, timeout: float = WAIT) -> None:
+    """A bounded poll with a pause, for state the server changes on its own schedule with nothing to
+    wait on (a handler's cleanup after a close): checks every 10 ms, fails after `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await check():
+        if loop.time() > deadline:
+            raise AssertionError(f"not {what} after {timeout} s")
+        await asyncio.sleep(0.01)
+
+
+# -- a client of a real server ----------------------------------------------------------------------------
+
+
+def recording_env(log: Path, latency: float = 0.01) -> dict[str, str]:
+    """The environment of a server running tests/recording_model.py, which logs each execution to `log`."""
+    return {
+        "ZYPHER_TEST_EXEC_LOG": str(log),
+        "ZYPHER_TEST_LATENCY": str(latency),
+        "PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]),
+    }
+
+
+async def submit_async(http: aiohttp.ClientSession, n: int) -> str:
+    """Submit {"n": n} to the recording model asynchronously; the prediction id of its 202."""
+    resp = await http.post("/predict", json={"input": {"n": n}}, headers={"Async-Mode": "true"})
+    assert resp.status == 202, await resp.text()
+    return str((await resp.json())["prediction_id"])
+
+
+SUBSCRIPTIONS_PER_SOCKET = 100  # well under the outbox (256), so the snapshots alone never overflow it
+
+
+async def wait_all_terminal(http: aiohttp.ClientSession, ids: list[str], timeout: float = 60) -> dict[str, Any]:
+    """Every prediction's terminal record by id, as pushed to WebSocket subscriptions (no polling)."""
+
+    async def follow(chunk: list[str]) -> dict[str, Any]:
+        records: dict[str, Any] = {}
+        async with http.ws_connect("/ws") as ws:
+            await ws.send_json({"op": "subscribe", "prediction_ids": chunk})
+            while len(records) < len(chunk):
+                message = await ws.receive_json()
+                assert message["type"] in ("subscribed", "update"), message
+                record = message["prediction"]
+                if record["status"] in TERMINAL:
+                    records[record["prediction_id"]] = record
+        return records
+
+    chunks = [ids[i : i + SUBSCRIPTIONS_PER_SOCKET] for i in range(0, len(ids), SUBSCRIPTIONS_PER_SOCKET)]
+    found = await asyncio.wait_for(asyncio.gather(*(follow(chunk) for chunk in chunks)), timeout)
+    return {pid: record for records in found for pid, record in records.items()}
+
+
+# -- the real command -------------------------------------------------------------------------------------
 
 
 def free_port() -> int:

@@ -14,7 +14,8 @@ import pytest
 from aiohttp.test_utils import TestClient
 from openapi_spec_validator import validate
 
-from conftest import TERMINAL, WAIT, ClientFactory, GatedModel, listener_count, make_settings, stored_count
+from fakes import TERMINAL, WAIT, GatedModel, make_settings
+from helpers import ClientFactory, listener_count, stored_count
 from zypher_ws.http.app import create_app
 from zypher_ws.http.keys import SERVICE, SETTINGS
 from zypher_ws.json_codec import MAX_DEPTH
@@ -24,18 +25,14 @@ HOLDOUT = Path(__file__).parent / "data" / "digits_holdout.npz"
 ASYNC = {"Async-Mode": "true"}
 
 
-async def poll_until_terminal(client: TestClient, location: str) -> dict[str, Any]:
-    """What an HTTP polling client does: GET until the record is terminal (bounded by WAIT)."""
-
-    async def poll() -> dict[str, Any]:
-        while True:
-            resp = await client.get(location)
-            assert resp.status == 200
-            record: dict[str, Any] = await resp.json()
-            if record["status"] in TERMINAL:
-                return record
-
-    return await asyncio.wait_for(poll(), WAIT)
+async def terminal_record(client: TestClient, location: str) -> dict[str, Any]:
+    """The record at `location` once it is terminal: wait on the service (no polling), then GET it."""
+    await client.app[SERVICE].wait(location.rsplit("/", 1)[-1], WAIT)
+    resp = await client.get(location)
+    assert resp.status == 200
+    record: dict[str, Any] = await resp.json()
+    assert record["status"] in TERMINAL, record
+    return record
 
 
 def assert_error(body: dict[str, Any], code: str) -> str:
@@ -75,7 +72,7 @@ async def test_async_digits_then_poll_location(make_client: ClientFactory) -> No
     accepted = await resp.json()
     assert accepted["status"] == "queued" and accepted["result"] is None
     assert resp.headers["Location"] == f"/predict/{accepted['prediction_id']}"
-    record = await poll_until_terminal(client, resp.headers["Location"])
+    record = await terminal_record(client, resp.headers["Location"])
     assert record["status"] == "succeeded"
     assert record["result"]["label"] == label
 
@@ -127,7 +124,7 @@ async def test_sync_timeout_answers_202_and_the_prediction_carries_on(
     assert record["status"] == "running"
     assert resp.headers["Location"] == record["links"]["self"]
     gated.release.set()
-    done = await poll_until_terminal(client, resp.headers["Location"])
+    done = await terminal_record(client, resp.headers["Location"])
     assert done["status"] == "succeeded" and done["result"] == {"echo": {"x": 4}}
     assert listener_count(client.app) == 0
 
@@ -164,7 +161,7 @@ async def test_get_shows_queued_then_running_then_succeeded(make_client: ClientF
     assert (await (await client.get(f"/predict/{second['prediction_id']}")).json())["status"] == "queued"
     gated.release.set()
     for rec in (first, second):
-        done = await poll_until_terminal(client, rec["links"]["self"])
+        done = await terminal_record(client, rec["links"]["self"])
         assert done["status"] == "succeeded"
         assert done["started_at"] <= done["completed_at"]
 
@@ -217,7 +214,7 @@ async def test_one_raising_item_does_not_fail_its_batch(make_client: ClientFacto
     inputs = [{"x": 1}, {"raise": "bad item"}, {"x": 3}]
     records = [await (await client.post("/predict", json={"input": i}, headers=ASYNC)).json() for i in inputs]
     gated.release.set()
-    results = [await poll_until_terminal(client, r["links"]["self"]) for r in [blocker, *records]]
+    results = [await terminal_record(client, r["links"]["self"]) for r in [blocker, *records]]
     assert [r["status"] for r in results] == ["succeeded", "succeeded", "failed", "succeeded"]
     assert results[1]["result"] == {"echo": {"x": 1}} and results[3]["result"] == {"echo": {"x": 3}}
     assert "bad item" in results[2]["error"]["message"]
@@ -456,7 +453,7 @@ async def test_200_concurrent_async_submissions_all_complete_correctly(make_clie
     assert [r.status for r in responses] == [202] * 200, [await r.text() for r in responses if r.status != 202][:2]
     locations = [r.headers["Location"] for r in responses]
     assert len(set(locations)) == 200
-    records = await asyncio.gather(*(poll_until_terminal(client, loc) for loc in locations))
+    records = await asyncio.gather(*(terminal_record(client, loc) for loc in locations))
     for x, record in zip(inputs, records, strict=True):
         digest = hashlib.sha256(json.dumps(x, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
         assert record["status"] == "succeeded"
@@ -508,5 +505,5 @@ async def test_sqlite_sync_prediction_is_on_disk_when_answered_200_or_202(aiohtt
     assert on_disk()[pid] == "succeeded"
     got = await client.get(f"/predict/{pid}")
     assert (await got.json())["status"] == "succeeded"
-    await poll_until_terminal(client, f"/predict/{late_id}")
+    await terminal_record(client, f"/predict/{late_id}")
     assert on_disk() == {late_id: "succeeded", pid: "succeeded"}

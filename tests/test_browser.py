@@ -11,8 +11,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from aiohttp import web
+from aiohttp.typedefs import Handler
 
-from conftest import WAIT, GatedModel, make_settings
+from fakes import WAIT, GatedModel, make_settings
 from helpers import free_port, run_server
 from zypher_ws.http.app import create_app
 from zypher_ws.http.keys import SERVICE
@@ -24,9 +26,12 @@ HOLDOUT = Path(__file__).parent / "data" / "digits_holdout.npz"
 TIMEOUT_MS = WAIT * 1000
 
 playwright_api = pytest.importorskip("playwright.async_api", reason="playwright is not installed")
-pytestmark = pytest.mark.skipif(
-    shutil.which(CHROMIUM) is None, reason=f"Chromium not found at {CHROMIUM} (apt-get install chromium)"
-)
+pytestmark = [
+    pytest.mark.slow,  # a real browser
+    pytest.mark.skipif(
+        shutil.which(CHROMIUM) is None, reason=f"Chromium not found at {CHROMIUM} (apt-get install chromium)"
+    ),
+]
 
 
 @pytest.fixture
@@ -40,13 +45,34 @@ async def browser() -> AsyncIterator[Any]:
         await browser.close()
 
 
-async def serve(aiohttp_server: Any, model: Any = None, **settings: Any) -> tuple[str, Any]:
+Answered = list[tuple[str, int]]
+"""(path, status) of every request the server answered, in order."""
+
+
+async def serve(aiohttp_server: Any, model: Any = None, **settings: Any) -> tuple[str, Answered]:
     if isinstance(model, GatedModel):
         model.bind(asyncio.get_running_loop())
     app = create_app(make_settings(**settings), model=model)
+    answered: Answered = []
+
+    @web.middleware
+    async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
+        # Outermost, so it sees each final status. On the server, not the page: Playwright does not
+        # report the browser's own requests (the favicon) as the page's.
+        response = await handler(request)
+        answered.append((request.path, response.status))
+        return response
+
+    app.middlewares.insert(0, record)
     server = await aiohttp_server(app)
     await asyncio.wait_for(app[SERVICE].runner.loaded_event.wait(), WAIT)
-    return f"http://127.0.0.1:{server.port}", app
+    return f"http://127.0.0.1:{server.port}", answered
+
+
+def assert_all_found(answered: Answered) -> None:
+    """No request of the page answered 404 (a file it names, or one the browser asks for by itself)."""
+    assert [path for path, status in answered if status == 404] == []
+    assert {"/", "/static/app.js", "/static/style.css", "/model"} <= {path for path, _ in answered}
 
 
 async def open_page(browser: Any, url: str) -> Any:
@@ -67,7 +93,7 @@ def artifacts() -> Path:
 
 
 async def test_draw_or_enter_a_digit_and_watch_it_succeed(browser: Any, aiohttp_server: Any, artifacts: Path) -> None:
-    url, _ = await serve(aiohttp_server)  # the real digits model
+    url, answered = await serve(aiohttp_server)  # the real digits model
     page = await open_page(browser, url)
     await page.wait_for_selector("#grid .cell")
     # Drawing paints cells and writes them into the input box.
@@ -88,6 +114,7 @@ async def test_draw_or_enter_a_digit_and_watch_it_succeed(browser: Any, aiohttp_
     await page.screenshot(path=str(shot), full_page=True)
     print(f"\nscreenshot of the live page: {shot}")
     assert page.errors == []
+    assert_all_found(answered)
 
 
 async def test_second_page_watching_the_same_id_sees_it_live(browser: Any, aiohttp_server: Any) -> None:

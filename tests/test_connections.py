@@ -9,7 +9,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from conftest import WAIT, make_settings
+from fakes import WAIT, make_settings
 from helpers import run_server
 from zypher_ws.http.app import create_app
 from zypher_ws.http.connections import RESOURCE_LOG_INTERVAL, quiet_resource_errors
@@ -23,6 +23,7 @@ async def closed_by_server(reader: asyncio.StreamReader) -> bytes:
     return await asyncio.wait_for(reader.read(), WAIT)
 
 
+@pytest.mark.slow  # a real process: connections are guarded by its site
 async def test_a_connection_that_never_finishes_its_head_is_closed_and_others_are_served() -> None:
     args = ("--model", "mock", "--store", "memory://", "--read-timeout", "1")
     async with run_server(*args) as server, aiohttp.ClientSession(server.url) as http:
@@ -38,6 +39,7 @@ async def test_a_connection_that_never_finishes_its_head_is_closed_and_others_ar
         assert any("no request head within 1 s" in line for line in server.log)
 
 
+@pytest.mark.slow  # a real process: connections are guarded by its site
 async def test_connections_past_the_per_client_cap_are_refused_until_one_closes() -> None:
     args = ("--model", "mock", "--store", "memory://", "--max-connections-per-client", "4")
     async with run_server(*args) as server:

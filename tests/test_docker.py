@@ -19,6 +19,7 @@ BASE = "localhost/zypher-test-base:bookworm"
 IMAGE = "localhost/zypher-ws:test"
 MIRROR = "http://deb.debian.org/debian"
 BUILDAH = ["buildah", "--storage-driver", "vfs"]
+pytestmark = pytest.mark.slow  # builds and runs the image
 
 
 def _buildah(*args: str, timeout: float = 900) -> str:

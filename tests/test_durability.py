@@ -3,48 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import signal
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import aiohttp
+import pytest
+import redis.asyncio as aioredis
 
-from conftest import TERMINAL, ClientFactory, GatedModel
-from helpers import free_port, run_server
-
-TESTS = str(Path(__file__).parent)
-
-
-def recording_env(log: Path, latency: float = 0.01) -> dict[str, str]:
-    return {
-        "ZYPHER_TEST_EXEC_LOG": str(log),
-        "ZYPHER_TEST_LATENCY": str(latency),
-        "PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]),
-    }
+from fakes import WAIT, GatedModel, ManualClock
+from helpers import ClientFactory, free_port, recording_env, run_server, submit_async, wait_all_terminal
+from zypher_ws.backends import Sweeps
+from zypher_ws.backends.redis.keys import RedisKeys
+from zypher_ws.http.keys import SERVICE, SETTINGS
+from zypher_ws.records import rfc3339
 
 
-async def submit_async(http: aiohttp.ClientSession, n: int) -> str:
-    """Submit {"n": n} to the recording model asynchronously; the prediction id of its 202."""
-    resp = await http.post("/predict", json={"input": {"n": n}}, headers={"Async-Mode": "true"})
-    assert resp.status == 202, await resp.text()
-    return str((await resp.json())["prediction_id"])
-
-
-async def wait_all_terminal(http: aiohttp.ClientSession, ids: list[str], timeout: float = 60) -> dict[str, Any]:
-    async def one(pid: str) -> dict[str, Any]:
-        while True:
-            record: dict[str, Any] = await (await http.get(f"/predict/{pid}")).json()
-            assert "status" in record, record
-            if record["status"] in TERMINAL:
-                return record
-
-    records = await asyncio.wait_for(asyncio.gather(*(one(pid) for pid in ids)), timeout)
-    return {r["prediction_id"]: r for r in records}
-
-
+@pytest.mark.slow
 async def test_sigkill_at_random_moments_loses_nothing_and_never_reruns_finished(tmp_path: Path) -> None:
     db, log = tmp_path / "z.db", tmp_path / "executions.log"
     args = ("--model", "recording_model:RecordingModel", "--store", f"sqlite:///{db}", "--workers", "2")
@@ -90,6 +66,7 @@ async def test_sigkill_at_random_moments_loses_nothing_and_never_reruns_finished
         assert record["result"] == {"n": accepted[pid]}
 
 
+@pytest.mark.slow
 async def test_queued_behind_a_slow_model_complete_after_restart(tmp_path: Path) -> None:
     db, log = tmp_path / "z.db", tmp_path / "executions.log"
     args = (
@@ -137,19 +114,51 @@ async def test_idempotency_under_50_concurrent_requests(make_client: ClientFacto
     assert (await conflict.json())["error"]["code"] == "idempotency_conflict"
 
 
-async def test_expired_results_are_deleted_and_answer_404(make_client: ClientFactory, tmp_path: Path) -> None:
-    client = await make_client(model=GatedModel(gated=False), store=f"sqlite:///{tmp_path / 'z.db'}", result_ttl=0.2)
+async def test_expired_results_are_deleted_and_answer_404(
+    make_client: ClientFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = await make_client(model=GatedModel(gated=False), store=f"sqlite:///{tmp_path / 'z.db'}")
     record = await (await client.post("/predict", json={"input": {"x": 1}})).json()
-    assert record["expires_at"] is not None and record["expires_at"] > record["completed_at"]
+    service = client.app[SERVICE]
+    expires_at = (await service.get(record["prediction_id"])).expires_at
+    assert expires_at is not None and record["expires_at"] == rfc3339(expires_at) > record["completed_at"]
 
-    async def until_gone() -> None:
-        # The sweep runs on its own clock: poll as a client would.
-        while (await client.get(record["links"]["self"])).status != 404:  # noqa: ASYNC110
-            await asyncio.sleep(0.05)
+    store = service.store
+    if not isinstance(store, Sweeps):
+        # Redis deletes the record itself, at that very millisecond: there is no clock of ours to move.
+        settings = client.app[SETTINGS]
+        redis = aioredis.Redis.from_url(settings.redis_url)
+        try:
+            key = RedisKeys(settings.redis_prefix).record(record["prediction_id"])
+            assert await redis.pexpiretime(key) == int(expires_at * 1000)
+        finally:
+            await redis.aclose()
+        return
 
-    await asyncio.wait_for(until_gone(), 10)
+    # Sweep on a clock of the test's own: one pass just before the expiry, one at it.
+    swept: asyncio.Queue[tuple[float, int]] = asyncio.Queue()
+    sweep = store.sweep
+
+    async def observed_sweep(now: float) -> int:
+        removed = await sweep(now)
+        swept.put_nowait((now, removed))
+        return removed
+
+    monkeypatch.setattr(store, "sweep", observed_sweep)
+    clock = ManualClock()
+    for now, expected in ((expires_at - 0.001, 0), (expires_at, 1)):
+        clock.now = now
+        sweeper = asyncio.create_task(service.sweep_forever(clock=clock))
+        try:
+            assert await asyncio.wait_for(swept.get(), WAIT) == (now, expected)
+        finally:
+            sweeper.cancel()
+            await asyncio.gather(sweeper, return_exceptions=True)
+        status = (await client.get(record["links"]["self"])).status
+        assert status == (200 if expected == 0 else 404)
 
 
+@pytest.mark.slow
 async def test_sigterm_finishes_running_work_pushes_it_closes_sockets_and_keeps_the_queue(tmp_path: Path) -> None:
     db, log = tmp_path / "z.db", tmp_path / "executions.log"
     args = ("--model", "recording_model:RecordingModel", "--store", f"sqlite:///{db}")

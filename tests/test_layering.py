@@ -6,9 +6,11 @@ even a transitive one, fails this test.
 
 from __future__ import annotations
 
+import ast
 import pkgutil
 import subprocess
 import sys
+from pathlib import Path
 
 import zypher_ws
 
@@ -51,3 +53,16 @@ def test_the_blocker_catches_the_http_layer() -> None:
         [sys.executable, "-c", BLOCKER, "zypher_ws.http.app"], capture_output=True, text=True, timeout=60
     )
     assert done.returncode != 0 and "imported aiohttp" in done.stderr
+
+
+def test_test_modules_import_helpers_not_each_other() -> None:
+    """Fakes live in fakes.py and helpers in helper modules: no test imports conftest or another test module."""
+    tests = Path(__file__).parent
+    for path in sorted(tests.glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            for name in names:
+                top = name.split(".")[0]
+                assert top != "conftest" and not top.startswith("test_"), f"{path.name} imports {name}"

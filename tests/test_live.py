@@ -11,11 +11,12 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import WSMsgType
+from aiohttp import WSCloseCode, WSMsgType
 from aiohttp.test_utils import TestClient
 from rawws import RawWebSocket
 
-from conftest import TERMINAL, WAIT, ClientFactory, GatedModel, listener_count
+from fakes import TERMINAL, WAIT, GatedModel
+from helpers import ClientFactory, eventually, listener_count
 from zypher_ws.http import live
 from zypher_ws.http.keys import SERVICE, SETTINGS, SOCKETS
 from zypher_ws.json_codec import MAX_DEPTH
@@ -178,18 +179,18 @@ async def test_predict_op_nested_deeper_than_max_depth_is_an_error_message(
 
 
 async def test_predict_op_accepts_and_pushes_updates(make_client: ClientFactory, gated: GatedModel) -> None:
-    client = await make_client(model=gated)
+    client = await make_client(model=gated, workers=1, max_batch_size=1)
+    await submit(client, {"x": 0})
+    await gated.wait_started(1)  # the lone worker is busy: the next prediction is accepted queued
     async with client.ws_connect("/ws") as ws:
         await ws.send_json({"op": "predict", "input": {"x": 5}, "request_id": "req-7"})
         accepted = await recv(ws)
         assert accepted["type"] == "accepted" and accepted["request_id"] == "req-7"
-        assert accepted["prediction"]["status"] in ("queued", "running")
+        assert accepted["prediction"]["status"] == "queued"
         pid = accepted["prediction"]["prediction_id"]
-        await gated.wait_started(1)
-        if accepted["prediction"]["status"] == "queued":
-            running = await recv(ws)
-            assert (running["type"], running["prediction"]["status"]) == ("update", "running")
         gated.release.set()
+        running = await recv(ws)
+        assert (running["type"], running["prediction"]["status"]) == ("update", "running")
         done = await recv(ws)
         assert done["type"] == "update" and done["prediction"]["status"] == "succeeded"
         assert done["prediction"]["prediction_id"] == pid
@@ -424,14 +425,12 @@ async def test_slow_client_is_dropped_and_nobody_else_waits(make_client: ClientF
             while (await recv(fast))["prediction"]["status"] != "succeeded":
                 pass
 
-    async def dropped_and_finished() -> None:
-        service = client.app[SERVICE]
-        # The server drops the slow socket and finishes the work on its own schedule: yield until then.
-        # (Reading from the slow socket any earlier would make it a fast one.)
-        while await service.queue.depth() or client.app[SOCKETS]:  # noqa: ASYNC110
-            await asyncio.sleep(0)
+    async def dropped_and_finished() -> bool:
+        return not await client.app[SERVICE].queue.depth() and not client.app[SOCKETS]
 
-    await asyncio.wait_for(dropped_and_finished(), WAIT * 4)
+    # The server drops the slow socket and finishes the work on its own schedule, and says so to no one
+    # (reading from the slow socket any earlier would make it a fast one): a bounded poll.
+    await eventually(dropped_and_finished, "dropped the slow socket and drained the queue", WAIT * 4)
     assert await asyncio.wait_for(slow.read_until_close(), WAIT) == 1013
     slow.close()
     assert listener_count(client.app) == 0  # the dropped socket left no subscriptions behind
@@ -447,11 +446,19 @@ async def test_oversized_frame_closes_with_1009(make_client: ClientFactory) -> N
 
 
 async def test_heartbeat_drops_a_dead_peer(make_client: ClientFactory) -> None:
-    client = await make_client(model=MockModel(), ws_heartbeat=0.1)
+    client = await make_client(model=MockModel(), ws_heartbeat=0.5)
     port = client.server.port
     assert port is not None
     dead = await RawWebSocket.connect("127.0.0.1", port)  # never answers the server's pings
-    await asyncio.wait_for(dead.read_until_close(), WAIT)
+    dead.send_json({"op": "ping"})  # but talks once, so its socket is surely being served
+    while (frame := await asyncio.wait_for(dead.read_frame(), WAIT))[0] != 0x1:
+        assert frame[0] == 0x9  # the server's own ping may come first: left unanswered
+    assert json.loads(frame[1]) == {"type": "pong"}
+    (served,) = client.app[SOCKETS]
+    # The peer missed a pong: the server closes the connection without a closing handshake (a dead peer
+    # would not answer one), so no close frame arrives and the server records 1006, abnormal closure.
+    assert await asyncio.wait_for(dead.read_until_close(), WAIT) is None
+    assert served.close_code == WSCloseCode.ABNORMAL_CLOSURE == 1006
     dead.close()
 
 

@@ -5,15 +5,15 @@ from __future__ import annotations
 import asyncio
 import os
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import numpy as np
 import pytest
 
-from helpers import run_server
+from helpers import run_server, wait_all_terminal
 
 HOLDOUT = Path(__file__).parent / "data" / "digits_holdout.npz"
+pytestmark = pytest.mark.slow  # real server processes
 
 
 async def test_real_process_serves_digits_sync_and_async() -> None:
@@ -30,14 +30,11 @@ async def test_real_process_serves_digits_sync_and_async() -> None:
 
         resp = await http.post("/predict", json={"input": image}, headers={"Async-Mode": "true"})
         assert resp.status == 202
-        location = resp.headers["Location"]
-
-        async def poll() -> dict[str, Any]:
-            while (record := await (await http.get(location)).json())["status"] != "succeeded":
-                pass
-            return record  # type: ignore[no-any-return]
-
-        record = await asyncio.wait_for(poll(), 10)
+        pid = (await resp.json())["prediction_id"]
+        assert resp.headers["Location"] == f"/predict/{pid}"
+        pushed = (await wait_all_terminal(http, [pid], timeout=10))[pid]  # heard over a WebSocket
+        record = await (await http.get(resp.headers["Location"])).json()
+        assert record == pushed and record["status"] == "succeeded"
         assert record["result"]["label"] == label
     assert server.proc.returncode == 0  # SIGTERM is a clean shutdown
     assert any("POST /predict" in line for line in server.log)

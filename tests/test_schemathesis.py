@@ -12,6 +12,7 @@ import pytest
 
 from helpers import run_server
 
+pytestmark = pytest.mark.slow  # a real server process, and schemathesis as another
 CHECKS = "not_a_server_error,status_code_conformance,response_schema_conformance,content_type_conformance"
 
 

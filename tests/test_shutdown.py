@@ -11,8 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 from helpers import free_port, run_server
+
+pytestmark = pytest.mark.slow  # real processes
 
 WAIT = 10.0
 SHUTDOWN_TIMEOUT = 2.0

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from conftest import WAIT, GatedModel, make_settings
+from fakes import WAIT, GatedModel, make_settings
 from zypher_ws import backends, workers
 from zypher_ws.backends import Backend, Kind
 from zypher_ws.backends.memory import LocalEventBus, MemoryQueue

@@ -12,7 +12,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import make_settings
+from fakes import make_settings
+from helpers import eventually
 from zypher_ws.http.app import create_app
 from zypher_ws.http.keys import SERVICE
 from zypher_ws.models import MockModel
@@ -61,11 +62,10 @@ async def _exercise(frames: list[tuple[str, Any]]) -> None:
         assert (await client.get("/healthz")).status == 200
         bus: Any = client.app[SERVICE].bus
 
-        async def released() -> None:
-            while bus.listener_count():  # noqa: ASYNC110 - the handler's cleanup runs on the server's schedule
-                await asyncio.sleep(0)
+        async def released() -> bool:
+            return bool(bus.listener_count() == 0)
 
-        await asyncio.wait_for(released(), 5)
+        await eventually(released, "released every subscription")  # the handler cleans up on its own schedule
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hmac
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -74,16 +74,17 @@ def check_origin(request: web.Request, settings: Settings) -> None:
 class RateLimiter:
     """A token bucket per client address: `rate` per second, bursts of `burst`."""
 
-    def __init__(self, rate: float, burst: int) -> None:
+    def __init__(self, rate: float, burst: int, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.rate = rate
         self.burst = float(burst or max(1, round(2 * rate)))
+        self._clock = clock
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # client -> (tokens, when)
 
     def check(self, client: str) -> None:
         """Take one token for `client`, or raise RateLimited saying when one will be there."""
         if self.rate <= 0:
             return
-        now = time.monotonic()
+        now = self._clock()
         tokens, then = self._buckets.pop(client, (self.burst, now))
         tokens = min(self.burst, tokens + (now - then) * self.rate)
         if tokens < 1:

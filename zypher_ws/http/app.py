@@ -112,11 +112,15 @@ def _log_load_failure(task: asyncio.Task[None]) -> None:
 
 
 def _add_routes(app: web.Application) -> None:
-    model = app[MODEL]
     with warnings.catch_warnings():
-        # aiohttp-swagger3 0.10 stores its state under string app keys; that is its business, not ours.
-        warnings.simplefilter("ignore", web.NotAppKeyWarning)
-        swagger = _swagger(app, model)
+        # aiohttp-swagger3 0.10 stores its spec under string app keys, when created and again on every
+        # route added; that is its business, not ours (a string key of our own still warns).
+        warnings.filterwarnings("ignore", category=web.NotAppKeyWarning, module=r"aiohttp_swagger3\.")
+        _add_documented_routes(app, app[MODEL])
+
+
+def _add_documented_routes(app: web.Application, model: Model) -> None:
+    swagger = _swagger(app, model)
     swagger.register_media_type_handler("application/json", parse_json_body)
     components = openapi.components(model)
     # swagger3 builds validators when routes are added and understands only part of JSON Schema, so it

@@ -1,0 +1,89 @@
+"""The model runner, driven by a scripted model on an executor the test steps through: no threads, no sleeps."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from fakes import WAIT, ScriptedModel, StepExecutor
+from zypher_ws.records import Outcome
+from zypher_ws.runner import ModelRunner
+
+IDS = ["a", "b", "c"]
+INPUTS = [{"x": 1}, {"x": 2}, {"x": 3}]
+
+
+def model_error(message: str) -> dict[str, str]:
+    return {"code": "model_error", "message": message}
+
+
+def runner(model: ScriptedModel) -> ModelRunner:
+    return ModelRunner(model, StepExecutor(auto=True))
+
+
+async def test_a_batch_is_one_model_call_with_outcomes_in_order() -> None:
+    model = ScriptedModel([{"y": 1}, {"y": 2}, {"y": 3}])
+    outcomes = await runner(model).run(IDS, INPUTS)
+    assert model.calls == [INPUTS]
+    assert outcomes == [Outcome("a", result={"y": 1}), Outcome("b", result={"y": 2}), Outcome("c", result={"y": 3})]
+
+
+async def test_a_raising_batch_is_retried_one_by_one_so_only_the_bad_item_fails() -> None:
+    model = ScriptedModel(ValueError("bad item"), [{"y": 1}], ValueError("bad item"), [{"y": 3}])
+    outcomes = await runner(model).run(IDS, INPUTS)
+    assert model.calls == [INPUTS, [INPUTS[0]], [INPUTS[1]], [INPUTS[2]]]
+    assert outcomes == [
+        Outcome("a", result={"y": 1}),
+        Outcome("b", error=model_error("ValueError: bad item")),
+        Outcome("c", result={"y": 3}),
+    ]
+
+
+async def test_a_batch_with_the_wrong_number_of_outputs_is_retried_one_by_one() -> None:
+    model = ScriptedModel([{"y": 1}], [{"y": 1}], [{"y": 2}, {"y": 2}])
+    outcomes = await runner(model).run(IDS[:2], INPUTS[:2])
+    assert model.calls == [INPUTS[:2], [INPUTS[0]], [INPUTS[1]]]
+    assert outcomes == [
+        Outcome("a", result={"y": 1}),
+        Outcome("b", error=model_error("ValueError: model returned 2 outputs for 1 inputs")),
+    ]
+
+
+async def test_a_lone_input_that_raises_fails_after_one_call() -> None:
+    model = ScriptedModel(RuntimeError("out of memory"))
+    outcomes = await runner(model).run(["a"], [INPUTS[0]])
+    assert model.calls == [[INPUTS[0]]]
+    assert outcomes == [Outcome("a", error=model_error("RuntimeError: out of memory"))]
+
+
+async def test_the_retries_run_one_after_another_in_the_executor() -> None:
+    """Step by step: nothing is submitted until the call before it has finished."""
+    model = ScriptedModel(ValueError("no"), [{"y": 1}], [{"y": 2}])
+    executor = StepExecutor()
+    run = asyncio.create_task(ModelRunner(model, executor).run(IDS[:2], INPUTS[:2]))
+    for expected in (INPUTS[:2], [INPUTS[0]], [INPUTS[1]]):
+        call = await executor.next_call()
+        assert call.args == (expected,) and executor.pending == 0
+        call.run()
+    assert await asyncio.wait_for(run, WAIT) == [Outcome("a", result={"y": 1}), Outcome("b", result={"y": 2})]
+
+
+async def test_load_runs_in_the_executor_and_marks_the_runner_ready() -> None:
+    model = ScriptedModel()
+    executor = StepExecutor()
+    r = ModelRunner(model, executor)
+    loading = asyncio.create_task(r.load())
+    call = await executor.next_call()
+    assert model.loads == 0 and not r.loaded  # handed to the executor, not run on the loop
+    call.run()
+    await asyncio.wait_for(loading, WAIT)
+    assert model.loads == 1 and r.loaded and r.loaded_event.is_set() and r.load_error is None
+
+
+async def test_a_failed_load_is_kept_for_readiness_and_raised() -> None:
+    r = runner(ScriptedModel(load_error=OSError("weights not found")))
+    with pytest.raises(OSError, match="weights not found"):
+        await r.load()
+    assert not r.loaded and not r.loaded_event.is_set()
+    assert r.load_error == "the model failed to load: OSError: weights not found"
