@@ -383,6 +383,11 @@ except MissingExtra as exc:
     print("MissingExtra:", exc)
 else:
     print("built")
+from zypher_ws.cli import main
+try:
+    main(["serve", "--store", "memory://", "--port", "0", "--model", sys.argv[1]])
+except SystemExit as exc:
+    print("SystemExit:", exc)
 """
 
 
@@ -404,9 +409,28 @@ def test_a_missing_extra_is_a_clear_error_with_the_pip_line(
         [sys.executable, "-c", code, f"m={runtime}:{path}"], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("MissingExtra: "), done.stdout
-    assert f'pip install "zypher-ws[{extra}]"' in done.stdout
-    assert f"the {runtime} runtime needs" in done.stdout
+    raised, exited = done.stdout.splitlines()
+    assert raised.startswith(f"MissingExtra: the {runtime} runtime needs "), done.stdout
+    assert raised.endswith(f'which is not installed: pip install "zypher-ws[{extra}]"')
+    assert exited == f"SystemExit: zypher-ws: {raised.removeprefix('MissingExtra: ')}"  # one line, no traceback
+
+
+@pytest.mark.parametrize("problem", ["corrupt", "absent"])
+def test_a_bad_model_file_stops_the_service_with_one_line(tmp_path: Path, problem: str) -> None:
+    path = tmp_path / "model.joblib"
+    if problem == "corrupt":
+        path.write_bytes(b"garbage")
+    option = f"m=sklearn:{path}"
+    done = subprocess.run(
+        [sys.executable, "-m", "zypher_ws", "serve", "--store", "memory://", "--port", "0", "--model", option],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    expected = f"{path}: joblib cannot load it" if problem == "corrupt" else f"--model {option}: no such file {path}"
+    assert done.stderr.strip().splitlines()[-1].startswith(f"zypher-ws: {expected}"), done.stderr
 
 
 def test_missing_extra_is_also_raised_by_load() -> None:
