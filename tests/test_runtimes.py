@@ -12,7 +12,7 @@ from typing import Any
 import jsonschema
 import numpy as np
 import pytest
-from onnx import TensorProto
+from onnx import TensorProto, helper
 from sklearn.datasets import load_breast_cancer, load_diabetes, load_digits, load_iris
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LinearRegression, LogisticRegression
@@ -20,7 +20,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from model_files import save_add, save_identity, save_joblib, save_onnx
+from model_files import save_add, save_graph, save_identity, save_joblib, save_onnx
 from zypher_ws.errors import InvalidInput
 from zypher_ws.models import (
     DigitsModel,
@@ -318,6 +318,16 @@ def test_onnx_element_types_and_ragged_rows(files: Path) -> None:
     flags = served(f"flags=onnx:{save_identity(files / 'flags.onnx', TensorProto.BOOL, [None, 2])}")
     assert flags.predict_batch([[True, False]]) == [{"Y": [True, False]}]
     assert tensor_metadata(flags).inputs == (TensorSpec("X", "BOOL", (2,)),)
+
+
+def test_onnx_output_without_batch_axis_runs_one_by_one(files: Path) -> None:
+    x = helper.make_tensor_value_info("X", TensorProto.FLOAT, ["n", 3])
+    total = helper.make_tensor_value_info("S", TensorProto.FLOAT, [])
+    reduce = helper.make_node("ReduceSum", ["X"], ["S"], keepdims=0)  # sums the whole batch: no rows
+    model = served(f"sum=onnx:{save_graph(files / 'sum.onnx', [reduce], [x], [total])}")
+    session = counted(model)
+    assert model.predict_batch([[1, 2, 3], [4, 5, 6]]) == [{"S": 6.0}, {"S": 15.0}]
+    assert session.batches == [2, 1, 1]  # the batched run's answer cannot be split, so each runs alone
 
 
 def test_onnx_options(files: Path, iris: Split, iris_classifier: LogisticRegression) -> None:

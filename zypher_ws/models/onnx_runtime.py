@@ -232,7 +232,7 @@ class OnnxModel:
     def _output(self, results: list[Any], i: int, graph: _Graph) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for port, value in zip(graph.outputs, results, strict=True):
-            one = value[i] if graph.rows else value
+            one = value[i] if graph.rows and _count(value) > 0 else value  # a scalar output has no rows
             name = self._output_name(port.name)
             if port.is_map:
                 out[name] = {str(self.spec.config.label(k)): float(p) for k, p in one.items()}
