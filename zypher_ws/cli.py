@@ -7,6 +7,7 @@ import os
 from collections.abc import Sequence
 
 from . import logs
+from .models.errors import ModelSetupError
 from .settings import Settings, add_settings_arguments
 
 
@@ -37,11 +38,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ValueError as exc:
         raise SystemExit(f"zypher-ws: {exc}") from None
     logs.configure(settings.log_level, settings.log_format)
-    if args.command == "serve":
+    try:
+        _run(args.command, settings)
+    except ModelSetupError as exc:  # a bad --model, an unreadable model file, a missing extra
+        raise SystemExit(f"zypher-ws: {exc}") from None
+
+
+def _run(command: str, settings: Settings) -> None:
+    if command == "serve":
         from .http.app import serve
 
         serve(settings)
-    elif args.command == "worker":
+    elif command == "worker":
         import asyncio
 
         from .worker import run_worker

@@ -8,7 +8,10 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .spec import ModelSpec
 
 
 class MockModel:
@@ -39,3 +42,8 @@ class MockModel:
     def _predict(x: Any) -> dict[str, Any]:
         digest = hashlib.sha256(json.dumps(x, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
         return {"prediction": int(digest[:8], 16) / 2**32, "digest": digest}
+
+
+def from_spec(spec: ModelSpec) -> MockModel:
+    """The `mock` built-in: its latency from the spec's options (`latency_ms`)."""
+    return MockModel(latency_ms=float(spec.options.get("latency_ms", 0.0)))

@@ -1,0 +1,94 @@
+"""`python`: a model made by your own code, `package.module:factory`.
+
+The factory is a class or a callable that returns a model (or a model object itself). One that takes a
+required positional argument is given the ModelSpec (name, version, path, config.options), so one
+factory can serve several configured models; one that takes none is called with none.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from .base import Model, Runtime
+from .errors import ModelConfigError, NotAModel
+from .tensors import TensorSpec, tensor_metadata
+
+if TYPE_CHECKING:
+    from .spec import ModelSpec
+
+
+def build(spec: ModelSpec) -> Model:
+    if spec.factory is None:
+        raise ModelConfigError(f"{spec.source}: the python runtime needs package.module:factory")
+    factory = _import(spec.factory, spec.source)
+    if isinstance(factory, Model) and not isinstance(factory, type):
+        model: object = factory
+    else:
+        model = factory(spec) if _takes_an_argument(factory) else factory()
+    if not isinstance(model, Model):
+        raise NotAModel(
+            f"{spec.factory} did not produce a model (needs name, version, input_schema, output_schema, "
+            "load and predict_batch)"
+        )
+    if (spec.name is None or spec.name == model.name) and (spec.version is None or spec.version == model.version):
+        return model
+    return Renamed(model, name=spec.name or model.name, version=spec.version or model.version)
+
+
+RUNTIME = Runtime(name="python", build=build, files=(), extra=None)
+
+
+class Renamed:
+    """A model served under the name and version it was configured with rather than its own."""
+
+    def __init__(self, model: Model, *, name: str, version: str) -> None:
+        self.model = model
+        self.name = name
+        self.version = version
+
+    @property
+    def input_schema(self) -> dict[str, Any]:
+        return self.model.input_schema
+
+    @property
+    def output_schema(self) -> dict[str, Any]:
+        return self.model.output_schema
+
+    @property
+    def inputs(self) -> Sequence[TensorSpec]:
+        return tensor_metadata(self.model).inputs
+
+    @property
+    def outputs(self) -> Sequence[TensorSpec]:
+        return tensor_metadata(self.model).outputs
+
+    def load(self) -> None:
+        self.model.load()
+
+    def predict_batch(self, inputs: list[Any]) -> list[Any]:
+        return self.model.predict_batch(inputs)
+
+
+def _import(factory: str, source: str) -> Any:
+    module_name, _, attr = factory.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ModelConfigError(f"{source}: cannot import {module_name}: {exc}") from exc
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise ModelConfigError(f"{source}: {module_name} has no {attr}") from None
+
+
+def _takes_an_argument(factory: Any) -> bool:
+    """Whether the factory has a required positional parameter (for the spec)."""
+    try:
+        parameters = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (some built-ins): call it bare
+        return False
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return any(p.kind in positional and p.default is inspect.Parameter.empty for p in parameters)
