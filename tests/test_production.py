@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import struct
 
 import aiohttp
 import pytest
 from aiohttp import WSMsgType, WSServerHandshakeError
+from rawws import RawWebSocket
 from yarl import URL
 
 from conftest import WAIT, ClientFactory, GatedModel
 from helpers import run_server
+from zypher_ws.http import live
 from zypher_ws.models import MockModel
 
 TOKEN = "t0ken-for-tests-0123456789"
@@ -136,6 +139,29 @@ async def test_websocket_takes_the_token_in_its_first_message_or_protocol_header
         assert ws.protocol == "zypher"
         await ws.send_json({"op": "ping"})
         assert (await ws.receive_json(timeout=WAIT)) == {"type": "pong"}
+
+
+async def test_websocket_auth_deadline_is_not_extended_by_pings(
+    make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A socket that never authenticates but pings all the time is still closed at the deadline."""
+    monkeypatch.setattr(live, "AUTH_TIMEOUT", 0.3)
+    client = await make_client(model=GatedModel(gated=False), api_tokens=(TOKEN,))
+    assert client.server.port is not None
+    raw = await RawWebSocket.connect("127.0.0.1", client.server.port)
+
+    async def ping_until_closed() -> int:
+        while True:  # each pong is answered with the next ping, as fast as the server answers
+            raw.send_frame(0x9, b"still here")
+            opcode, payload = await raw.read_frame()
+            if opcode == 0x8:
+                return int(struct.unpack("!H", payload[:2])[0])
+            assert opcode == 0xA
+
+    try:
+        assert await asyncio.wait_for(ping_until_closed(), WAIT) == 1008
+    finally:
+        raw.close()
 
 
 # -- origins and limits ---------------------------------------------------------------------------------

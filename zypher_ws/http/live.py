@@ -22,7 +22,7 @@ from .keys import LIMITER, METRICS, SERVICE, SETTINGS, SOCKETS, WS_CLIENTS
 log = logging.getLogger(__name__)
 
 SLOW_CLIENT_CLOSE = WSCloseCode.TRY_AGAIN_LATER  # 1013: the client fell behind its outbox
-AUTH_TIMEOUT = 10.0  # seconds a socket has to authenticate when tokens are required
+AUTH_TIMEOUT = 10.0  # seconds from the upgrade a socket has to authenticate when tokens are required
 
 
 class _UpdateFrames:
@@ -250,10 +250,12 @@ async def _serve_socket(
 
 async def _authenticate(ws: web.WebSocketResponse, settings: Settings) -> bool:
     """With tokens configured and none in the protocol header, the first message must be
-    `{"op": "auth", "token": "..."}`, within AUTH_TIMEOUT seconds; otherwise the socket closes with 1008."""
+    `{"op": "auth", "token": "..."}`, within AUTH_TIMEOUT seconds of the upgrade; otherwise the socket
+    closes with 1008. The deadline is absolute: aiohttp answers pings inside `receive()`, restarting its
+    own timeout on each, so a client pinging every few seconds would otherwise never be closed."""
     token = None
     try:
-        msg = await ws.receive(timeout=AUTH_TIMEOUT)
+        msg = await asyncio.wait_for(ws.receive(), AUTH_TIMEOUT)
         message = loads(msg.data) if msg.type is WSMsgType.TEXT else None
         if isinstance(message, dict) and message.get("op") == "auth" and isinstance(message.get("token"), str):
             token = message["token"]
