@@ -9,6 +9,7 @@ import struct
 import aiohttp
 import pytest
 from aiohttp import WSMsgType, WSServerHandshakeError
+from aiohttp.test_utils import TestClient
 from rawws import RawWebSocket
 from yarl import URL
 
@@ -162,6 +163,37 @@ async def test_websocket_auth_deadline_is_not_extended_by_pings(
         assert await asyncio.wait_for(ping_until_closed(), WAIT) == 1008
     finally:
         raw.close()
+
+
+async def unauthenticated(client: TestClient) -> aiohttp.ClientWebSocketResponse:
+    """A socket that upgraded without a token and has not sent its auth message (yet)."""
+    return await client.ws_connect("/ws")
+
+
+async def test_sockets_still_authenticating_do_not_lock_out_an_address(make_client: ClientFactory) -> None:
+    client = await make_client(
+        model=GatedModel(gated=False), api_tokens=(TOKEN,), ws_max_per_client=2, ws_max_authenticating=2
+    )
+    idle = [await unauthenticated(client), await unauthenticated(client)]
+    with pytest.raises(WSServerHandshakeError) as refused:  # their own cap
+        await unauthenticated(client)
+    assert refused.value.status == 429
+    # Users of the same address still get in, up to --ws-max-per-client, by header or by first message.
+    by_header = await client.ws_connect("/ws", protocols=("zypher", f"bearer.{TOKEN}"))
+    await idle[0].send_json({"op": "auth", "token": TOKEN})
+    assert (await idle[0].receive_json(timeout=WAIT)) == {"type": "authenticated"}
+    for ws in (by_header, idle[0]):
+        await ws.send_json({"op": "ping"})
+        assert (await ws.receive_json(timeout=WAIT)) == {"type": "pong"}
+    # The address is now at --ws-max-per-client: a third authenticated socket is turned away...
+    with pytest.raises(WSServerHandshakeError) as refused:
+        await client.ws_connect("/ws", protocols=("zypher", f"bearer.{TOKEN}"))
+    assert refused.value.status == 429
+    # ...and so is one that authenticates by message, closed with 1013 after its auth.
+    await idle[1].send_json({"op": "auth", "token": TOKEN})
+    assert (await idle[1].receive(timeout=WAIT)).type in (WSMsgType.CLOSE, WSMsgType.CLOSED)
+    assert idle[1].close_code == 1013
+    await asyncio.gather(by_header.close(), idle[0].close(), idle[1].close())
 
 
 # -- origins and limits ---------------------------------------------------------------------------------

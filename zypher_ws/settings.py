@@ -67,7 +67,8 @@ class Settings:
         (), "browser origins allowed to open a WebSocket besides the service's own; * allows any",
         flag="--ws-allowed-origin",
     )  # fmt: skip
-    ws_max_per_client: int = _opt(256, "WebSockets open at once per client address (0: no limit)")
+    ws_max_per_client: int = _opt(256, "authenticated WebSockets open at once per client address (0: no limit)")
+    ws_max_authenticating: int = _opt(8, "WebSockets per client address still to send their auth message (0: no limit)")
     rate_limit: float = _opt(0.0, "POST /predict (and WebSocket predict) per second per client address; 0: off")
     rate_burst: int = _opt(0, "requests a client may send at once above --rate-limit (0: twice the rate)")
     metrics_port: int = _opt(0, "zypher-ws worker only: serve Prometheus /metrics on this port (0: off)")
@@ -122,7 +123,7 @@ class Settings:
         ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
-        for name in ("ws_max_per_client", "rate_burst", "metrics_port"):
+        for name in ("ws_max_per_client", "ws_max_authenticating", "rate_burst", "metrics_port"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
         if not 0 <= self.model_nice <= 19:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import hmac
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -97,16 +98,17 @@ class RateLimiter:
 
 
 class SocketCounter:
-    """Open WebSockets per client address, up to a limit (0: none)."""
+    """Open connections per client address, up to a limit (0: none)."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, what: str = "WebSockets") -> None:
         self.limit = limit
+        self.what = what
         self._open: dict[str, int] = {}
 
     def acquire(self, client: str) -> None:
         count = self._open.get(client, 0)
         if self.limit and count >= self.limit:
-            raise TooManySockets(f"{client} already has {count} WebSockets open (the limit)")
+            raise TooManySockets(f"{client} already has {count} {self.what} open (the limit)")
         self._open[client] = count + 1
 
     def release(self, client: str) -> None:
@@ -115,3 +117,12 @@ class SocketCounter:
             self._open[client] = count
         else:
             self._open.pop(client, None)
+
+    @contextmanager
+    def hold(self, client: str) -> Iterator[None]:
+        """One place for `client` while the block runs (TooManySockets if there is none)."""
+        self.acquire(client)
+        try:
+            yield
+        finally:
+            self.release(client)

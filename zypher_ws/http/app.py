@@ -22,7 +22,7 @@ from ..workers import WorkerPool
 from . import live, openapi, views
 from .access import RateLimiter, SocketCounter
 from .access_log import AccessLogger
-from .keys import DRAIN, LIMITER, METRICS, MODEL, SERVICE, SETTINGS, SOCKETS, WS_CLIENTS
+from .keys import DRAIN, LIMITER, LIVE_CLIENTS, METRICS, MODEL, SERVICE, SETTINGS, SOCKETS, WS_AUTHENTICATING
 from .middleware import count_requests, json_errors, parse_json_body, require_token
 from .pages import add_page_routes
 
@@ -42,7 +42,8 @@ def create_app(settings: Settings, *, model: Model | None = None) -> web.Applica
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app[LIMITER] = RateLimiter(settings.rate_limit, settings.rate_burst)
-    app[WS_CLIENTS] = SocketCounter(settings.ws_max_per_client)
+    app[LIVE_CLIENTS] = SocketCounter(settings.ws_max_per_client)
+    app[WS_AUTHENTICATING] = SocketCounter(settings.ws_max_authenticating, "WebSockets still authenticating")
     app[MODEL] = model if model is not None else build_model(settings)
     app[SOCKETS] = set()
     app.cleanup_ctx.append(service_ctx)

@@ -8,7 +8,7 @@ from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from ..errors import InvalidJSON, InvalidMessage, TooManySubscriptions, UnknownOp, ZypherError
+from ..errors import InvalidJSON, InvalidMessage, TooManySockets, TooManySubscriptions, UnknownOp, ZypherError
 from ..events import Watch
 from ..json_codec import dumps, loads
 from ..metrics import Metrics
@@ -17,7 +17,7 @@ from ..service import PredictionService
 from ..settings import Settings
 from .access import WS_PROTOCOL, RateLimiter, check_origin, client_address, token_valid, websocket_token
 from .envelopes import ws_error
-from .keys import LIMITER, METRICS, SERVICE, SETTINGS, SOCKETS, WS_CLIENTS
+from .keys import LIMITER, LIVE_CLIENTS, METRICS, SERVICE, SETTINGS, SOCKETS, WS_AUTHENTICATING
 
 log = logging.getLogger(__name__)
 
@@ -209,24 +209,38 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     settings, service = request.app[SETTINGS], request.app[SERVICE]
     check_origin(request, settings)  # 403 before any upgrade
     client = client_address(request)
-    per_client = request.app[WS_CLIENTS]
-    per_client.acquire(client)  # 429 before any upgrade
-    try:
-        return await _serve_socket(request, settings, service, client)
-    finally:
-        per_client.release(client)
-
-
-async def _serve_socket(
-    request: web.Request, settings: Settings, service: PredictionService, client: str
-) -> web.WebSocketResponse:
-    authenticated = not settings.api_tokens or token_valid(websocket_token(request), settings.api_tokens)
+    live_clients = request.app[LIVE_CLIENTS]
     ws = web.WebSocketResponse(
         heartbeat=settings.ws_heartbeat or None, max_msg_size=settings.ws_max_message, protocols=(WS_PROTOCOL,)
     )
-    await ws.prepare(request)
-    if not authenticated and not await _authenticate(ws, settings):
+    if not settings.api_tokens or token_valid(websocket_token(request), settings.api_tokens):
+        with live_clients.hold(client):  # 429 before any upgrade
+            await ws.prepare(request)
+            await _serve_socket(request, ws, service, client)
         return ws
+    # Only authenticated sockets count toward --ws-max-per-client, so sockets that never authenticate
+    # cannot lock out the users of their address (all of them, behind a gateway): they have a cap of their own.
+    with request.app[WS_AUTHENTICATING].hold(client):  # 429 before any upgrade
+        await ws.prepare(request)
+        if not await _authenticate(ws, settings):
+            return ws
+    try:
+        live_clients.acquire(client)
+    except TooManySockets:
+        await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"too many sockets from this address")
+        return ws
+    try:
+        await ws.send_frame(dumps({"type": "authenticated"}), WSMsgType.TEXT)
+        await _serve_socket(request, ws, service, client)
+    finally:
+        live_clients.release(client)
+    return ws
+
+
+async def _serve_socket(
+    request: web.Request, ws: web.WebSocketResponse, service: PredictionService, client: str
+) -> None:
+    settings = request.app[SETTINGS]
     sockets = request.app[SOCKETS]
     sockets.add(ws)
     metrics = request.app[METRICS]
@@ -245,7 +259,6 @@ async def _serve_socket(
         sockets.discard(ws)
         metrics.websockets.dec()
         await session.close()
-    return ws
 
 
 async def _authenticate(ws: web.WebSocketResponse, settings: Settings) -> bool:
@@ -262,7 +275,6 @@ async def _authenticate(ws: web.WebSocketResponse, settings: Settings) -> bool:
     except (asyncio.TimeoutError, ValueError):
         pass
     if token_valid(token, settings.api_tokens):
-        await ws.send_frame(dumps({"type": "authenticated"}), WSMsgType.TEXT)
         return True
     await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"unauthorized: first send {op: auth, token}")
     return False
