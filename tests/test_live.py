@@ -14,6 +14,7 @@ from rawws import RawWebSocket
 
 from conftest import TERMINAL, WAIT, ClientFactory, GatedModel, listener_count
 from zypher_ws.http.keys import SERVICE, SOCKETS
+from zypher_ws.http.live import Outbox
 from zypher_ws.models import MockModel
 from zypher_ws.records import Prediction
 
@@ -297,6 +298,35 @@ async def test_slow_client_is_dropped_and_nobody_else_waits(make_client: ClientF
     assert await asyncio.wait_for(slow.read_until_close(), WAIT) == 1013
     slow.close()
     assert listener_count(client.app) == 0  # the dropped socket left no subscriptions behind
+
+
+async def test_outbox_is_bounded_in_bytes_too(make_client: ClientFactory) -> None:
+    """Few, large messages: far below --ws-outbox's count, the byte bound drops the client that stops reading."""
+    client = await make_client(
+        model=BigOutputModel(), ws_outbox=100_000, ws_outbox_bytes=64 * 1024, ws_max_subscriptions=5000, max_queue=5000
+    )
+    port = client.server.port
+    assert port is not None
+    slow = await RawWebSocket.connect("127.0.0.1", port, rcvbuf=4096)
+    for i in range(1000):  # 3,000 messages in all, ~20 MB of results
+        slow.send_json({"op": "predict", "input": i})
+    await slow.writer.drain()
+    try:
+        assert await asyncio.wait_for(slow.read_until_close(), WAIT * 4) == 1013
+    finally:
+        slow.close()
+
+
+def test_outbox_bounds() -> None:
+    outbox = Outbox(max_frames=3, max_bytes=100)
+    assert outbox.put(b"x" * 500)  # alone, a frame larger than the bound still goes
+    assert not outbox.put(b"x")
+    outbox = Outbox(max_frames=3, max_bytes=100)
+    assert outbox.put(b"x" * 60) and outbox.put(b"x" * 40)
+    assert not outbox.put(b"x") and (len(outbox), outbox.size) == (2, 100)  # bytes
+    outbox = Outbox(max_frames=3, max_bytes=100)
+    assert outbox.put(b"a") and outbox.put(b"b") and outbox.put(b"c")
+    assert not outbox.put(b"d") and len(outbox) == 3  # frames
 
 
 async def test_oversized_frame_closes_with_1009(make_client: ClientFactory) -> None:

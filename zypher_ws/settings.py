@@ -39,6 +39,7 @@ class Settings:
     log_format: str = _opt("text", "text, or json for one JSON object per line")
     ws_max_subscriptions: int = _opt(1000, "most prediction ids one WebSocket may watch")
     ws_outbox: int = _opt(256, "messages buffered per WebSocket before a slow client is dropped")
+    ws_outbox_bytes: int = _opt(256 * 1024, "bytes of messages buffered per WebSocket before a slow client is dropped")
     ws_max_message: int = _opt(64 * 1024, "largest WebSocket frame accepted, bytes (1009 past it)")
     ws_heartbeat: float = _opt(30.0, "seconds between WebSocket pings; a peer that misses one is dropped")
     shutdown_timeout: float = _opt(30.0, "seconds running predictions get to finish on SIGTERM")
@@ -119,7 +120,7 @@ class Settings:
             raise ValueError("workers must be at least 1 (0, an API-only process, needs a redis:// store)")
         for name in (
             "redis_connections", "max_queue", "max_batch_size", "max_body", "ws_outbox", "max_attempts",
-            "memory_max_results",
+            "memory_max_results", "ws_outbox_bytes",
         ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 
 SLOW_CLIENT_CLOSE = WSCloseCode.TRY_AGAIN_LATER  # 1013: the client fell behind its outbox
 AUTH_TIMEOUT = 10.0  # seconds from the upgrade a socket has to authenticate when tokens are required
+WRITE_BUFFER = 64 * 1024  # bytes aiohttp writes to a socket before it waits for the peer to take them
 
 
 class _UpdateFrames:
@@ -51,6 +53,41 @@ def record_message(kind: str, prediction: Prediction) -> dict[str, Any]:
     return {"type": kind, "prediction": prediction.to_dict()}
 
 
+class Outbox:
+    """Encoded frames waiting for the socket, bounded in frames and in bytes.
+
+    A frame that would pass either bound is refused, unless the outbox is empty: one record larger than
+    the byte bound still goes out, alone.
+    """
+
+    def __init__(self, max_frames: int, max_bytes: int) -> None:
+        self.max_frames = max_frames
+        self.max_bytes = max_bytes
+        self.size = 0  # bytes waiting
+        self._frames: deque[bytes] = deque()
+        self._filled = asyncio.Event()  # set while frames wait
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    def put(self, frame: bytes) -> bool:
+        """Queue `frame`; False (and nothing queued) when it would pass a bound."""
+        if self._frames and (len(self._frames) >= self.max_frames or self.size + len(frame) > self.max_bytes):
+            return False
+        self._frames.append(frame)
+        self.size += len(frame)
+        self._filled.set()
+        return True
+
+    async def get(self) -> bytes:
+        while not self._frames:
+            self._filled.clear()
+            await self._filled.wait()
+        frame = self._frames.popleft()
+        self.size -= len(frame)
+        return frame
+
+
 class WsSession:
     """One socket's subscriptions and its bounded outbox. Never awaits the client from an event."""
 
@@ -70,7 +107,7 @@ class WsSession:
         self.service = service
         self.settings = settings
         self.watches: dict[str, Watch] = {}
-        self.outbox: asyncio.Queue[bytes] = asyncio.Queue(maxsize=settings.ws_outbox)  # encoded frames
+        self.outbox = Outbox(settings.ws_outbox, settings.ws_outbox_bytes)
         self.dropped = False
         self._closing: asyncio.Task[None] | None = None
         self._sender = asyncio.create_task(self._send_loop())
@@ -82,11 +119,7 @@ class WsSession:
 
     def send_frame(self, frame: bytes) -> None:
         """Queue one JSON text frame, already encoded."""
-        if self.dropped:
-            return
-        try:
-            self.outbox.put_nowait(frame)
-        except asyncio.QueueFull:
+        if not self.dropped and not self.outbox.put(frame):
             # The client is not reading. Drop it rather than buffer without bound or slow the workers.
             self.dropped = True
             self.metrics.slow_clients.inc()
@@ -211,7 +244,10 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     client = client_address(request)
     live_clients = request.app[LIVE_CLIENTS]
     ws = web.WebSocketResponse(
-        heartbeat=settings.ws_heartbeat or None, max_msg_size=settings.ws_max_message, protocols=(WS_PROTOCOL,)
+        heartbeat=settings.ws_heartbeat or None,
+        max_msg_size=settings.ws_max_message,
+        protocols=(WS_PROTOCOL,),
+        writer_limit=WRITE_BUFFER,
     )
     if not settings.api_tokens or token_valid(websocket_token(request), settings.api_tokens):
         with live_clients.hold(client):  # 429 before any upgrade
