@@ -12,7 +12,9 @@ from aiohttp import WSMsgType
 from aiohttp.test_utils import TestClient
 from rawws import RawWebSocket
 
-from conftest import TERMINAL, WAIT, ClientFactory, GatedModel, listener_count
+from conftest import TERMINAL, WAIT, ClientFactory, GatedModel, listener_count, make_settings
+from zypher_ws.http import live
+from zypher_ws.http.app import create_app
 from zypher_ws.http.keys import SERVICE, SOCKETS
 from zypher_ws.http.live import Outbox
 from zypher_ws.models import MockModel
@@ -238,6 +240,35 @@ async def test_too_many_subscriptions(make_client: ClientFactory, gated: GatedMo
     gated.release.set()
 
 
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+async def test_one_subscribe_of_a_thousand_ids_reaches_a_client_that_reads(
+    aiohttp_client: Any, store: str, tmp_path: Any
+) -> None:
+    """The outbox (256 frames) is there to drop clients that do not read, not ones that ask for 1,000
+    snapshots at once: the memory store's reads never yield, so these came faster than they went out."""
+    url = "memory://" if store == "memory" else f"sqlite:///{tmp_path / 'z.db'}"
+    gated = GatedModel()
+    gated.bind(asyncio.get_running_loop())
+    client = await aiohttp_client(create_app(make_settings(store=url), model=gated))
+    service = client.app[SERVICE]
+    await asyncio.wait_for(service.runner.loaded_event.wait(), WAIT)
+    ids = [(await service.submit({"x": i})).prediction_id for i in range(1000)]
+    async with client.ws_connect("/ws") as ws:
+        await ws.send_json({"op": "subscribe", "prediction_ids": ids})
+        subscribed = []
+        while len(subscribed) < len(ids):
+            message = await recv(ws)
+            assert message["type"] in ("subscribed", "update"), message
+            if message["type"] == "subscribed":
+                subscribed.append(message["prediction"]["prediction_id"])
+        assert subscribed == ids
+        await ws.send_json({"op": "ping"})
+        while (message := await recv(ws))["type"] == "update":
+            pass
+        assert message == {"type": "pong"}
+    gated.release.set()
+
+
 async def test_exactly_one_terminal_message_when_completion_races_the_subscribe(make_client: ClientFactory) -> None:
     """1,000 predictions finishing while their subscribe is in flight: one terminal each, in order."""
     client = await make_client(model=MockModel(), max_batch_delay_ms=0.0, max_queue=2000)
@@ -327,6 +358,54 @@ def test_outbox_bounds() -> None:
     outbox = Outbox(max_frames=3, max_bytes=100)
     assert outbox.put(b"a") and outbox.put(b"b") and outbox.put(b"c")
     assert not outbox.put(b"d") and len(outbox) == 3  # frames
+
+
+async def test_one_subscribe_of_more_than_the_outbox_bytes_reaches_a_client_that_reads(
+    make_client: ClientFactory,
+) -> None:
+    client = await make_client(model=BigOutputModel())  # 50 records of 20 KB: 1 MB, the bound is 256 KiB
+    ids = [(await (await client.post("/predict", json={"input": i})).json())["prediction_id"] for i in range(50)]
+    async with client.ws_connect("/ws") as ws:
+        await ws.send_json({"op": "subscribe", "prediction_ids": ids})
+        assert [(await recv(ws))["prediction"]["prediction_id"] for _ in ids] == ids
+        await assert_quiet(ws)
+
+
+async def test_a_subscribe_waits_for_a_client_that_does_not_read_only_so_long(
+    make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(live, "DRAIN_TIMEOUT", 0.2)
+    client = await make_client(model=BigOutputModel())
+    ids = [(await (await client.post("/predict", json={"input": i})).json())["prediction_id"] for i in range(400)]
+    port = client.server.port
+    assert port is not None
+    slow = await RawWebSocket.connect("127.0.0.1", port, rcvbuf=4096)
+    slow.send_json({"op": "subscribe", "prediction_ids": ids})  # 8 MB of snapshots, more than any buffer
+
+    async def dropped() -> None:
+        while client.app[SOCKETS]:  # noqa: ASYNC110 - reading from the socket would make it a fast one
+            await asyncio.sleep(0)
+
+    try:
+        await asyncio.wait_for(dropped(), WAIT)
+        assert await asyncio.wait_for(slow.read_until_close(), WAIT) == 1013
+    finally:
+        slow.close()
+    assert listener_count(client.app) == 0
+
+
+async def test_outbox_wakes_who_waits_for_room_at_half_full() -> None:
+    outbox = Outbox(max_frames=4, max_bytes=1000)
+    for frame in (b"a", b"b", b"c"):
+        outbox.put(frame)
+    assert not outbox.half_empty()  # three of four
+    roomy = asyncio.create_task(outbox.roomy())
+    assert await outbox.get() == b"a"
+    await asyncio.wait_for(roomy, WAIT)  # two of four: half full
+    outbox.put(b"d")
+    roomy = asyncio.create_task(outbox.roomy())
+    outbox.close()  # the sender is gone: nobody will make room, so nobody waits for it
+    await asyncio.wait_for(roomy, WAIT)
 
 
 async def test_oversized_frame_closes_with_1009(make_client: ClientFactory) -> None:

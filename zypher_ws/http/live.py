@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 SLOW_CLIENT_CLOSE = WSCloseCode.TRY_AGAIN_LATER  # 1013: the client fell behind its outbox
 AUTH_TIMEOUT = 10.0  # seconds from the upgrade a socket has to authenticate when tokens are required
+DRAIN_TIMEOUT = 10.0  # seconds a subscribe waits for the client to read its outbox down to half
 WRITE_BUFFER = 64 * 1024  # bytes aiohttp writes to a socket before it waits for the peer to take them
 
 
@@ -66,6 +67,8 @@ class Outbox:
         self.size = 0  # bytes waiting
         self._frames: deque[bytes] = deque()
         self._filled = asyncio.Event()  # set while frames wait
+        self._roomy = asyncio.Event()  # set while at most half full, or once closed
+        self._roomy.set()
 
     def __len__(self) -> int:
         return len(self._frames)
@@ -77,6 +80,8 @@ class Outbox:
         self._frames.append(frame)
         self.size += len(frame)
         self._filled.set()
+        if not self.half_empty():
+            self._roomy.clear()
         return True
 
     async def get(self) -> bytes:
@@ -85,7 +90,20 @@ class Outbox:
             await self._filled.wait()
         frame = self._frames.popleft()
         self.size -= len(frame)
+        if self.half_empty():
+            self._roomy.set()
         return frame
+
+    def half_empty(self) -> bool:
+        return 2 * len(self._frames) <= self.max_frames and 2 * self.size <= self.max_bytes
+
+    async def roomy(self) -> None:
+        """Return once the outbox is at most half full, or closed."""
+        await self._roomy.wait()
+
+    def close(self) -> None:
+        """Nothing will take frames any more: wake whoever waits for room."""
+        self._roomy.set()
 
 
 class WsSession:
@@ -121,16 +139,36 @@ class WsSession:
         """Queue one JSON text frame, already encoded."""
         if not self.dropped and not self.outbox.put(frame):
             # The client is not reading. Drop it rather than buffer without bound or slow the workers.
-            self.dropped = True
-            self.metrics.slow_clients.inc()
-            self.stop_watches()
-            self._sender.cancel()
-            self._closing = asyncio.create_task(self._close(SLOW_CLIENT_CLOSE, b"too slow: outbox full"))
+            self.drop()
+
+    def drop(self) -> None:
+        if self.dropped:
+            return
+        self.dropped = True
+        self.metrics.slow_clients.inc()
+        self.stop_watches()
+        self._sender.cancel()
+        self._closing = asyncio.create_task(self._close(SLOW_CLIENT_CLOSE, b"too slow: outbox full"))
 
     async def _send_loop(self) -> None:
-        while True:
-            frame = await self.outbox.get()
-            await self.ws.send_frame(frame, WSMsgType.TEXT)
+        try:
+            while True:
+                frame = await self.outbox.get()
+                await self.ws.send_frame(frame, WSMsgType.TEXT)
+        finally:
+            self.outbox.close()
+
+    async def make_room(self) -> None:
+        """Before a snapshot, let the sender bring the outbox down to half: the bound is there to drop
+        clients that do not read, not ones that ask for many snapshots at once (a store whose reads do
+        not yield, like memory://, would otherwise fill the outbox before the sender runs). A client
+        that does not read it down within DRAIN_TIMEOUT is dropped."""
+        if self.outbox.half_empty() or self.dropped:
+            return
+        try:
+            await asyncio.wait_for(self.outbox.roomy(), DRAIN_TIMEOUT)
+        except asyncio.TimeoutError:
+            self.drop()
 
     async def _close(self, code: int, message: bytes) -> None:
         try:
@@ -158,6 +196,9 @@ class WsSession:
         if prediction_id in self.watches:
             return
         self.check_room()
+        await self.make_room()
+        if self.dropped:
+            return
 
         def deliver(prediction: Prediction, snapshot: bool) -> None:
             if prediction.status.terminal:
@@ -180,6 +221,8 @@ class WsSession:
 
     async def subscribe(self, ids: list[str], request_id: Any = None) -> None:
         for pid in ids:
+            if self.dropped:
+                return
             try:
                 await self.watch(pid)
             except ZypherError as exc:
