@@ -244,6 +244,26 @@ async def test_sockets_per_client_are_limited(make_client: ClientFactory) -> Non
     await asyncio.gather(second.close(), third.close())
 
 
+async def test_event_streams_share_the_per_client_cap(make_client: ClientFactory, gated: GatedModel) -> None:
+    client = await make_client(model=gated, ws_max_per_client=2)
+    record = await (await client.post("/predict", json={"input": {"x": 1}}, headers={"Async-Mode": "true"})).json()
+    events = f"/predict/{record['prediction_id']}/events"
+    stream = await client.get(events)
+    assert stream.status == 200
+    ws = await client.ws_connect("/ws")
+    refused = await client.get(events)
+    assert refused.status == 429 and (await refused.json())["error"]["code"] == "too_many_sockets"
+    with pytest.raises(WSServerHandshakeError) as upgrade:
+        await client.ws_connect("/ws")
+    assert upgrade.value.status == 429
+    gated.release.set()
+    await asyncio.wait_for(stream.read(), WAIT)  # the stream ends after the terminal event...
+    again = await client.get(events)  # ...and frees its place
+    assert again.status == 200
+    await asyncio.wait_for(again.read(), WAIT)
+    await ws.close()
+
+
 # -- static files -----------------------------------------------------------------------------------------
 
 

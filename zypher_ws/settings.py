@@ -68,7 +68,9 @@ class Settings:
         (), "browser origins allowed to open a WebSocket besides the service's own; * allows any",
         flag="--ws-allowed-origin",
     )  # fmt: skip
-    ws_max_per_client: int = _opt(256, "authenticated WebSockets open at once per client address (0: no limit)")
+    ws_max_per_client: int = _opt(
+        256, "authenticated WebSockets and event streams open at once per client address (0: no limit)"
+    )
     ws_max_authenticating: int = _opt(8, "WebSockets per client address still to send their auth message (0: no limit)")
     rate_limit: float = _opt(0.0, "POST /predict (and WebSocket predict) per second per client address; 0: off")
     rate_burst: int = _opt(0, "requests a client may send at once above --rate-limit (0: twice the rate)")

@@ -19,7 +19,7 @@ SOCKETS: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("sockets")
 METRICS = web.AppKey("metrics", Metrics)
 LIMITER = web.AppKey("limiter", RateLimiter)
 LIVE_CLIENTS = web.AppKey("live_clients", SocketCounter)
-"""Authenticated WebSockets per client address (--ws-max-per-client)."""
+"""Authenticated WebSockets and event streams per client address (--ws-max-per-client)."""
 WS_AUTHENTICATING = web.AppKey("ws_authenticating", SocketCounter)
 """WebSockets per client address still to send their auth message (--ws-max-authenticating)."""
 DRAIN: web.AppKey[Callable[[], Awaitable[None]]] = web.AppKey("drain")

@@ -389,7 +389,14 @@ async def prediction_events(request: web.Request) -> web.StreamResponse:
                 event: {type: string, enum: [subscribed, update]}
                 data: {type: string}
       '404': {description: 'Unknown id', content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}
+      '429': {description: 'Too many live connections from this address', content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}
     """
+    # Event streams and WebSockets share one cap per client address (--ws-max-per-client).
+    with request.app[LIVE_CLIENTS].hold(client_address(request)):
+        return await _stream_events(request)
+
+
+async def _stream_events(request: web.Request) -> web.StreamResponse:
     service, settings = request.app[SERVICE], request.app[SETTINGS]
     prediction_id = request.match_info["prediction_id"]
     events: asyncio.Queue[tuple[str, Prediction]] = asyncio.Queue()  # at most one per lifecycle rank
