@@ -17,6 +17,7 @@ from conftest import WAIT, ClientFactory, GatedModel
 from helpers import run_server
 from zypher_ws.http import live
 from zypher_ws.models import MockModel
+from zypher_ws.settings import Settings
 
 TOKEN = "t0ken-for-tests-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -217,6 +218,39 @@ async def test_websocket_accepts_its_own_origin_and_the_allowlist(make_client: C
         async with client.ws_connect("/ws", headers={"Origin": origin}) as ws:
             await ws.send_json({"op": "ping"})
             assert (await ws.receive_json(timeout=WAIT)) == {"type": "pong"}
+
+
+async def test_public_origin_replaces_the_host_comparison(make_client: ClientFactory) -> None:
+    """A DNS-rebinding page sends its own origin and a Host that matches it; with --public-origin set, the
+    Host is never trusted."""
+    client = await make_client(
+        model=GatedModel(gated=False),
+        public_origins=("https://api.example.com",),
+        ws_allowed_origins=("https://app.example",),
+    )
+    for origin in ("https://api.example.com", "https://API.example.com:443", "https://app.example"):
+        async with client.ws_connect("/ws", headers={"Origin": origin}) as ws:
+            await ws.send_json({"op": "ping"})
+            assert (await ws.receive_json(timeout=WAIT)) == {"type": "pong"}
+    own = f"http://{client.server.host}:{client.server.port}"
+    rebound = {"Origin": "http://evil.example:8080", "Host": "evil.example:8080"}
+    for headers in ({"Origin": own}, rebound, {"Origin": "http://api.example.com"}):
+        with pytest.raises(WSServerHandshakeError) as refused:
+            await client.ws_connect("/ws", headers=headers)
+        assert refused.value.status == 403, headers
+
+
+@pytest.mark.parametrize("bad", ["api.example.com", "https://api.example.com/app", "ftp://x", "https://"])
+def test_a_public_origin_is_scheme_host_and_port(bad: str) -> None:
+    with pytest.raises(ValueError, match="public origin"):
+        Settings(public_origins=(bad,))
+
+
+async def test_without_public_origin_the_host_decides(make_client: ClientFactory) -> None:
+    """Today's behaviour, kept, and the DNS-rebinding caveat docs/operating.md states."""
+    client = await make_client(model=GatedModel(gated=False))
+    async with client.ws_connect("/ws", headers={"Origin": "http://evil.example:8080", "Host": "evil.example:8080"}):
+        pass
 
 
 async def test_rate_limit_per_client_answers_429_with_retry_after(make_client: ClientFactory) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,6 +68,11 @@ class Settings:
     ws_allowed_origins: tuple[str, ...] = _opt(
         (), "browser origins allowed to open a WebSocket besides the service's own; * allows any",
         flag="--ws-allowed-origin",
+    )  # fmt: skip
+    public_origins: tuple[str, ...] = _opt(
+        (), "the service's own origins as browsers see them (https://api.example.com); when set, a WebSocket's "
+        "Origin must be one of these or --ws-allowed-origin, and is never compared with Host",
+        flag="--public-origin",
     )  # fmt: skip
     ws_max_per_client: int = _opt(
         256, "authenticated WebSockets and event streams open at once per client address (0: no limit)"
@@ -135,6 +141,8 @@ class Settings:
             raise ValueError("rate_limit must not be negative")
         if any(not token or len(token) < 16 for token in self.api_tokens):
             raise ValueError("each api token must be at least 16 characters")
+        if any(not re.fullmatch(r"https?://[^/?#\s]+/?", origin) for origin in self.public_origins):
+            raise ValueError("each public origin is scheme://host[:port], like https://api.example.com")
         if self.log_format not in ("text", "json"):
             raise ValueError(f"log_format must be text or json, not {self.log_format!r}")
         if self.executor not in ("thread", "process"):
