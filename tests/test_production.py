@@ -98,6 +98,23 @@ async def test_json_logs_one_line_per_request_and_state_change_without_inputs_or
     assert secret_input not in text and TOKEN not in text
 
 
+async def test_malformed_http_is_logged_at_info_without_a_traceback() -> None:
+    async with run_server("--model", "mock", "--store", "memory://") as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nAuthorization\x01: Bearer " + TOKEN.encode() + b"\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), WAIT)  # aiohttp answers 400 and closes
+        writer.close()
+        assert answer.startswith(b"HTTP/1.0 400 Bad Request")
+        async with aiohttp.ClientSession() as http:  # a request after it, so its log line has been written
+            assert (await http.get(server.url + "/healthz")).status == 200
+    text = "".join(server.log)
+    lines = [line for line in server.log if "aiohttp.server" in line]
+    assert len(lines) == 1 and " INFO aiohttp.server: " in lines[0], text
+    assert "Traceback" not in text and "ERROR" not in text
+    assert TOKEN not in text  # the line names the kind of error, never the bytes sent
+
+
 # -- tokens ----------------------------------------------------------------------------------------------
 
 

@@ -21,7 +21,7 @@ from ..settings import Settings
 from ..workers import WorkerPool
 from . import live, openapi, views
 from .access import RateLimiter, SocketCounter
-from .access_log import AccessLogger
+from .access_log import AccessLogger, log_malformed_requests_at_info
 from .keys import DRAIN, LIMITER, LIVE_CLIENTS, METRICS, MODEL, SERVICE, SETTINGS, SOCKETS, WS_AUTHENTICATING
 from .middleware import count_requests, json_errors, parse_json_body, require_token
 from .pages import add_page_routes
@@ -140,6 +140,7 @@ def _swagger(app: web.Application, model: Model) -> SwaggerDocs:
 def serve(settings: Settings) -> None:
     """`zypher-ws serve`: run the app until SIGINT or SIGTERM."""
     app = create_app(settings)
+    log_malformed_requests_at_info()
     app.on_startup.append(_freeze_startup_objects)  # after the cleanup contexts have started
     web.run_app(
         app,
