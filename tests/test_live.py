@@ -477,6 +477,19 @@ async def test_sse_unknown_id_is_404_json(make_client: ClientFactory) -> None:
     assert (await resp.json())["error"]["code"] == "not_found"
 
 
+async def test_an_unmasked_client_frame_is_accepted(make_client: ClientFactory) -> None:
+    """RFC 6455 says a server must close on one (1002); aiohttp's parser accepts it, as docs/live.md says."""
+    client = await make_client(model=MockModel())
+    assert client.server.port is not None
+    raw = await RawWebSocket.connect("127.0.0.1", client.server.port)
+    try:
+        payload = b'{"op": "ping"}'
+        raw.writer.write(bytes([0x81, len(payload)]) + payload)  # FIN + text, no mask bit, no mask
+        assert await asyncio.wait_for(raw.read_frame(), WAIT) == (0x1, b'{"type":"pong"}')
+    finally:
+        raw.close()
+
+
 def test_static_dir_holds_the_page() -> None:
     from zypher_ws.http.pages import static_dir
 
