@@ -15,10 +15,12 @@ from aiohttp import WSCloseCode, WSMsgType
 from aiohttp.test_utils import TestClient
 from rawws import RawWebSocket
 
-from fakes import TERMINAL, WAIT, GatedModel
+from fakes import TERMINAL, WAIT, GatedModel, make_settings
 from helpers import ClientFactory, eventually, listener_count
 from zypher_ws.http import live
+from zypher_ws.http.app import create_app
 from zypher_ws.http.keys import SERVICE, SETTINGS, SOCKETS
+from zypher_ws.http.live import Outbox
 from zypher_ws.json_codec import MAX_DEPTH
 from zypher_ws.models import MockModel
 from zypher_ws.records import Prediction
@@ -376,6 +378,35 @@ async def test_too_many_subscriptions(make_client: ClientFactory, gated: GatedMo
     gated.release.set()
 
 
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+async def test_one_subscribe_of_a_thousand_ids_reaches_a_client_that_reads(
+    aiohttp_client: Any, store: str, tmp_path: Any
+) -> None:
+    """The outbox (256 frames) is there to drop clients that do not read, not ones that ask for 1,000
+    snapshots at once: the memory store's reads never yield, so these came faster than they went out."""
+    url = "memory://" if store == "memory" else f"sqlite:///{tmp_path / 'z.db'}"
+    gated = GatedModel()
+    gated.bind(asyncio.get_running_loop())
+    client = await aiohttp_client(create_app(make_settings(store=url), model=gated))
+    service = client.app[SERVICE]
+    await asyncio.wait_for(service.runner.loaded_event.wait(), WAIT)
+    ids = [(await service.submit({"x": i})).prediction_id for i in range(1000)]
+    async with client.ws_connect("/ws") as ws:
+        await ws.send_json({"op": "subscribe", "prediction_ids": ids})
+        subscribed = []
+        while len(subscribed) < len(ids):
+            message = await recv(ws)
+            assert message["type"] in ("subscribed", "update"), message
+            if message["type"] == "subscribed":
+                subscribed.append(message["prediction"]["prediction_id"])
+        assert subscribed == ids
+        await ws.send_json({"op": "ping"})
+        while (message := await recv(ws))["type"] == "update":
+            pass
+        assert message == {"type": "pong"}
+    gated.release.set()
+
+
 async def test_exactly_one_terminal_message_when_completion_races_the_subscribe(make_client: ClientFactory) -> None:
     """1,000 predictions finishing while their subscribe is in flight: one terminal each, in order."""
     client = await make_client(model=MockModel(), max_batch_delay_ms=0.0, max_queue=2000)
@@ -434,6 +465,84 @@ async def test_slow_client_is_dropped_and_nobody_else_waits(make_client: ClientF
     assert await asyncio.wait_for(slow.read_until_close(), WAIT) == 1013
     slow.close()
     assert listener_count(client.app) == 0  # the dropped socket left no subscriptions behind
+
+
+async def test_outbox_is_bounded_in_bytes_too(make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Few, large messages: far below --ws-outbox's count, the byte bound drops the client that stops reading."""
+    monkeypatch.setattr(live, "DRAIN_TIMEOUT", 0.5)  # a subscribe waiting for room gives up sooner
+    client = await make_client(
+        model=BigOutputModel(), ws_outbox=100_000, ws_outbox_bytes=64 * 1024, ws_max_subscriptions=5000, max_queue=5000
+    )
+    port = client.server.port
+    assert port is not None
+    slow = await RawWebSocket.connect("127.0.0.1", port, rcvbuf=4096)
+    for i in range(200):  # 600 messages in all, ~4 MB of results: 60 times the byte bound
+        slow.send_json({"op": "predict", "input": i})
+    await slow.writer.drain()
+    try:
+        assert await asyncio.wait_for(slow.read_until_close(), WAIT * 4) == 1013
+    finally:
+        slow.close()
+
+
+def test_outbox_bounds() -> None:
+    outbox = Outbox(max_frames=3, max_bytes=100)
+    assert outbox.put(b"x" * 500)  # alone, a frame larger than the bound still goes
+    assert not outbox.put(b"x")
+    outbox = Outbox(max_frames=3, max_bytes=100)
+    assert outbox.put(b"x" * 60) and outbox.put(b"x" * 40)
+    assert not outbox.put(b"x") and (len(outbox), outbox.size) == (2, 100)  # bytes
+    outbox = Outbox(max_frames=3, max_bytes=100)
+    assert outbox.put(b"a") and outbox.put(b"b") and outbox.put(b"c")
+    assert not outbox.put(b"d") and len(outbox) == 3  # frames
+
+
+async def test_one_subscribe_of_more_than_the_outbox_bytes_reaches_a_client_that_reads(
+    make_client: ClientFactory,
+) -> None:
+    client = await make_client(model=BigOutputModel())  # 50 records of 20 KB: 1 MB, the bound is 256 KiB
+    ids = [(await (await client.post("/predict", json={"input": i})).json())["prediction_id"] for i in range(50)]
+    async with client.ws_connect("/ws") as ws:
+        await ws.send_json({"op": "subscribe", "prediction_ids": ids})
+        assert [(await recv(ws))["prediction"]["prediction_id"] for _ in ids] == ids
+        await assert_quiet(ws)
+
+
+async def test_a_subscribe_waits_for_a_client_that_does_not_read_only_so_long(
+    make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(live, "DRAIN_TIMEOUT", 0.2)
+    client = await make_client(model=BigOutputModel())
+    ids = [(await (await client.post("/predict", json={"input": i})).json())["prediction_id"] for i in range(400)]
+    port = client.server.port
+    assert port is not None
+    slow = await RawWebSocket.connect("127.0.0.1", port, rcvbuf=4096)
+    slow.send_json({"op": "subscribe", "prediction_ids": ids})  # 8 MB of snapshots, more than any buffer
+
+    async def dropped() -> None:
+        while client.app[SOCKETS]:  # noqa: ASYNC110 - reading from the socket would make it a fast one
+            await asyncio.sleep(0)
+
+    try:
+        await asyncio.wait_for(dropped(), WAIT)
+        assert await asyncio.wait_for(slow.read_until_close(), WAIT) == 1013
+    finally:
+        slow.close()
+    assert listener_count(client.app) == 0
+
+
+async def test_outbox_wakes_who_waits_for_room_at_half_full() -> None:
+    outbox = Outbox(max_frames=4, max_bytes=1000)
+    for frame in (b"a", b"b", b"c"):
+        outbox.put(frame)
+    assert not outbox.half_empty()  # three of four
+    roomy = asyncio.create_task(outbox.roomy())
+    assert await outbox.get() == b"a"
+    await asyncio.wait_for(roomy, WAIT)  # two of four: half full
+    outbox.put(b"d")
+    roomy = asyncio.create_task(outbox.roomy())
+    outbox.close()  # the sender is gone: nobody will make room, so nobody waits for it
+    await asyncio.wait_for(roomy, WAIT)
 
 
 async def test_oversized_frame_closes_with_1009(make_client: ClientFactory) -> None:
@@ -511,6 +620,19 @@ async def test_sse_unknown_id_is_404_json(make_client: ClientFactory) -> None:
     resp = await client.get("/predict/nope/events")
     assert resp.status == 404
     assert (await resp.json())["error"]["code"] == "not_found"
+
+
+async def test_an_unmasked_client_frame_is_accepted(make_client: ClientFactory) -> None:
+    """RFC 6455 says a server must close on one (1002); aiohttp's parser accepts it, as docs/live.md says."""
+    client = await make_client(model=MockModel())
+    assert client.server.port is not None
+    raw = await RawWebSocket.connect("127.0.0.1", client.server.port)
+    try:
+        payload = b'{"op": "ping"}'
+        raw.writer.write(bytes([0x81, len(payload)]) + payload)  # FIN + text, no mask bit, no mask
+        assert await asyncio.wait_for(raw.read_frame(), WAIT) == (0x1, b'{"type":"pong"}')
+    finally:
+        raw.close()
 
 
 def test_static_dir_holds_the_page() -> None:

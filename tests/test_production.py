@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import struct
 
 import aiohttp
 import pytest
 from aiohttp import WSMsgType, WSServerHandshakeError, web
+from aiohttp.test_utils import TestClient
+from rawws import RawWebSocket
 from yarl import URL
 
 from fakes import WAIT, GatedModel, make_settings
 from helpers import ClientFactory, run_server
+from zypher_ws.http import live
 from zypher_ws.http.app import create_app
 from zypher_ws.models import MockModel
+from zypher_ws.settings import Settings
 
 TOKEN = "t0ken-for-tests-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -108,6 +113,23 @@ async def test_json_logs_one_line_per_request_and_state_change_without_inputs_or
     assert secret_input not in text and TOKEN not in text
 
 
+async def test_malformed_http_is_logged_at_info_without_a_traceback() -> None:
+    async with run_server("--model", "mock", "--store", "memory://") as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nAuthorization\x01: Bearer " + TOKEN.encode() + b"\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), WAIT)  # aiohttp answers 400 and closes
+        writer.close()
+        assert answer.startswith(b"HTTP/1.0 400 Bad Request")
+        async with aiohttp.ClientSession() as http:  # a request after it, so its log line has been written
+            assert (await http.get(server.url + "/healthz")).status == 200
+    text = "".join(server.log)
+    lines = [line for line in server.log if "aiohttp.server" in line]
+    assert len(lines) == 1 and " INFO aiohttp.server: " in lines[0], text
+    assert "Traceback" not in text and "ERROR" not in text
+    assert TOKEN not in text  # the line names the kind of error, never the bytes sent
+
+
 # -- tokens ----------------------------------------------------------------------------------------------
 
 
@@ -153,6 +175,60 @@ async def test_websocket_takes_the_token_in_its_first_message_or_protocol_header
         assert (await ws.receive_json(timeout=WAIT)) == {"type": "pong"}
 
 
+async def test_websocket_auth_deadline_is_not_extended_by_pings(
+    make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A socket that never authenticates but pings all the time is still closed at the deadline."""
+    monkeypatch.setattr(live, "AUTH_TIMEOUT", 0.3)
+    client = await make_client(model=GatedModel(gated=False), api_tokens=(TOKEN,))
+    assert client.server.port is not None
+    raw = await RawWebSocket.connect("127.0.0.1", client.server.port)
+
+    async def ping_until_closed() -> int:
+        while True:  # each pong is answered with the next ping, as fast as the server answers
+            raw.send_frame(0x9, b"still here")
+            opcode, payload = await raw.read_frame()
+            if opcode == 0x8:
+                return int(struct.unpack("!H", payload[:2])[0])
+            assert opcode == 0xA
+
+    try:
+        assert await asyncio.wait_for(ping_until_closed(), WAIT) == 1008
+    finally:
+        raw.close()
+
+
+async def unauthenticated(client: TestClient) -> aiohttp.ClientWebSocketResponse:
+    """A socket that upgraded without a token and has not sent its auth message (yet)."""
+    return await client.ws_connect("/ws")
+
+
+async def test_sockets_still_authenticating_do_not_lock_out_an_address(make_client: ClientFactory) -> None:
+    client = await make_client(
+        model=GatedModel(gated=False), api_tokens=(TOKEN,), ws_max_per_client=2, ws_max_authenticating=2
+    )
+    idle = [await unauthenticated(client), await unauthenticated(client)]
+    with pytest.raises(WSServerHandshakeError) as refused:  # their own cap
+        await unauthenticated(client)
+    assert refused.value.status == 429
+    # Users of the same address still get in, up to --ws-max-per-client, by header or by first message.
+    by_header = await client.ws_connect("/ws", protocols=("zypher", f"bearer.{TOKEN}"))
+    await idle[0].send_json({"op": "auth", "token": TOKEN})
+    assert (await idle[0].receive_json(timeout=WAIT)) == {"type": "authenticated"}
+    for ws in (by_header, idle[0]):
+        await ws.send_json({"op": "ping"})
+        assert (await ws.receive_json(timeout=WAIT)) == {"type": "pong"}
+    # The address is now at --ws-max-per-client: a third authenticated socket is turned away...
+    with pytest.raises(WSServerHandshakeError) as refused:
+        await client.ws_connect("/ws", protocols=("zypher", f"bearer.{TOKEN}"))
+    assert refused.value.status == 429
+    # ...and so is one that authenticates by message, closed with 1013 after its auth.
+    await idle[1].send_json({"op": "auth", "token": TOKEN})
+    assert (await idle[1].receive(timeout=WAIT)).type in (WSMsgType.CLOSE, WSMsgType.CLOSED)
+    assert idle[1].close_code == 1013
+    await asyncio.gather(by_header.close(), idle[0].close(), idle[1].close())
+
+
 # -- origins and limits ---------------------------------------------------------------------------------
 
 
@@ -174,6 +250,39 @@ async def test_websocket_accepts_its_own_origin_and_the_allowlist(make_client: C
         async with client.ws_connect("/ws", headers={"Origin": origin}) as ws:
             await ws.send_json({"op": "ping"})
             assert (await ws.receive_json(timeout=WAIT)) == {"type": "pong"}
+
+
+async def test_public_origin_replaces_the_host_comparison(make_client: ClientFactory) -> None:
+    """A DNS-rebinding page sends its own origin and a Host that matches it; with --public-origin set, the
+    Host is never trusted."""
+    client = await make_client(
+        model=GatedModel(gated=False),
+        public_origins=("https://api.example.com",),
+        ws_allowed_origins=("https://app.example",),
+    )
+    for origin in ("https://api.example.com", "https://API.example.com:443", "https://app.example"):
+        async with client.ws_connect("/ws", headers={"Origin": origin}) as ws:
+            await ws.send_json({"op": "ping"})
+            assert (await ws.receive_json(timeout=WAIT)) == {"type": "pong"}
+    own = f"http://{client.server.host}:{client.server.port}"
+    rebound = {"Origin": "http://evil.example:8080", "Host": "evil.example:8080"}
+    for headers in ({"Origin": own}, rebound, {"Origin": "http://api.example.com"}):
+        with pytest.raises(WSServerHandshakeError) as refused:
+            await client.ws_connect("/ws", headers=headers)
+        assert refused.value.status == 403, headers
+
+
+@pytest.mark.parametrize("bad", ["api.example.com", "https://api.example.com/app", "ftp://x", "https://"])
+def test_a_public_origin_is_scheme_host_and_port(bad: str) -> None:
+    with pytest.raises(ValueError, match="public origin"):
+        Settings(public_origins=(bad,))
+
+
+async def test_without_public_origin_the_host_decides(make_client: ClientFactory) -> None:
+    """Today's behaviour, kept, and the DNS-rebinding caveat docs/operating.md states."""
+    client = await make_client(model=GatedModel(gated=False))
+    async with client.ws_connect("/ws", headers={"Origin": "http://evil.example:8080", "Host": "evil.example:8080"}):
+        pass
 
 
 async def test_rate_limit_per_client_answers_429_with_retry_after(make_client: ClientFactory) -> None:
@@ -199,6 +308,26 @@ async def test_sockets_per_client_are_limited(make_client: ClientFactory) -> Non
     await first.close()
     third = await client.ws_connect("/ws")  # a closed one frees its place
     await asyncio.gather(second.close(), third.close())
+
+
+async def test_event_streams_share_the_per_client_cap(make_client: ClientFactory, gated: GatedModel) -> None:
+    client = await make_client(model=gated, ws_max_per_client=2)
+    record = await (await client.post("/predict", json={"input": {"x": 1}}, headers={"Async-Mode": "true"})).json()
+    events = f"/predict/{record['prediction_id']}/events"
+    stream = await client.get(events)
+    assert stream.status == 200
+    ws = await client.ws_connect("/ws")
+    refused = await client.get(events)
+    assert refused.status == 429 and (await refused.json())["error"]["code"] == "too_many_sockets"
+    with pytest.raises(WSServerHandshakeError) as upgrade:
+        await client.ws_connect("/ws")
+    assert upgrade.value.status == 429
+    gated.release.set()
+    await asyncio.wait_for(stream.read(), WAIT)  # the stream ends after the terminal event...
+    again = await client.get(events)  # ...and frees its place
+    assert again.status == 200
+    await asyncio.wait_for(again.read(), WAIT)
+    await ws.close()
 
 
 # -- static files -----------------------------------------------------------------------------------------

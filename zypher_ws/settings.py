@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import sys
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -74,6 +75,9 @@ class Settings:
     log_format: Literal["text", "json"] = _opt("text", "text, or json for one JSON object per line")
     ws_max_subscriptions: int = _opt(1000, "most prediction ids one WebSocket may watch")
     ws_outbox: int = _opt(256, "messages buffered per WebSocket before a slow client is dropped", min=1)
+    ws_outbox_bytes: int = _opt(
+        256 * 1024, "bytes of messages buffered per WebSocket before a slow client is dropped", min=1
+    )
     ws_max_message: int = _opt(64 * 1024, "largest WebSocket frame accepted, bytes (1009 past it)")
     ws_heartbeat: float = _opt(30.0, "seconds between WebSocket pings; a peer that misses one is dropped")
     shutdown_timeout: float = _opt(30.0, "seconds running predictions get to finish on SIGTERM", min=0)
@@ -114,7 +118,17 @@ class Settings:
         (), "browser origins allowed to open a WebSocket besides the service's own; * allows any",
         flag="--ws-allowed-origin",
     )  # fmt: skip
-    ws_max_per_client: int = _opt(256, "WebSockets open at once per client address (0: no limit)", min=0)
+    public_origins: tuple[str, ...] = _opt(
+        (), "the service's own origins as browsers see them (https://api.example.com); when set, a WebSocket's "
+        "Origin must be one of these or --ws-allowed-origin, and is never compared with Host",
+        flag="--public-origin",
+    )  # fmt: skip
+    ws_max_per_client: int = _opt(
+        256, "authenticated WebSockets and event streams open at once per client address (0: no limit)", min=0
+    )
+    ws_max_authenticating: int = _opt(
+        8, "WebSockets per client address still to send their auth message (0: no limit)", min=0
+    )
     rate_limit: float = _opt(0.0, "POST /predict (and WebSocket predict) per second per client address; 0: off", min=0)
     rate_burst: int = _opt(0, "requests a client may send at once above --rate-limit (0: twice the rate)", min=0)
     metrics_port: int = _opt(0, "zypher-ws worker only: serve Prometheus /metrics on this port (0: off)", min=0)
@@ -175,6 +189,8 @@ class Settings:
             raise ValueError("--workers 0 (an API-only process) needs a redis:// store or --backend redis")
         if any(len(token) < 16 for token in self.api_tokens):
             raise ValueError("each --api-token must be at least 16 characters")
+        if any(not re.fullmatch(r"https?://[^/?#\s]+/?", origin) for origin in self.public_origins):
+            raise ValueError("each public origin (--public-origin) is scheme://host[:port], like https://api.example.com")
         if self.store.startswith("sqlite:") and not self.store.startswith("sqlite:///"):
             raise ValueError(f"--store must be sqlite:///relative.db or sqlite:////absolute.db (got {self.store!r})")
 

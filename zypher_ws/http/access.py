@@ -5,7 +5,8 @@ from __future__ import annotations
 import hmac
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -59,16 +60,28 @@ def websocket_token(request: web.Request) -> str | None:
 
 def check_origin(request: web.Request, settings: Settings) -> None:
     """Browsers send Origin with every WebSocket upgrade: only the service's own origin and the allowlist
-    pass (a page elsewhere must not drive a user's socket). Clients that send none are not browsers."""
+    pass (a page elsewhere must not drive a user's socket). Clients that send none are not browsers.
+
+    The service's own origin is `--public-origin` when set. Otherwise it is whatever the request's `Host`
+    says, which a DNS-rebinding page controls: set `--public-origin` where browsers reach the service."""
     origin = request.headers.get("Origin")
     if origin is None or "*" in settings.ws_allowed_origins:
         return
-    if origin.rstrip("/").lower() in {o.rstrip("/").lower() for o in settings.ws_allowed_origins}:
+    if normal_origin(origin) in {normal_origin(o) for o in (*settings.ws_allowed_origins, *settings.public_origins)}:
         return
     # Our own origin: same host and port; the scheme may differ behind a TLS-terminating proxy.
-    if origin != "null" and urlsplit(origin).netloc.lower() == request.host.lower():
+    if not settings.public_origins and origin != "null" and urlsplit(origin).netloc.lower() == request.host.lower():
         return
-    raise Forbidden(f"WebSocket origin {origin!r} is not allowed (see --ws-allowed-origin)")
+    raise Forbidden(f"WebSocket origin {origin!r} is not allowed (see --public-origin and --ws-allowed-origin)")
+
+
+def normal_origin(origin: str) -> str:
+    """`scheme://host[:port]` as browsers send it: lower case, no trailing slash, no default port."""
+    origin = origin.strip().rstrip("/").lower()
+    for scheme, port in (("https://", ":443"), ("http://", ":80")):
+        if origin.startswith(scheme) and origin.endswith(port):
+            return origin[: -len(port)]
+    return origin
 
 
 class RateLimiter:
@@ -98,16 +111,17 @@ class RateLimiter:
 
 
 class SocketCounter:
-    """Open WebSockets per client address, up to a limit (0: none)."""
+    """Open connections per client address, up to a limit (0: none)."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, what: str = "WebSockets") -> None:
         self.limit = limit
+        self.what = what
         self._open: dict[str, int] = {}
 
     def acquire(self, client: str) -> None:
         count = self._open.get(client, 0)
         if self.limit and count >= self.limit:
-            raise TooManySockets(f"{client} already has {count} WebSockets open (the limit)")
+            raise TooManySockets(f"{client} already has {count} {self.what} open (the limit)")
         self._open[client] = count + 1
 
     def release(self, client: str) -> None:
@@ -116,3 +130,12 @@ class SocketCounter:
             self._open[client] = count
         else:
             self._open.pop(client, None)
+
+    @contextmanager
+    def hold(self, client: str) -> Iterator[None]:
+        """One place for `client` while the block runs (TooManySockets if there is none)."""
+        self.acquire(client)
+        try:
+            yield
+        finally:
+            self.release(client)

@@ -7,9 +7,11 @@ status and duration.
 from __future__ import annotations
 
 import logging
+import re
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http_exceptions import HttpProcessingError
 
 PREDICTION_ID = web.ResponseKey("prediction_id", str)
 """Set on responses about one prediction, so the access log line names it."""
@@ -47,3 +49,26 @@ class AccessLogger(AbstractAccessLogger):
             f" prediction {prediction_id}" if prediction_id else "",
             extra={"fields": fields},
         )
+
+
+class MalformedRequestsAtInfo(logging.Filter):
+    """aiohttp logs a request its parser rejects (answered 400) at ERROR with a traceback, on
+    `aiohttp.server`. That is the client's mistake, not the service's: one INFO line without one,
+    naming the kind of error but none of the bytes the client sent (they may hold a token)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if not isinstance(error, HttpProcessingError) or not 400 <= error.code < 500:
+            return True
+        first_line = (error.message or "").strip().partition("\n")[0]
+        kind = re.split("['\"]", first_line, maxsplit=1)[0].rstrip(" :") or type(error).__name__
+        record.msg, record.args = "%s: %s %s", (record.getMessage(), error.code, kind)
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        record.exc_info, record.exc_text = None, None
+        return logging.getLogger(record.name).isEnabledFor(logging.INFO)
+
+
+def log_malformed_requests_at_info() -> None:
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, MalformedRequestsAtInfo) for f in server_log.filters):
+        server_log.addFilter(MalformedRequestsAtInfo())

@@ -23,9 +23,9 @@ from ..settings import Settings
 from ..workers import WorkerPool
 from . import live, openapi, views
 from .access import RateLimiter, SocketCounter
-from .access_log import AccessLogger
+from .access_log import AccessLogger, log_malformed_requests_at_info
 from .connections import ConnectionLimits, GuardedSite, quiet_resource_errors
-from .keys import DRAIN, LIMITER, METRICS, MODEL, SERVICE, SETTINGS, SOCKETS, STREAMS, WS_CLIENTS
+from .keys import DRAIN, LIMITER, LIVE_CLIENTS, METRICS, MODEL, SERVICE, SETTINGS, SOCKETS, STREAMS, WS_AUTHENTICATING
 from .middleware import count_requests, json_errors, parse_json_body, require_token
 from .pages import add_page_routes
 
@@ -45,7 +45,8 @@ def create_app(settings: Settings, *, model: Model | None = None) -> web.Applica
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app[LIMITER] = RateLimiter(settings.rate_limit, settings.rate_burst)
-    app[WS_CLIENTS] = SocketCounter(settings.ws_max_per_client)
+    app[LIVE_CLIENTS] = SocketCounter(settings.ws_max_per_client, "WebSockets and event streams")
+    app[WS_AUTHENTICATING] = SocketCounter(settings.ws_max_authenticating, "WebSockets still authenticating")
     app[MODEL] = model if model is not None else build_model(settings)
     app[SOCKETS] = set()
     app[STREAMS] = set()
@@ -155,6 +156,7 @@ def _swagger(app: web.Application, model: Model) -> SwaggerDocs:
 def serve(settings: Settings) -> None:
     """`zypher-ws serve`: run the app until SIGINT or SIGTERM."""
     app = create_app(settings)
+    log_malformed_requests_at_info()
     app.on_startup.append(_freeze_startup_objects)  # after the cleanup contexts have started
     _raise_open_file_limit()
     asyncio.run(_run(app, settings))

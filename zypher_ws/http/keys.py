@@ -20,6 +20,9 @@ STREAMS: web.AppKey[set[Callable[[], None]]] = web.AppKey("streams")
 """One callback per open event stream: calling it ends the stream with a `shutdown` event."""
 METRICS = web.AppKey("metrics", Metrics)
 LIMITER = web.AppKey("limiter", RateLimiter)
-WS_CLIENTS = web.AppKey("ws_clients", SocketCounter)
+LIVE_CLIENTS = web.AppKey("live_clients", SocketCounter)
+"""Authenticated WebSockets and event streams per client address (--ws-max-per-client)."""
+WS_AUTHENTICATING = web.AppKey("ws_authenticating", SocketCounter)
+"""WebSockets per client address still to send their auth message (--ws-max-authenticating)."""
 DRAIN: web.AppKey[Callable[[], Awaitable[None]]] = web.AppKey("drain")
 """Stops the workers, letting running batches finish (set while the service runs)."""

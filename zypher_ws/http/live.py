@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from ..errors import InternalError, InvalidJSON, InvalidMessage, TooManySubscriptions, UnknownOp, ZypherError
+from ..errors import (
+    InternalError,
+    InvalidJSON,
+    InvalidMessage,
+    TooManySockets,
+    TooManySubscriptions,
+    UnknownOp,
+    ZypherError,
+)
 from ..events import Watch
 from ..json_codec import dumps, loads
 from ..metrics import Metrics
@@ -17,12 +26,14 @@ from ..service import PredictionService
 from ..settings import Settings
 from .access import WS_PROTOCOL, RateLimiter, check_origin, client_address, token_valid, websocket_token
 from .envelopes import ws_error
-from .keys import LIMITER, METRICS, SERVICE, SETTINGS, SOCKETS, STREAMS, WS_CLIENTS
+from .keys import LIMITER, LIVE_CLIENTS, METRICS, SERVICE, SETTINGS, SOCKETS, STREAMS, WS_AUTHENTICATING
 
 log = logging.getLogger(__name__)
 
 SLOW_CLIENT_CLOSE = WSCloseCode.TRY_AGAIN_LATER  # 1013: the client fell behind its outbox
-AUTH_TIMEOUT = 10.0  # seconds a socket has to authenticate when tokens are required
+AUTH_TIMEOUT = 10.0  # seconds from the upgrade a socket has to authenticate when tokens are required
+DRAIN_TIMEOUT = 10.0  # seconds a subscribe waits for the client to read its outbox down to half
+WRITE_BUFFER = 64 * 1024  # bytes aiohttp writes to a socket before it waits for the peer to take them
 
 
 class _UpdateFrames:
@@ -51,6 +62,58 @@ def record_message(kind: str, prediction: Prediction) -> dict[str, Any]:
     return {"type": kind, "prediction": prediction.to_dict()}
 
 
+class Outbox:
+    """Encoded frames waiting for the socket, bounded in frames and in bytes.
+
+    A frame that would pass either bound is refused, unless the outbox is empty: one record larger than
+    the byte bound still goes out, alone.
+    """
+
+    def __init__(self, max_frames: int, max_bytes: int) -> None:
+        self.max_frames = max_frames
+        self.max_bytes = max_bytes
+        self.size = 0  # bytes waiting
+        self._frames: deque[bytes] = deque()
+        self._filled = asyncio.Event()  # set while frames wait
+        self._roomy = asyncio.Event()  # set while at most half full, or once closed
+        self._roomy.set()
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    def put(self, frame: bytes) -> bool:
+        """Queue `frame`; False (and nothing queued) when it would pass a bound."""
+        if self._frames and (len(self._frames) >= self.max_frames or self.size + len(frame) > self.max_bytes):
+            return False
+        self._frames.append(frame)
+        self.size += len(frame)
+        self._filled.set()
+        if not self.half_empty():
+            self._roomy.clear()
+        return True
+
+    async def get(self) -> bytes:
+        while not self._frames:
+            self._filled.clear()
+            await self._filled.wait()
+        frame = self._frames.popleft()
+        self.size -= len(frame)
+        if self.half_empty():
+            self._roomy.set()
+        return frame
+
+    def half_empty(self) -> bool:
+        return 2 * len(self._frames) <= self.max_frames and 2 * self.size <= self.max_bytes
+
+    async def roomy(self) -> None:
+        """Return once the outbox is at most half full, or closed."""
+        await self._roomy.wait()
+
+    def close(self) -> None:
+        """Nothing will take frames any more: wake whoever waits for room."""
+        self._roomy.set()
+
+
 class WsSession:
     """One socket's subscriptions and its bounded outbox. Never awaits the client from an event."""
 
@@ -70,7 +133,7 @@ class WsSession:
         self.service = service
         self.settings = settings
         self.watches: dict[str, Watch] = {}
-        self.outbox: asyncio.Queue[bytes] = asyncio.Queue(maxsize=settings.ws_outbox)  # encoded frames
+        self.outbox = Outbox(settings.ws_outbox, settings.ws_outbox_bytes)
         self.dropped = False
         self._closing: asyncio.Task[None] | None = None
         self._sender = asyncio.create_task(self._send_loop())
@@ -82,22 +145,38 @@ class WsSession:
 
     def send_frame(self, frame: bytes) -> None:
         """Queue one JSON text frame, already encoded."""
+        if not self.dropped and not self.outbox.put(frame):
+            # The client is not reading. Drop it rather than buffer without bound or slow the workers.
+            self.drop()
+
+    def drop(self) -> None:
         if self.dropped:
             return
-        try:
-            self.outbox.put_nowait(frame)
-        except asyncio.QueueFull:
-            # The client is not reading. Drop it rather than buffer without bound or slow the workers.
-            self.dropped = True
-            self.metrics.slow_clients.inc()
-            self.stop_watches()
-            self._sender.cancel()
-            self._closing = asyncio.create_task(self._close(SLOW_CLIENT_CLOSE, b"too slow: outbox full"))
+        self.dropped = True
+        self.metrics.slow_clients.inc()
+        self.stop_watches()
+        self._sender.cancel()
+        self._closing = asyncio.create_task(self._close(SLOW_CLIENT_CLOSE, b"too slow: outbox full"))
 
     async def _send_loop(self) -> None:
-        while True:
-            frame = await self.outbox.get()
-            await self.ws.send_frame(frame, WSMsgType.TEXT)
+        try:
+            while True:
+                frame = await self.outbox.get()
+                await self.ws.send_frame(frame, WSMsgType.TEXT)
+        finally:
+            self.outbox.close()
+
+    async def make_room(self) -> None:
+        """Before a snapshot, let the sender bring the outbox down to half: the bound is there to drop
+        clients that do not read, not ones that ask for many snapshots at once (a store whose reads do
+        not yield, like memory://, would otherwise fill the outbox before the sender runs). A client
+        that does not read it down within DRAIN_TIMEOUT is dropped."""
+        if self.outbox.half_empty() or self.dropped:
+            return
+        try:
+            await asyncio.wait_for(self.outbox.roomy(), DRAIN_TIMEOUT)
+        except asyncio.TimeoutError:
+            self.drop()
 
     async def _close(self, code: int, message: bytes) -> None:
         try:
@@ -125,6 +204,9 @@ class WsSession:
         if prediction_id in self.watches:
             return
         self.check_room()
+        await self.make_room()
+        if self.dropped:
+            return
 
         def deliver(prediction: Prediction, snapshot: bool) -> None:
             if prediction.status.terminal:
@@ -147,6 +229,8 @@ class WsSession:
 
     async def subscribe(self, ids: list[str], request_id: Any = None) -> None:
         for pid in ids:
+            if self.dropped:
+                return
             try:
                 await self.watch(pid)
             except ZypherError as exc:
@@ -215,38 +299,50 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     settings, service = request.app[SETTINGS], request.app[SERVICE]
     check_origin(request, settings)  # 403 before any upgrade
     client = client_address(request)
-    per_client = request.app[WS_CLIENTS]
-    per_client.acquire(client)  # 429 before any upgrade
-    try:
-        return await _serve_socket(request, settings, service, client)
-    finally:
-        per_client.release(client)
-
-
-async def _serve_socket(
-    request: web.Request, settings: Settings, service: PredictionService, client: str
-) -> web.WebSocketResponse:
-    authenticated = not settings.api_tokens or token_valid(websocket_token(request), settings.api_tokens)
+    live_clients = request.app[LIVE_CLIENTS]
     ws = web.WebSocketResponse(
         timeout=CLOSE_WAIT,
         heartbeat=settings.ws_heartbeat or None,
         max_msg_size=settings.ws_max_message,
         protocols=(WS_PROTOCOL,),
+        writer_limit=WRITE_BUFFER,
     )
-    await ws.prepare(request)
+    if not settings.api_tokens or token_valid(websocket_token(request), settings.api_tokens):
+        with live_clients.hold(client):  # 429 before any upgrade
+            await ws.prepare(request)
+            await _serve_socket(request, ws, service, client)
+        return ws
+    # Only authenticated sockets count toward --ws-max-per-client, so sockets that never authenticate
+    # cannot lock out the users of their address (all of them, behind a gateway): they have a cap of their own.
+    with request.app[WS_AUTHENTICATING].hold(client):  # 429 before any upgrade
+        await ws.prepare(request)
+        if not await _authenticate(ws, settings):
+            return ws
     try:
-        if authenticated or await _authenticate(ws, settings):
-            await _converse(request, ws, service, settings, client)
-    except Exception:  # past the upgrade, aiohttp would write an HTTP 500 into the socket: close it instead
-        log.exception("unhandled error on a WebSocket")
-        await ws.close(code=WSCloseCode.INTERNAL_ERROR, message=b"internal error")
+        live_clients.acquire(client)
+    except TooManySockets:
+        await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"too many sockets from this address")
+        return ws
+    try:
+        await ws.send_frame(dumps({"type": "authenticated"}), WSMsgType.TEXT)
+        await _serve_socket(request, ws, service, client)
+    finally:
+        live_clients.release(client)
     return ws
 
 
-async def _converse(
-    request: web.Request, ws: web.WebSocketResponse, service: PredictionService, settings: Settings, client: str
+async def _serve_socket(
+    request: web.Request, ws: web.WebSocketResponse, service: PredictionService, client: str
 ) -> None:
-    sockets, metrics = request.app[SOCKETS], request.app[METRICS]
+    try:
+        await _converse(request, ws, service, client)
+    except Exception:  # past the upgrade, aiohttp would write an HTTP 500 into the socket: close it instead
+        log.exception("unhandled error on a WebSocket")
+        await ws.close(code=WSCloseCode.INTERNAL_ERROR, message=b"internal error")
+
+
+async def _converse(request: web.Request, ws: web.WebSocketResponse, service: PredictionService, client: str) -> None:
+    settings, sockets, metrics = request.app[SETTINGS], request.app[SOCKETS], request.app[METRICS]
     session = WsSession(ws, service, settings, metrics, request.app[LIMITER], client)
     sockets.add(ws)
     metrics.websockets.inc()
@@ -267,17 +363,18 @@ async def _converse(
 
 async def _authenticate(ws: web.WebSocketResponse, settings: Settings) -> bool:
     """With tokens configured and none in the protocol header, the first message must be
-    `{"op": "auth", "token": "..."}`, within AUTH_TIMEOUT seconds; otherwise the socket closes with 1008."""
+    `{"op": "auth", "token": "..."}`, within AUTH_TIMEOUT seconds of the upgrade; otherwise the socket
+    closes with 1008. The deadline is absolute: aiohttp answers pings inside `receive()`, restarting its
+    own timeout on each, so a client pinging every few seconds would otherwise never be closed."""
     token = None
     try:
-        msg = await ws.receive(timeout=AUTH_TIMEOUT)
+        msg = await asyncio.wait_for(ws.receive(), AUTH_TIMEOUT)
         message = loads(msg.data) if msg.type is WSMsgType.TEXT else None
         if isinstance(message, dict) and message.get("op") == "auth" and isinstance(message.get("token"), str):
             token = message["token"]
     except (asyncio.TimeoutError, ValueError):
         pass
     if token_valid(token, settings.api_tokens):
-        await ws.send_frame(dumps({"type": "authenticated"}), WSMsgType.TEXT)
         return True
     await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"unauthorized: first send {op: auth, token}")
     return False
@@ -330,7 +427,14 @@ async def prediction_events(request: web.Request) -> web.StreamResponse:
                 event: {type: string, enum: [subscribed, update, shutdown]}
                 data: {type: string}
       '404': {description: 'Unknown id', content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}
+      '429': {description: 'Too many live connections from this address', content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}
     """
+    # Event streams and WebSockets share one cap per client address (--ws-max-per-client).
+    with request.app[LIVE_CLIENTS].hold(client_address(request)):
+        return await _stream_events(request)
+
+
+async def _stream_events(request: web.Request) -> web.StreamResponse:
     service, settings = request.app[SERVICE], request.app[SETTINGS]
     prediction_id = request.match_info["prediction_id"]
     # At most one per lifecycle rank, and one `shutdown` (None) when the server stops.

@@ -28,8 +28,9 @@ With API tokens configured, send the token as the protocol `bearer.TOKEN` next t
 (`Sec-WebSocket-Protocol: zypher, bearer.TOKEN`) or as the first message `{"op": "auth", "token": TOKEN}`.
 Upgrades from a browser origin other than the service's own (or the allowlist) are refused with 403.
 
-Close codes: 1008 for a missing or wrong token, 1009 for a frame over the size limit, 1013 for a client
-that fell behind its outbox, 1001 on server shutdown (after a `{"type": "shutdown"}` message).
+Close codes: 1008 for a missing or wrong token (or none within 10 s of the upgrade), 1009 for a frame
+over the size limit, 1013 for a client that fell behind its outbox or that authenticated by message past
+the sockets allowed per client address, 1001 on server shutdown (after a `{"type": "shutdown"}` message).
 """
 
 _TIMESTAMP = {"type": "string", "format": "date-time", "nullable": True}
