@@ -24,7 +24,7 @@ from ..workers import WorkerPool
 from . import live, openapi, views
 from .access import RateLimiter, SocketCounter
 from .access_log import AccessLogger, log_malformed_requests_at_info
-from .connections import ConnectionLimits, GuardedSite, quiet_resource_errors
+from .connections import GuardedSite, quiet_resource_errors
 from .keys import DRAIN, LIMITER, LIVE_CLIENTS, METRICS, MODEL, SERVICE, SETTINGS, SOCKETS, STREAMS, WS_AUTHENTICATING
 from .middleware import count_requests, json_errors, parse_json_body, require_token
 from .pages import add_page_routes
@@ -171,7 +171,7 @@ async def _run(app: web.Application, settings: Settings) -> None:
     runner = web.AppRunner(app, access_log_class=AccessLogger, shutdown_timeout=settings.shutdown_timeout)
     await runner.setup()
     try:
-        limits = ConnectionLimits(settings.max_connections_per_client)
+        limits = SocketCounter(settings.max_connections_per_client, "connections")
         site = GuardedSite(runner, settings.host, settings.port, limits=limits, head_timeout=settings.read_timeout)
         await site.start()
         logging.getLogger("zypher_ws").info("Running on %s (Ctrl-C or SIGTERM to stop)", site.name)

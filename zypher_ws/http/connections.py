@@ -21,6 +21,9 @@ from typing import Any
 
 from aiohttp import web
 
+from ..errors import TooManySockets
+from .access import SocketCounter
+
 log = logging.getLogger(__name__)
 
 HEAD_END = b"\r\n\r\n"
@@ -28,34 +31,10 @@ HEAD_SCAN_LIMIT = 64 * 1024  # past this aiohttp rejects the head itself (431/40
 RESOURCE_LOG_INTERVAL = 60.0  # seconds between log lines about running out of file descriptors
 
 
-class ConnectionLimits:
-    """Open connections per client address, up to `per_client` (0: no cap, e.g. behind a proxy)."""
-
-    def __init__(self, per_client: int) -> None:
-        self.per_client = per_client
-        self._open: dict[str, int] = {}
-        self.refused = 0
-
-    def admit(self, client: str) -> bool:
-        count = self._open.get(client, 0)
-        if self.per_client and count >= self.per_client:
-            self.refused += 1
-            return False
-        self._open[client] = count + 1
-        return True
-
-    def release(self, client: str) -> None:
-        count = self._open.get(client, 0) - 1
-        if count > 0:
-            self._open[client] = count
-        else:
-            self._open.pop(client, None)
-
-
 class Guard(asyncio.Protocol):
     """Sits between the transport and aiohttp's protocol for one connection, passing everything on."""
 
-    def __init__(self, inner: Any, limits: ConnectionLimits, head_timeout: float) -> None:
+    def __init__(self, inner: Any, limits: SocketCounter, head_timeout: float) -> None:
         self._inner = inner
         self._limits = limits
         self._head_timeout = head_timeout
@@ -68,7 +47,9 @@ class Guard(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         peer = transport.get_extra_info("peername")
         client = str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
-        if not self._limits.admit(client):
+        try:
+            self._limits.acquire(client)
+        except TooManySockets:
             transport.abort()  # before aiohttp sees it: no handler task, no buffers
             return
         self._client, self._transport = client, transport
@@ -118,7 +99,7 @@ class Guard(asyncio.Protocol):
 class GuardedSite(web.TCPSite):
     """aiohttp's TCP site with every connection wrapped in a Guard."""
 
-    def __init__(self, runner: web.AppRunner, host: str, port: int, *, limits: ConnectionLimits, head_timeout: float):
+    def __init__(self, runner: web.AppRunner, host: str, port: int, *, limits: SocketCounter, head_timeout: float):
         super().__init__(runner, host, port)
         self._limits = limits
         self._head_timeout = head_timeout
