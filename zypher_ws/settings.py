@@ -190,7 +190,9 @@ class Settings:
         if any(len(token) < 16 for token in self.api_tokens):
             raise ValueError("each --api-token must be at least 16 characters")
         if any(not re.fullmatch(r"https?://[^/?#\s]+/?", origin) for origin in self.public_origins):
-            raise ValueError("each public origin (--public-origin) is scheme://host[:port], like https://api.example.com")
+            raise ValueError(
+                "each public origin (--public-origin) is scheme://host[:port], like https://api.example.com"
+            )
         if self.store.startswith("sqlite:") and not self.store.startswith("sqlite:///"):
             raise ValueError(f"--store must be sqlite:///relative.db or sqlite:////absolute.db (got {self.store!r})")
 
