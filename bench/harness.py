@@ -48,16 +48,27 @@ class Server:
     def rss_mib(self) -> float:
         return sum(_rss_kib(pid) for pid in _process_tree(self.proc.pid)) / 1024
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the server and the processes under it have used so far."""
+        return sum(_cpu_ticks(pid) for pid in _process_tree(self.proc.pid)) / CLOCK_TICKS
+
 
 @contextmanager
-def server(argv: Sequence[str], *, ready_path: str = "/healthz", env: dict[str, str] | None = None) -> Iterator[Server]:
-    """Run `argv` (with {port} filled in) pinned to the server core; yield once `ready_path` answers 200."""
+def server(
+    argv: Sequence[str],
+    *,
+    ready_path: str = "/healthz",
+    env: dict[str, str] | None = None,
+    cwd: str | Path = ROOT,
+) -> Iterator[Server]:
+    """Run `argv` (with {port} filled in) pinned to the server core, in `cwd`; yield once `ready_path`
+    answers 200."""
     port = free_port()
     args = [a.format(port=port) for a in argv]
     log = tempfile.TemporaryFile()
     proc = subprocess.Popen(
         pinned(SERVER_CPU, args),
-        cwd=ROOT,
+        cwd=cwd,
         env={**os.environ, **QUIET_ENV, "PYTHONPATH": str(ROOT), **(env or {})},
         stdout=log,
         stderr=log,
@@ -123,6 +134,18 @@ def _rss_kib(pid: int) -> int:
     return _status_kib(pid, "VmRSS")
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_ticks(pid: int) -> int:
+    """utime + stime of one process (all its threads), in clock ticks; 0 once it has gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0
+    return int(fields[11]) + int(fields[12])
+
+
 # -- load with wrk ------------------------------------------------------------------------------------
 
 
@@ -134,6 +157,7 @@ class Run:
     p50_ms: float
     p99_ms: float
     errors: int = 0
+    requests: int = 0  # every answer, errors included (wrk runs only)
     extra: dict[str, float] = field(default_factory=dict)
 
 
@@ -174,6 +198,7 @@ def wrk(
         p50_ms=r["p50_us"] / 1000,
         p99_ms=r["p99_us"] / 1000,
         errors=r["non2xx"] + r["socket_errors"],
+        requests=r["requests"],
     )
 
 
