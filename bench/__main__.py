@@ -1,6 +1,6 @@
 """`python -m bench [SUITE ...]`: run benchmark suites and print their tables (Markdown).
 
-Suites: throughput, responsiveness, flood, stores, live, scale (needs a Redis: --redis-url).
+Suites: throughput, responsiveness, flood, stores, live, defaults, scale (needs a Redis: --redis-url).
 Servers run pinned to core 0 and load comes from core 1 (taskset); wrk must be installed.
 """
 

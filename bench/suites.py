@@ -301,6 +301,87 @@ def stores(opts: Options) -> list[str]:
     ]
 
 
+# -- the defaults, as the Quick start runs them, against the ceiling -------------------------------------
+
+# `zypher-ws serve --model mock` as the Quick start runs it: the default store (sqlite:///zypher.db in the
+# working directory, a fresh one per run), INFO logs, every other option at its default. `--port` is the
+# one flag added, to a free port, which changes nothing else.
+DEFAULTS: dict[str, tuple[list[str], str, dict[str, str]]] = {
+    "ceiling": ([PY, "-m", "bench.ceiling", "--port", "{port}", "--model", "mock"], "/healthz", {}),
+    "defaults": ([str(BIN / "zypher-ws"), "serve", "--port", "{port}", "--model", "mock"], "/readyz", {}),
+    "defaults, async": ([str(BIN / "zypher-ws"), "serve", "--port", "{port}", "--model", "mock"], "/readyz",
+                        {"Async-Mode": "true"}),
+    "--store memory://, async": (
+        [str(BIN / "zypher-ws"), "serve", "--port", "{port}", "--model", "mock", "--store", "memory://"],
+        "/readyz",
+        {"Async-Mode": "true"},
+    ),
+}  # fmt: skip
+DEFAULTS_CONNECTIONS = 32
+
+
+def defaults(opts: Options) -> list[str]:
+    """The defaults against the ceiling (sync) and against the memory store (async submit), `mock` 0 ms,
+    c=32. Rounds outermost, the order reversed every other round; every run starts its server afresh in
+    a new working directory, and the ratios are paired within a round."""
+    keys = ("rps", "p50", "p99", "cpu_us", "errors")
+    f = {name: {k: Figure() for k in keys} for name in DEFAULTS}
+    paired = {"defaults": Figure(), "defaults, async": Figure()}  # ÷ the ceiling, ÷ memory:// async
+    against = {"defaults": "ceiling", "defaults, async": "--store memory://, async"}
+    body = {"input": [1, 2, 3]}
+    names = list(DEFAULTS)
+    for round_no in range(opts.repeat):
+        for name in names if round_no % 2 == 0 else names[::-1]:
+            argv, ready, headers = DEFAULTS[name]
+            with (
+                tempfile.TemporaryDirectory(prefix="zypher-bench-") as cwd,
+                server(argv, ready_path=ready, cwd=cwd) as s,
+            ):
+                before = s.cpu_seconds()
+                run = wrk(
+                    s.url + "/predict",
+                    connections=DEFAULTS_CONNECTIONS,
+                    duration=opts.duration,
+                    body=body,
+                    headers=headers,
+                )
+                used = s.cpu_seconds() - before
+            values = (run.rps, run.p50_ms, run.p99_ms, 1e6 * used / max(1, run.requests), run.errors)
+            for key, value in zip(keys, values, strict=True):
+                f[name][key].add(value)
+        for name, base in against.items():
+            paired[name].add(f[name]["rps"].values[-1] / f[base]["rps"].values[-1])
+        print(f"  defaults: round {round_no + 1} done", file=sys.stderr, flush=True)
+    modes = {"ceiling": "sync", "defaults": "sync", "defaults, async": "async submit",
+             "--store memory://, async": "async submit"}  # fmt: skip
+    shown = {"defaults": "÷ ceiling ", "defaults, async": "÷ memory:// async "}
+    rows = [
+        [f"`{_command(DEFAULTS[name][0])}`", modes[name], g["rps"].show(), g["p50"].show(2), g["p99"].show(2),
+         g["cpu_us"].show(), g["errors"].show(), shown[name] + paired[name].show(2, "×") if name in paired else ""]
+        for name, g in f.items()
+    ]  # fmt: skip
+    return [
+        table(
+            f"the defaults: `mock` 0 ms, c={DEFAULTS_CONNECTIONS}, each run a fresh server in a fresh working "
+            "directory (ratios are medians of per-round ratios)",
+            ["server", "mode", "requests/s", "p50 ms", "p99 ms", "server CPU µs/request", "errors", "ratio"],
+            rows,
+        )
+    ]
+
+
+def _command(argv: list[str]) -> str:
+    """The command line as a reader would type it: no interpreter path, no port."""
+    words = [Path(argv[0]).name if argv[0] != PY else "python", *argv[1:]]
+    out: list[str] = []
+    for word in words:
+        if word == "{port}":
+            out.pop()  # its --port
+        else:
+            out.append(word)
+    return " ".join(out)
+
+
 # -- live results: push latency to many sockets, memory of idle sockets -------------------------------
 
 
@@ -405,4 +486,5 @@ SUITES: dict[str, Callable[[Options], list[str]]] = {
     "flood": flood,
     "stores": stores,
     "live": live,
+    "defaults": defaults,
 }
