@@ -25,7 +25,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from contextlib import AsyncExitStack, ExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -370,14 +370,18 @@ HEADER = [
 
 
 def judge(row: Row, load: Load, records: dict[str, Any], exec_log: Path | None) -> Row:
+    """Fill the row from what was accepted, the records read back and the execution log."""
     runs = Counter(int(x) for x in exec_log.read_text().split()) if exec_log and exec_log.exists() else Counter()
     row.accepted = len(load.accepted)
     row.wrong = load.answered_wrong
     row.over_run = 0 if load.counted else None
+    lost: Counter[str] = Counter()  # how each lost one was last seen
+    lost_ids: list[str] = []
     for pid, n in load.accepted.items():
         record = records.get(pid)
         if record is None or record["status"] not in TERMINAL:
-            row.lost += 1
+            lost["not found (404)" if pid in records and record is None else _unfinished(record)] += 1
+            lost_ids.append(pid)
             continue
         if record["status"] == "succeeded":
             row.succeeded += 1
@@ -387,10 +391,16 @@ def judge(row: Row, load: Load, records: dict[str, Any], exec_log: Path | None) 
             row.failed += 1
         if load.counted and runs[n] > record["attempts"]:
             row.over_run = (row.over_run or 0) + 1
-    missing = sum(1 for pid in load.accepted if pid in records and records[pid] is None)
-    unfinished = row.lost - missing
-    if row.lost:
-        row.notes.append(f"lost: {missing} not found (404), {unfinished} not finished after {SETTLE_TIMEOUT:g} s")
+    row.lost = len(lost_ids)
+    restarted = sum(1 for r in records.values() if r and r["attempts"] > 1)
+    rerun = sum(1 for n in load.accepted.values() if runs[n] > 1)
+    row.notes.append(
+        f"started more than once (attempts > 1): {restarted:,}"
+        + (f", ran more than once: {rerun:,}" if load.counted else "")
+    )
+    if lost:
+        said = ", ".join(f"{n} {how}" for how, n in lost.most_common())
+        row.notes.append(f"**lost**: {said} after {SETTLE_TIMEOUT:g} s; e.g. {', '.join(lost_ids[:3])}")
     if row.wrong:
         row.notes.append(f"{row.wrong} succeeded with a wrong result or without a logged execution")
     failed = Counter(
@@ -402,6 +412,12 @@ def judge(row: Row, load: Load, records: dict[str, Any], exec_log: Path | None) 
     if load.refused:
         row.notes.append("refused: " + ", ".join(f"{n:,} × {code}" for code, n in load.refused.most_common()))
     return row
+
+
+def _unfinished(record: dict[str, Any] | None) -> str:
+    if record is None:
+        return "never read"
+    return f"still {record['status']} (attempts {record['attempts']})"
 
 
 # -- the attacks ------------------------------------------------------------------------------------
@@ -516,8 +532,10 @@ async def redis_restarts(tmp: Path, duration: float) -> Row:
                     outage.add(time.monotonic() - t0)
                 await asyncio.sleep(duration)
         records = await settle(http, list(load.accepted))
+    taken = [line for w in workers for line in w.tail(1 << 24).splitlines() if "took over" in line]
     row.notes.append(
-        f"Redis down then until /readyz 200 again: {outage.show(2)} s; worker claim after {CLAIM_IDLE} s (--claim-idle)"
+        f"Redis down, then until /readyz 200 again: {outage.show(2)} s; workers took over a lost worker's "
+        f"predictions {len(taken)} time(s) (--claim-idle {CLAIM_IDLE})"
     )
     return judge(row, load, records, exec_log)
 
@@ -801,11 +819,18 @@ def on_load_core() -> Iterator[None]:
         os.sched_setaffinity(0, before)
 
 
-def chaos(opts: Options, only: Sequence[str] = ()) -> list[str]:
+def chaos(opts: Options, only: Sequence[str] = (), keep: Path | None = None) -> list[str]:
     """Every attack in turn (or those named); raises InvariantsFailed, with the tables, if one lost a
-    prediction, ran one more often than its record says, or could not be run."""
+    prediction, ran one more often than its record says, or could not be run. With `keep`, the
+    databases, Redis files, execution logs and process logs stay in that directory."""
     rows: list[Row] = []
-    with tempfile.TemporaryDirectory(prefix="zypher-chaos-") as tmp, on_load_core():
+    with ExitStack() as stack:
+        if keep is None:
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="zypher-chaos-"))
+        else:
+            keep.mkdir(parents=True, exist_ok=False)
+            tmp = str(keep)
+        stack.enter_context(on_load_core())
         for name, attack in attacks(opts, Path(tmp)):
             if not only or name in only:
                 rows.append(asyncio.run(run_attack(name, attack)))
@@ -839,13 +864,14 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=3.0)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--chaos-rounds", type=int, default=100)
+    p.add_argument("--keep", type=Path, help="a new directory to run in and keep (databases, logs)")
     args = parser.parse_args()
     if args.cmd == "watch":
         print(json.dumps(asyncio.run(watch(args.url, args.rate, args.timeout))), flush=True)
         return
     opts = Options(duration=args.duration, repeat=args.repeat, chaos_rounds=args.chaos_rounds)
     try:
-        lines = chaos(opts, only=args.names)
+        lines = chaos(opts, only=args.names, keep=args.keep)
     except InvariantsFailed as failure:
         print("\n".join(failure.lines), flush=True)
         sys.exit(1)
