@@ -289,7 +289,12 @@ async def probing(url: str) -> AsyncIterator[dict[str, Any]]:
         stdout=asyncio.subprocess.PIPE,
     )
     assert proc.stdout is not None
-    await asyncio.wait_for(proc.stdout.readline(), READY_TIMEOUT)  # "watching": its SIGTERM handler is set
+    try:
+        await asyncio.wait_for(proc.stdout.readline(), READY_TIMEOUT)  # "watching": its SIGTERM handler is set
+    except BaseException:
+        proc.kill()
+        await proc.wait()
+        raise
     result: dict[str, Any] = {}
     try:
         yield result
@@ -433,7 +438,10 @@ async def sigkill_sqlite(tmp: Path, rounds: int, seed: int = 14) -> Row:
     load = Load()
     ready, up, gone = Figure(), Figure(), Figure()
     url = f"http://127.0.0.1:{port}"
-    async with aiohttp.ClientSession(url) as http:
+    last = Proc(argv, tmp / "kill.log", env)
+    async with AsyncExitStack() as stack:
+        http = await stack.enter_async_context(aiohttp.ClientSession(url))
+        stack.push_async_callback(last.stop)  # whatever happens, nothing of ours outlives the attack
         async with probing(url + "/healthz") as row.probe, load.running(http):
             for _ in range(rounds):
                 proc = await Proc(argv, tmp / "kill.log", env).start()
@@ -449,13 +457,9 @@ async def sigkill_sqlite(tmp: Path, rounds: int, seed: int = 14) -> Row:
                     killed = time.monotonic()
                     await proc.kill()
                     gone.add(time.monotonic() - killed)
-            proc = await Proc(argv, tmp / "kill.log", env).start()
-            await until_ready(http, proc)
+            await until_ready(http, await last.start())
             await asyncio.sleep(1.0)  # the streams go on against the last start for a second
-        try:
-            records = await settle(http, list(load.accepted))
-        finally:
-            await proc.stop()
+        records = await settle(http, list(load.accepted))
     row.notes.append(
         f"start to ready {ready.show(2)} s median (min–max); up {up.show(2)} s before each kill; "
         f"{rounds - len(ready.values)} killed while starting; SIGKILL to reaped {gone.show(2)} s (a process "
