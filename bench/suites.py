@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.chaos import chaos
 from bench.harness import (
     LOAD_CPU,
     ROOT,
@@ -39,6 +40,7 @@ class Options:
     duration: float = 3.0
     repeat: int = 3
     models: tuple[str, ...] = MODELS
+    chaos_rounds: int = 100  # SIGKILL rounds of the chaos suite
 
 
 def zypher(*extra: str) -> list[str]:
@@ -487,4 +489,6 @@ SUITES: dict[str, Callable[[Options], list[str]]] = {
     "stores": stores,
     "live": live,
     "defaults": defaults,
+    "chaos": chaos,
 }
+DEFAULT = ("throughput", "responsiveness", "flood", "stores", "live", "defaults")  # `python -m bench` alone

@@ -476,7 +476,7 @@ async def test_outbox_is_bounded_in_bytes_too(make_client: ClientFactory, monkey
     port = client.server.port
     assert port is not None
     slow = await RawWebSocket.connect("127.0.0.1", port, rcvbuf=4096)
-    for i in range(200):  # 600 messages in all, ~4 MB of results: 60 times the byte bound
+    for i in range(1000):  # 3,000 messages in all, ~20 MB of results
         slow.send_json({"op": "predict", "input": i})
     await slow.writer.drain()
     try:
