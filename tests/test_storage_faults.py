@@ -139,3 +139,76 @@ async def test_a_redis_blip_while_a_batch_finishes_is_retried_not_stranded(
     record = await resp.json()
     assert record["status"] == "succeeded" and record["result"] == {"echo": {"x": 7}}
     assert failures == 0 and len(gated.batches) == 1
+
+
+async def test_a_start_applied_but_unanswered_on_redis_is_taken_over_not_stranded(
+    aiohttp_client: Any, redis_settings: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis ran the start, then the connection broke before its reply: retrying would find the records
+    running and start nothing. The batch is released, taken over after --claim-idle, and run."""
+    from zypher_ws.backends.redis.store import RedisStore
+    from zypher_ws.errors import BackendUnavailable
+
+    original = RedisStore.start
+    lost_replies = 1
+
+    async def applied_then_lost(self: RedisStore, prediction_ids: Sequence[str]) -> list[Prediction]:
+        nonlocal lost_replies
+        started = await original(self, prediction_ids)
+        if lost_replies:
+            lost_replies -= 1
+            raise BackendUnavailable("Redis is unavailable: Connection closed by server")
+        return started
+
+    monkeypatch.setattr(RedisStore, "start", applied_then_lost)
+    gated = GatedModel(gated=False)
+    gated.bind(asyncio.get_running_loop())
+    settings = make_settings(**redis_settings, claim_idle=0.3, max_attempts=3)
+    client = await aiohttp_client(create_app(settings, model=gated))
+    service = client.app[SERVICE]
+    await asyncio.wait_for(service.runner.loaded_event.wait(), WAIT)
+    accepted = await client.post("/predict", json={"input": {"x": 5}}, headers={"Async-Mode": "true"})
+    assert accepted.status == 202
+    done = await service.wait((await accepted.json())["prediction_id"], WAIT)
+    assert done.status.value == "succeeded" and done.result == {"echo": {"x": 5}}
+    assert done.attempts == 2  # the first start counted: at-least-once, and said so
+    assert lost_replies == 0 and len(gated.batches) == 1
+
+
+async def test_a_redis_blip_while_a_batch_fills_runs_what_was_taken(
+    redis_settings: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first read delivered entries to this worker; a failure of the read that waits for company must
+    not drop them (they look held, so no other worker would ever run them)."""
+    import redis.asyncio as aioredis
+    import redis.exceptions
+
+    from zypher_ws.backends.redis.keys import RedisKeys
+    from zypher_ws.backends.redis.queue import RedisQueue
+    from zypher_ws.backends.redis.store import RedisStore
+    from zypher_ws.records import Job
+
+    client = aioredis.Redis.from_url(redis_settings["redis_url"], decode_responses=True)
+    keys = RedisKeys(redis_settings["redis_prefix"])
+    queue = RedisQueue(
+        client, keys, store=RedisStore(client, keys), bus=LocalEventBus(), maxsize=10, consumer="c1",
+        claim_idle=30, max_attempts=3,
+    )  # fmt: skip
+    try:
+        await queue.ensure_group()
+        await queue.put(Job("a" * 32))
+        original, reads = RedisQueue._read, 0
+
+        async def second_read_fails(self: RedisQueue, count: int, block_ms: int) -> list[Job]:
+            nonlocal reads
+            reads += 1
+            if reads == 2:
+                raise redis.exceptions.ConnectionError("Connection reset by peer")
+            return await original(self, count, block_ms)
+
+        monkeypatch.setattr(RedisQueue, "_read", second_read_fails)
+        batch = await asyncio.wait_for(queue.get_batch(4, 0.05), WAIT)
+        assert [job.prediction_id for job in batch] == ["a" * 32] and reads == 2
+    finally:
+        await queue.close()
+        await client.aclose()

@@ -95,7 +95,18 @@ class WorkerPool:
 
     async def run_batch(self, jobs: list[Job]) -> None:
         ids = [job.prediction_id for job in jobs]
-        started = await self._until_done(lambda: self._store.start(ids), "the start of a batch")
+        if isinstance(self._queue, Releases):
+            try:
+                started = await self._store.start(ids)
+            except RetryLater as exc:
+                # Redis may have applied the start before the connection broke: retrying would find the
+                # records running and start nothing, stranding them. Release the batch instead; the
+                # takeover after --claim-idle queues again what is running (an attempt) or still queued.
+                log.warning("could not record the start of a batch (%s); releasing it for takeover", exc.message)
+                await self._queue.release(jobs)
+                return
+        else:  # embedded: a failed transaction changed nothing, so trying again is exact
+            started = await self._until_done(lambda: self._store.start(ids), "the start of a batch")
         if started:
             self._metrics.batch_started(started)
             logs.state_changes(started)

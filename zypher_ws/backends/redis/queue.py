@@ -107,9 +107,6 @@ class RedisQueue:
                 return [self._reclaimed.popleft() for _ in range(min(max_size, len(self._reclaimed)))]
             try:
                 jobs = await self._read(max_size, READ_BLOCK_MS)
-                if jobs and len(jobs) < max_size and max_delay > 0:
-                    # Dynamic batching as in one process: wait at most max_delay for company.
-                    jobs += await self._read(max_size - len(jobs), max(1, round(max_delay * 1000)))
             except redis.exceptions.ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     raise
@@ -119,6 +116,14 @@ class RedisQueue:
                 log.warning("cannot read the queue from Redis (%s); retrying", exc)
                 await asyncio.sleep(RETRY_DELAY)
                 continue
+            if jobs and len(jobs) < max_size and max_delay > 0:
+                # Dynamic batching as in one process: wait at most max_delay for company. The first read
+                # has delivered its entries to us already: if this one fails they must still be run (they
+                # look held, so nobody else would), so the batch goes with what it has.
+                try:
+                    jobs += await self._read(max_size - len(jobs), max(1, round(max_delay * 1000)))
+                except (*UNAVAILABLE, redis.exceptions.ResponseError) as exc:
+                    log.warning("cannot read more of the queue from Redis (%s); running %d taken", exc, len(jobs))
             if jobs:
                 return jobs
 
