@@ -440,7 +440,32 @@ class BigOutputModel(MockModel):
         return [{"blob": "x" * 20_000, "n": x} for x in inputs]
 
 
-async def test_slow_client_is_dropped_and_nobody_else_waits(make_client: ClientFactory) -> None:
+class GatedBigModel(GatedModel):
+    """BigOutputModel's outputs, once the test lets the batches run."""
+
+    def predict_batch(self, inputs: list[Any]) -> list[Any]:
+        super().predict_batch(inputs)
+        return [{"blob": "x" * 20_000, "n": x} for x in inputs]
+
+
+def notify_drops(monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
+    """An event set once the server drops a socket for falling behind. A test whose client must not read
+    before then (reading would make it a fast client, which is never dropped) waits on it."""
+    dropped = asyncio.Event()
+    drop = live.WsSession.drop
+
+    def drop_and_notify(session: live.WsSession) -> None:
+        drop(session)
+        dropped.set()
+
+    monkeypatch.setattr(live.WsSession, "drop", drop_and_notify)
+    return dropped
+
+
+async def test_slow_client_is_dropped_and_nobody_else_waits(
+    make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(live, "SLOW_CLIENT_GRACE", WAIT * 6)  # the 1013 waits for a reader past our deadlines
     client = await make_client(model=BigOutputModel(), ws_outbox=32, ws_max_subscriptions=5000, max_queue=5000)
     port = client.server.port
     assert port is not None
@@ -470,17 +495,71 @@ async def test_slow_client_is_dropped_and_nobody_else_waits(make_client: ClientF
 async def test_outbox_is_bounded_in_bytes_too(make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Few, large messages: far below --ws-outbox's count, the byte bound drops the client that stops reading."""
     monkeypatch.setattr(live, "DRAIN_TIMEOUT", 0.5)  # a subscribe waiting for room gives up sooner
+    monkeypatch.setattr(live, "SLOW_CLIENT_GRACE", WAIT * 2)  # the 1013 waits for a reader past our deadline
+    dropped = notify_drops(monkeypatch)
     client = await make_client(
         model=BigOutputModel(), ws_outbox=100_000, ws_outbox_bytes=64 * 1024, ws_max_subscriptions=5000, max_queue=5000
     )
     port = client.server.port
     assert port is not None
     slow = await RawWebSocket.connect("127.0.0.1", port, rcvbuf=4096)
-    for i in range(1000):  # 3,000 messages in all, ~20 MB of results
+    # 3,000 messages in all, ~20 MB of results: far more than the kernel buffers for a peer that does not
+    # read (Linux grows a loopback socket's send buffer to ~4 MB), so the outbox has to overflow.
+    for i in range(1000):
         slow.send_json({"op": "predict", "input": i})
     await slow.writer.drain()
     try:
-        assert await asyncio.wait_for(slow.read_until_close(), WAIT * 4) == 1013
+        # Not a byte read before the drop: a client reading all along may keep up and never be dropped.
+        await asyncio.wait_for(dropped.wait(), WAIT * 4)
+        assert await asyncio.wait_for(slow.read_until_close(), WAIT) == 1013
+    finally:
+        slow.close()
+
+
+async def test_a_dropped_client_that_does_not_read_is_aborted(
+    make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The 1013 close queues behind the backlog of a client that does not read, so it may never go out: past
+    SLOW_CLIENT_GRACE the server aborts the connection. This frees the socket even while its handler waits
+    for the next message, which a close frame that cannot be written never wakes."""
+    monkeypatch.setattr(live, "SLOW_CLIENT_GRACE", 0.2)
+    dropped = notify_drops(monkeypatch)
+    model = GatedBigModel()
+    # An outbox far larger than a batch's results: it overflows only once the sender is stuck behind a
+    # full transport, with the close frame to queue behind it.
+    client = await make_client(
+        model=model,
+        max_batch_size=8,
+        workers=1,
+        ws_outbox=100_000,
+        ws_outbox_bytes=1024 * 1024,
+        max_queue=5000,
+        ws_max_subscriptions=5000,
+    )
+    port = client.server.port
+    assert port is not None and client.server.runner is not None
+    server = client.server.runner.server
+    assert server is not None
+    slow = await RawWebSocket.connect("127.0.0.1", port, rcvbuf=4096)
+    for i in range(1000):  # ~20 MB of results once the model runs
+        slow.send_json({"op": "predict", "input": {"x": i}})
+    slow.send_json({"op": "ping"})
+    while (frame := await asyncio.wait_for(slow.read_frame(), WAIT))[0] != 0x1 or json.loads(frame[1]) != {
+        "type": "pong"
+    }:
+        pass
+    # Every op is answered, so the handler waits for a message that never comes. From here on the
+    # client reads nothing: the results overflow the outbox, and the server drops the socket.
+    model.release.set()
+    try:
+        await asyncio.wait_for(dropped.wait(), WAIT * 4)
+
+        async def gone() -> bool:
+            return not client.app[SOCKETS] and not server.connections
+
+        await eventually(gone, "aborted the connection of the dropped socket")
+        # What the kernel took still arrives, cut off mid-frame: the close frame behind it was discarded.
+        assert await asyncio.wait_for(slow.read_until_close(), WAIT) is None
     finally:
         slow.close()
 
@@ -512,6 +591,7 @@ async def test_a_subscribe_waits_for_a_client_that_does_not_read_only_so_long(
     make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(live, "DRAIN_TIMEOUT", 0.2)
+    monkeypatch.setattr(live, "SLOW_CLIENT_GRACE", WAIT * 3)  # the 1013 waits for a reader past our deadlines
     client = await make_client(model=BigOutputModel())
     ids = [(await (await client.post("/predict", json={"input": i})).json())["prediction_id"] for i in range(400)]
     port = client.server.port

@@ -31,6 +31,7 @@ from .keys import LIMITER, LIVE_CLIENTS, METRICS, SERVICE, SETTINGS, SOCKETS, ST
 log = logging.getLogger(__name__)
 
 SLOW_CLIENT_CLOSE = WSCloseCode.TRY_AGAIN_LATER  # 1013: the client fell behind its outbox
+SLOW_CLIENT_GRACE = 10.0  # seconds a dropped client has to read its backlog and our 1013 before it is aborted
 AUTH_TIMEOUT = 10.0  # seconds from the upgrade a socket has to authenticate when tokens are required
 DRAIN_TIMEOUT = 10.0  # seconds a subscribe waits for the client to read its outbox down to half
 WRITE_BUFFER = 64 * 1024  # bytes aiohttp writes to a socket before it waits for the peer to take them
@@ -125,8 +126,10 @@ class WsSession:
         metrics: Metrics,
         limiter: RateLimiter,
         client: str,
+        transport: asyncio.Transport | None,
     ) -> None:
         self.ws = ws
+        self._transport = transport  # the connection's, to abort a dropped client that does not read
         self.metrics = metrics
         self.limiter = limiter
         self.client = client
@@ -179,10 +182,28 @@ class WsSession:
             self.drop()
 
     async def _close(self, code: int, message: bytes) -> None:
+        """Close a dropped socket with `code`, or abort its connection: it is gone SLOW_CLIENT_GRACE seconds
+        after the drop either way.
+
+        The close frame goes out behind what the transport still holds for the client, so only a client
+        that reads gets it. One that does not read never lets aiohttp's close() drain the transport, and a
+        transport that cannot drain never closes (asyncio's close() flushes first), so the connection,
+        its buffers, its slot under --ws-max-per-client and, while it waits in receive() with nothing to
+        wake it (the heartbeat stops with the close), the handler would stay for ever. So a client that has
+        not read up to the close frame within SLOW_CLIENT_GRACE has its connection aborted: what is still
+        unsent is discarded and the socket closed, without a close code.
+        """
+        asyncio.get_running_loop().call_later(SLOW_CLIENT_GRACE, self._abort_unflushed)
         try:
-            await asyncio.wait_for(self.ws.close(code=code, message=message), 1.0)
+            await asyncio.wait_for(self.ws.close(code=code, message=message), SLOW_CLIENT_GRACE)
         except (asyncio.TimeoutError, ConnectionError):
             pass
+
+    def _abort_unflushed(self) -> None:
+        """Abort the connection unless it has closed, or is closing with nothing left to write."""
+        transport = self._transport
+        if transport is not None and (transport.get_write_buffer_size() or not transport.is_closing()):
+            transport.abort()
 
     async def close(self) -> None:
         self.stop_watches()
@@ -343,7 +364,7 @@ async def _serve_socket(
 
 async def _converse(request: web.Request, ws: web.WebSocketResponse, service: PredictionService, client: str) -> None:
     settings, sockets, metrics = request.app[SETTINGS], request.app[SOCKETS], request.app[METRICS]
-    session = WsSession(ws, service, settings, metrics, request.app[LIMITER], client)
+    session = WsSession(ws, service, settings, metrics, request.app[LIMITER], client, request.transport)
     sockets.add(ws)
     metrics.websockets.inc()
     try:
