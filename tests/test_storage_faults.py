@@ -212,3 +212,46 @@ async def test_a_redis_blip_while_a_batch_fills_runs_what_was_taken(
     finally:
         await queue.close()
         await client.aclose()
+
+
+async def test_a_real_full_database_is_storage_full_and_recovers(tmp_path: Path) -> None:
+    """SQLite's own SQLITE_FULL (a page limit standing in for the disk): the error is StorageFull whether
+    SQLite rolled the transaction back itself or not, /readyz's check says so, and both recover."""
+    from zypher_ws.errors import StorageFull
+    from zypher_ws.records import Prediction as P
+
+    store = SQLiteStore(tmp_path / "z.db", ttl=60)
+    await store.open()
+    conn = store._conn
+    assert conn is not None
+    pages = await store._run(lambda: conn.execute("PRAGMA page_count").fetchone()[0])
+    await store._run(lambda: conn.execute(f"PRAGMA max_page_count = {pages}").fetchone())  # not a page more
+    big = ["x" * 1000] * 200  # ~200 KB a record: past the limit at once
+    with pytest.raises(StorageFull):
+        await asyncio.gather(*(store.add(P.new(big, model_name="m", model_version="1")) for _ in range(5)))
+    with pytest.raises(StorageFull):
+        await store.check()
+    await store._run(lambda: conn.execute("PRAGMA max_page_count = 1000000").fetchone())
+    await store.check()  # room again: ready
+    await store.add(P.new(big, model_name="m", model_version="1"))
+    await store.close()
+
+
+async def test_a_failed_start_leaves_deferred_predictions_startable(tmp_path: Path) -> None:
+    """A batch of a deferred (sync) prediction and a stored one whose start cannot be written: the retry
+    starts both, not only the stored one."""
+    from zypher_ws.records import Prediction as P
+
+    store = FillingStore(tmp_path / "z.db", ttl=60)
+    await store.open()
+    deferred, stored = P.new(1, model_name="m", model_version="1"), P.new(2, model_name="m", model_version="1")
+    await store.add_deferred(deferred)
+    await store.add(stored)
+    ids = [deferred.prediction_id, stored.prediction_id]
+    store.full = True
+    with pytest.raises(Exception, match="no space left"):
+        await store.start(ids)
+    store.full = False
+    started = await store.start(ids)
+    assert sorted(p.prediction_id for p in started) == sorted(ids)
+    await store.close()

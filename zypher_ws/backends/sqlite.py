@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +21,7 @@ from ..errors import StorageFull
 from ..json_codec import dumps_str
 from ..records import IdempotencyKey, Outcome, Prediction, Status
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 Op = Callable[[sqlite3.Connection], Any]
 
@@ -47,6 +49,10 @@ SQLITE_FULL = 13
 def _is_full(exc: BaseException) -> bool:
     code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
     return isinstance(exc, sqlite3.OperationalError) and (code == SQLITE_FULL or "disk is full" in str(exc))
+
+
+def _nothing(conn: sqlite3.Connection) -> None:
+    """An empty commit: it returns once everything queued before it has committed (and, synced, is durable)."""
 
 
 def _touch_probe(conn: sqlite3.Connection) -> None:
@@ -107,15 +113,19 @@ class SQLiteStore:
     async def close(self) -> None:
         # What was never written (sync requests cut off by the shutdown) is kept for the next start.
         unsaved = [p for pid, p in self._unsaved.items() if pid not in self._writing]
-        if unsaved and self._conn is not None:
-            await self._write(lambda conn: [self._save(conn, p) for p in unsaved])
-            self._unsaved.clear()
-        if self._flusher is not None:
-            await self._flusher
-        if self._conn is not None:
-            await self._run(self._conn.close)
-            self._conn = None
-        self._thread.shutdown(wait=True)
+        try:
+            if unsaved and self._conn is not None:
+                await self._write(lambda conn: [self._save(conn, p) for p in unsaved], sync=True)
+                self._unsaved.clear()
+        except Exception as exc:  # nobody was answered for these: they are lost, and the store still closes
+            log.error("could not keep %d unanswered sync predictions at shutdown: %s", len(unsaved), exc)
+        finally:
+            if self._flusher is not None:
+                await self._flusher
+            if self._conn is not None:
+                await self._run(self._conn.close)
+                self._conn = None
+            self._thread.shutdown(wait=True)
 
     async def _run(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn)
@@ -175,7 +185,9 @@ class SQLiteStore:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 results: list[tuple[bool, Any]] = [(True, op(conn)) for op in ops]
-            except Exception:
+            except Exception as exc:
+                if _is_full(exc):
+                    raise  # not one op's fault (SQLite may have rolled back already): the outer handler says so
                 conn.execute("ROLLBACK")
                 self._live.clear()
                 conn.execute("BEGIN IMMEDIATE")
@@ -189,7 +201,8 @@ class SQLiteStore:
                 self._full = True
                 exc = StorageFull()
             return [(False, exc)] * len(ops)
-        self._full = False
+        if any(op is not _nothing for op in ops):
+            self._full = False  # something was written: there is room again (an empty commit proves nothing)
         return results
 
     def _in_savepoint(self, conn: sqlite3.Connection, op: Op) -> tuple[bool, Any]:
@@ -274,11 +287,17 @@ class SQLiteStore:
         return await self._write(op, sync=True)  # a 202 may follow: on disk before it
 
     async def persist(self, prediction_id: str) -> None:
-        unsaved = self._unsaved.get(prediction_id)
-        if unsaved is None or prediction_id in self._writing:
-            await self._write(lambda conn: None, sync=True)  # once what was queued before has committed, synced
-        else:
-            await self._write_unsaved(unsaved)
+        while True:
+            unsaved = self._unsaved.get(prediction_id)
+            if unsaved is None:  # written already, maybe unsynced: a synced commit makes it durable too
+                await self._write(_nothing, sync=True)
+                return
+            if prediction_id not in self._writing:
+                await self._write_unsaved(unsaved)
+                return
+            if self._full:
+                raise StorageFull()  # its write in flight is failing: a 202 must not claim it is on disk
+            await self._write(_nothing, sync=True)  # after the write in flight, look again
 
     async def _write_unsaved(self, p: Prediction) -> Prediction:
         """Write an unsaved prediction (in its new state `p`); from then on it lives in the database."""
@@ -316,17 +335,24 @@ class SQLiteStore:
         n = len(prediction_ids)
         started: list[Prediction] = []
         stored: list[str] = []
+        in_memory: list[tuple[Prediction, Prediction]] = []  # (queued, running) of unsaved ones
         for pid in prediction_ids:
             unsaved = self._in_memory(pid)
             if unsaved is None:
                 stored.append(pid)
             elif (running := lifecycle.start(unsaved, n)) is not None:
-                self._unsaved[pid] = running  # not written: if the process dies, no one was answered
-                started.append(running)
+                in_memory.append((unsaved, running))
         if stored:
             started += await self._write(
                 lambda conn: self._update([lifecycle.start(p, n) for p in self._load_many(conn, stored)], conn)
             )
+        # Only now: if the write above failed, a retry of the whole batch finds these still queued. One
+        # canceled (or written) meanwhile keeps its new state and is not started.
+        for queued, running in in_memory:
+            pid = running.prediction_id
+            if self._unsaved.get(pid) is queued and pid not in self._writing:
+                self._unsaved[pid] = running  # not written: if the process dies, no one was answered
+                started.append(running)
         return started
 
     async def finish(self, outcomes: Sequence[Outcome]) -> list[Prediction]:
