@@ -202,17 +202,6 @@ def error_class_for_status(status: int) -> type[ZypherError]:
     return _BY_STATUS.get(status, HttpError)
 
 
-def all_error_classes() -> list[type[ZypherError]]:
-    """Every error class, for documentation and tests."""
-    found: list[type[ZypherError]] = []
-    pending: list[type[ZypherError]] = [ZypherError]
-    while pending:
-        cls = pending.pop()
-        found.append(cls)
-        pending.extend(cls.__subclasses__())
-    return found
-
-
 # The generic class of each bare status: the one whose code names the status itself.
 _BY_STATUS: dict[int, type[ZypherError]] = {
     cls.status: cls for cls in (BadRequest, Forbidden, NotFound, MethodNotAllowed, BodyTooLarge, UnsupportedMediaType)

@@ -112,8 +112,7 @@ class PredictionService:
         # Without a key the record may stay in this process until it is finished and be written once
         # then: if the process dies first, the client gets no answer (and retries), not a lost 202. With a
         # key it is stored first, so that concurrent and later retries find it.
-        durable = idempotency_key is not None
-        prediction, new = await self._submit(value, idempotency_key, on_change, durable=durable)
+        prediction, new = await self._submit(value, idempotency_key, on_change, defer=idempotency_key is None)
         if not new:
             return await self.wait(prediction.prediction_id, timeout)  # an earlier prediction: follow it
         try:
@@ -129,7 +128,7 @@ class PredictionService:
         return prediction
 
     async def _submit(
-        self, value: Any, idempotency_key: str | None, listener: Listener | None, *, durable: bool = True
+        self, value: Any, idempotency_key: str | None, listener: Listener | None, *, defer: bool = False
     ) -> tuple[Prediction, bool]:
         """The prediction, and False if it is an earlier one with the same idempotency key.
 
@@ -152,7 +151,7 @@ class PredictionService:
             self.bus.subscribe(pid, listener)
         queued = False
         try:
-            if not durable and key is None and self._defers is not None:
+            if defer and self._defers is not None:  # only ever without a key
                 stored = await self._defers.add_deferred(prediction)
             else:
                 stored = await self.store.add(prediction, key)

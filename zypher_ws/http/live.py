@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 SLOW_CLIENT_CLOSE = WSCloseCode.TRY_AGAIN_LATER  # 1013: the client fell behind its outbox
 SLOW_CLIENT_GRACE = 10.0  # seconds a dropped client has to read its backlog and our 1013 before it is aborted
 AUTH_TIMEOUT = 10.0  # seconds from the upgrade a socket has to authenticate when tokens are required
+CLOSE_WAIT = 1.0  # seconds a client gets to answer our close frame at shutdown
 DRAIN_TIMEOUT = 10.0  # seconds a subscribe waits for the client to read its outbox down to half
 WRITE_BUFFER = 64 * 1024  # bytes aiohttp writes to a socket before it waits for the peer to take them
 
@@ -402,7 +403,6 @@ async def _authenticate(ws: web.WebSocketResponse, settings: Settings) -> bool:
 
 
 SHUTDOWN_MESSAGE = {"type": "shutdown", "message": "the server is shutting down: reconnect and subscribe again"}
-CLOSE_WAIT = 1.0  # seconds a client gets to answer our close frame at shutdown
 
 
 async def close_live(app: web.Application) -> None:
