@@ -122,12 +122,18 @@ class ServerProcess:
 
 @asynccontextmanager
 async def run_server(
-    *args: str, env: dict[str, str] | None = None, cwd: str | None = None, port: int | None = None
+    *args: str,
+    env: dict[str, str] | None = None,
+    cwd: str | None = None,
+    port: int | None = None,
+    also: tuple[str, ...] = (),
 ) -> AsyncIterator[ServerProcess]:
-    """Start `python -m zypher_ws serve ARGS` (on a free port by default); yield once ready; SIGTERM it after."""
+    """Start `python -m zypher_ws serve ARGS` (on a free port by default); yield once ready (and each line
+    of `also` is logged: "model NAME version V" for every model of several); SIGTERM it after."""
     port = port or free_port()
-    # Both lines come from the server's own log: it listens, and the model has loaded (or there is none).
-    ready = ("Running on", "loaded and ready" if "--workers" not in args or _workers(args) else "no workers")
+    # Both lines come from the server's own log: it listens, and the (first) model is loaded or, where
+    # workers run elsewhere, described.
+    ready = ("Running on", "and ready" if "--workers" not in args or _workers(args) else "(it runs in worker", *also)
     async with _run(["serve", "--port", str(port), *args], ready, env, cwd, f"http://127.0.0.1:{port}") as server:
         yield server
 
@@ -135,7 +141,7 @@ async def run_server(
 @asynccontextmanager
 async def run_worker(*args: str, env: dict[str, str] | None = None) -> AsyncIterator[ServerProcess]:
     """Start `python -m zypher_ws worker ARGS`; yield once its model is loaded; SIGTERM it after."""
-    async with _run(["worker", *args], ("loaded and ready", "worker taking predictions"), env, None, "") as worker:
+    async with _run(["worker", *args], ("loaded and ready", "worker serving"), env, None, "") as worker:
         yield worker
 
 

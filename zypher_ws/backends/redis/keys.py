@@ -18,10 +18,10 @@ class RedisKeys:
         """Maps an Idempotency-Key (hashed: clients choose its length) to [prediction_id, body fingerprint]."""
         return f"{self.prefix}:idempotency:{hashlib.sha256(key.encode()).hexdigest()}"
 
-    @property
-    def queue(self) -> str:
-        """The work stream: one entry per prediction waiting or running, deleted once acknowledged."""
-        return f"{self.prefix}:queue"
+    def queue(self, model: str, version: str) -> str:
+        """One model version's work stream: an entry per prediction waiting or running, deleted once
+        acknowledged. Model names and versions hold no `:` (models/spec.py), so streams never collide."""
+        return f"{self.prefix}:queue:{model}:{version}"
 
     @property
     def dead_letter(self) -> str:
