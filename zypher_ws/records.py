@@ -57,15 +57,19 @@ class Prediction:
     batch_size: int | None = None
     attempts: int = 0
     expires_at: float | None = None
+    protocol: str | None = None
+    """None: the input is one model input and the result its output. "oip": an Open Inference Protocol
+    request, whose input holds its rows (oip.rows_of) and whose result is the OIP response."""
 
     @classmethod
-    def new(cls, input: Any, *, model_name: str, model_version: str) -> Prediction:
+    def new(cls, input: Any, *, model_name: str, model_version: str, protocol: str | None = None) -> Prediction:
         return cls(
             prediction_id=uuid.uuid4().hex,  # a real uuid4 (version nibble 4), as documented
             status=Status.QUEUED,
             model_name=model_name,
             model_version=model_version,
             input=input,
+            protocol=protocol,
         )
 
     def started(self, *, batch_size: int) -> Prediction:
@@ -95,7 +99,7 @@ class Prediction:
         """The next state. Positional, in field order: dataclasses.replace costs twice as much per change."""
         return Prediction(
             self.prediction_id, status, self.model_name, self.model_version, self.input, result, error,
-            self.created_at, started_at, completed_at, batch_size, attempts, expires_at,
+            self.created_at, started_at, completed_at, batch_size, attempts, expires_at, self.protocol,
         )  # fmt: skip
 
     def to_row(self) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from . import logs
+from . import logs, oip
 from .backends import Checks, DefersWrites, EventBus, Recovers, Store, Sweeps
 from .backends.base import Listener
 from .deployments import Deployment, Deployments
@@ -80,14 +80,19 @@ class PredictionService:
         model: str | None = None,
         version: str | None = None,
         idempotency_key: str | None = None,
+        protocol: str | None = None,
     ) -> Prediction:
         """Validate, store and enqueue one prediction of a model (None: the default). Raises
         ModelNotFound, InvalidInput, NotReady or QueueFull.
 
         With an idempotency key already used for the same model and input, returns that prediction as
         it is now (and runs nothing); with a different one, raises IdempotencyConflict.
+
+        With `protocol="oip"` the value is an oip.InferRequest: one prediction of all its rows, whose
+        result is the OIP response (InvalidInferenceRequest if it does not fit the model's tensors).
         """
-        prediction, _ = await self._submit(self.models.find(model, version), value, idempotency_key, None)
+        deployment = self.models.find(model, version)
+        prediction, _ = await self._submit(deployment, value, idempotency_key, None, protocol=protocol)
         return prediction
 
     async def run(
@@ -97,6 +102,7 @@ class PredictionService:
         model: str | None = None,
         version: str | None = None,
         idempotency_key: str | None = None,
+        protocol: str | None = None,
         timeout: float,
     ) -> Prediction:
         """Submit, then wait: the prediction once terminal, or as it stands when `timeout` runs out.
@@ -116,7 +122,7 @@ class PredictionService:
         # key it is stored first, so that concurrent and later retries find it.
         deployment = self.models.find(model, version)
         prediction, new = await self._submit(
-            deployment, value, idempotency_key, on_change, defer=idempotency_key is None
+            deployment, value, idempotency_key, on_change, defer=idempotency_key is None, protocol=protocol
         )
         if not new:
             return await self.wait(prediction.prediction_id, timeout)  # an earlier prediction: follow it
@@ -140,19 +146,25 @@ class PredictionService:
         listener: Listener | None,
         *,
         defer: bool = False,
+        protocol: str | None = None,
     ) -> tuple[Prediction, bool]:
         """The prediction, and False if it is an earlier one with the same idempotency key.
 
         `listener` hears every change of a new prediction from before it is queued; the caller unsubscribes.
         """
-        deployment.validate(value)
+        if protocol == oip.PROTOCOL:
+            value = self._oip_input(deployment, value)
+        else:
+            deployment.validate(value)
         if self.stopping:
             raise NotReady("the service is shutting down")
         deployment.check_ready()
         queue = deployment.queue
         if await queue.depth() >= queue.maxsize:
             raise QueueFull()  # checked first too, so a full queue costs no store write
-        prediction = Prediction.new(value, model_name=deployment.name, model_version=deployment.version)
+        prediction = Prediction.new(
+            value, model_name=deployment.name, model_version=deployment.version, protocol=protocol
+        )
         pid = prediction.prediction_id
         key = None
         if idempotency_key is not None:
@@ -181,6 +193,19 @@ class PredictionService:
                 self.bus.unsubscribe(pid, listener)  # nothing of ours to hear
         logs.state_changes([prediction])
         return prediction, True
+
+    @staticmethod
+    def _oip_input(deployment: Deployment, request: oip.InferRequest) -> Any:
+        """An OIP request as a prediction input: its rows, each checked against the model's schema."""
+        deployment.check_ready()  # its tensors are known once it is
+        description = deployment.description
+        assert description is not None
+        value = oip.to_input(
+            request, description.tensors, description.input_schema, max_rows=deployment.settings.max_batch_size
+        )
+        for row in oip.rows_of(value):
+            deployment.validate(row)
+        return value
 
     async def get(self, prediction_id: str) -> Prediction:
         prediction = await self.store.get(prediction_id) if is_prediction_id(prediction_id) else None

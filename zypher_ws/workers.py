@@ -107,7 +107,7 @@ class WorkerPool:
             try:
                 await self._announce(started)
                 # Inputs come from the records (canceled ones are not in `started`), not from the queue.
-                outcomes = await self._runner.run([p.prediction_id for p in started], [p.input for p in started])
+                outcomes = await self._runner.run_predictions(started, self._settings.max_batch_size)
                 finished = await self._until_done(lambda: self._store.finish(outcomes), "a batch's outcomes")
             finally:
                 self._metrics.batch_finished(started, finished)
