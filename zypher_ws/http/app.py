@@ -22,7 +22,7 @@ from ..models import Model, ModelSpec, build_models, spec_of
 from ..runner import exit_past_stuck_model_calls
 from ..service import PredictionService
 from ..settings import Settings
-from . import live, openapi, views
+from . import live, oip, openapi, views
 from .access import RateLimiter, SocketCounter
 from .access_log import AccessLogger, log_malformed_requests_at_info
 from .connections import GuardedSite, quiet_resource_errors
@@ -78,6 +78,7 @@ def create_app(
     app.on_shutdown.append(live.close_live)
     _add_routes(app)
     app.router.add_get("/ws", live.websocket)
+    oip.add_routes(app)
     add_page_routes(app)
     return app
 
