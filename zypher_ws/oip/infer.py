@@ -316,7 +316,7 @@ def response(value: Any, outputs: list[Any], tensors: TensorMetadata, *, model: 
 def _output_value(row: Any, spec: TensorSpec, whole: bool) -> Any:
     if isinstance(row, dict) and spec.name in row:
         value = row[spec.name]
-    elif whole:
+    elif whole and (spec.json or not isinstance(row, dict)):  # a model's one output is the value itself
         value = row
     else:
         raise ValueError(f"the model's output has no {spec.name!r}")
@@ -336,10 +336,9 @@ def _stack(column: list[Any], spec: TensorSpec) -> np.ndarray:
                 raise ValueError("ragged")
             return np.vectorize(_as_text, otypes=[object])(array) if array.size else array
         return np.array(column, dtype=dtype)
-    except (ValueError, TypeError, OverflowError) as exc:
-        raise ValueError(
-            f"output {spec.name!r} does not form one {spec.datatype} tensor over the rows: {exc}"
-        ) from None
+    except (ValueError, TypeError, OverflowError):
+        # numpy's own message repeats the shapes it found at length: ours says what is wrong.
+        raise ValueError(f"output {spec.name!r} is not one {spec.datatype} tensor over the rows") from None
 
 
 def _as_text(value: Any) -> str:
