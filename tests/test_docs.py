@@ -28,6 +28,7 @@ CONCEPT_PAGES = (
     "api.md",
     "live.md",
     "models.md",
+    "oip.md",
     "durability.md",
     "scaling.md",
     "operating.md",
