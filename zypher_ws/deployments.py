@@ -19,6 +19,7 @@ from .backends import Backend, WorkQueue
 from .errors import ModelNotFound, NotReady
 from .metrics import Metrics
 from .models import Model, ModelConfigError, ModelSpec
+from .queue_policy import QueuePolicy
 from .runner import ModelDescription, ModelRunner, describe, make_executor
 from .settings import Settings
 from .validation import InputValidator
@@ -49,8 +50,11 @@ class Deployment:
         queue: WorkQueue,
         runner: ModelRunner | None = None,
         pool: WorkerPool | None = None,
+        policy: QueuePolicy | None = None,
     ) -> None:
         self.spec = spec
+        self.policy = policy or QueuePolicy()
+        """Priorities and timeouts in its queue (config.json's priority_levels, ...)."""
         self.model = model
         self.settings = settings
         self.queue = queue
@@ -218,7 +222,8 @@ async def deploy(
     try:
         for spec, model in models:
             own = dataclasses.replace(settings, **spec.config.overrides())
-            queue = await backend.open_queue(model.name, model.version, own.max_queue)
+            policy = spec.config.queue_policy()
+            queue = await backend.open_queue(model.name, model.version, own.max_queue, policy.priority_levels)
             runner = pool = None
             if run_here and own.workers:
                 executor = make_executor(own, spec)
@@ -227,7 +232,9 @@ async def deploy(
                 pool = WorkerPool(
                     settings=own, queue=queue, store=backend.store, bus=backend.bus, runner=runner, metrics=metrics
                 )
-            deployments.append(Deployment(spec=spec, model=model, settings=own, queue=queue, runner=runner, pool=pool))
+            deployments.append(
+                Deployment(spec=spec, model=model, settings=own, queue=queue, runner=runner, pool=pool, policy=policy)
+            )
         served = Deployments(deployments)
         loads = [asyncio.create_task(d.load(), name=f"zypher-load-{d.name}-{d.version}") for d in served]
         try:

@@ -195,6 +195,14 @@ class ModelError(ZypherError):
     code = "model_error"
 
 
+class DeadlineExceeded(ZypherError):
+    """It waited in the queue past its timeout (parameters.timeout or the model's default_timeout_us):
+    it was not run."""
+
+    status = 504
+    code = "deadline_exceeded"
+
+
 class WorkerLost(ZypherError):
     """The process running it stopped --max-attempts times: it is not started again."""
 

@@ -81,6 +81,7 @@ class PredictionService:
         version: str | None = None,
         idempotency_key: str | None = None,
         protocol: str | None = None,
+        parameters: Any = None,
     ) -> Prediction:
         """Validate, store and enqueue one prediction of a model (None: the default). Raises
         ModelNotFound, InvalidInput, NotReady or QueueFull.
@@ -90,9 +91,14 @@ class PredictionService:
 
         With `protocol="oip"` the value is an oip.InferRequest: one prediction of all its rows, whose
         result is the OIP response (InvalidInferenceRequest if it does not fit the model's tensors).
+
+        `parameters` are the request's `priority` and `timeout` (queue_policy.py; an OIP request's own
+        parameters are used).
         """
         deployment = self.models.find(model, version)
-        prediction, _ = await self._submit(deployment, value, idempotency_key, None, protocol=protocol)
+        prediction, _ = await self._submit(
+            deployment, value, idempotency_key, None, protocol=protocol, parameters=parameters
+        )
         return prediction
 
     async def run(
@@ -103,6 +109,7 @@ class PredictionService:
         version: str | None = None,
         idempotency_key: str | None = None,
         protocol: str | None = None,
+        parameters: Any = None,
         timeout: float,
     ) -> Prediction:
         """Submit, then wait: the prediction once terminal, or as it stands when `timeout` runs out.
@@ -122,7 +129,13 @@ class PredictionService:
         # key it is stored first, so that concurrent and later retries find it.
         deployment = self.models.find(model, version)
         prediction, new = await self._submit(
-            deployment, value, idempotency_key, on_change, defer=idempotency_key is None, protocol=protocol
+            deployment,
+            value,
+            idempotency_key,
+            on_change,
+            defer=idempotency_key is None,
+            protocol=protocol,
+            parameters=parameters,
         )
         if not new:
             return await self.wait(prediction.prediction_id, timeout)  # an earlier prediction: follow it
@@ -147,15 +160,18 @@ class PredictionService:
         *,
         defer: bool = False,
         protocol: str | None = None,
+        parameters: Any = None,
     ) -> tuple[Prediction, bool]:
         """The prediction, and False if it is an earlier one with the same idempotency key.
 
         `listener` hears every change of a new prediction from before it is queued; the caller unsubscribes.
         """
         if protocol == oip.PROTOCOL:
+            parameters = value.parameters
             value = self._oip_input(deployment, value)
         else:
             deployment.validate(value)
+        admission = deployment.policy.admit(parameters)
         if self.stopping:
             raise NotReady("the service is shutting down")
         deployment.check_ready()
@@ -163,7 +179,12 @@ class PredictionService:
         if await queue.depth() >= queue.maxsize:
             raise QueueFull()  # checked first too, so a full queue costs no store write
         prediction = Prediction.new(
-            value, model_name=deployment.name, model_version=deployment.version, protocol=protocol
+            value,
+            model_name=deployment.name,
+            model_version=deployment.version,
+            protocol=protocol,
+            priority=admission.priority,
+            deadline=admission.deadline,
         )
         pid = prediction.prediction_id
         key = None
@@ -182,7 +203,7 @@ class PredictionService:
             if stored.prediction_id != pid:
                 return stored, False
             try:
-                await queue.put(Job(pid))
+                await queue.put(Job(pid, priority=admission.priority))
             except QueueFull:
                 # Filled up while the record was being stored: take it back, so a 503 leaves nothing behind.
                 await self.store.delete(pid)
@@ -230,7 +251,7 @@ class PredictionService:
             if deployment is None:
                 orphans.append(prediction)
             else:
-                await deployment.queue.put(Job(prediction.prediction_id), force=True)
+                await deployment.queue.put(Job(prediction.prediction_id, priority=prediction.priority), force=True)
         if orphans:
             failed += await self._fail_orphans(orphans)
         logs.state_changes(failed)

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from . import logs
 from .backends import EventBus, Store, WorkQueue
 from .backends.base import Releases
-from .errors import RetryLater
+from .errors import DeadlineExceeded, RetryLater
 from .metrics import Metrics
-from .records import Job, Prediction
+from .records import Job, Outcome, Prediction
 from .runner import ModelRunner
 from .settings import Settings
 
@@ -45,6 +46,7 @@ class WorkerPool:
         self._stopping = False
         self.busy = 0
         self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep  # tests pass a fake clock's
+        self.clock: Callable[[], float] = time.time  # for deadlines, which are wall-clock times
 
     def start(self) -> None:
         self._tasks = [
@@ -100,6 +102,7 @@ class WorkerPool:
                 return
         else:  # embedded: a failed transaction changed nothing, so trying again is exact
             started = await self._until_done(lambda: self._store.start(ids), "the start of a batch")
+        started = await self._expire(started)
         if started:
             self._metrics.batch_started(started)
             logs.state_changes(started)
@@ -115,6 +118,30 @@ class WorkerPool:
             await self._announce(finished)
         # Only now, with outcomes stored: a worker dying before this leaves the jobs to be taken over.
         await self._until_done(lambda: self._queue.ack(jobs), "the acknowledgement of a batch")
+
+    async def _expire(self, started: list[Prediction]) -> list[Prediction]:
+        """Those still in time; the ones whose deadline passed while they waited end failed,
+        deadline_exceeded, without a model call (queue_policy.py)."""
+        now = self.clock()
+        late = [p for p in started if p.deadline is not None and p.deadline < now]
+        if not late:
+            return started
+        outcomes = [
+            Outcome(
+                p.prediction_id,
+                error=DeadlineExceeded(
+                    f"waited {now - p.created_at:.3f} s in the queue, past its timeout of "
+                    f"{(p.deadline or now) - p.created_at:.3f} s; not run"
+                ).to_dict(),
+            )
+            for p in late
+        ]
+        finished = await self._until_done(lambda: self._store.finish(outcomes), "the end of expired predictions")
+        self._metrics.finished(finished)
+        logs.state_changes(finished)
+        await self._announce(finished)
+        gone = {p.prediction_id for p in late}
+        return [p for p in started if p.prediction_id not in gone]
 
     async def _until_done(self, write: Callable[[], Awaitable[T]], what: str) -> T:
         """Retry a write that failed for a passing reason (Redis away, the disk full) until it succeeds.

@@ -295,7 +295,9 @@ class WsSession:
                 self.check_room()  # refuse before submitting: an accepted prediction must be watched
                 self.limiter.check(self.client)
                 model, version = _model_of(message)
-                prediction = await self.service.submit(message["input"], model=model, version=version)
+                prediction = await self.service.submit(
+                    message["input"], model=model, version=version, parameters=message.get("parameters")
+                )
                 await self.watch(prediction.prediction_id, first="accepted", request_id=request_id)
             else:
                 raise UnknownOp(f"unknown op {op!r}: use subscribe, unsubscribe, predict, ping or auth")

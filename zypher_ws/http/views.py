@@ -141,11 +141,19 @@ async def _predict(request: web.Request, body: dict[str, Any], name: str | None,
     request.app[LIMITER].check(client_address(request))
     run_async = wants_async(request)
     key = idempotency_key(request.headers.get("Idempotency-Key"))
+    parameters = body.get("parameters")
     if run_async:
-        prediction = await service.submit(body["input"], model=name, version=version, idempotency_key=key)
+        prediction = await service.submit(
+            body["input"], model=name, version=version, idempotency_key=key, parameters=parameters
+        )
         return record_response(prediction, 202)
     prediction = await service.run(
-        body["input"], model=name, version=version, idempotency_key=key, timeout=service.settings.sync_timeout
+        body["input"],
+        model=name,
+        version=version,
+        idempotency_key=key,
+        parameters=parameters,
+        timeout=service.settings.sync_timeout,
     )
     if not prediction.status.terminal:
         return record_response(prediction, 202)

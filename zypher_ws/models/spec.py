@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from ..queue_policy import QueuePolicy
 from .errors import ModelConfigError, ModelLoadError
 from .runtimes import RUNTIMES
 
@@ -44,6 +45,15 @@ class ModelConfig:
     """Names of class outputs, keyed by the class as a string (a list in config.json names 0, 1, ...)."""
     options: dict[str, Any] = field(default_factory=dict, hash=False)
     """The runtime's own options (onnx: providers, intra_op_threads, inter_op_threads)."""
+    # The queue policy, with Triton's names (queue_policy.py has the rules).
+    priority_levels: int = 0
+    """0: priorities off; else requests' parameters.priority is 1 (highest) to this."""
+    default_priority_level: int | None = None
+    """The level of a request that names none; None: the lowest (priority_levels)."""
+    default_timeout_us: int = 0
+    """How long (µs) a request may wait in the queue before it ends deadline_exceeded; 0: for ever."""
+    allow_timeout_override: bool = True
+    """Whether a request's parameters.timeout may set a timeout or shorten this one (never lengthen it)."""
 
     # The keys that override the service's settings of the same name (Settings.max_batch_size, ...).
     SERVING_KEYS: ClassVar[tuple[str, ...]] = (
@@ -78,6 +88,20 @@ class ModelConfig:
             raise ModelConfigError("labels must be a list of names, or an object of names keyed by class")
         if not isinstance(self.options, dict):
             raise ModelConfigError(f"options must be an object, not {self.options!r}")
+        for key in ("priority_levels", "default_timeout_us"):
+            value = getattr(self, key)
+            if not _is_int(value) or value < 0:
+                raise ModelConfigError(f"{key} must be a whole number of at least 0, not {value!r}")
+        level = self.default_priority_level
+        if level is not None:
+            if not self.priority_levels:
+                raise ModelConfigError("default_priority_level needs priority_levels (0: priorities are off)")
+            if not _is_int(level) or not 1 <= level <= self.priority_levels:
+                raise ModelConfigError(
+                    f"default_priority_level must be 1 to priority_levels ({self.priority_levels}), not {level!r}"
+                )
+        if not isinstance(self.allow_timeout_override, bool):
+            raise ModelConfigError(f"allow_timeout_override must be true or false, not {self.allow_timeout_override!r}")
 
     @classmethod
     def from_dict(cls, data: Any, *, source: str) -> ModelConfig:
@@ -117,6 +141,14 @@ class ModelConfig:
     def overrides(self) -> dict[str, Any]:
         """The serving settings this model sets, for `dataclasses.replace(settings, **overrides())`."""
         return {key: getattr(self, key) for key in self.SERVING_KEYS if getattr(self, key) is not None}
+
+    def queue_policy(self) -> QueuePolicy:
+        return QueuePolicy(
+            priority_levels=self.priority_levels,
+            default_priority_level=self.default_priority_level or 0,
+            default_timeout_us=self.default_timeout_us,
+            allow_timeout_override=self.allow_timeout_override,
+        )
 
     def label(self, value: Any) -> Any:
         """A class's name from `labels`, or the class itself."""
