@@ -195,6 +195,7 @@ class PredictionService:
         if listener is not None:
             self.bus.subscribe(pid, listener)
         queued = False
+        deployment.submit_begins()
         try:
             if defer and self._defers is not None:  # only ever without a key
                 stored = await self._defers.add_deferred(prediction)
@@ -210,6 +211,7 @@ class PredictionService:
                 raise QueueFull() from None
             queued = True
         finally:
+            deployment.submit_ends()
             if listener is not None and not queued:
                 self.bus.unsubscribe(pid, listener)  # nothing of ours to hear
         logs.state_changes([prediction])

@@ -44,6 +44,8 @@ class WorkerPool:
         self._tasks: list[asyncio.Task[None]] = []
         self._waiting: set[asyncio.Task[None] | None] = set()
         self._stopping = False
+        self._draining = False
+        self._idle = asyncio.Event()  # set when the last running batch ends
         self.busy = 0
         self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep  # tests pass a fake clock's
         self.clock: Callable[[], float] = time.time  # for deadlines, which are wall-clock times
@@ -66,6 +68,23 @@ class WorkerPool:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
 
+    async def drain(self) -> None:
+        """Run every job queued, then stop (an unloaded model, which nothing new is queued for).
+
+        Once no batch runs, the workers are all waiting on the queue: stopping them puts back what one
+        was gathering into a batch, and if anything is back, they start again (now without waiting to
+        fill batches) and it goes round until the queue is empty."""
+        self._draining = True
+        while True:
+            while self.busy:
+                self._idle.clear()
+                await self._idle.wait()
+            await self.stop(0)
+            if not await self._queue.depth():
+                return
+            self._stopping = False
+            self.start()
+
     async def _work(self) -> None:
         s = self._settings
         me = asyncio.current_task()
@@ -74,7 +93,7 @@ class WorkerPool:
             try:
                 # On an idle pool a lone request runs at once; while other batches run, more requests
                 # are arriving, so waiting up to the delay to fill this batch pays for itself.
-                delay = s.max_batch_delay if self.busy else 0.0
+                delay = s.max_batch_delay if self.busy and not self._draining else 0.0
                 jobs = await self._queue.get_batch(s.max_batch_size, delay)
             finally:
                 self._waiting.discard(me)
@@ -87,6 +106,8 @@ class WorkerPool:
                     await self._queue.release(jobs)  # let a live worker take them over
             finally:
                 self.busy -= 1
+                if not self.busy:
+                    self._idle.set()
 
     async def run_batch(self, jobs: list[Job]) -> None:
         ids = [job.prediction_id for job in jobs]

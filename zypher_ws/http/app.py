@@ -19,6 +19,7 @@ from ..backends import open_backend
 from ..deployments import Deployments, deploy, total_workers
 from ..metrics import Metrics
 from ..models import Model, ModelSpec, build_models, spec_of
+from ..repository import ModelRepository
 from ..runner import exit_past_stuck_model_calls
 from ..service import PredictionService
 from ..settings import Settings
@@ -33,6 +34,7 @@ from .keys import (
     METRICS,
     MODELS,
     OPENAPI,
+    REPOSITORY,
     SERVICE,
     SETTINGS,
     SOCKETS,
@@ -93,6 +95,7 @@ async def service_ctx(app: web.Application) -> AsyncIterator[None]:
     ):
         service = PredictionService(settings=settings, models=served, store=backend.store, bus=backend.bus)
         app[SERVICE] = service
+        app[REPOSITORY] = ModelRepository(settings=settings, models=served)
         openapi.document_models(app[OPENAPI], served)
         recovered = await service.recover()
         if recovered:

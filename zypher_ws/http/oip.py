@@ -4,17 +4,28 @@ the protocol's shape, `{"error": "message"}` (envelopes.oip_error_response, chos
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
 
 from .. import __version__, oip
 from ..deployments import Deployment
-from ..errors import AlreadyFinished, ModelNotFound, ZypherError, error_class_for_code
+from ..errors import (
+    AlreadyFinished,
+    Forbidden,
+    InvalidInferenceRequest,
+    ModelNotFound,
+    ZypherError,
+    error_class_for_code,
+)
+from ..json_codec import loads
 from ..records import Prediction, Status
 from ..validation import idempotency_key
+from . import openapi
 from .access import client_address
 from .access_log import PREDICTION_ID
 from .envelopes import json_response, oip_error_response
-from .keys import LIMITER, METRICS, SERVICE
+from .keys import LIMITER, METRICS, OPENAPI, REPOSITORY, SERVICE, SETTINGS
 from .middleware import OIP_PREFIX, read_body
 from .views import record_response, wants_async
 
@@ -28,6 +39,9 @@ def add_routes(app: web.Application) -> None:
     router.add_get(f"{PREFIX}/health/live", live)
     router.add_get(f"{PREFIX}/health/ready", ready)
     router.add_get(f"{PREFIX}/models/stats", statistics)  # before {model}: a model named `stats` is shadowed
+    router.add_post(f"{PREFIX}/repository/index", repository_index)
+    router.add_post(f"{PREFIX}/repository/models/{{model}}/load", load_model)
+    router.add_post(f"{PREFIX}/repository/models/{{model}}/unload", unload_model)
     for model in (f"{PREFIX}/models/{{model}}", f"{PREFIX}/models/{{model}}/versions/{{version}}"):
         router.add_get(model, model_metadata)
         router.add_get(f"{model}/ready", model_ready)
@@ -86,6 +100,59 @@ async def statistics(request: web.Request) -> web.Response:
         chosen = list(service.models)
     stats = [oip.statistics(d.name, d.version, metrics.figures(d.name, d.version)) for d in chosen]
     return json_response({"model_stats": stats})
+
+
+async def repository_index(request: web.Request) -> web.Response:
+    """The repository extension's index: every version served, being unloaded, or in the repository."""
+    body = await _json_body(request)
+    ready_only = body.get("ready", False)
+    if not isinstance(ready_only, bool):
+        raise InvalidInferenceRequest("ready must be true or false")
+    return json_response(request.app[REPOSITORY].index(ready_only=ready_only))
+
+
+async def load_model(request: web.Request) -> web.Response:
+    """Serve the model's versions from --model-repository; answers once they have loaded."""
+    _check_model_control(request)
+    parameters = (await _json_body(request)).get("parameters") or {}
+    if not isinstance(parameters, dict) or parameters:
+        raise InvalidInferenceRequest("a load takes no parameters: the model's folder in --model-repository is loaded")
+    loaded = await request.app[REPOSITORY].load(request.match_info["model"])
+    for deployment in loaded:
+        openapi.describe_model(request.app[OPENAPI], deployment)
+    return web.Response()
+
+
+async def unload_model(request: web.Request) -> web.Response:
+    """Serve no version of the model; what it had accepted runs first (waited for up to --sync-timeout)."""
+    _check_model_control(request)
+    await _json_body(request)  # parameters.unload_dependents: a model here has no dependents
+    service = request.app[SERVICE]
+    try:
+        await request.app[REPOSITORY].unload(request.match_info["model"], service.settings.sync_timeout)
+    except ModelNotFound as exc:
+        raise ModelNotFound(f"Request for unknown model: {exc.message}") from None
+    return web.Response()
+
+
+def _check_model_control(request: web.Request) -> None:
+    """Loading and unloading change what the server runs: only with API tokens (then checked for
+    every /v2 route but health by the token middleware)."""
+    if not request.app[SETTINGS].api_tokens:
+        raise Forbidden("loading and unloading models needs API tokens (--api-token)")
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    body = await read_body(request)
+    if not body.strip():
+        return {}
+    try:
+        value = loads(body)
+    except ValueError as exc:
+        raise InvalidInferenceRequest(f"the request's JSON is not valid: {exc}") from None
+    if not isinstance(value, dict):
+        raise InvalidInferenceRequest("the request must be a JSON object")
+    return value
 
 
 async def infer(request: web.Request) -> web.Response:

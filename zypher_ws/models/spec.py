@@ -251,39 +251,53 @@ def scan_repository(directory: str | Path) -> list[ModelSpec]:
     root = Path(directory)
     if not root.is_dir():
         raise ModelConfigError(f"--model-repository {root}: no such folder")
-    specs: list[ModelSpec] = []
-    for folder in _entries(root):
-        check_name(folder.name, f"{folder}: a model folder's name")
-        config_path = folder / CONFIG_FILE
-        config = ModelConfig.read(config_path) if config_path.is_file() else ModelConfig()
-        versions = [entry for entry in _entries(folder)]
-        bad = [v.name for v in versions if not _VERSION.fullmatch(v.name)]
-        if bad:
-            raise ModelConfigError(f"{folder / bad[0]}: version folders are numbers (1, 2, ...), not {bad[0]!r}")
-        if not versions:
-            raise ModelConfigError(f"{folder}: no version folder (expected {folder}/1/)")
-        by_number: dict[int, Path] = {}
-        for version in versions:
-            if int(version.name) in by_number:
-                raise ModelConfigError(f"{version} and {by_number[int(version.name)]} are the same version")
-            by_number[int(version.name)] = version
-        for number in sorted(by_number):
-            version = by_number[number]
-            runtime, path = _find_model(version, config, root)
-            specs.append(
-                ModelSpec(
-                    name=folder.name,
-                    version=version.name,
-                    runtime=runtime,
-                    path=path,
-                    factory=config.factory,
-                    root=root.resolve(),
-                    config=config,
-                    source=str(version),
-                )
-            )
+    specs = [spec for folder in _entries(root) for spec in _scan_model(root, folder)]
     if not specs:
         raise ModelConfigError(f"--model-repository {root}: no model folders in it")
+    return specs
+
+
+def scan_model(directory: str | Path, name: str) -> list[ModelSpec]:
+    """Every version of one model of a repository (its folder read now), as scan_repository reads it."""
+    root = Path(directory)
+    check_name(name, f"{root}: a model's name")
+    folder = root / name
+    if not folder.is_dir() or name.startswith((".", "_")):
+        raise ModelConfigError(f"--model-repository {root}: no model folder {name}")
+    return _scan_model(root, folder)
+
+
+def _scan_model(root: Path, folder: Path) -> list[ModelSpec]:
+    check_name(folder.name, f"{folder}: a model folder's name")
+    config_path = folder / CONFIG_FILE
+    config = ModelConfig.read(config_path) if config_path.is_file() else ModelConfig()
+    versions = [entry for entry in _entries(folder)]
+    bad = [v.name for v in versions if not _VERSION.fullmatch(v.name)]
+    if bad:
+        raise ModelConfigError(f"{folder / bad[0]}: version folders are numbers (1, 2, ...), not {bad[0]!r}")
+    if not versions:
+        raise ModelConfigError(f"{folder}: no version folder (expected {folder}/1/)")
+    by_number: dict[int, Path] = {}
+    for version in versions:
+        if int(version.name) in by_number:
+            raise ModelConfigError(f"{version} and {by_number[int(version.name)]} are the same version")
+        by_number[int(version.name)] = version
+    specs = []
+    for number in sorted(by_number):
+        version = by_number[number]
+        runtime, path = _find_model(version, config, root)
+        specs.append(
+            ModelSpec(
+                name=folder.name,
+                version=version.name,
+                runtime=runtime,
+                path=path,
+                factory=config.factory,
+                root=root.resolve(),
+                config=config,
+                source=str(version),
+            )
+        )
     return specs
 
 

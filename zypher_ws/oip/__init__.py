@@ -24,7 +24,7 @@ __all__ = [
     "to_input",
 ]
 
-EXTENSIONS = ("binary_tensor_data", "statistics", "schedule_policy", "async_infer")
+EXTENSIONS = ("binary_tensor_data", "statistics", "schedule_policy", "model_repository", "async_infer")
 """The extensions `GET /v2` lists: only those implemented here."""
 PLATFORMS = {"onnx": "onnxruntime_onnx", "sklearn": "sklearn_joblib", "python": "python"}
 
