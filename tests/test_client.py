@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from fakes import WAIT, GatedModel, ManualClock, make_settings
+from helpers import assert_one_terminal_each_in_order
 from zypher_ws.client import (
     AlreadyFinished,
     AsyncClient,
@@ -195,18 +195,6 @@ async def connect(request: pytest.FixtureRequest) -> AsyncIterator[Callable[...,
 
 
 Connect = Callable[..., Api]
-
-
-def assert_one_terminal_each_in_order(states: list[Prediction], ids: list[str]) -> None:
-    """Per id: ranks strictly rising (so no state twice), the last one terminal, and nothing else after."""
-    by_id: dict[str, list[Prediction]] = {pid: [] for pid in ids}
-    for state in states:
-        by_id[state.prediction_id].append(state)
-    for pid, seen in by_id.items():
-        ranks = [s.status.rank for s in seen]
-        assert ranks == sorted(set(ranks)), (pid, [s.status for s in seen])
-        assert seen and seen[-1].terminal, (pid, [s.status for s in seen])
-    assert Counter(s.prediction_id for s in states if s.terminal) == Counter(ids)
 
 
 # -- each method --------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from fakes import ManualClock
 from zypher_ws import errors as table
 from zypher_ws.client import errors
 from zypher_ws.client.errors import ApiError, api_error, error_from_envelope
+from zypher_ws.client.live import Watcher
 from zypher_ws.client.records import ErrorDetail, ModelRef, Prediction, Status
 from zypher_ws.client.retry import RetryPolicy, parse_retry_after
 from zypher_ws.records import Prediction as ServerPrediction
@@ -144,3 +145,23 @@ def test_parse_retry_after() -> None:
     assert parse_retry_after(None) is None
     assert parse_retry_after("soon") is None
     assert parse_retry_after("-1") is None
+
+
+# -- a watcher's states --------------------------------------------------------------------------------
+
+
+async def test_a_watcher_takes_only_states_past_the_last_one_of_each_id() -> None:
+    """What a reconnect's snapshots and a recovered prediction's requeue look like to a watcher."""
+    watcher = Watcher(["a" * 32, "b" * 32])
+    a = [Prediction("a" * 32, status, attempts=n) for status, n in (
+        (Status.QUEUED, 0), (Status.RUNNING, 1), (Status.RUNNING, 1),  # the snapshot after a reconnect
+        (Status.QUEUED, 1), (Status.RUNNING, 2),  # requeued after a crash, started again
+        (Status.SUCCEEDED, 2), (Status.SUCCEEDED, 2),
+    )]  # fmt: skip
+    b = [Prediction("b" * 32, Status.SUCCEEDED), Prediction("b" * 32, Status.FAILED)]
+    taken = [watcher.offer(state) for state in a + b]
+    assert taken == [True, True, False, False, False, True, False, True, False]
+    assert not watcher.remaining
+    assert not watcher.offer(Prediction("c" * 32, Status.QUEUED))  # not watched
+    yielded = [watcher.queue.get_nowait() for _ in range(watcher.queue.qsize())]
+    assert yielded == [a[0], a[1], a[5], b[0]]
