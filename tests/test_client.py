@@ -374,6 +374,27 @@ async def test_watch_reconnects_after_the_server_closes_the_socket(serve: Serve,
     assert len(served.paths("GET", "/ws")) >= 2
 
 
+async def test_a_socket_idle_for_longer_than_the_retry_time_still_reconnects_when_it_drops(serve: Serve) -> None:
+    """The retry time counts from the drop, not from the last message."""
+    gated = GatedModel()
+    served = await serve(gated)
+    clock = ManualClock()
+
+    async def sleep(seconds: float) -> None:
+        clock.advance(seconds)
+        await asyncio.sleep(seconds)
+
+    async with AsyncClient(served.url, retry=RetryPolicy(total=1.0, initial=0.01), clock=clock, sleep=sleep) as client:
+        pid = (await client.submit({"x": 1})).prediction_id
+        async with aclosing(client.watch([pid])) as states:
+            assert not (await asyncio.wait_for(anext(states), WAIT)).terminal
+            clock.advance(3600)  # an hour without a message
+            await live.close_live(served.app)
+            gated.release.set()
+            assert (await asyncio.wait_for(anext(states), WAIT)).status is Status.SUCCEEDED
+        assert client._live.connects == 2
+
+
 async def test_a_thousand_ids_watched_on_one_socket(serve: Serve) -> None:
     held = HeldModel()
     served = await serve(held)

@@ -169,10 +169,12 @@ class LiveSocket:
                 continue
             self.connects += 1
             try:
-                close_code = await self._converse(ws, backoff)
+                close_code, answered = await self._converse(ws)
             finally:
                 self._ws = None
                 await ws.close()
+            if answered:
+                backoff.reset()  # an outage starts now: it gets the whole retry time
             if close_code == POLICY_VIOLATION:
                 self._tell_all(Unauthorized("the server closed the WebSocket: missing or wrong token"))
                 return
@@ -189,22 +191,25 @@ class LiveSocket:
         await self._sleep(delay)
         return True
 
-    async def _converse(self, ws: aiohttp.ClientWebSocketResponse[bool], backoff: Backoff) -> int | None:
+    async def _converse(self, ws: aiohttp.ClientWebSocketResponse[bool]) -> tuple[int | None, bool]:
+        """Subscribe and hand out what arrives until the socket closes: its close code, and whether the
+        server said anything (a socket closed at once, again and again, runs out the retry time)."""
         if self._auth_token is not None:
             await ws.send_str(json.dumps({"op": "auth", "token": self._auth_token}))
         self._ws = ws
         subscribing = asyncio.create_task(self._subscribe(ws, list(self._watchers)))
+        answered = False
         try:
             async for msg in ws:
                 if msg.type is aiohttp.WSMsgType.TEXT:
-                    backoff.reset()  # it answers: an outage later gets the whole retry time again
+                    answered = True
                     self._handle(msg.data)
                 elif msg.type is aiohttp.WSMsgType.ERROR:
                     break
         finally:
             subscribing.cancel()
             await asyncio.gather(subscribing, return_exceptions=True)
-        return ws.close_code
+        return ws.close_code, answered
 
     async def _subscribe(self, ws: aiohttp.ClientWebSocketResponse[bool], ids: list[str]) -> None:
         for start in range(0, len(ids), SUBSCRIBE_CHUNK):
