@@ -100,8 +100,9 @@ class AsyncClient:
     ) -> Prediction:
         """Run one prediction and return it finished (succeeded, failed or canceled).
 
-        A server that answers `202` because its sync timeout ran out is followed to the end (at most
-        `timeout` seconds in all, else Timeout). The request carries an Idempotency-Key (a new uuid4
+        A server that answers `202` because its sync timeout ran out is followed to the end; with
+        `timeout`, one still unfinished that many seconds after the call began raises Timeout (it
+        carries on on the server). The request carries an Idempotency-Key (a new uuid4
         unless given), so a retry after a dropped connection never runs the prediction twice."""
         started = self._clock()
         data = await self._post_predict(input, model, version, idempotency_key, run_async=False)
