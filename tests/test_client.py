@@ -26,6 +26,8 @@ from zypher_ws.client import (
     Client,
     ConnectionFailed,
     InvalidInput,
+    ModelNotFound,
+    ModelRef,
     NotFound,
     Prediction,
     QueueFull,
@@ -37,6 +39,7 @@ from zypher_ws.client import (
 from zypher_ws.http import live
 from zypher_ws.http.app import create_app
 from zypher_ws.http.keys import SERVICE, SOCKETS
+from zypher_ws.models import MockModel, ModelSpec, spec_of
 
 TOKEN = "s3cret-token-0123456789"
 
@@ -89,9 +92,12 @@ def serve(aiohttp_server: Any) -> Callable[..., Any]:
     `middleware` stands for what sits in front of the server (a proxy)."""
 
     async def start(model: Any, middleware: Middleware | None = None, **settings: Any) -> Served:
-        if isinstance(model, GatedModel):
-            model.bind(asyncio.get_running_loop())
-        app = create_app(make_settings(**settings), model=model)
+        """`model`: one model object, or a list of (ModelSpec, model) for several."""
+        models = model if isinstance(model, list) else None
+        for each in [m for _, m in models] if models is not None else [model]:
+            if isinstance(each, GatedModel):
+                each.bind(asyncio.get_running_loop())
+        app = create_app(make_settings(**settings), model=None if models else model, models=models)
         served = Served("", app)
 
         @web.middleware
@@ -110,7 +116,7 @@ def serve(aiohttp_server: Any) -> Callable[..., Any]:
             app.middlewares.insert(0, web.middleware(middleware))
         app.middlewares.insert(0, record)  # outermost: what the client sent, proxy or not
         server = await aiohttp_server(app)
-        await asyncio.wait_for(app[SERVICE].runner.loaded_event.wait(), WAIT)
+        await asyncio.wait_for(asyncio.gather(*(d.loaded.wait() for d in app[SERVICE].models)), WAIT)
         served.url = f"http://127.0.0.1:{server.port}"
         return served
 
@@ -329,6 +335,41 @@ async def test_unknown_id_in_a_watch_raises_not_found(serve: Serve, connect: Con
     with pytest.raises(NotFound) as not_found:
         await api.watch(["f" * 32])
     assert not_found.value.prediction_id == "f" * 32
+
+
+def echo_version(version: str) -> tuple[ModelSpec, GatedModel]:
+    model = GatedModel(gated=False)
+    model.name, model.version = "echo", version
+    return ModelSpec(name="echo", version=version, runtime="python"), model
+
+
+async def test_model_and_version_pick_the_route(serve: Serve, connect: Connect) -> None:
+    mock = MockModel()
+    served = await serve([(spec_of(mock), mock), echo_version("1"), echo_version("2")])
+    api = connect(served.url)
+    default = await api.predict([1, 2])
+    assert default.model is not None and default.model.name == "mock"
+    latest = await api.predict({"x": 1}, model="echo")
+    assert latest.model == ModelRef("echo", "2") and latest.result == {"echo": {"x": 1}}
+    pinned = await api.predict({"x": 2}, model="echo", version="1")
+    assert pinned.model == ModelRef("echo", "1") and pinned.result == {"echo": {"x": 2}}
+    queued = await api.submit({"x": 3}, model="echo", version="1")
+    assert (await api.wait(queued.prediction_id)).model == ModelRef("echo", "1")
+    assert [s.path_qs for s in served.paths("POST", "/")] == [
+        "/predict",
+        "/models/echo/predict",
+        "/models/echo/versions/1/predict",
+        "/models/echo/versions/1/predict",
+    ]
+    with pytest.raises(ModelNotFound) as unknown:
+        await api.predict({"x": 1}, model="nope")
+    assert unknown.value.status == 404 and isinstance(unknown.value, NotFound)
+    with pytest.raises(ModelNotFound):
+        await api.submit({"x": 1}, model="echo", version="9")
+    with pytest.raises(ModelNotFound):
+        await api.predict({"x": 1}, model="echo/versions/1")  # one path segment, never another route
+    with pytest.raises(ValueError):
+        await api.predict({"x": 1}, version="1")
 
 
 # -- the shared WebSocket ------------------------------------------------------------------------------

@@ -17,16 +17,20 @@ from helpers import free_port
 from zypher_ws.client.cli import PREDICTION_FAILED, REFUSED, SUCCEEDED, USAGE, main
 from zypher_ws.http.app import create_app
 from zypher_ws.http.keys import SERVICE
+from zypher_ws.models import MockModel, ModelSpec, spec_of
 
 TOKEN = "cli-token-0123456789"
 
 
 async def start(aiohttp_server: Any, model: Any, **settings: Any) -> str:
-    if isinstance(model, GatedModel):
-        model.bind(asyncio.get_running_loop())
-    app = create_app(make_settings(**settings), model=model)
+    """`model`: one model object, or a list of (ModelSpec, model) for several."""
+    models = model if isinstance(model, list) else None
+    for each in [m for _, m in models] if models is not None else [model]:
+        if isinstance(each, GatedModel):
+            each.bind(asyncio.get_running_loop())
+    app = create_app(make_settings(**settings), model=None if models else model, models=models)
     server = await aiohttp_server(app)
-    await asyncio.wait_for(app[SERVICE].runner.loaded_event.wait(), WAIT)
+    await asyncio.wait_for(asyncio.gather(*(d.loaded.wait() for d in app[SERVICE].models)), WAIT)
     return f"http://127.0.0.1:{server.port}"
 
 
@@ -101,3 +105,18 @@ async def test_usage_errors_and_an_unreachable_server(aiohttp_server: Any, capsy
     with pytest.raises(SystemExit) as exited:
         main(["--url", url])  # no input named
     assert exited.value.code == USAGE
+
+
+async def test_model_and_version(aiohttp_server: Any) -> None:
+    models = []
+    for version in ("1", "2"):
+        model = GatedModel(gated=False)
+        model.name, model.version = "echo", version
+        models.append((ModelSpec(name="echo", version=version, runtime="python"), model))
+    mock = MockModel()
+    url = await start(aiohttp_server, [(spec_of(mock), mock), *models])
+    status, (record,) = await predict("--url", url, "--model", "echo", "--version", "1", "--input", '{"x": 1}')
+    assert status == SUCCEEDED and record["model"] == {"name": "echo", "version": "1"}
+    status, (record,) = await predict("--url", url, "--input", "[1]")
+    assert status == SUCCEEDED and record["model"]["name"] == "mock"
+    assert (await predict("--url", url, "--model", "nope", "--input", "1"))[0] == REFUSED

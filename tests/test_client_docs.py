@@ -25,7 +25,7 @@ def examples() -> list[str]:
 async def test_every_example_of_the_client_page_runs(aiohttp_server: Any) -> None:
     app = create_app(make_settings(model="digits"))
     server = await aiohttp_server(app)
-    await asyncio.wait_for(app[SERVICE].runner.loaded_event.wait(), WAIT)
+    await asyncio.wait_for(asyncio.gather(*(d.loaded.wait() for d in app[SERVICE].models)), WAIT)
     url = f"http://127.0.0.1:{server.port}"
     blocks = examples()
     assert len(blocks) >= 6 and all(DOCUMENTED_URL in block for block in blocks)

@@ -97,6 +97,10 @@ class NotFound(ApiError):
     code = table.NotFound.code
 
 
+class ModelNotFound(NotFound):
+    code = table.ModelNotFound.code
+
+
 class MethodNotAllowed(ApiError):
     code = table.MethodNotAllowed.code
 
