@@ -76,6 +76,11 @@ def model_specs(
     found = scan_repository(repository) if repository is not None else []
     in_repository = {spec.name for spec in found}
     picked = [text.strip() for text in models if text.strip() in in_repository]
+    for text in models:
+        name = text.strip()
+        if repository is not None and name not in in_repository and name not in BUILTINS and ":" not in name:
+            known = ", ".join(sorted(n for n in in_repository if n))
+            raise ModelConfigError(f"--model {name}: no such model in --model-repository {repository} ({known})")
     specs = [parse_model_option(text) for text in models if text.strip() not in in_repository]
     specs += [spec for spec in found if not picked or spec.name in picked]
     if default_model is None and picked and models[0].strip() == picked[0]:
