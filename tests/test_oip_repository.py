@@ -177,3 +177,33 @@ async def test_a_version_that_failed_to_load_is_loaded_again(aiohttp_server: Any
         assert (await http.get("/v2/health/ready")).status == 200
         assert (await http.get("/v2/models/longs/ready")).status == 200
     assert app[SERVICE].models.default.name == "longs" and app[SERVICE].models.default.state.value == "ready"
+
+
+async def test_a_shutdown_while_a_model_unloads_stops_its_workers_too(aiohttp_server: Any, repository: Path) -> None:
+    (repository / "gated" / "1").mkdir(parents=True)
+    (repository / "gated" / "config.json").write_text(
+        json.dumps({"runtime": "python", "factory": "fakes:GatedTensorModel", "workers": 1})
+    )
+    # The unload answers after 0.1 s (--sync-timeout), its model still draining: then the server stops.
+    settings = make_settings(
+        model_repository=str(repository), api_tokens=(TOKEN,), default_model="simple", sync_timeout=0.1
+    )
+    app = create_app(settings)
+    server = await aiohttp_server(app)
+    await asyncio.wait_for(asyncio.gather(*(d.loaded.wait() for d in app[SERVICE].models)), WAIT)
+    deployment = app[SERVICE].models.get("gated", "1")
+    model = deployment.model.model
+    model.bind(asyncio.get_running_loop())
+    body = {"inputs": [{"name": "x", "datatype": "INT64", "shape": [1], "data": [7]}]}
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{server.port}", headers=AUTH) as http:
+        accepted = await (
+            await http.post("/v2/models/gated/infer", json=body, headers={"Prefer": "respond-async"})
+        ).json()
+        await model.wait_started()
+        assert (await http.post("/v2/repository/models/gated/unload")).status == 200
+        assert deployment.state.value == "unloading"
+        await server.close()  # the batch is still in the model: it gets --shutdown-timeout (1 s here)
+    model.release.set()
+    assert deployment.pool is not None and deployment.pool._tasks == []  # its workers stopped with the rest
+    record = await app[SERVICE].get(accepted["prediction_id"])
+    assert record.status.value == "running"  # as any batch cut short by a shutdown: recovered at the next start

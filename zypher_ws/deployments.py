@@ -271,6 +271,7 @@ class Deployer:
         self._run_here = run_here
         self._executors: dict[Deployment, Executor] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._unloading: set[Deployment] = set()
 
     async def make(self, spec: ModelSpec, model: Model) -> Deployment:
         own = dataclasses.replace(self._settings, **spec.config.overrides())
@@ -303,12 +304,14 @@ class Deployer:
         """Take nothing new (it is already out of the set served), run what it had accepted, then stop
         its workers and executor. The task ends once it is gone."""
         deployment.state = ModelState.UNLOADING
+        self._unloading.add(deployment)
         return self._track(self._drain(deployment), f"zypher-unload-{deployment.name}-{deployment.version}")
 
     async def _drain(self, deployment: Deployment) -> None:
         await deployment.submits_done()  # one stored but not queued yet will be queued, and must be run
-        if deployment.pool is not None:
+        if deployment.pool is not None and deployment.description is not None:  # it loaded: workers run
             await deployment.pool.drain()
+        self._unloading.discard(deployment)
         self.end(deployment)
         log.info("model %s version %s unloaded", deployment.name, deployment.version)
 
@@ -323,11 +326,21 @@ class Deployer:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def close(self) -> None:
+    async def cancel(self) -> None:
+        """Stop the loads and unloads under way (shutdown: the served pools stop next). The workers of
+        a model still unloading stop as the served ones do: running batches get --shutdown-timeout, and
+        what stays queued is recovered at the next start, like any model's."""
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        unloading, self._unloading = self._unloading, set()
+        pools = [d.pool for d in unloading if d.pool is not None]
+        await asyncio.gather(*(pool.stop(self._settings.shutdown_timeout) for pool in pools))
+
+    async def close(self) -> None:
+        """Once the pools have stopped: the executors too."""
+        await self.cancel()
         for executor in self._executors.values():
             executor.shutdown(wait=False, cancel_futures=True)
         self._executors.clear()
@@ -353,7 +366,7 @@ async def deploy(
         try:
             yield served
         finally:
-            await deployer.close()  # loads still running are cancelled
+            await deployer.cancel()  # loads (and unloads) still under way
             await served.stop(settings.shutdown_timeout)
     finally:
         await deployer.close()
