@@ -37,6 +37,7 @@ CACHE = Path(os.environ.get("ZYPHER_BENCH_CACHE", Path.home() / ".cache" / "zyph
 INSTALL_TIMEOUT_S = 1800
 INPUT = [1, 2, 3]  # the defaults suite's input
 WARM_UP_S = 2  # of load before each measured run, not counted: Ray's first seconds are its slowest
+DRAIN_TIMEOUT_S = 180
 # Telemetry off; Ray keeps to loopback and one local cluster of its own.
 QUIET = {"BENTOML_DO_NOT_TRACK": "True", "RAY_USAGE_STATS_ENABLED": "0", "DO_NOT_TRACK": "1"}
 
@@ -247,7 +248,7 @@ def _reap(seen: dict[int, str | None]) -> None:
             pass
 
 
-def _check(s: Server, peer: Peer) -> None:
+def _check(s: Server, peer: Peer, timeout: float = 30.0) -> None:
     """One request: the answer must carry the mock model's result for INPUT, as zypher-ws computes it."""
     digest = MockModel().predict_batch([INPUT])[0]["digest"]
     request = urllib.request.Request(
@@ -255,18 +256,27 @@ def _check(s: Server, peer: Peer) -> None:
         data=json.dumps(peer.body(INPUT)).encode(),
         headers={"Content-Type": "application/json"},
     )
-    with urllib.request.urlopen(request, timeout=30) as resp:
+    with urllib.request.urlopen(request, timeout=timeout) as resp:
         text = resp.read().decode(errors="replace")
     if digest not in text:
         raise RuntimeError(f"{peer.name} answered without the mock model's result: {text[:300]}")
 
 
 def _measure(peer: Peer, bin_: Path, scenario: Scenario, opts: Options) -> tuple[Run, list[str]]:
+    """One measured run; its `extra` holds the seconds from start to ready and the peak RSS (MiB) of the
+    server's processes, summed."""
+    started = time.monotonic()
     with _server(peer, bin_, scenario) as (s, notes):
+        ready_s = time.monotonic() - started
         _check(s, peer)
         url, body = s.url + peer.predict_path, peer.body(INPUT)
         wrk(url, connections=scenario.connections, duration=WARM_UP_S, body=body)  # every server alike
-        return wrk(url, connections=scenario.connections, duration=opts.duration, body=body), notes
+        # wrk leaves a connection's last request behind when it stops: up to 256 predictions the server
+        # still runs. One more request, answered after them, lets the measured run start on an empty queue.
+        _check(s, peer, timeout=DRAIN_TIMEOUT_S)
+        run = wrk(url, connections=scenario.connections, duration=opts.duration, body=body)
+        run.extra.update(ready_s=ready_s, rss_mib=s.peak_rss_mib())
+        return run, notes
 
 
 # -- the suite -----------------------------------------------------------------------------------------
@@ -286,7 +296,7 @@ def peers(opts: Options) -> list[str]:
             print(f"  peers: {key} skipped: {why}", file=sys.stderr, flush=True)
     running = [p for p in PEERS if p.venv in bins]
     failed: dict[str, str] = {}  # a peer that would not start or answer: skipped from then on
-    keys = ("rps", "p50", "p99", "errors")
+    keys = ("rps", "p50", "p99", "errors", "ready_s", "rss_mib")
     figs = {(sc.name, p.name): {k: Figure() for k in keys} for sc in SCENARIOS for p in running}
     paired = {(sc.name, p.name): Figure() for sc in SCENARIOS for p in running}
     notes: dict[str, set[str]] = {}
@@ -306,7 +316,8 @@ def peers(opts: Options) -> list[str]:
                 notes.setdefault(peer.name, set()).update(why)
                 print(f"  peers: {peer.name}, {sc.name}: {run.rps:.0f}/s", file=sys.stderr, flush=True)
                 this_round[peer.name] = run.rps
-                for key, value in zip(keys, (run.rps, run.p50_ms, run.p99_ms, run.errors), strict=True):
+                values = (run.rps, run.p50_ms, run.p99_ms, run.errors, run.extra["ready_s"], run.extra["rss_mib"])
+                for key, value in zip(keys, values, strict=True):
                     figs[(sc.name, peer.name)][key].add(value)
             ours = this_round.get(PEERS[0].name)
             for name, value in this_round.items():
@@ -314,6 +325,9 @@ def peers(opts: Options) -> list[str]:
                     paired[(sc.name, name)].add(ours / value)
         print(f"  peers: round {round_no + 1} done", file=sys.stderr, flush=True)
     return _report(running, figs, paired, skipped, failed, notes)
+
+
+HEADER = ["server", "requests/s", "p50 ms", "p99 ms", "errors", "start to ready s", "peak RSS MiB", "zypher-ws ÷ this"]
 
 
 def _clip(text: str, head: int = 300, tail: int = 900) -> str:
@@ -343,7 +357,10 @@ def _report(
             g = figs[(sc.name, p.name)]
             ratio = paired[(sc.name, p.name)]
             shown = "" if p is PEERS[0] else (ratio.show(2, "×") if ratio.values else "—")
-            rows.append([p.name, g["rps"].show(), g["p50"].show(2), g["p99"].show(2), g["errors"].show(), shown])
+            rows.append([
+                p.name, g["rps"].show(), g["p50"].show(2), g["p99"].show(2), g["errors"].show(),
+                g["ready_s"].show(1), g["rss_mib"].show(), shown,
+            ])  # fmt: skip
         ratios = [paired[(sc.name, p.name)] for p in running[1:] if paired[(sc.name, p.name)].values]
         least = min((r.median for r in ratios), default=float("nan"))
         verdict = (
@@ -356,7 +373,7 @@ def _report(
             table(
                 f"peers: {sc.name}, POST, body {json.dumps(INPUT)} in each server's own request shape "
                 "(ratios are medians of per-round ratios)",
-                ["server", "requests/s", "p50 ms", "p99 ms", "errors", "zypher-ws ÷ this"],
+                HEADER,
                 rows,
             )
         )
