@@ -208,9 +208,9 @@ def _cpus(pid: int) -> str | None:
 
 
 @contextmanager
-def _server(peer: Peer, bin_: Path, scenario: Scenario) -> Iterator[tuple[Server, list[str]]]:
-    """The peer's server, pinned to the server core in a fresh working directory. Yields it with notes
-    (processes not pinned to that core); when it stops, any process it left behind is killed."""
+def _server(peer: Peer, bin_: Path, scenario: Scenario) -> Iterator[Server]:
+    """The peer's server, pinned to the server core in a fresh working directory; when it stops, any
+    process it left behind is killed."""
     seen: dict[int, str | None] = {}
     env = {**QUIET, "BENCH_MOCK_LATENCY_MS": str(scenario.latency_ms), **peer.env}
     # BentoML imports its service from the working directory; the others get a fresh, empty one.
@@ -221,16 +221,31 @@ def _server(peer: Peer, bin_: Path, scenario: Scenario) -> Iterator[tuple[Server
         try:
             with server(peer.argv(bin_, scenario.latency_ms), ready_path=peer.ready_path, env=env, cwd=cwd,
                         ready_timeout=peer.ready_timeout) as s:  # fmt: skip
-                tree = _process_tree(s.proc.pid)
-                seen.update((pid, _start_time(pid)) for pid in tree)
-                stray = [f"{pid} on {cpus}" for pid in tree if (cpus := _cpus(pid)) not in (None, SERVER_CPU)]
-                notes = [f"{len(stray)} of {len(tree)} processes not pinned to core {SERVER_CPU}"] if stray else []
+                seen.update((pid, _start_time(pid)) for pid in _process_tree(s.proc.pid))
                 try:
-                    yield s, notes
+                    yield s
                 finally:
                     seen.update((pid, _start_time(pid)) for pid in _process_tree(s.proc.pid))
         finally:
             _reap(seen)
+
+
+def _unpinned(s: Server) -> list[str]:
+    """A note if any process of the server may run off the server core (children inherit taskset's
+    affinity, unless a framework sets its own)."""
+    tree = _process_tree(s.proc.pid)
+    stray = [pid for pid in tree if (_cpus(pid) or SERVER_CPU) != SERVER_CPU]
+    if not stray:
+        return []
+    names = ", ".join(f"{_comm(pid)} on {_cpus(pid)}" for pid in stray[:5])
+    return [f"{len(stray)} of {len(tree)} processes not pinned to core {SERVER_CPU}: {names}"]
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return str(pid)
 
 
 def _reap(seen: dict[int, str | None]) -> None:
@@ -266,7 +281,7 @@ def _measure(peer: Peer, bin_: Path, scenario: Scenario, opts: Options) -> tuple
     """One measured run; its `extra` holds the seconds from start to ready and the peak RSS (MiB) of the
     server's processes, summed."""
     started = time.monotonic()
-    with _server(peer, bin_, scenario) as (s, notes):
+    with _server(peer, bin_, scenario) as s:
         ready_s = time.monotonic() - started
         _check(s, peer)
         url, body = s.url + peer.predict_path, peer.body(INPUT)
@@ -276,7 +291,7 @@ def _measure(peer: Peer, bin_: Path, scenario: Scenario, opts: Options) -> tuple
         _check(s, peer, timeout=DRAIN_TIMEOUT_S)
         run = wrk(url, connections=scenario.connections, duration=opts.duration, body=body)
         run.extra.update(ready_s=ready_s, rss_mib=s.peak_rss_mib())
-        return run, notes
+        return run, _unpinned(s)  # every process the run needed has started by now
 
 
 # -- the suite -----------------------------------------------------------------------------------------
@@ -314,6 +329,11 @@ def peers(opts: Options) -> list[str]:
                     print(f"  peers: {peer.name} failed: {failed[peer.name]}", file=sys.stderr, flush=True)
                     continue
                 notes.setdefault(peer.name, set()).update(why)
+                if run.requests == 0:
+                    notes[peer.name].add(
+                        f"{sc.name}: no answer completed within a {opts.duration:g} s run (its latency is longer "
+                        "than the run, so its rate is not measured; a longer --duration measures it)"
+                    )
                 print(f"  peers: {peer.name}, {sc.name}: {run.rps:.0f}/s", file=sys.stderr, flush=True)
                 this_round[peer.name] = run.rps
                 values = (run.rps, run.p50_ms, run.p99_ms, run.errors, run.extra["ready_s"], run.extra["rss_mib"])
