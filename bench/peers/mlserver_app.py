@@ -2,7 +2,7 @@
 (its model-settings.json names `mlserver_app.MockRuntime`) in MLServer's own virtual environment, run by
 the peers suite (see bench/peers/suite.py).
 
-MLServer's defaults (one parallel inference worker process, its debug logging) and its adaptive
+MLServer's defaults (one parallel inference worker process, `debug`: DEBUG logs and access lines) and its adaptive
 batching (`max_batch_size` 32, `max_batch_time` 2 ms, in model-settings.json). The V2 inference
 protocol: POST /v2/models/mock/infer with one BYTES input `input` of shape [1] whose datum is the input's
 JSON; the answer's BYTES output `output` holds the result's JSON. GET /v2/models/mock/ready.

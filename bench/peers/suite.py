@@ -137,7 +137,7 @@ PEERS = (
     Peer(
         "MLServer 1.7.1", "mlserver",
         "`mlserver start`, a custom runtime, adaptive batching `max_batch_size` 32, `max_batch_time` 0.002, "
-        "default `parallel_workers` 1, V2 protocol, default (debug) logs",
+        "default `parallel_workers` 1, V2 protocol, default `debug` (DEBUG logs, access lines)",
         _mlserver, "/v2/models/mock/ready", "/v2/models/mock/infer", _v2_body,
         env={"PYTHONPATH": str(HERE)},  # where its model-settings.json finds `mlserver_app`
     ),
