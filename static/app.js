@@ -70,14 +70,15 @@ function modelPath() {
 }
 
 async function chooseModel() {
+  const chosen = $("#model-picker").value;
   const resp = await api(modelPath());
   const body = await resp.json();
+  if ($("#model-picker").value !== chosen) return; // picked again meanwhile: that answer wins
   if (!resp.ok) throw new Error(body.error ? body.error.code : resp.status);
   model = body;
   $("#model-name").textContent = model.state === "ready"
     ? `${model.name} ${model.version} (${model.runtime})`
     : `${model.name} ${model.version}: ${model.state}${model.error ? ` (${model.error})` : ""}`;
-  document.body.dataset.model = `${model.name}/${model.version}`; // the page is ready to take an input
   grid = isDigitGrid(model.input_schema);
   $("#digits-panel").hidden = !grid;
   if (grid) {
@@ -86,6 +87,7 @@ async function chooseModel() {
   } else {
     $("#input-json").value = JSON.stringify(exampleFor(model.input_schema), null, 1);
   }
+  document.body.dataset.model = `${model.name}/${model.version}`; // the page is ready to take an input
 }
 
 // 64 numbers, 0 to 16 where the schema bounds them: the 8x8 digit the grid draws.

@@ -6,6 +6,7 @@ import asyncio
 import os
 import socket
 import sys
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from aiohttp.test_utils import TestClient
 from fakes import TERMINAL, WAIT
 from zypher_ws.backends.memory import MemoryStore
 from zypher_ws.backends.redis.keys import RedisKeys
+from zypher_ws.client import Prediction
 from zypher_ws.http.keys import SERVICE, SETTINGS
 
 STARTUP_TIMEOUT = 30.0
@@ -102,6 +104,19 @@ async def wait_all_terminal(http: aiohttp.ClientSession, ids: list[str], timeout
     chunks = [ids[i : i + SUBSCRIPTIONS_PER_SOCKET] for i in range(0, len(ids), SUBSCRIPTIONS_PER_SOCKET)]
     found = await asyncio.wait_for(asyncio.gather(*(follow(chunk) for chunk in chunks)), timeout)
     return {pid: record for records in found for pid, record in records.items()}
+
+
+def assert_one_terminal_each_in_order(states: list[Prediction], ids: list[str]) -> None:
+    """What a client's watch promises, per id: ranks strictly rising (so no state twice), the last one
+    terminal, and exactly one terminal state."""
+    by_id: dict[str, list[Prediction]] = {pid: [] for pid in ids}
+    for state in states:
+        by_id[state.prediction_id].append(state)
+    for pid, seen in by_id.items():
+        ranks = [s.status.rank for s in seen]
+        assert ranks == sorted(set(ranks)), (pid, [s.status for s in seen])
+        assert seen and seen[-1].terminal, (pid, [s.status for s in seen])
+    assert Counter(s.prediction_id for s in states if s.terminal) == Counter(ids)
 
 
 # -- the real command -------------------------------------------------------------------------------------

@@ -173,7 +173,9 @@ async def test_page_reconnects_after_the_server_restarts(browser: Any) -> None:
         page = await open_page(browser, server.url)
     await page.wait_for_selector('#connection:not([data-state="open"])')  # the page noticed
     async with run_server(*args, port=port):
-        await page.wait_for_selector('#connection[data-state="open"]')
+        # The page retries with backoff up to 5 s, and after five failures (a slow restart) polls and
+        # tries the socket again every 10 s: wait for as long as that schedule can take.
+        await page.wait_for_selector('#connection[data-state="open"]', timeout=30_000)
         await page.fill("#input-json", '{"after": "restart"}')
         await page.click("#submit")
         await page.locator('.prediction[data-status="succeeded"]').wait_for()

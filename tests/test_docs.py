@@ -27,6 +27,7 @@ CI_RUN = ROOT / ".ci" / "run"
 CONCEPT_PAGES = (
     "api.md",
     "live.md",
+    "client.md",
     "models.md",
     "durability.md",
     "scaling.md",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
+from openapi_spec_validator import validate
 from sklearn.datasets import load_digits, load_iris
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
@@ -196,7 +198,8 @@ async def test_a_model_that_failed_to_load_is_named_by_readyz_and_the_others_ser
     ready = await client.get("/readyz")
     body = await ready.json()
     assert ready.status == 503 and body["error"]["code"] == "not_ready"
-    assert body["error"]["message"].startswith("model broken version 1 failed to load: ModelLoadError")
+    # /readyz needs no token: it names the model; the reason (file paths) is in /models, behind the token.
+    assert body["error"]["message"] == "model broken version 1 failed to load (GET /models says why)"
     status, refused = await post(client, "/models/broken/predict", {"input": [1]})
     assert status == 503 and refused["error"]["code"] == "not_ready" and "joblib" in refused["error"]["message"]
     status, record = await post(client, "/predict", {"input": [5.1, 3.5, 1.4, 0.2]})
@@ -230,6 +233,7 @@ async def test_an_idempotency_key_names_one_model(client: TestClient) -> None:
 
 async def test_the_openapi_document_has_each_models_route_and_schemas(client: TestClient) -> None:
     spec = await (await client.get("/swagger/swagger.json")).json()
+    validate(spec)  # the models' own schemas inside it too
     paths = spec["paths"]
     assert {"/models/iris/predict", "/models/iris/versions/1/predict", "/models/iris/versions/2/predict"} <= set(paths)
     assert {"/models/{name}/predict", "/models/{name}/versions/{version}/predict", "/models"} <= set(paths)
@@ -305,6 +309,8 @@ async def test_a_restart_requeues_each_models_predictions_and_fails_a_model_no_l
     for pids in ids.values():
         for pid in pids:
             finals[pid] = await service.wait(pid, WAIT)
+    for spec, model in second:  # each model ran its own predictions, from its own queue
+        assert sorted(x["x"] for batch in model.batches for x in batch) == [1, 2], spec.name
     for name in ("a", "b"):
         assert [finals[pid].status.value for pid in ids[name]] == ["succeeded", "succeeded"]
         assert [finals[pid].result for pid in ids[name]] == [{"echo": {"x": 1}}, {"echo": {"x": 2}}]
@@ -358,3 +364,49 @@ async def test_redis_has_a_stream_per_model_and_a_worker_serves_the_models_it_is
         add_records = await wait_all_terminal(http, add_ids)
         assert [add_records[pid]["result"] for pid in add_ids] == [{"C": [i + 1, 1, 1]} for i in range(5)]
     await redis.aclose()
+
+
+async def test_redis_moves_the_single_stream_of_earlier_versions_to_each_models_stream(
+    aiohttp_client: Any, redis_settings: dict[str, str]
+) -> None:
+    from zypher_ws.backends.redis.store import RedisStore
+    from zypher_ws.records import Prediction
+
+    # What an earlier version left: records, and their ids in the one stream every model shared.
+    redis = aioredis.Redis.from_url(redis_settings["redis_url"], decode_responses=True)
+    keys = RedisKeys(redis_settings["redis_prefix"])
+    store = RedisStore(redis, keys)
+    fast = MockModel()
+    waiting = [Prediction.new({"n": n}, model_name="mock", model_version=fast.version) for n in range(3)]
+    gone = Prediction.new({"n": 9}, model_name="retired", model_version="1")
+    for prediction in [*waiting, gone]:
+        await store.add(prediction)
+        await redis.xadd(keys.legacy_queue, {"id": prediction.prediction_id})
+    await redis.xadd(keys.legacy_queue, {"id": "f" * 32})  # its record expired: dropped
+    client: TestClient = await aiohttp_client(create_app(make_settings(**redis_settings), model=fast))
+    service = client.app[SERVICE]
+    finals = [await service.wait(p.prediction_id, WAIT) for p in waiting]
+    assert [(p.status.value, p.input) for p in finals] == [("succeeded", {"n": n}) for n in range(3)]
+    assert not await redis.exists(keys.legacy_queue)
+    assert await redis.xlen(keys.queue("retired", "1")) == 1  # waits for a worker serving it, as any model's
+    await redis.aclose()
+
+
+@pytest.mark.slow  # a real worker process
+async def test_a_worker_whose_model_fails_to_load_exits_naming_it(
+    redis_settings: dict[str, str], tmp_path: Path, trained: dict[str, Any]
+) -> None:
+    root = tmp_path / "models"
+    save_joblib(root / "iris" / "1" / "model.joblib", trained["iris_2"])
+    (root / "broken" / "1").mkdir(parents=True)
+    (root / "broken" / "1" / "model.joblib").write_bytes(b"not a pickle")
+    args = ["--redis-url", redis_settings["redis_url"], "--redis-prefix", redis_settings["redis_prefix"]]
+    args += ["--model-repository", str(root), "--default-model", "digits-onnx"]  # shared env: not a worker's
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "zypher_ws", "worker", *args, "--model", "iris", "--model", "broken",
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, stderr = await asyncio.wait_for(proc.communicate(), 60)
+    last = stderr.decode().strip().splitlines()[-1]
+    assert proc.returncode == 1
+    assert last.startswith("zypher-ws: model broken version 1 failed to load: ModelLoadError"), stderr.decode()

@@ -18,7 +18,7 @@ from typing import Any
 from .backends import Backend, WorkQueue
 from .errors import ModelNotFound, NotReady
 from .metrics import Metrics
-from .models import Model, ModelConfigError, ModelSpec
+from .models import Model, ModelConfigError, ModelSetupError, ModelSpec
 from .runner import ModelDescription, ModelRunner, describe, make_executor
 from .settings import Settings
 from .validation import InputValidator
@@ -57,6 +57,8 @@ class Deployment:
         self.runner = runner
         self.pool = pool
         self.state = ModelState.LOADING
+        self.is_default = spec.is_default
+        """The model version a request naming none runs (Deployments settles it: exactly one is)."""
         self.error: str | None = None
         self.description: ModelDescription | None = None
         self.loaded = asyncio.Event()
@@ -70,10 +72,6 @@ class Deployment:
     @property
     def version(self) -> str:
         return self.model.version
-
-    @property
-    def is_default(self) -> bool:
-        return self.spec.is_default
 
     def __repr__(self) -> str:
         return f"<Deployment {self.name} version {self.version} {self.state.value}>"
@@ -89,7 +87,7 @@ class Deployment:
         except Exception as exc:
             self.state = ModelState.FAILED
             self.error = f"model {self.name} version {self.version} failed to load: {type(exc).__name__}: {exc}"
-            log.error("%s", self.error, exc_info=not isinstance(exc, ModelConfigError))
+            log.error("%s", self.error, exc_info=not isinstance(exc, ModelSetupError))  # ours: with a traceback
             self.loaded.set()
             return
         self.description = description
@@ -101,9 +99,12 @@ class Deployment:
             log.info("model %s version %s ready (it runs in worker processes)", self.name, self.version)
         self.loaded.set()
 
-    def check_ready(self) -> None:
-        """Raise NotReady unless this model takes predictions now."""
+    def check_ready(self, *, public: bool = False) -> None:
+        """Raise NotReady unless this model takes predictions now. `public` (for /readyz, which needs no
+        token) names a failed model without the reason, which may hold paths: GET /models has it."""
         if self.state is ModelState.FAILED:
+            if public:
+                raise NotReady(f"model {self.name} version {self.version} failed to load (GET /models says why)")
             raise NotReady(self.error)
         if self.state is ModelState.LOADING:
             raise NotReady(f"model {self.name} version {self.version} is still loading")
@@ -158,6 +159,8 @@ class Deployments:
             self._by_key[(d.name, d.version)] = d
         defaults = [d for d in self._all if d.is_default] or self._all[:1]
         self.default = defaults[0]
+        for d in self._all:
+            d.is_default = d is self.default
 
     def __iter__(self) -> Iterator[Deployment]:
         return iter(self._all)

@@ -62,7 +62,7 @@ class PredictionService:
         if self.stopping:
             raise NotReady("the service is shutting down")
         for deployment in self.models:
-            deployment.check_ready()
+            deployment.check_ready(public=True)
         if isinstance(self.store, Checks):
             await self.store.check()
         full = [d for d in self.models if await d.queue.depth() >= d.queue.maxsize]
@@ -157,7 +157,10 @@ class PredictionService:
         key = None
         if idempotency_key is not None:
             # The model is part of what the key names: the same key and input for another model conflicts.
-            canonical = json.dumps([deployment.name, deployment.version, value], sort_keys=True, separators=(",", ":"))
+            # The default model's fingerprint is of the input alone, as when one model was all there was,
+            # so a retry across an upgrade still finds its prediction.
+            named = value if deployment.is_default else [deployment.name, deployment.version, value]
+            canonical = json.dumps(named, sort_keys=True, separators=(",", ":"))
             key = IdempotencyKey(idempotency_key, hashlib.sha256(canonical.encode()).hexdigest())
         if listener is not None:
             self.bus.subscribe(pid, listener)

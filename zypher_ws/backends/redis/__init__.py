@@ -21,7 +21,7 @@ from .. import Backend
 from ..base import WorkQueue
 from .events import RedisEventBus
 from .keys import RedisKeys
-from .queue import RedisQueue
+from .queue import RedisQueue, move_legacy_entries
 from .store import RedisStore
 
 if TYPE_CHECKING:
@@ -73,6 +73,10 @@ async def open_redis(settings: Settings, url: str, *, listen: bool, readers: int
             log.warning("%s; starting anyway", exc)
         return queue
 
+    try:
+        await move_legacy_entries(client, keys)
+    except BackendUnavailable as exc:
+        log.warning("%s; predictions of the single stream of earlier versions are moved at the next start", exc)
     listener = asyncio.create_task(bus.listen(), name="zypher-redis-events") if listen else None
     try:
         yield Backend(store, bus, open_queue)

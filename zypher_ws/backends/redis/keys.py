@@ -24,6 +24,12 @@ class RedisKeys:
         return f"{self.prefix}:queue:{model}:{version}"
 
     @property
+    def legacy_queue(self) -> str:
+        """The one work stream of every model before each model version had its own: read once at start,
+        its entries moved to their models' streams (see queue.move_legacy_entries)."""
+        return f"{self.prefix}:queue"
+
+    @property
     def dead_letter(self) -> str:
         """Entries given up after --max-attempts deliveries, kept for inspection (capped)."""
         return f"{self.prefix}:dead-letter"

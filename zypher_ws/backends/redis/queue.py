@@ -50,6 +50,40 @@ return {1, waiting + 1}
 )
 
 
+# Moves up to 100 entries of the single stream of earlier versions to their model version's stream, by the
+# model named in each record (the record's key and the streams' key start are ARGV 1 and 2); an entry
+# whose record is gone is dropped. One script per page, so two processes starting at once move each once.
+_MOVE_LEGACY = """
+local entries = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 100)
+for _, entry in ipairs(entries) do
+  local fields, pid = entry[2], nil
+  for i = 1, #fields, 2 do if fields[i] == 'id' then pid = fields[i + 1] end end
+  local raw = pid and redis.call('GET', ARGV[1] .. pid)
+  if raw then
+    local record = cjson.decode(raw)
+    redis.call('XADD', ARGV[2] .. record['model_name'] .. ':' .. record['model_version'], '*', 'id', pid)
+  end
+  redis.call('XDEL', KEYS[1], entry[1])
+end
+return #entries
+"""
+
+
+@translate_errors
+async def move_legacy_entries(client: aioredis.Redis, keys: RedisKeys) -> int:
+    """Move what waits in the single work stream of earlier versions to each model version's stream, so
+    an upgrade strands nothing that was accepted; returns how many entries were moved."""
+    move = client.register_script(_MOVE_LEGACY)
+    record_prefix, stream_prefix = keys.record(""), keys.queue("", "")[:-1]
+    moved = 0
+    while count := int(await move(keys=[keys.legacy_queue], args=[record_prefix, stream_prefix])):
+        moved += count
+    if moved:
+        await client.delete(keys.legacy_queue)
+        log.warning("moved %d predictions from %s to their models' own streams", moved, keys.legacy_queue)
+    return moved
+
+
 class RedisQueue:
     def __init__(
         self,
