@@ -176,12 +176,12 @@ def ensure_venv(venv: Venv) -> Path:
         pip = [str(venv.path / "bin" / "python"), "-m", "pip", "install", "-q", *venv.requirements]
         done = subprocess.run(pip, capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S)
     except subprocess.CalledProcessError as exc:
-        raise Skipped(f"could not create its venv: {(exc.stderr or exc.stdout or str(exc)).strip()[-300:]}") from exc
+        raise Skipped(f"could not create its venv: {_clip(exc.stderr or exc.stdout or str(exc))}") from exc
     except subprocess.TimeoutExpired as exc:
         raise Skipped(f"pip install took more than {INSTALL_TIMEOUT_S} s") from exc
     if done.returncode != 0:
         errors = [line for line in done.stderr.splitlines() if "ERROR" in line] or done.stderr.splitlines()[-3:]
-        raise Skipped(f"`pip install {' '.join(venv.requirements)}` failed: {' / '.join(errors)[-400:]}")
+        raise Skipped(f"`pip install {' '.join(venv.requirements)}` failed: {_clip(' / '.join(errors), 150, 250)}")
     marker.write_text(want)
     print(f"  peers: {venv.key} installed in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
     return venv.path / "bin"
