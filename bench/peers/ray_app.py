@@ -41,6 +41,7 @@ os.environ.setdefault("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", f"{_tmp}/h/haproxy.cf
 os.environ.setdefault("RAY_SERVE_HAPROXY_SOCKET_PATH", f"{_tmp}/h/admin.sock")
 os.environ.setdefault("RAY_SERVE_HAPROXY_SERVER_STATE_BASE", f"{_tmp}/h")
 os.environ.setdefault("RAY_SERVE_HAPROXY_SERVER_STATE_FILE", f"{_tmp}/h/server-state")
+os.environ.setdefault("RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH", f"{_tmp}/h/metrics.sock")
 os.environ.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(_free_port()))
 os.environ.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(_free_port()))
 os.makedirs(f"{_tmp}/h", exist_ok=True)
