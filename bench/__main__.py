@@ -3,9 +3,10 @@
 Suites: throughput, responsiveness, flood, stores, live, defaults, oip (the Open Inference Protocol on
 digits-onnx against the native route), scale (needs a Redis: --redis-url), chaos (processes killed,
 Redis restarted, the disk filled: it exits 1 if a prediction was lost or ran more often than its record
-says), and guard (CI's smoke: it exits 1 if the defaults collapse below 0.25x the ceiling in the same
-run). Servers run pinned to core 0 and load comes from core 1 (taskset); wrk
-must be installed.
+says), guard (CI's smoke: it exits 1 if the defaults collapse below 0.25x the ceiling in the same run),
+and peers (LitServe, BentoML, MLServer and Ray Serve against the defaults, each installed on first use
+in a venv of its own under ~/.cache/zypher-bench/peers). Servers run pinned to core 0 and load comes
+from core 1 (taskset); wrk must be installed.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 from bench.chaos import InvariantsFailed
 from bench.harness import machine, require_wrk
 from bench.models import MODELS
+from bench.peers.suite import NAMES as PEER_NAMES
 from bench.suites import DEFAULT, SUITES, Options, scale
 
 
@@ -31,10 +33,18 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS), help=f"throughput models (default {','.join(MODELS)})")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="Redis for the scale suite")
     parser.add_argument("--chaos-rounds", type=int, default=100, help="SIGKILL rounds of the chaos suite")
+    parser.add_argument(
+        "--peers", default=",".join(PEER_NAMES), help=f"the peers suite's servers (default {','.join(PEER_NAMES)})"
+    )
     args = parser.parse_args()
     require_wrk()
     models = tuple(args.models.split(","))
-    opts = Options(duration=args.duration, repeat=args.repeat, models=models, chaos_rounds=args.chaos_rounds)
+    chosen_peers = tuple(p for p in args.peers.split(",") if p)
+    if unknown := set(chosen_peers) - set(PEER_NAMES):
+        parser.error(f"--peers: unknown {', '.join(sorted(unknown))} (one of {', '.join(PEER_NAMES)})")
+    opts = Options(
+        duration=args.duration, repeat=args.repeat, models=models, chaos_rounds=args.chaos_rounds, peers=chosen_peers
+    )
     chosen = args.suites or list(DEFAULT)
     failed = []
     print(f"# zypher-ws benchmarks\n\n{machine()}; {opts.repeat} runs of {opts.duration:g} s per figure: "

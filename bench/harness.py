@@ -60,9 +60,10 @@ def server(
     ready_path: str = "/healthz",
     env: dict[str, str] | None = None,
     cwd: str | Path = ROOT,
+    ready_timeout: float = 60.0,
 ) -> Iterator[Server]:
     """Run `argv` (with {port} filled in) pinned to the server core, in `cwd`; yield once `ready_path`
-    answers 200."""
+    answers 200 (within `ready_timeout` seconds)."""
     port = free_port()
     args = [a.format(port=port) for a in argv]
     log = tempfile.TemporaryFile()
@@ -75,7 +76,7 @@ def server(
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(url + ready_path, proc, log)
+        _wait_ready(url + ready_path, proc, log, ready_timeout)
         yield Server(proc, url, port)
     finally:
         proc.terminate()
@@ -87,8 +88,8 @@ def server(
         log.close()
 
 
-def _wait_ready(url: str, proc: subprocess.Popen[bytes], log: Any) -> None:
-    deadline = time.monotonic() + 60
+def _wait_ready(url: str, proc: subprocess.Popen[bytes], log: Any, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             log.seek(0)
@@ -100,7 +101,8 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], log: Any) -> None:
         except OSError:
             pass
         time.sleep(0.1)  # a process starting up: poll it
-    raise RuntimeError(f"{url} not ready after 60 s")
+    log.seek(0)
+    raise RuntimeError(f"{url} not ready after {timeout:g} s: {log.read().decode(errors='replace')[-2000:]}")
 
 
 def _process_tree(pid: int) -> list[int]:

@@ -31,6 +31,7 @@ from bench.harness import (
     wrk,
 )
 from bench.models import CPU_TUNING, DIGIT, MODELS, sample, serve_args
+from bench.peers.suite import peers
 
 PY = sys.executable
 BIN = Path(sys.executable).parent
@@ -42,6 +43,7 @@ class Options:
     repeat: int = 3
     models: tuple[str, ...] = MODELS
     chaos_rounds: int = 100  # SIGKILL rounds of the chaos suite
+    peers: tuple[str, ...] = ()  # the peers suite's servers besides zypher-ws (empty: all)
 
 
 def zypher(*extra: str) -> list[str]:
@@ -606,5 +608,6 @@ SUITES: dict[str, Callable[[Options], list[str]]] = {
     "oip": oip,
     "chaos": chaos,
     "guard": guard,
+    "peers": peers,
 }
 DEFAULT = ("throughput", "responsiveness", "flood", "stores", "live", "defaults")  # `python -m bench` alone
