@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from tritonclient.utils import serialize_byte_tensor
@@ -111,6 +111,7 @@ def test_a_truncated_body_is_a_bad_request(items: list[tuple[str, np.ndarray]], 
 
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=200), st.one_of(st.none(), st.text(max_size=6)))
+@example(b"", "²")  # a digit to str.isdigit, not to int()
 def test_any_bytes_are_a_request_or_a_bad_request(body: bytes, length: str | None) -> None:
     try:
         parse_request(body, length)

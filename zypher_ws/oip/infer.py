@@ -81,7 +81,7 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
         header_bytes, binary = view, view[len(view) :]
     else:
         length = header_length.strip()
-        if not length.isdigit() or int(length) > len(view):
+        if not (length.isascii() and length.isdigit()) or int(length) > len(view):  # "²" is a digit too
             raise InvalidInferenceRequest(
                 f"{HEADER_LENGTH} must be a number of bytes within the body's {len(view)}, not {header_length[:40]!r}"
             )
