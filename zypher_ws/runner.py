@@ -193,7 +193,7 @@ class ModelRunner:
                 model=prediction.model_name,
                 version=prediction.model_version,
             )
-        except ValueError as exc:
+        except Exception as exc:  # outputs that do not form the model's tensors: this prediction fails
             return Outcome(pid, error=_error(exc))
         return Outcome(pid, result=result)
 
