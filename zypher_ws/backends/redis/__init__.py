@@ -47,7 +47,11 @@ async def open_redis(settings: Settings, url: str, *, listen: bool) -> AsyncIter
         socket_timeout=10.0,
     )
     client = aioredis.Redis.from_pool(pool)
-    store = RedisStore(client, keys, ttl=settings.result_ttl)
+    consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    # A webhook entry is held for one attempt (at most --webhook-timeout): past that and a margin its
+    # process is taken to be dead, and another sends it again.
+    webhook_claim_idle = max(settings.claim_idle, settings.webhook_timeout + 5.0)
+    store = RedisStore(client, keys, ttl=settings.result_ttl, consumer=consumer, webhook_claim_idle=webhook_claim_idle)
     bus = RedisEventBus(client, keys, store.get_many)
     queue = RedisQueue(
         client,
@@ -55,7 +59,7 @@ async def open_redis(settings: Settings, url: str, *, listen: bool) -> AsyncIter
         store=store,
         bus=bus,
         maxsize=settings.max_queue,
-        consumer=f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}",
+        consumer=consumer,
         claim_idle=settings.claim_idle,
         max_attempts=settings.max_attempts,
     )
