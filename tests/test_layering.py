@@ -1,7 +1,8 @@
 """The layering rule: the core (everything outside zypher_ws.http) imports nothing of aiohttp.
 
 Checked in a fresh interpreter where importing aiohttp fails, so a stray import anywhere in the core,
-even a transitive one, fails this test.
+even a transitive one, fails this test. One module is the exception: the webhook transport is an HTTP
+client, aiohttp's, loaded only where webhooks are delivered; it may use aiohttp's client, never its server.
 """
 
 from __future__ import annotations
@@ -31,11 +32,15 @@ print("ok", len(sys.argv) - 1)
 """
 
 
+CLIENT_ONLY = "zypher_ws.webhooks.transport"
+
+
 def core_modules() -> list[str]:
     names = [m.name for m in pkgutil.walk_packages(zypher_ws.__path__, "zypher_ws.")]
     # __main__ runs the command line when imported; it only calls cli.main, which is checked.
     http = ("zypher_ws.http", "zypher_ws.http.")
-    return [n for n in names if not (n == http[0] or n.startswith(http[1]) or n.endswith("__main__"))]
+    core = [n for n in names if not (n == http[0] or n.startswith(http[1]) or n.endswith("__main__"))]
+    return [n for n in core if n != CLIENT_ONLY]  # every other module is imported without it
 
 
 def test_the_core_imports_no_aiohttp() -> None:
@@ -46,6 +51,16 @@ def test_the_core_imports_no_aiohttp() -> None:
     done = subprocess.run([sys.executable, "-c", BLOCKER, *modules], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"ok {len(modules)}"
+
+
+def test_the_webhook_transport_uses_aiohttps_client_and_nothing_of_its_server() -> None:
+    assert CLIENT_ONLY in [m.name for m in pkgutil.walk_packages(zypher_ws.__path__, "zypher_ws.")]
+    server = "print(sorted(m for m in sys.modules if m.startswith(('aiohttp.web', 'aiohttp_swagger3'))))"
+    done = subprocess.run(
+        [sys.executable, "-c", f"import sys, {CLIENT_ONLY}; {server}"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
 
 
 def test_the_blocker_catches_the_http_layer() -> None:

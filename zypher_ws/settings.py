@@ -144,8 +144,8 @@ class Settings:
     webhook_timeout: float = _opt(10.0, "seconds a webhook receiver has to answer one attempt", above=0)
     webhook_retry_delays: str = _opt(
         "5,300,1800,7200,18000,36000,86400",
-        "seconds between a webhook event's attempts, comma-separated (each stretched or shrunk by up to a fifth, and at "
-        "least the receiver's Retry-After); after the last attempt fails the event is dead-lettered",
+        "seconds between a webhook event's attempts, comma-separated (each stretched or shrunk by up to a fifth, "
+        "and at least the receiver's Retry-After); after the last attempt fails the event is dead-lettered",
     )
     webhook_concurrency: int = _opt(
         16, "webhook deliveries in flight at once in this process; a quarter of them (at least 1) to one host", min=1

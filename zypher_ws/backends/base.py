@@ -7,7 +7,7 @@ a health check of a remote server) are protocols of their own, so no store carri
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
 from ..records import IdempotencyKey, Job, Outcome, Prediction
@@ -89,9 +89,12 @@ class KeepsWebhooks(Protocol):
         """Call `callback` on the loop after a commit that scheduled deliveries (to wake the delivery loop)."""
         ...
 
-    async def due_webhooks(self, now: float, limit: int, busy_hosts: Collection[str] = ()) -> list[Delivery]:
-        """Up to `limit` deliveries due by `now`, earliest first, none to a host ("name:port") in
-        `busy_hosts`. Each is this process's alone until settled: no other caller gets it meanwhile."""
+    async def due_webhooks(
+        self, now: float, limit: int, *, per_host: int | None = None, in_flight: Mapping[str, int] | None = None
+    ) -> list[Delivery]:
+        """Up to `limit` deliveries due by `now`, earliest first, and with `per_host`, at most that many to
+        one host ("name:port") counting the ones `in_flight` there. Each is this process's alone until
+        settled: no other caller gets it meanwhile."""
         ...
 
     async def settle_webhook(self, settlement: Settlement) -> None:

@@ -8,8 +8,8 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
-from collections import OrderedDict, deque
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from .. import lifecycle
 from ..errors import QueueFull
@@ -128,17 +128,21 @@ class MemoryStore:
         if self._on_scheduled is not None:
             self._on_scheduled()
 
-    async def due_webhooks(self, now: float, limit: int, busy_hosts: Collection[str] = ()) -> list[Delivery]:
+    async def due_webhooks(
+        self, now: float, limit: int, *, per_host: int | None = None, in_flight: Mapping[str, int] | None = None
+    ) -> list[Delivery]:
         taken: list[Delivery] = []
-        passed: list[tuple[float, str]] = []  # due, but to a busy host: back on the heap afterwards
+        hosts = Counter(in_flight or {})
+        passed: list[tuple[float, str]] = []  # due, but to a host with its share: back on the heap afterwards
         while self._due and self._due[0][0] <= now and len(taken) < limit:
             due_at, wid = heapq.heappop(self._due)
             delivery = self._webhooks.get(wid)
             if delivery is None or delivery.due_at != due_at or wid in self._leased:
                 continue  # delivered, given up or rescheduled since this entry was pushed
-            if delivery.host in busy_hosts:
+            if per_host is not None and hosts[delivery.host] >= per_host:
                 passed.append((due_at, wid))
                 continue
+            hosts[delivery.host] += 1
             self._leased.add(wid)
             taken.append(delivery)
         for entry in passed:

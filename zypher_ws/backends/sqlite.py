@@ -11,7 +11,8 @@ import asyncio
 import json
 import logging
 import sqlite3
-from collections.abc import Callable, Collection, Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -459,8 +460,13 @@ class SQLiteStore:
     def on_webhooks_scheduled(self, callback: Callable[[], None]) -> None:
         self._on_scheduled = callback
 
-    async def due_webhooks(self, now: float, limit: int, busy_hosts: Collection[str] = ()) -> list[Delivery]:
-        leased, busy = list(self._leased), list(busy_hosts)
+    async def due_webhooks(
+        self, now: float, limit: int, *, per_host: int | None = None, in_flight: Mapping[str, int] | None = None
+    ) -> list[Delivery]:
+        hosts = Counter(in_flight or {})
+        leased = list(self._leased)
+        busy = [host for host, n in hosts.items() if per_host is not None and n >= per_host]
+        share = per_host if per_host is not None else limit
 
         def op(conn: sqlite3.Connection) -> list[Delivery]:
             where = "due_at <= ?"
@@ -468,14 +474,20 @@ class SQLiteStore:
                 where += f" AND id NOT IN ({','.join('?' * len(leased))})"
             if busy:
                 where += f" AND host NOT IN ({','.join('?' * len(busy))})"
+            # The earliest few per host, so that one host's backlog cannot fill the page.
             rows = conn.execute(
-                "SELECT id, prediction_id, event, url, body, event_at, due_at, attempts FROM webhook_deliveries "
-                f"WHERE {where} ORDER BY due_at LIMIT ?",
-                (now, *leased, *busy, limit),
+                "SELECT id, prediction_id, event, url, body, event_at, due_at, attempts, host FROM ("
+                "SELECT *, row_number() OVER (PARTITION BY host ORDER BY due_at) AS nth FROM webhook_deliveries "
+                f"WHERE {where}) WHERE nth <= ? ORDER BY due_at LIMIT ?",
+                (now, *leased, *busy, share, limit),
             )
-            return [Delivery(*row) for row in rows]
+            return [Delivery(*row[:8]) for row in rows]
 
-        due = await self._read(op)
+        due = []
+        for delivery in await self._read(op):
+            if per_host is None or hosts[delivery.host] < per_host:
+                hosts[delivery.host] += 1
+                due.append(delivery)
         self._leased.update(d.webhook_id for d in due)
         return due
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable, Collection, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import redis.asyncio as aioredis
@@ -160,8 +160,10 @@ class RedisStore:
         self._on_scheduled = callback
 
     @translate_errors
-    async def due_webhooks(self, now: float, limit: int, busy_hosts: Collection[str] = ()) -> list[Delivery]:
-        return await self._webhooks.due(now, limit, busy_hosts)
+    async def due_webhooks(
+        self, now: float, limit: int, *, per_host: int | None = None, in_flight: Mapping[str, int] | None = None
+    ) -> list[Delivery]:
+        return await self._webhooks.due(now, limit, per_host, in_flight or {})
 
     async def settle_webhook(self, settlement: Settlement) -> None:
         def rule(current: Prediction | None, _: str) -> Prediction | None:

@@ -12,7 +12,8 @@ again, under the same webhook-id.
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -64,7 +65,7 @@ class RedisWebhooks:
     def settled(self, settlement: Settlement) -> None:
         self._held.discard(settlement.delivery.receipt or "")
 
-    async def due(self, now: float, limit: int, busy_hosts: Collection[str]) -> list[Delivery]:
+    async def due(self, now: float, limit: int, per_host: int | None, in_flight: Mapping[str, int]) -> list[Delivery]:
         await self._ensure_group()
         await self._promote(keys=[self._keys.webhooks_later, self._keys.webhooks], args=[now, limit])
         entries: list[tuple[str, dict[str, str]]] = []
@@ -87,10 +88,15 @@ class RedisWebhooks:
                 reply = None
             entries += [entry for _, stream_entries in reply or () for entry in stream_entries]
         taken: list[Delivery] = []
-        postponed: list[Delivery] = []
+        postponed: list[Delivery] = []  # to a host with its share in flight: due again in a moment
+        hosts = Counter(in_flight)
         for entry_id, fields in entries:
             delivery = Delivery.from_json(fields["d"], receipt=entry_id)
-            (postponed if delivery.host in busy_hosts else taken).append(delivery)
+            if per_host is not None and hosts[delivery.host] >= per_host:
+                postponed.append(delivery)
+            else:
+                hosts[delivery.host] += 1
+                taken.append(delivery)
         if postponed:
             async with self._redis.pipeline(transaction=True) as pipe:
                 for delivery in postponed:
