@@ -14,14 +14,15 @@ from typing import Any
 from . import logs
 from .backends import Checks, DefersWrites, EventBus, Recovers, Store, Sweeps, WorkQueue
 from .backends.base import Listener
-from .errors import NotFound, NotReady, QueueFull
+from .errors import InvalidWebhook, NotFound, NotReady, QueueFull
 from .events import Watch
 from .models import Model
-from .records import IdempotencyKey, Job, Prediction
+from .records import IdempotencyKey, Job, Prediction, Webhook
 from .runner import ModelRunner
 from .settings import Settings
 from .validation import InputValidator, is_prediction_id
 from .waiting import settle, settled_within
+from .webhooks.target import AddressPolicy, WebhookRequest
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,9 @@ class PredictionService:
         self.stopping = False
         self._defers = store if isinstance(store, DefersWrites) else None
         self._on_stop: set[Callable[[], None]] = set()
+        self._webhook_policy = AddressPolicy(
+            allow_private=settings.webhook_allow_private, allowed_hosts=settings.webhook_allowed_hosts
+        )
 
     @property
     def model_ready(self) -> bool:
@@ -87,16 +91,35 @@ class PredictionService:
         """Raise InvalidInput naming the offending field, per the model's JSON Schema."""
         self._validate(value)
 
-    async def submit(self, value: Any, *, idempotency_key: str | None = None) -> Prediction:
-        """Validate, store and enqueue one prediction. Raises InvalidInput, NotReady or QueueFull.
+    def _webhook(self, request: WebhookRequest | None) -> Webhook | None:
+        """The webhook a new prediction carries, if the service may send it. Raises InvalidWebhook."""
+        if request is None:
+            return None
+        if not self.settings.webhook_secrets:
+            raise InvalidWebhook("this service sends no webhooks: it was started without --webhook-secret")
+        self._webhook_policy.check(request.url)
+        return Webhook(request.url, request.events)
 
-        With an idempotency key already used for the same input, returns that prediction as it is now
-        (and runs nothing); with a different input, raises IdempotencyConflict.
+    async def submit(
+        self, value: Any, *, idempotency_key: str | None = None, webhook: WebhookRequest | None = None
+    ) -> Prediction:
+        """Validate, store and enqueue one prediction. Raises InvalidInput, InvalidWebhook, NotReady or
+        QueueFull.
+
+        With an idempotency key already used for the same input (and webhook), returns that prediction as
+        it is now (and runs nothing); with a different one, raises IdempotencyConflict.
         """
-        prediction, _ = await self._submit(value, idempotency_key, None)
+        prediction, _ = await self._submit(value, idempotency_key, None, webhook=webhook)
         return prediction
 
-    async def run(self, value: Any, *, idempotency_key: str | None = None, timeout: float) -> Prediction:
+    async def run(
+        self,
+        value: Any,
+        *,
+        idempotency_key: str | None = None,
+        timeout: float,
+        webhook: WebhookRequest | None = None,
+    ) -> Prediction:
         """Submit, then wait: the prediction once terminal, or as it stands when `timeout` runs out.
 
         It listens before the prediction is queued, so no change can slip past and nothing is read back.
@@ -112,7 +135,9 @@ class PredictionService:
         # Without a key the record may stay in this process until it is finished and be written once
         # then: if the process dies first, the client gets no answer (and retries), not a lost 202. With a
         # key it is stored first, so that concurrent and later retries find it.
-        prediction, new = await self._submit(value, idempotency_key, on_change, defer=idempotency_key is None)
+        prediction, new = await self._submit(
+            value, idempotency_key, on_change, defer=idempotency_key is None, webhook=webhook
+        )
         if not new:
             return await self.wait(prediction.prediction_id, timeout)  # an earlier prediction: follow it
         try:
@@ -128,24 +153,33 @@ class PredictionService:
         return prediction
 
     async def _submit(
-        self, value: Any, idempotency_key: str | None, listener: Listener | None, *, defer: bool = False
+        self,
+        value: Any,
+        idempotency_key: str | None,
+        listener: Listener | None,
+        *,
+        defer: bool = False,
+        webhook: WebhookRequest | None = None,
     ) -> tuple[Prediction, bool]:
         """The prediction, and False if it is an earlier one with the same idempotency key.
 
         `listener` hears every change of a new prediction from before it is queued; the caller unsubscribes.
         """
         self.validate_input(value)
+        hook = self._webhook(webhook)
         if self.stopping:
             raise NotReady("the service is shutting down")
         if not self.model_ready:
             raise NotReady()
         if await self.queue.depth() >= self.queue.maxsize:
             raise QueueFull()  # checked first too, so a full queue costs no store write
-        prediction = Prediction.new(value, model_name=self.model.name, model_version=self.model.version)
+        prediction = Prediction.new(value, model_name=self.model.name, model_version=self.model.version, webhook=hook)
         pid = prediction.prediction_id
         key = None
         if idempotency_key is not None:
-            canonical = json.dumps(value, sort_keys=True, separators=(",", ":"))
+            # The body that counts is the input, and the webhook with it when there is one.
+            fingerprinted = value if hook is None else {"input": value, "webhook": [hook.url, *hook.events]}
+            canonical = json.dumps(fingerprinted, sort_keys=True, separators=(",", ":"))
             key = IdempotencyKey(idempotency_key, hashlib.sha256(canonical.encode()).hexdigest())
         if listener is not None:
             self.bus.subscribe(pid, listener)

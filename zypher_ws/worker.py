@@ -14,6 +14,7 @@ from .metrics import Metrics
 from .models import Model, build_model
 from .runner import ModelRunner, exit_past_stuck_model_calls, make_executor
 from .settings import Settings
+from .webhooks.delivery import delivering
 from .workers import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ async def run_worker(settings: Settings, *, model: Model | None = None) -> None:
         # prometheus-client's own HTTP server, on a thread: this process has no aiohttp app.
         start_http_server(settings.metrics_port, addr=settings.host, registry=metrics.registry)
     try:
-        async with open_backend(settings, listen=False) as backend:
+        async with open_backend(settings, listen=False) as backend, delivering(settings, backend.store, metrics):
             await runner.load()
             gc.collect()
             gc.freeze()  # what startup made lives as long as the process: keep full collections short

@@ -20,12 +20,25 @@ from ..models import Model, build_model
 from ..runner import ModelRunner, exit_past_stuck_model_calls, make_executor
 from ..service import PredictionService
 from ..settings import Settings
+from ..webhooks.delivery import delivering
 from ..workers import WorkerPool
 from . import live, openapi, views
 from .access import RateLimiter, SocketCounter
 from .access_log import AccessLogger, log_malformed_requests_at_info
 from .connections import GuardedSite, quiet_resource_errors
-from .keys import DRAIN, LIMITER, LIVE_CLIENTS, METRICS, MODEL, SERVICE, SETTINGS, SOCKETS, STREAMS, WS_AUTHENTICATING
+from .keys import (
+    DRAIN,
+    LIMITER,
+    LIVE_CLIENTS,
+    METRICS,
+    MODEL,
+    SERVICE,
+    SETTINGS,
+    SOCKETS,
+    STREAMS,
+    WEBHOOKS,
+    WS_AUTHENTICATING,
+)
 from .middleware import count_requests, json_errors, parse_json_body, require_token
 from .pages import add_page_routes
 
@@ -68,7 +81,9 @@ async def service_ctx(app: web.Application) -> AsyncIterator[None]:
     settings, model = app[SETTINGS], app[MODEL]
     executor = make_executor(settings)
     runner = ModelRunner(model, executor)
-    async with open_backend(settings) as backend:
+    async with open_backend(settings) as backend, delivering(settings, backend.store, app[METRICS]) as webhooks:
+        if webhooks is not None:
+            app[WEBHOOKS] = webhooks
         service = PredictionService(
             settings=settings, model=model, runner=runner, store=backend.store, queue=backend.queue, bus=backend.bus
         )

@@ -10,6 +10,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from ..errors import InvalidHeader, ZypherError
 from ..records import Prediction, Status
 from ..validation import idempotency_key
+from ..webhooks.target import requested
 from .access import client_address
 from .access_log import PREDICTION_ID
 from .envelopes import json_response
@@ -84,7 +85,7 @@ async def predict(request: web.Request, body: dict[str, Any]) -> web.Response:
         description: Accepted (async), or still running when the sync timeout ran out
         headers: {Location: {description: URL of the record, schema: {type: string}}}
         content: {application/json: {schema: {$ref: '#/components/schemas/Prediction'}}}
-      '400': {description: 'Malformed JSON, bad header, or input failing the model schema', content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}
+      '400': {description: 'Malformed JSON, bad header, input failing the model schema, or a webhook the service will not send (invalid_webhook)', content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}
       '409': {description: 'Idempotency-Key reused with a different body (idempotency_conflict)', content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}
       '401': {description: 'No valid bearer token (when tokens are configured)', content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}
       '429': {description: 'Over the per-client rate limit (rate_limited); retry after `Retry-After` seconds', headers: {Retry-After: {schema: {type: integer}}}, content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}
@@ -100,9 +101,11 @@ async def predict(request: web.Request, body: dict[str, Any]) -> web.Response:
     request.app[LIMITER].check(client_address(request))
     run_async = wants_async(request)
     key = idempotency_key(request.headers.get("Idempotency-Key"))
+    webhook = requested(body)
     if run_async:
-        return record_response(await service.submit(body["input"], idempotency_key=key), 202)
-    prediction = await service.run(body["input"], idempotency_key=key, timeout=service.settings.sync_timeout)
+        return record_response(await service.submit(body["input"], idempotency_key=key, webhook=webhook), 202)
+    timeout = service.settings.sync_timeout
+    prediction = await service.run(body["input"], idempotency_key=key, timeout=timeout, webhook=webhook)
     if not prediction.status.terminal:
         return record_response(prediction, 202)
     return record_response(prediction, 500 if prediction.status is Status.FAILED else 200)
