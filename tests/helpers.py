@@ -216,6 +216,7 @@ class Receiver:
         self.port = port or free_port()
         self.answers: list[int | tuple[int, dict[str, str]]] = []
         self.hold: asyncio.Event | None = None  # while set to an unset event, requests wait for it
+        self.on_delivery: Callable[[Delivered], Awaitable[None]] | None = None  # run before answering
         self.got: list[Delivered] = []
         self._arrived: asyncio.Queue[Delivered] = asyncio.Queue()
         self._runner: web.AppRunner | None = None
@@ -229,6 +230,8 @@ class Receiver:
         self._arrived.put_nowait(delivered)
         if self.hold is not None:
             await self.hold.wait()
+        if self.on_delivery is not None:
+            await self.on_delivery(delivered)
         answer = self.answers.pop(0) if self.answers else 200
         status, headers = answer if isinstance(answer, tuple) else (answer, {})
         return web.Response(status=status, headers=headers)
