@@ -440,3 +440,20 @@ async def test_the_openapi_document_describes_the_webhook_fields(make_client: Cl
     assert request["webhook_events_filter"]["items"]["enum"] == ["start", "output", "completed"]
     state = spec["components"]["schemas"]["Prediction"]["properties"]["webhook"]
     assert state["nullable"] and set(state["required"]) >= {"url", "events", "attempts", "last_status"}
+
+
+async def test_a_canceled_prediction_sends_completed_with_its_canceled_record(
+    make_client: ClientFactory, receiver: Receiver, gated: GatedModel
+) -> None:
+    client = await make_client(model=gated, **HOOKS)
+    hooks = Deliveries(client)
+    pid = (await submit(client, {"webhook": receiver.url()}))["prediction_id"]
+    await gated.wait_started()
+    assert (await client.delete(f"/predict/{pid}")).status == 200
+    payload = verified(await receiver.next())
+    assert (payload["type"], payload["data"]["status"]) == ("prediction.completed", "canceled")
+    await hooks.settled()
+    gated.release.set()  # its outcome is discarded, and sends nothing more
+    assert (await client.app[SERVICE].wait(pid, WAIT)).status.value == "canceled"
+    await hooks.idle()
+    assert len(receiver.got) == 1

@@ -434,3 +434,17 @@ async def test_redis_takes_over_what_a_dead_process_was_attempting(redis_setting
     await alive.settle_webhook(settle(found[0], Attempt(200), now=now, delays=DELAYS))
     assert await alive.pending_webhooks() == 0
     await client.aclose()
+
+
+async def test_a_prediction_failed_as_worker_lost_at_recovery_sends_completed(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "z.db", ttl=60)
+    await store.open()
+    p = with_webhook()
+    await store.add(p)
+    await store.start([p.prediction_id])  # and the process running it dies, --max-attempts 1
+    _, failed = await store.recover(max_attempts=1)
+    assert [f.prediction_id for f in failed] == [p.prediction_id]
+    (due,) = await store.due_webhooks(time.time() + 1, 10)
+    data = json.loads(due.body)["data"]
+    assert (data["status"], data["error"]["code"]) == ("failed", "worker_lost")
+    await store.close()
