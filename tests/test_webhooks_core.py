@@ -86,7 +86,7 @@ def test_a_good_webhook_keeps_its_events_in_lifecycle_order() -> None:
     [
         "127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.64.0.1", "0.0.0.0",
         "224.0.0.1", "255.255.255.255", "::1", "fe80::1", "fc00::1", "ff02::1", "::ffff:127.0.0.1", "::",
-        "2002:7f00:1::", "not an address",
+        "2002:7f00:1::", "64:ff9b::a00:1", "not an address",
     ],
 )  # fmt: skip
 def test_addresses_that_are_not_public_unicast_are_refused_by_default(address: str) -> None:
@@ -448,3 +448,16 @@ async def test_a_prediction_failed_as_worker_lost_at_recovery_sends_completed(tm
     data = json.loads(due.body)["data"]
     assert (data["status"], data["error"]["code"]) == ("failed", "worker_lost")
     await store.close()
+
+
+async def test_redis_makes_its_group_again_after_redis_lost_it(redis_settings: dict[str, str]) -> None:
+    client = aioredis.Redis.from_url(redis_settings["redis_url"], decode_responses=True)
+    keys = RedisKeys(redis_settings["redis_prefix"])
+    store = RedisStore(client, keys, ttl=60, consumer="a")
+    assert await store.due_webhooks(time.time(), 10) == []  # makes the group
+    await client.delete(keys.webhooks)  # as a Redis restarted without persistence would have it
+    done = await run_to_completion(store, with_webhook())
+    assert await store.due_webhooks(time.time() + 1, 10) == []  # NOGROUP: noted, and the group made again
+    (due,) = await store.due_webhooks(time.time() + 1, 10)
+    assert due.prediction_id == done.prediction_id
+    await client.aclose()

@@ -19,6 +19,7 @@ from ..errors import InvalidWebhook
 from ..records import WEBHOOK_EVENTS, url_shown
 
 MAX_URL_LENGTH = 2048
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # an IPv4 address behind a NAT64 gateway
 DEFAULT_EVENTS = ("completed",)
 _UNSAFE = re.compile(r"[\x00-\x20\x7f\\]")  # whitespace, controls and backslashes: parsers disagree on them
 
@@ -103,6 +104,8 @@ class AddressPolicy:
             return False
         if isinstance(ip, ipaddress.IPv6Address):
             embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
+            if embedded is None and ip in _NAT64:
+                embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
             if embedded is not None:
                 ip = embedded
         return ip.is_global and not ip.is_multicast

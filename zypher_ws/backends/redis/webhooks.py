@@ -44,6 +44,7 @@ class RedisWebhooks:
         self._promote = client.register_script(_PROMOTE)
         self._group_ready = False
         self._claimed_at = 0.0  # monotonic time of the last look for entries a dead process held
+        self._claim_cursor = "0-0"
         self._held: set[str] = set()  # entry ids this process is attempting
 
     def schedule(self, pipe: Any, written: Sequence[Prediction]) -> bool:
@@ -68,25 +69,13 @@ class RedisWebhooks:
     async def due(self, now: float, limit: int, per_host: int | None, in_flight: Mapping[str, int]) -> list[Delivery]:
         await self._ensure_group()
         await self._promote(keys=[self._keys.webhooks_later, self._keys.webhooks], args=[now, limit])
-        entries: list[tuple[str, dict[str, str]]] = []
-        if time.monotonic() - self._claimed_at >= self.claim_idle / 4:
-            self._claimed_at = time.monotonic()
-            _, claimed, _ = await self._redis.xautoclaim(
-                self._keys.webhooks, self._keys.webhook_group, self.consumer,
-                min_idle_time=int(self.claim_idle * 1000), start_id="0-0", count=limit,
-            )  # fmt: skip
-            entries += [(entry_id, fields) for entry_id, fields in claimed if entry_id not in self._held]
-        if len(entries) < limit:
-            try:
-                reply: Any = await self._redis.xreadgroup(
-                    self._keys.webhook_group, self.consumer, {self._keys.webhooks: ">"}, count=limit - len(entries)
-                )
-            except redis.exceptions.ResponseError as exc:
-                if "NOGROUP" not in str(exc):
-                    raise
-                self._group_ready = False  # Redis lost the group (restarted without persistence)
-                reply = None
-            entries += [entry for _, stream_entries in reply or () for entry in stream_entries]
+        try:
+            entries = await self._take(limit)
+        except redis.exceptions.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            self._group_ready = False  # Redis lost the group (restarted without persistence): made again next time
+            return []
         taken: list[Delivery] = []
         postponed: list[Delivery] = []  # to a host with its share in flight: due again in a moment
         hosts = Counter(in_flight)
@@ -107,6 +96,24 @@ class RedisWebhooks:
                 await pipe.execute()
         self._held.update(d.receipt for d in taken if d.receipt)
         return taken
+
+    async def _take(self, limit: int) -> list[tuple[str, dict[str, str]]]:
+        """Entries a dead process held (looked for now and then), then new ones, up to `limit`."""
+        entries: list[tuple[str, dict[str, str]]] = []
+        if time.monotonic() - self._claimed_at >= self.claim_idle / 4:
+            self._claimed_at = time.monotonic()
+            cursor, claimed, _ = await self._redis.xautoclaim(
+                self._keys.webhooks, self._keys.webhook_group, self.consumer,
+                min_idle_time=int(self.claim_idle * 1000), start_id=self._claim_cursor, count=limit,
+            )  # fmt: skip
+            self._claim_cursor = str(cursor)
+            entries += [(entry_id, fields) for entry_id, fields in claimed if entry_id not in self._held]
+        if len(entries) < limit:
+            reply: Any = await self._redis.xreadgroup(
+                self._keys.webhook_group, self.consumer, {self._keys.webhooks: ">"}, count=limit - len(entries)
+            )
+            entries += [entry for _, stream_entries in reply or () for entry in stream_entries]
+        return entries
 
     async def pending(self) -> int:
         async with self._redis.pipeline(transaction=False) as pipe:
