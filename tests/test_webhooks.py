@@ -457,3 +457,19 @@ async def test_a_canceled_prediction_sends_completed_with_its_canceled_record(
     assert (await client.app[SERVICE].wait(pid, WAIT)).status.value == "canceled"
     await hooks.idle()
     assert len(receiver.got) == 1
+
+
+async def test_a_restart_without_a_secret_says_that_deliveries_wait(
+    make_client: ClientFactory, receiver: Receiver, tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = f"sqlite:///{tmp_path / 'z.db'}"
+    client = await make_client(model=GatedModel(gated=False), **HOOKS, store=store)
+    Deliveries(client)
+    receiver.answers = [500]
+    await submit(client, {"webhook": receiver.url()})
+    await receiver.next()
+    await client.close()
+    caplog.set_level(logging.WARNING)
+    again = await make_client(model=GatedModel(gated=False), store=store)
+    assert WEBHOOKS not in again.app
+    assert "1 webhook deliveries wait in the store; without --webhook-secret none is sent" in caplog.text

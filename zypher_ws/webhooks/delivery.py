@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Protocol
 
 from ..backends.base import KeepsWebhooks, Store
-from ..errors import RetryLater
+from ..errors import RetryLater, ZypherError
 from ..records import DEAD_LETTERED, DELIVERED, GONE, url_shown
 from ..waiting import settle, settled_within
 from . import schedule
@@ -189,11 +189,24 @@ class Dispatcher:
             self.metrics.webhook_attempted(s)
 
 
+async def _warn_if_any_wait(store: KeepsWebhooks) -> None:
+    try:
+        waiting = await store.pending_webhooks()
+    except ZypherError:
+        return  # the store is away: nothing to say yet
+    if waiting:
+        log.warning("%d webhook deliveries wait in the store; without --webhook-secret none is sent", waiting)
+
+
 @asynccontextmanager
 async def delivering(settings: Settings, store: Store, metrics: Metrics | None) -> AsyncIterator[Dispatcher | None]:
     """Deliver the store's pending webhooks while the block runs (none without a --webhook-secret, or on a
     store that keeps none)."""
-    if not settings.webhook_secrets or not isinstance(store, KeepsWebhooks):
+    if not isinstance(store, KeepsWebhooks):
+        yield None
+        return
+    if not settings.webhook_secrets:
+        await _warn_if_any_wait(store)
         yield None
         return
     from .transport import HttpTransport  # aiohttp's client, loaded only where webhooks are delivered
