@@ -81,3 +81,14 @@ def test_test_modules_import_helpers_not_each_other() -> None:
             for name in names:
                 top = name.split(".")[0]
                 assert top != "conftest" and not top.startswith("test_"), f"{path.name} imports {name}"
+
+
+def test_every_package_ships_in_the_wheel() -> None:
+    """setup.cfg names its packages one by one: a new one left out installs from a clone and not from a wheel."""
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(Path(zypher_ws.__file__).parent.parent / "setup.cfg")
+    listed = {name.strip() for name in config["options"]["packages"].split(",")}
+    packages = {"zypher_ws", *(m.name for m in pkgutil.walk_packages(zypher_ws.__path__, "zypher_ws.") if m.ispkg)}
+    assert packages - {"zypher_ws.static"} <= listed, sorted(packages - listed)

@@ -461,3 +461,20 @@ async def test_redis_makes_its_group_again_after_redis_lost_it(redis_settings: d
     (due,) = await store.due_webhooks(time.time() + 1, 10)
     assert due.prediction_id == done.prediction_id
     await client.aclose()
+
+
+async def test_the_memory_store_keeps_a_bounded_number_of_pending_deliveries(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = MemoryStore(ttl=60, max_finished=3)
+    running = [with_webhook("start", "completed") for _ in range(4)]
+    for p in running:
+        await store.add(p)
+        await store.start([p.prediction_id])
+    assert await store.pending_webhooks() == 3  # four starts: the oldest was given up
+    assert f"gave up the start event of {running[0].prediction_id}" in caplog.text
+    record = await store.get(running[0].prediction_id)
+    assert record is not None and record.webhook is not None
+    assert (record.webhook.state, record.webhook.last_error) == (DEAD_LETTERED, "too_many_pending")
+    due = await store.due_webhooks(time.time() + 1, 10)
+    assert sorted(d.prediction_id for d in due) == sorted(p.prediction_id for p in running[1:])
