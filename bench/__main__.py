@@ -1,8 +1,9 @@
 """`python -m bench [SUITE ...]`: run benchmark suites and print their tables (Markdown).
 
 Suites: throughput, responsiveness, flood, stores, live, defaults, scale (needs a Redis: --redis-url),
-and chaos (processes killed, Redis restarted, the disk filled: it exits 1 if a prediction was lost or ran
-more often than its record says). Servers run pinned to core 0 and load comes from core 1 (taskset); wrk
+chaos (processes killed, Redis restarted, the disk filled: it exits 1 if a prediction was lost or ran
+more often than its record says), and guard (CI's smoke: it exits 1 if the defaults collapse below 0.25x
+the ceiling in the same run). Servers run pinned to core 0 and load comes from core 1 (taskset); wrk
 must be installed.
 """
 

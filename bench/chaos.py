@@ -519,7 +519,7 @@ async def redis_restarts(tmp: Path, duration: float) -> Row:
         http = await stack.enter_async_context(aiohttp.ClientSession(url))
         await until_ready(http, api)
         for w in workers:
-            await until_logged(w, "worker taking predictions")
+            await until_logged(w, "worker serving")
         outage = Figure()
         async with probing(url + "/healthz") as row.probe, load.running(http):
             await asyncio.sleep(duration)

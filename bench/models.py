@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from bench import onnx_digits
 from bench.cpu_model import CpuModel, sample_input
-from zypher_ws.models import DigitsModel, MockModel, Model
+from zypher_ws.models import DigitsModel, MockModel, Model, build, parse_model_option
 
-MODELS = ("mock", "mock50", "cpu", "digits")
+MODELS = ("mock", "mock50", "cpu", "digits", onnx_digits.NAME)
 STUCK_MS = 600_000  # "stuck": a mock call of ten minutes, so nothing accepted ever leaves the queue
 
 DIGIT = [0, 0, 2, 14, 13, 3, 0, 0, 0, 0, 13, 13, 9, 11, 0, 0, 0, 0, 16, 7, 0, 12, 0, 0, 0, 3, 16, 5, 0, 10, 5, 0]
@@ -25,6 +26,8 @@ def bench_model(name: str) -> Model:
         return CpuModel()
     if name == "digits":
         return DigitsModel()
+    if name == onnx_digits.NAME:  # the onnx runtime's own model, as `--model` builds it
+        return build(parse_model_option(onnx_digits.model_option()))
     raise ValueError(f"unknown benchmark model {name!r}; one of {MODELS}")
 
 
@@ -34,6 +37,8 @@ CPU_TUNING = ("--max-batch-size", "128")
 
 def serve_args(name: str) -> list[str]:
     """`zypher-ws serve` flags for the same model."""
+    if name == onnx_digits.NAME:
+        return ["--model", onnx_digits.model_option()]
     return {
         "mock": ["--model", "mock"],
         "mock50": ["--model", "mock", "--mock-latency-ms", "50"],
@@ -46,6 +51,6 @@ def serve_args(name: str) -> list[str]:
 def sample(name: str) -> Any:
     if name == "cpu":
         return sample_input()
-    if name == "digits":
+    if name in ("digits", onnx_digits.NAME):
         return DIGIT
     return {"text": "hello", "n": 1}

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.chaos import chaos
+from bench.chaos import InvariantsFailed, chaos
 from bench.harness import (
     LOAD_CPU,
     ROOT,
@@ -372,6 +372,40 @@ def defaults(opts: Options) -> list[str]:
     ]
 
 
+# -- the regression guard CI runs: a collapse of the defaults' hot path fails it -------------------------
+
+GUARD_FLOOR = 0.25  # the defaults' sync rate over the ceiling's, in the same run; the target is 0.5
+
+
+def guard(opts: Options) -> list[str]:
+    """The defaults against the ceiling, sync c=32, rounds paired: fails (InvariantsFailed) only when the
+    median ratio falls below GUARD_FLOOR, a collapse no noisy machine explains. Absolute targets stay in
+    the `defaults` suite; this is CI's one-minute smoke (`python -m bench guard --duration 5`)."""
+    ratios, rates = Figure(), {name: Figure() for name in ("ceiling", "defaults")}
+    for round_no in range(opts.repeat):
+        for name in ("ceiling", "defaults") if round_no % 2 == 0 else ("defaults", "ceiling"):
+            argv, ready, _ = DEFAULTS[name]
+            with (
+                tempfile.TemporaryDirectory(prefix="zypher-bench-") as cwd,
+                server(argv, ready_path=ready, cwd=cwd) as s,
+            ):
+                run = wrk(s.url + "/predict", connections=DEFAULTS_CONNECTIONS, duration=opts.duration,
+                          body={"input": [1, 2, 3]})  # fmt: skip
+            rates[name].add(run.rps)
+        ratios.add(rates["defaults"].values[-1] / rates["ceiling"].values[-1])
+    verdict = "ok" if ratios.median >= GUARD_FLOOR else f"COLLAPSE: below {GUARD_FLOOR}×"
+    lines = [
+        table(
+            f"regression guard: the defaults against the ceiling, `mock` 0 ms, sync c={DEFAULTS_CONNECTIONS}",
+            ["ceiling requests/s", "defaults requests/s", "defaults ÷ ceiling", "verdict"],
+            [[rates["ceiling"].show(), rates["defaults"].show(), ratios.show(2, "×"), verdict]],
+        )
+    ]
+    if ratios.median < GUARD_FLOOR:
+        raise InvariantsFailed(lines)
+    return lines
+
+
 def _command(argv: list[str]) -> str:
     """The command line as a reader would type it: no interpreter path, no port."""
     words = [Path(argv[0]).name if argv[0] != PY else "python", *argv[1:]]
@@ -490,5 +524,6 @@ SUITES: dict[str, Callable[[Options], list[str]]] = {
     "live": live,
     "defaults": defaults,
     "chaos": chaos,
+    "guard": guard,
 }
 DEFAULT = ("throughput", "responsiveness", "flood", "stores", "live", "defaults")  # `python -m bench` alone

@@ -26,24 +26,77 @@ function setupToken() {
   input.value = token();
   input.addEventListener("change", () => {
     sessionStorage.setItem("zypher-token", input.value.trim());
-    loadModel().catch((e) => { $("#model-name").textContent = `model unavailable: ${e.message}`; });
+    loadModels().catch((e) => { $("#model-name").textContent = `model unavailable: ${e.message}`; });
     if (socket) socket.close(); // reconnects with the new token
   });
 }
 
-// ---------------------------------------------------------------- model and input
-async function loadModel() {
-  const resp = await api("/model");
+// ---------------------------------------------------------------- models and input
+// The picker lists GET /models; each choice is a model's default version or one version by number.
+// Predictions go to that model's own route; the input box is prefilled from its schema.
+let grid = false;
+
+async function loadModels() {
+  const resp = await api("/models");
   const body = await resp.json();
   if (!resp.ok) throw new Error(body.error ? body.error.code : resp.status); // e.g. unauthorized: enter a token
+  const picker = $("#model-picker");
+  const previous = picker.value;
+  picker.replaceChildren();
+  for (const m of body.models) {
+    const latest = m.versions.find((v) => v.version === m.default_version);
+    picker.appendChild(option(`${m.name}`, `${m.name} (version ${m.default_version})`, latest));
+    if (m.versions.length > 1) {
+      for (const v of m.versions) picker.appendChild(option(`${m.name}/${v.version}`, `${m.name} version ${v.version}`, v));
+    }
+  }
+  const wanted = [...picker.options].some((o) => o.value === previous) ? previous : body.default.name;
+  picker.value = wanted;
+  await chooseModel();
+}
+
+function option(value, text, version) {
+  const el = document.createElement("option");
+  el.value = value;
+  el.textContent = version && version.state !== "ready" ? `${text}: ${version.state}` : text;
+  if (version && version.error) el.title = version.error;
+  return el;
+}
+
+function modelPath() {
+  const [name, version] = $("#model-picker").value.split("/");
+  const base = `/models/${encodeURIComponent(name)}`;
+  return version ? `${base}/versions/${encodeURIComponent(version)}` : base;
+}
+
+async function chooseModel() {
+  const chosen = $("#model-picker").value;
+  const resp = await api(modelPath());
+  const body = await resp.json();
+  if ($("#model-picker").value !== chosen) return; // picked again meanwhile: that answer wins
+  if (!resp.ok) throw new Error(body.error ? body.error.code : resp.status);
   model = body;
-  $("#model-name").textContent = `model: ${model.name} ${model.version}`;
-  if (model.name === "digits") {
-    $("#digits-panel").hidden = false;
+  $("#model-name").textContent = model.state === "ready"
+    ? `${model.name} ${model.version} (${model.runtime})`
+    : `${model.name} ${model.version}: ${model.state}${model.error ? ` (${model.error})` : ""}`;
+  grid = isDigitGrid(model.input_schema);
+  $("#digits-panel").hidden = !grid;
+  if (grid) {
     buildGrid();
+    syncJson();
   } else {
     $("#input-json").value = JSON.stringify(exampleFor(model.input_schema), null, 1);
   }
+  document.body.dataset.model = `${model.name}/${model.version}`; // the page is ready to take an input
+}
+
+// 64 numbers, 0 to 16 where the schema bounds them: the 8x8 digit the grid draws.
+function isDigitGrid(schema) {
+  if (!schema) return false;
+  const flat = (schema.oneOf || schema.anyOf || [schema])[0];
+  if (!flat || flat.type !== "array" || flat.minItems !== 64 || flat.maxItems !== 64) return false;
+  const items = flat.items || {};
+  return (items.type === "number" || items.type === "integer") && (items.maximum === undefined || items.maximum === 16);
 }
 
 function exampleFor(schema) {
@@ -65,7 +118,10 @@ function exampleFor(schema) {
 }
 
 const pixels = new Array(64).fill(0);
+let gridBuilt = false;
 function buildGrid() {
+  if (gridBuilt) return;
+  gridBuilt = true;
   const grid = $("#grid");
   let painting = null;
   for (let i = 0; i < 64; i++) {
@@ -85,7 +141,6 @@ function buildGrid() {
   window.addEventListener("pointerup", () => { painting = null; });
   grid.addEventListener("contextmenu", (e) => e.preventDefault());
   $("#clear").addEventListener("click", () => { for (let i = 0; i < 64; i++) setPixel(i, 0); });
-  syncJson();
 }
 
 function setPixel(i, value) {
@@ -117,7 +172,7 @@ async function submit() {
   const headers = { "Content-Type": "application/json" };
   if (mode === "async") headers["Async-Mode"] = "true";
   const started = performance.now();
-  const resp = await api("/predict", { method: "POST", headers, body: JSON.stringify({ input }) });
+  const resp = await api(`${modelPath()}/predict`, { method: "POST", headers, body: JSON.stringify({ input }) });
   const body = await resp.json();
   if (body.error && !body.prediction_id) {
     errorEl.textContent = `${resp.status} ${body.error.code}: ${body.error.message}`;
@@ -169,21 +224,34 @@ function renderResult(el, record) {
   json.textContent = "";
   const result = record.result;
   if (result === null || result === undefined) return;
-  if (Number.isInteger(result.label) && Array.isArray(result.probabilities)) {
+  const classes = probabilities(result);
+  if (classes) {
+    // Any classifier: its label, and a bar per class ({"0": p, ...} or [p, ...]).
     label.textContent = String(result.label);
-    result.probabilities.forEach((p, digit) => {
+    bars.style.gridTemplateColumns = `repeat(${classes.length}, 1.3rem)`;
+    for (const [name, p] of classes) {
       const bar = document.createElement("div");
       bar.className = "bar";
       bar.style.height = `${Math.max(1, Math.round(Number(p) * 100))}%`;
-      bar.title = `${digit}: ${(Number(p) * 100).toFixed(1)}%`;
+      bar.title = `${name}: ${(Number(p) * 100).toFixed(1)}%`;
       const tick = document.createElement("span");
-      tick.textContent = String(digit);
+      tick.textContent = name;
       bar.appendChild(tick);
       bars.appendChild(bar);
-    });
+    }
   } else {
     json.textContent = JSON.stringify(result, null, 2);
   }
+}
+
+function probabilities(result) {
+  if (!result || typeof result !== "object" || !("label" in result)) return null;
+  const p = result.probabilities;
+  let entries = null;
+  if (Array.isArray(p)) entries = p.map((v, i) => [String(i), v]);
+  else if (p && typeof p === "object") entries = Object.entries(p);
+  if (!entries || !entries.length || entries.length > 50) return null;
+  return entries.every(([, v]) => typeof v === "number") ? entries : null;
 }
 
 function timings(r) {
@@ -287,7 +355,10 @@ document.addEventListener("DOMContentLoaded", () => {
     if (id) watch(id);
   });
   setupToken();
-  loadModel().catch((e) => { $("#model-name").textContent = `model unavailable: ${e.message}`; });
+  $("#model-picker").addEventListener("change", () => {
+    chooseModel().catch((e) => { $("#model-name").textContent = `model unavailable: ${e.message}`; });
+  });
+  loadModels().catch((e) => { $("#model-name").textContent = `model unavailable: ${e.message}`; });
   connect();
   const params = new URLSearchParams(location.search);
   for (const id of (params.get("watch") || "").split(",").filter(Boolean)) watch(id);

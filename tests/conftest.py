@@ -65,7 +65,7 @@ def make_client(aiohttp_client: Any, backend: dict[str, Any]) -> ClientFactory:
         settings = make_settings(**{**backend, **overrides})
         client: TestClient = await aiohttp_client(create_app(settings, model=model))
         if wait_loaded:
-            await asyncio.wait_for(client.app[SERVICE].runner.loaded_event.wait(), WAIT)
+            await asyncio.wait_for(client.app[SERVICE].models.default.loaded.wait(), WAIT)
         return client
 
     return factory

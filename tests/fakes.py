@@ -16,7 +16,9 @@ from typing import Any
 
 from zypher_ws import lifecycle
 from zypher_ws.backends.memory import LocalEventBus, MemoryQueue, MemoryStore
+from zypher_ws.deployments import Deployment, Deployments
 from zypher_ws.metrics import Metrics
+from zypher_ws.models import spec_of
 from zypher_ws.records import Job, Prediction, Status
 from zypher_ws.runner import ModelRunner
 from zypher_ws.service import PredictionService
@@ -251,21 +253,28 @@ class Core:
         self.model = model
         self.settings = make_settings(**settings)
         self.executor = StepExecutor()
-        self.runner = ModelRunner(model, self.executor)
+        self.runner = ModelRunner(model, self.executor) if self.settings.workers else None
         self.store = records if records is not None else MemoryStore(ttl=self.settings.result_ttl)
         self.queue = MemoryQueue(self.settings.max_queue)
         self.bus = LocalEventBus()
-        self.service = PredictionService(
-            settings=self.settings, model=model, runner=self.runner, store=self.store, queue=self.queue, bus=self.bus
+        # No pool in the deployment: its workers would start once it loads; the test is the worker here.
+        self.deployment = Deployment(
+            spec=spec_of(model), model=model, settings=self.settings, queue=self.queue, runner=self.runner
         )
-        self.pool = WorkerPool(
-            settings=self.settings, queue=self.queue, store=self.store, bus=self.bus, runner=self.runner,
-            metrics=Metrics(),
-        )  # fmt: skip
+        self.service = PredictionService(
+            settings=self.settings, models=Deployments([self.deployment]), store=self.store, bus=self.bus
+        )
+        if self.runner is not None:
+            self.pool = WorkerPool(
+                settings=self.settings, queue=self.queue, store=self.store, bus=self.bus, runner=self.runner,
+                metrics=Metrics(),
+            )  # fmt: skip
 
     async def load(self) -> None:
-        loading = asyncio.create_task(self.runner.load())
-        (await self.executor.next_call()).run()
+        """Load the model and read its schemas (two calls in the executor), as a deployment does."""
+        loading = asyncio.create_task(self.deployment.load())
+        for _ in range(2 if self.runner is not None else 0):  # without workers here it is only described
+            (await self.executor.next_call()).run()
         await asyncio.wait_for(loading, WAIT)
 
     async def take_batch(self) -> list[Job]:

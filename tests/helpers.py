@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import sys
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from aiohttp.test_utils import TestClient
 from fakes import TERMINAL, WAIT
 from zypher_ws.backends.memory import MemoryStore
 from zypher_ws.backends.redis.keys import RedisKeys
+from zypher_ws.client import Prediction
 from zypher_ws.http.keys import SERVICE, SETTINGS
 
 STARTUP_TIMEOUT = 30.0
@@ -105,6 +107,19 @@ async def wait_all_terminal(http: aiohttp.ClientSession, ids: list[str], timeout
     return {pid: record for records in found for pid, record in records.items()}
 
 
+def assert_one_terminal_each_in_order(states: list[Prediction], ids: list[str]) -> None:
+    """What a client's watch promises, per id: ranks strictly rising (so no state twice), the last one
+    terminal, and exactly one terminal state."""
+    by_id: dict[str, list[Prediction]] = {pid: [] for pid in ids}
+    for state in states:
+        by_id[state.prediction_id].append(state)
+    for pid, seen in by_id.items():
+        ranks = [s.status.rank for s in seen]
+        assert ranks == sorted(set(ranks)), (pid, [s.status for s in seen])
+        assert seen and seen[-1].terminal, (pid, [s.status for s in seen])
+    assert Counter(s.prediction_id for s in states if s.terminal) == Counter(ids)
+
+
 # -- the real command -------------------------------------------------------------------------------------
 
 
@@ -123,12 +138,18 @@ class ServerProcess:
 
 @asynccontextmanager
 async def run_server(
-    *args: str, env: dict[str, str] | None = None, cwd: str | None = None, port: int | None = None
+    *args: str,
+    env: dict[str, str] | None = None,
+    cwd: str | None = None,
+    port: int | None = None,
+    also: tuple[str, ...] = (),
 ) -> AsyncIterator[ServerProcess]:
-    """Start `python -m zypher_ws serve ARGS` (on a free port by default); yield once ready; SIGTERM it after."""
+    """Start `python -m zypher_ws serve ARGS` (on a free port by default); yield once ready (and each line
+    of `also` is logged: "model NAME version V" for every model of several); SIGTERM it after."""
     port = port or free_port()
-    # Both lines come from the server's own log: it listens, and the model has loaded (or there is none).
-    ready = ("Running on", "loaded and ready" if "--workers" not in args or _workers(args) else "no workers")
+    # Both lines come from the server's own log: it listens, and the (first) model is loaded or, where
+    # workers run elsewhere, described.
+    ready = ("Running on", "and ready" if "--workers" not in args or _workers(args) else "(it runs in worker", *also)
     async with _run(["serve", "--port", str(port), *args], ready, env, cwd, f"http://127.0.0.1:{port}") as server:
         yield server
 
@@ -136,7 +157,7 @@ async def run_server(
 @asynccontextmanager
 async def run_worker(*args: str, env: dict[str, str] | None = None) -> AsyncIterator[ServerProcess]:
     """Start `python -m zypher_ws worker ARGS`; yield once its model is loaded; SIGTERM it after."""
-    async with _run(["worker", *args], ("loaded and ready", "worker taking predictions"), env, None, "") as worker:
+    async with _run(["worker", *args], ("loaded and ready", "worker serving"), env, None, "") as worker:
         yield worker
 
 

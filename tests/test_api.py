@@ -396,7 +396,7 @@ async def test_not_ready_until_the_model_loads(make_client: ClientFactory) -> No
     resp = await client.post("/predict", json={"input": {"x": 1}})
     assert resp.status == 503 and "Retry-After" in resp.headers
     load_gate.set()
-    await asyncio.wait_for(client.app[SERVICE].runner.loaded_event.wait(), WAIT)
+    await asyncio.wait_for(client.app[SERVICE].models.default.loaded.wait(), WAIT)
     assert (await client.get("/readyz")).status == 200
     assert (await client.post("/predict", json={"input": {"x": 1}})).status == 200
 
@@ -488,7 +488,7 @@ async def test_sqlite_sync_prediction_is_on_disk_when_answered_200_or_202(aiohtt
     gated = GatedModel()
     gated.bind(asyncio.get_running_loop())
     client = await aiohttp_client(create_app(make_settings(store=f"sqlite:///{path}", sync_timeout=0.2), model=gated))
-    await asyncio.wait_for(client.app[SERVICE].runner.loaded_event.wait(), WAIT)
+    await asyncio.wait_for(client.app[SERVICE].models.default.loaded.wait(), WAIT)
 
     def on_disk() -> dict[str, str]:
         with sqlite3.connect(path) as conn:

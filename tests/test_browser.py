@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 from collections.abc import AsyncIterator
@@ -13,9 +14,12 @@ import numpy as np
 import pytest
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from sklearn.datasets import load_iris
+from sklearn.linear_model import LogisticRegression
 
 from fakes import WAIT, GatedModel, make_settings
 from helpers import free_port, run_server
+from model_files import save_joblib
 from zypher_ws.http.app import create_app
 from zypher_ws.http.keys import SERVICE
 from zypher_ws.models import MockModel
@@ -53,6 +57,10 @@ async def serve(aiohttp_server: Any, model: Any = None, **settings: Any) -> tupl
     if isinstance(model, GatedModel):
         model.bind(asyncio.get_running_loop())
     app = create_app(make_settings(**settings), model=model)
+    return await serve_app(aiohttp_server, app)
+
+
+async def serve_app(aiohttp_server: Any, app: web.Application) -> tuple[str, Answered]:
     answered: Answered = []
 
     @web.middleware
@@ -65,17 +73,18 @@ async def serve(aiohttp_server: Any, model: Any = None, **settings: Any) -> tupl
 
     app.middlewares.insert(0, record)
     server = await aiohttp_server(app)
-    await asyncio.wait_for(app[SERVICE].runner.loaded_event.wait(), WAIT)
+    await asyncio.wait_for(asyncio.gather(*(d.loaded.wait() for d in app[SERVICE].models)), WAIT)
     return f"http://127.0.0.1:{server.port}", answered
 
 
 def assert_all_found(answered: Answered) -> None:
     """No request of the page answered 404 (a file it names, or one the browser asks for by itself)."""
     assert [path for path, status in answered if status == 404] == []
-    assert {"/", "/static/app.js", "/static/style.css", "/model"} <= {path for path, _ in answered}
+    assert {"/", "/static/app.js", "/static/style.css", "/models"} <= {path for path, _ in answered}
 
 
-async def open_page(browser: Any, url: str) -> Any:
+async def open_page(browser: Any, url: str, *, model_shown: bool = True) -> Any:
+    """The page, connected, with the default model's input in place (unless it cannot be read yet)."""
     page = await browser.new_page()
     page.set_default_timeout(TIMEOUT_MS)
     errors: list[str] = []
@@ -83,6 +92,8 @@ async def open_page(browser: Any, url: str) -> Any:
     page.errors = errors
     await page.goto(url)
     await page.wait_for_selector('#connection[data-state="open"]')
+    if model_shown:
+        await page.wait_for_selector("body[data-model]")
     return page
 
 
@@ -162,7 +173,9 @@ async def test_page_reconnects_after_the_server_restarts(browser: Any) -> None:
         page = await open_page(browser, server.url)
     await page.wait_for_selector('#connection:not([data-state="open"])')  # the page noticed
     async with run_server(*args, port=port):
-        await page.wait_for_selector('#connection[data-state="open"]')
+        # The page retries with backoff up to 5 s, and after five failures (a slow restart) polls and
+        # tries the socket again every 10 s: wait for as long as that schedule can take.
+        await page.wait_for_selector('#connection[data-state="open"]', timeout=30_000)
         await page.fill("#input-json", '{"after": "restart"}')
         await page.click("#submit")
         await page.locator('.prediction[data-status="succeeded"]').wait_for()
@@ -172,7 +185,7 @@ async def test_page_reconnects_after_the_server_restarts(browser: Any) -> None:
 async def test_page_takes_an_api_token_from_the_user(browser: Any, aiohttp_server: Any) -> None:
     token = "browser-token-0123456789"
     url, _ = await serve(aiohttp_server, MockModel(), api_tokens=(token,))
-    page = await open_page(browser, url)
+    page = await open_page(browser, url, model_shown=False)
     # Selectors and expect, not wait_for_function: its polling evaluates strings, which the page's CSP forbids.
     await page.locator("#model-name", has_text="unavailable").wait_for()
     await page.fill("#token", token)
@@ -184,3 +197,34 @@ async def test_page_takes_an_api_token_from_the_user(browser: Any, aiohttp_serve
     await page.locator('.prediction[data-status="succeeded"]').wait_for()
     assert await page.evaluate("sessionStorage.getItem('zypher-token')") == token
     assert page.errors == []
+
+
+async def test_pick_a_model_file_submit_its_features_and_see_the_class_probabilities(
+    browser: Any, aiohttp_server: Any, tmp_path: Path
+) -> None:
+    X, y = load_iris(return_X_y=True)
+    estimator = LogisticRegression(max_iter=1000).fit(X, y)
+    save_joblib(tmp_path / "models" / "iris" / "1" / "model.joblib", estimator)
+    settings = make_settings(model=("digits",), model_repository=str(tmp_path / "models"))
+    url, answered = await serve_app(aiohttp_server, create_app(settings))
+    page = await open_page(browser, url)
+    assert not await page.locator("#digits-panel").is_hidden()  # digits, the default: the grid
+    options = await page.locator("#model-picker option").all_text_contents()
+    assert options == ["digits (version 1.0.0)", "iris (version 1)"]
+    await page.select_option("#model-picker", "iris")
+    await page.wait_for_selector('body[data-model="iris/1"]')
+    assert await page.locator("#digits-panel").is_hidden()
+    assert json.loads(await page.input_value("#input-json")) == [0, 0, 0, 0]  # prefilled from its schema
+    await page.fill("#input-json", json.dumps(X[120].tolist()))
+    await page.click("#submit")
+    done = page.locator('.prediction[data-status="succeeded"]')
+    await done.wait_for()
+    assert (await done.locator(".label").text_content()) == str(estimator.predict(X[120:121])[0])
+    bars = done.locator(".bars .bar")
+    assert await bars.count() == 3
+    expected = estimator.predict_proba(X[120:121])[0]
+    titles = await bars.evaluate_all("bars => bars.map(b => b.title)")
+    assert titles == [f"{c}: {p * 100:.1f}%" for c, p in enumerate(expected)]
+    assert ("/models/iris/predict", 202) in answered  # the page submits asynchronously by default
+    assert page.errors == []
+    assert_all_found(answered)

@@ -77,8 +77,12 @@ async def test_load_runs_in_the_executor_and_marks_the_runner_ready() -> None:
     call = await executor.next_call()
     assert model.loads == 0 and not r.loaded  # handed to the executor, not run on the loop
     call.run()
-    await asyncio.wait_for(loading, WAIT)
-    assert model.loads == 1 and r.loaded and r.loaded_event.is_set() and r.load_error is None
+    describing = await executor.next_call()  # the schemas too: a file model reads its file for them
+    assert model.loads == 1 and not r.loaded
+    describing.run()
+    description = await asyncio.wait_for(loading, WAIT)
+    assert r.loaded and r.loaded_event.is_set() and r.load_error is None
+    assert description.input_schema == model.input_schema and description.output_schema == model.output_schema
 
 
 async def test_a_failed_load_is_kept_for_readiness_and_raised() -> None:
@@ -86,4 +90,4 @@ async def test_a_failed_load_is_kept_for_readiness_and_raised() -> None:
     with pytest.raises(OSError, match="weights not found"):
         await r.load()
     assert not r.loaded and not r.loaded_event.is_set()
-    assert r.load_error == "the model failed to load: OSError: weights not found"
+    assert r.load_error == "failed to load: OSError: weights not found"

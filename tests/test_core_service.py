@@ -67,7 +67,7 @@ async def test_nothing_is_accepted_before_the_model_loads() -> None:
     core = Core(ScriptedModel())
     with pytest.raises(NotReady):
         await core.service.submit({"x": 1})
-    with pytest.raises(NotReady, match="not loaded yet"):
+    with pytest.raises(NotReady, match=r"scripted version .* is still loading"):
         await core.service.check_ready()
     await core.load()
     await core.service.check_ready()
@@ -78,6 +78,7 @@ async def test_nothing_is_accepted_before_the_model_loads() -> None:
 async def test_without_workers_nothing_is_loaded_here_and_predictions_are_accepted() -> None:
     # The settings of an API process (workers elsewhere run the model); the backends here are in memory.
     core = Core(ScriptedModel(), workers=0, store="redis://127.0.0.1:6379/0")
+    await core.load()  # only described: its schemas, for validation
     await core.service.check_ready()
     await core.service.submit({"x": 1})
     assert await core.queue.depth() == 1 and core.model.loads == 0

@@ -19,7 +19,8 @@ BASE = "localhost/zypher-test-base:bookworm"
 IMAGE = "localhost/zypher-ws:test"
 MIRROR = "http://deb.debian.org/debian"
 BUILDAH = ["buildah", "--storage-driver", "vfs"]
-pytestmark = pytest.mark.slow  # builds and runs the image
+# Builds and runs the image; on a new machine it first bootstraps the Debian base (minutes, not seconds).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def _buildah(*args: str, timeout: float = 900) -> str:

@@ -28,6 +28,7 @@ CONCEPT_PAGES = (
     "api.md",
     "live.md",
     "webhooks.md",
+    "client.md",
     "models.md",
     "durability.md",
     "scaling.md",
@@ -64,7 +65,8 @@ class Block:
 
     @property
     def example(self) -> bool:
-        return EXAMPLE in self.flags
+        """Shown, not run; or run by test_the_model_file_tutorial_runs_as_written (a `tutorial` block)."""
+        return EXAMPLE in self.flags or "tutorial" in self.flags
 
     def __str__(self) -> str:
         return f"{self.page}:{self.line} ({self.language or 'no language'})"
@@ -335,3 +337,53 @@ def test_the_example_digit_is_the_one_ci_sees_classified_as_zero() -> None:
     for block in examples:
         zero = re.search(r"ZERO='([^']*)'", block.text)
         assert zero is not None and json.loads(zero[1]) == expected, f"{block}: not the digit .ci/run predicts"
+
+
+# -- the model-file tutorial, run as written ---------------------------------------------------------------
+
+TUTORIAL = "tutorial"  # the marker of blocks this test runs: a python script, then shell commands
+
+
+@pytest.mark.slow  # trains two models and starts the server once per page
+@pytest.mark.parametrize("path", [README, DOCS / "models.md"], ids=page_id)
+async def test_the_model_file_tutorial_runs_as_written(path: Path, tmp_path: Path) -> None:
+    import asyncio
+    import shlex
+    import subprocess
+    import sys
+
+    import aiohttp
+
+    from helpers import free_port, run_server
+
+    blocks = [b for b in split(path)[1] if TUTORIAL in b.flags]
+    scripts = [b for b in split(DOCS / "models.md")[1] if TUTORIAL in b.flags and b.language == "python"]
+    assert scripts and blocks, f"{page_id(path)}: no tutorial blocks"
+    for script in scripts:  # the README's block serves the folder the models page's script fills
+        done = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-c", script.text], cwd=tmp_path, capture_output=True, timeout=300
+        )
+        assert done.returncode == 0, done.stderr.decode()
+    steps = [shlex.split(step) for b in blocks if b.language in SHELL for step in commands(b)]
+    extras = re.search(r"\[options\.extras_require\](.*?)\n\[", (ROOT / "setup.cfg").read_text(), re.S)
+    assert extras is not None
+    for step in [s for s in steps if s[0] == "pip"]:  # installed here by the test extra; the extras exist
+        named = re.fullmatch(r"\.\[(.*)\]", step[2])
+        assert step[1] == "install" and named is not None, step
+        assert all(re.search(rf"^{extra} =", extras[1], re.M) for extra in named[1].split(",")), step
+    (serve,) = [s for s in steps if s[0] == "zypher-ws"]
+    assert serve[1] == "serve"
+    port = free_port()
+    curls = [s for s in steps if s[0] == "curl"]
+    assert curls
+    loaded = tuple(f"model {m.name} version 1 loaded and ready" for m in (tmp_path / "models").iterdir())
+    async with run_server(*serve[2:], "--store", "memory://", cwd=str(tmp_path), port=port, also=loaded):
+        async with aiohttp.ClientSession() as http:
+            for curl in curls:
+                url = curl[curl.index("-X") + 2].replace("localhost:8080", f"127.0.0.1:{port}")
+                headers = dict(h.split(": ", 1) for h in (curl[i + 1] for i, a in enumerate(curl) if a == "-H"))
+                body = curl[curl.index("-d") + 1]
+                async with http.post("http://" + url, data=body, headers=headers) as resp:
+                    record = await resp.json()
+                assert resp.status == 200 and record["status"] == "succeeded", record
+                assert record["result"]["label"] == 0 and record["result"]["probabilities"]["0"] > 0.9

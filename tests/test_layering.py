@@ -1,8 +1,11 @@
-"""The layering rule: the core (everything outside zypher_ws.http) imports nothing of aiohttp.
+"""The layering rule: the core (everything outside zypher_ws.http and the client) imports nothing of
+aiohttp; the client (zypher_ws.client, over aiohttp) imports nothing of the server but its error table
+and its statuses, and none of the heavy libraries the server loads.
 
 Checked in a fresh interpreter where importing aiohttp fails, so a stray import anywhere in the core,
-even a transitive one, fails this test. One module is the exception: the webhook transport is an HTTP
-client, aiohttp's, loaded only where webhooks are delivered; it may use aiohttp's client, never its server.
+even a transitive one, fails this test. One core module is the exception: the webhook transport is an
+HTTP client, aiohttp's, loaded only where webhooks are delivered; it may use aiohttp's client, never its
+server.
 """
 
 from __future__ import annotations
@@ -32,15 +35,16 @@ print("ok", len(sys.argv) - 1)
 """
 
 
-CLIENT_ONLY = "zypher_ws.webhooks.transport"
+WEBHOOK_TRANSPORT = "zypher_ws.webhooks.transport"
 
 
 def core_modules() -> list[str]:
     names = [m.name for m in pkgutil.walk_packages(zypher_ws.__path__, "zypher_ws.")]
     # __main__ runs the command line when imported; it only calls cli.main, which is checked.
-    http = ("zypher_ws.http", "zypher_ws.http.")
-    core = [n for n in names if not (n == http[0] or n.startswith(http[1]) or n.endswith("__main__"))]
-    return [n for n in core if n != CLIENT_ONLY]  # every other module is imported without it
+    outside = ("zypher_ws.http", "zypher_ws.client")
+    inside = [n for n in names if n not in outside and not n.startswith(tuple(f"{o}." for o in outside))]
+    # The webhook transport is left out: every other module is imported without it.
+    return [n for n in inside if not n.endswith("__main__") and n != WEBHOOK_TRANSPORT]
 
 
 def test_the_core_imports_no_aiohttp() -> None:
@@ -54,10 +58,10 @@ def test_the_core_imports_no_aiohttp() -> None:
 
 
 def test_the_webhook_transport_uses_aiohttps_client_and_nothing_of_its_server() -> None:
-    assert CLIENT_ONLY in [m.name for m in pkgutil.walk_packages(zypher_ws.__path__, "zypher_ws.")]
+    assert WEBHOOK_TRANSPORT in [m.name for m in pkgutil.walk_packages(zypher_ws.__path__, "zypher_ws.")]
     server = "print(sorted(m for m in sys.modules if m.startswith(('aiohttp.web', 'aiohttp_swagger3'))))"
     done = subprocess.run(
-        [sys.executable, "-c", f"import sys, {CLIENT_ONLY}; {server}"], capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", f"import sys, {WEBHOOK_TRANSPORT}; {server}"], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
@@ -68,6 +72,30 @@ def test_the_blocker_catches_the_http_layer() -> None:
         [sys.executable, "-c", BLOCKER, "zypher_ws.http.app"], capture_output=True, text=True, timeout=60
     )
     assert done.returncode != 0 and "imported aiohttp" in done.stderr
+
+
+# What importing the client may load of ours: its own modules, the error table and the statuses.
+CLIENT_MAY_LOAD = {"zypher_ws", "zypher_ws.errors", "zypher_ws.records"}
+HEAVY = ("numpy", "orjson", "onnxruntime", "onnx", "sklearn", "joblib", "pandas", "redis", "jsonschema",
+         "fastjsonschema", "prometheus_client", "aiohttp_swagger3")  # fmt: skip
+
+LOADED_BY_CLIENT = """
+import sys
+before = set(sys.modules)
+import zypher_ws.client, zypher_ws.client.cli
+print("\\n".join(sorted(set(sys.modules) - before)))
+"""
+
+
+def test_the_client_loads_no_numpy_no_model_runtime_and_no_server_module() -> None:
+    done = subprocess.run([sys.executable, "-c", LOADED_BY_CLIENT], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    loaded = set(done.stdout.split())
+    assert {"zypher_ws.client", "zypher_ws.client.cli", "aiohttp"} <= loaded  # the listing itself works
+    ours = {m for m in loaded if m.split(".")[0] == "zypher_ws" and not m.startswith("zypher_ws.client")}
+    assert ours <= CLIENT_MAY_LOAD, ours - CLIENT_MAY_LOAD
+    heavy = sorted(m for m in loaded if m.split(".")[0] in HEAVY)
+    assert not heavy, heavy
 
 
 def test_test_modules_import_helpers_not_each_other() -> None:

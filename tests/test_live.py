@@ -389,7 +389,7 @@ async def test_one_subscribe_of_a_thousand_ids_reaches_a_client_that_reads(
     gated.bind(asyncio.get_running_loop())
     client = await aiohttp_client(create_app(make_settings(store=url), model=gated))
     service = client.app[SERVICE]
-    await asyncio.wait_for(service.runner.loaded_event.wait(), WAIT)
+    await asyncio.wait_for(service.models.default.loaded.wait(), WAIT)
     ids = [(await service.submit({"x": i})).prediction_id for i in range(1000)]
     async with client.ws_connect("/ws") as ws:
         await ws.send_json({"op": "subscribe", "prediction_ids": ids})
@@ -482,7 +482,7 @@ async def test_slow_client_is_dropped_and_nobody_else_waits(
                 pass
 
     async def dropped_and_finished() -> bool:
-        return not await client.app[SERVICE].queue.depth() and not client.app[SOCKETS]
+        return not await client.app[SERVICE].models.default.queue.depth() and not client.app[SOCKETS]
 
     # The server drops the slow socket and finishes the work on its own schedule, and says so to no one
     # (reading from the slow socket any earlier would make it a fast one): a bounded poll.

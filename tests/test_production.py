@@ -10,6 +10,7 @@ import aiohttp
 import pytest
 from aiohttp import WSMsgType, WSServerHandshakeError, web
 from aiohttp.test_utils import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 from rawws import RawWebSocket
 from yarl import URL
 
@@ -24,12 +25,18 @@ TOKEN = "t0ken-for-tests-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-def metric(text: str, name: str) -> float:
-    """The value of one sample line (`name` includes its labels) in a Prometheus exposition."""
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name} not in metrics:\n{text}")
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in a Prometheus exposition: `name` (with its labels written in, or given
+    as keywords, in any order)."""
+    if "{" in name:
+        name, written = name.rstrip("}").split("{", 1)
+        labels |= dict(pair.split("=", 1) for pair in written.split(","))
+        labels = {k: v.strip('"') for k, v in labels.items()}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    raise AssertionError(f"{name} {labels} not in metrics:\n{text}")
 
 
 # -- metrics -------------------------------------------------------------------------------------------
@@ -47,15 +54,17 @@ async def test_metrics_count_requests_predictions_batches_and_sockets(make_clien
         await ws.send_json({"op": "ping"})
     assert metric(text, 'zypher_http_requests_total{method="POST",route="/predict",status="200"}') == 1
     assert metric(text, 'zypher_http_requests_total{method="POST",route="/predict",status="500"}') == 1
-    assert metric(text, 'zypher_predictions_total{status="succeeded"}') == 1
-    assert metric(text, 'zypher_predictions_total{status="failed"}') == 1
-    assert metric(text, "zypher_batch_size_count") == 2
-    assert metric(text, 'zypher_batch_size_bucket{le="1.0"}') == 2  # two calls of one (sequential requests)
-    assert metric(text, 'zypher_batch_size_bucket{le="+Inf"}') == 2 and metric(text, "zypher_batch_size_sum") == 2
+    gated = {"model": "gated", "version": "0.0.1"}  # every model metric is per model version
+    assert metric(text, "zypher_predictions_total", **gated, status="succeeded") == 1
+    assert metric(text, "zypher_predictions_total", **gated, status="failed") == 1
+    assert metric(text, "zypher_batch_size_count", **gated) == 2
+    assert metric(text, "zypher_batch_size_bucket", **gated, le="1.0") == 2  # two calls of one (sequential)
+    assert metric(text, "zypher_batch_size_bucket", **gated, le="+Inf") == 2
+    assert metric(text, "zypher_batch_size_sum", **gated) == 2
     assert metric(text, 'zypher_http_request_duration_seconds_count{route="/predict"}') == 2
-    assert metric(text, "zypher_end_to_end_seconds_count") == 2
-    assert metric(text, "zypher_queue_depth") == 0
-    assert metric(text, "zypher_predictions_in_flight") == 0
+    assert metric(text, "zypher_end_to_end_seconds_count", **gated) == 2
+    assert metric(text, "zypher_queue_depth", **gated) == 0
+    assert metric(text, "zypher_predictions_in_flight", **gated) == 0
 
 
 async def test_metrics_route_labels_are_templates_not_ids(make_client: ClientFactory) -> None:

@@ -83,7 +83,9 @@ async def test_two_api_and_two_worker_processes(redis_settings: dict[str, str], 
     assert {r["status"] for r in records.values()} == {"succeeded"}
     runs = [Counter(int(line) for line in log.read_text().split()) for log in logs]
     succeeded = next(
-        line for line in metrics.splitlines() if line.startswith('zypher_predictions_total{status="succeeded"}')
+        line
+        for line in metrics.splitlines()
+        if line.startswith("zypher_predictions_total{") and 'status="succeeded"' in line
     )
     assert float(succeeded.split()[-1]) == sum(runs[0].values())  # what that worker ran, it counted
     assert runs[0] + runs[1] == Counter(range(301))  # every n once, none twice

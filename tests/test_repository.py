@@ -335,3 +335,14 @@ def test_a_config_is_hashable_and_pickles(repository: Path) -> None:
     assert pickle.loads(pickle.dumps(specs)) == specs  # specs cross to --executor process workers
     assert len({s.config for s in specs}) == 3
     assert ModelConfig().overrides() == {}
+
+
+def test_a_model_option_naming_a_repository_model_picks_it(repository: Path) -> None:
+    picked = model_specs(["iris"], repository=repository)
+    assert [(s.name, s.version, s.is_default) for s in picked] == [("iris", "1", False), ("iris", "2", True)]
+    mixed = model_specs(["mock", "scaler"], repository=repository)  # the first --model stays the default
+    assert [(s.name, s.is_default) for s in mixed] == [("mock", True), ("scaler", False)]
+    first = model_specs(["scaler", "mock"], repository=repository)
+    assert [(s.name, s.is_default) for s in first] == [("mock", False), ("scaler", True)]
+    with pytest.raises(ModelConfigError, match=r"--model iirs: no such model in --model-repository .* \(digits-onnx"):
+        model_specs(["iirs"], repository=repository)

@@ -253,7 +253,8 @@ def test_onnx_batch_is_one_run_with_the_answers_of_single_calls(digits_onnx: tup
     assert session.batches == [17] + [1] * 17
     assert [b["label"] for b in batch] == [s["label"] for s in single] == estimator.predict(X_test[:17]).tolist()
     for b, s in zip(batch, single, strict=True):
-        assert b["probabilities"] == pytest.approx(s["probabilities"], abs=1e-6)
+        # float32 sums in another order (one batched GEMM): equal to a few units in the sixth place
+        assert b["probabilities"] == pytest.approx(s["probabilities"], abs=1e-5)
 
 
 def test_onnx_inputs_are_validated_naming_the_field(digits_onnx: tuple[Any, np.ndarray, Any]) -> None:
@@ -426,11 +427,9 @@ def test_a_missing_extra_is_a_clear_error_with_the_pip_line(
     assert exited == f"SystemExit: zypher-ws: {raised.removeprefix('MissingExtra: ')}"  # one line, no traceback
 
 
-@pytest.mark.parametrize("problem", ["corrupt", "absent"])
-def test_a_bad_model_file_stops_the_service_with_one_line(tmp_path: Path, problem: str) -> None:
+def test_a_missing_model_file_stops_the_service_with_one_line(tmp_path: Path) -> None:
+    # A file that is there but cannot be loaded fails that model only (test_serving.py): the others serve.
     path = tmp_path / "model.joblib"
-    if problem == "corrupt":
-        path.write_bytes(b"garbage")
     option = f"m=sklearn:{path}"
     done = subprocess.run(
         [sys.executable, "-m", "zypher_ws", "serve", "--store", "memory://", "--port", "0", "--model", option],
@@ -440,7 +439,7 @@ def test_a_bad_model_file_stops_the_service_with_one_line(tmp_path: Path, proble
     )
     assert done.returncode == 1
     assert "Traceback" not in done.stderr
-    expected = f"{path}: joblib cannot load it" if problem == "corrupt" else f"--model {option}: no such file {path}"
+    expected = f"--model {option}: no such file {path}"
     assert done.stderr.strip().splitlines()[-1].startswith(f"zypher-ws: {expected}"), done.stderr
 
 

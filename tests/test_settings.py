@@ -19,7 +19,7 @@ def test_defaults() -> None:
     assert (s.host, s.port, s.model, s.max_queue, s.sync_timeout, s.max_body) == (
         "127.0.0.1",
         8080,
-        "digits",
+        (),  # digits is served when neither --model nor --model-repository is given
         1024,
         30.0,
         1024 * 1024,
@@ -29,9 +29,11 @@ def test_defaults() -> None:
 def test_environment_then_flags_win() -> None:
     env = {"ZYPHER_PORT": "9000", "ZYPHER_MODEL": "mock", "ZYPHER_SYNC_TIMEOUT": "2.5"}
     s = Settings.from_sources([], environ=env)
-    assert (s.port, s.model, s.sync_timeout) == (9000, "mock", 2.5)
+    assert (s.port, s.model, s.sync_timeout) == (9000, ("mock",), 2.5)
     s = Settings.from_sources(["--port", "9100"], environ=env)
-    assert (s.port, s.model) == (9100, "mock")
+    assert (s.port, s.model) == (9100, ("mock",))
+    s = Settings.from_sources(["--model", "digits", "--model", "mock"], environ=env)  # flags replace the variable
+    assert s.model == ("digits", "mock")
 
 
 def test_bad_environment_value_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:

@@ -34,7 +34,7 @@ async def sse_events(resp: aiohttp.ClientResponse, out: asyncio.Queue[tuple[str,
 
 async def queue_depth(http: aiohttp.ClientSession) -> float:
     text = await (await http.get("/metrics")).text()
-    found = re.search(r"^zypher_queue_depth (\S+)$", text, re.MULTILINE)
+    found = re.search(r"^zypher_queue_depth\{[^}]*\} (\S+)$", text, re.MULTILINE)
     assert found, text
     return float(found.group(1))
 

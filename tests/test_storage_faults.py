@@ -59,13 +59,16 @@ def filling(monkeypatch: pytest.MonkeyPatch) -> list[FillingStore]:
     opened: list[FillingStore] = []
 
     @asynccontextmanager
-    async def open_filling(settings: Settings, url: str, listen: bool) -> AsyncIterator[Backend]:
+    async def open_filling(settings: Settings, url: str, listen: bool, readers: int) -> AsyncIterator[Backend]:
         store = FillingStore(path_from_url(url.replace("filling-", "", 1)), ttl=settings.result_ttl)
         await store.open()
         opened.append(store)
-        queue = MemoryQueue(settings.max_queue)
+
+        async def open_queue(name: str, version: str, maxsize: int) -> MemoryQueue:
+            return MemoryQueue(maxsize)
+
         try:
-            yield Backend(store, queue, LocalEventBus())
+            yield Backend(store, LocalEventBus(), open_queue)
         finally:
             await store.close()
 
@@ -82,7 +85,7 @@ async def test_a_full_disk_refuses_new_work_clearly_and_resumes_by_itself(
     settings = make_settings(store=f"filling-sqlite:///{tmp_path / 'z.db'}")
     client = await aiohttp_client(create_app(settings, model=gated))
     service = client.app[SERVICE]
-    await asyncio.wait_for(service.runner.loaded_event.wait(), WAIT)
+    await asyncio.wait_for(service.models.default.loaded.wait(), WAIT)
     store = filling[0]
 
     accepted = await client.post("/predict", json={"input": {"x": 1}}, headers={"Async-Mode": "true"})
@@ -133,7 +136,7 @@ async def test_a_redis_blip_while_a_batch_finishes_is_retried_not_stranded(
     gated = GatedModel(gated=False)
     gated.bind(asyncio.get_running_loop())
     client = await aiohttp_client(create_app(make_settings(**redis_settings), model=gated))
-    await asyncio.wait_for(client.app[SERVICE].runner.loaded_event.wait(), WAIT)
+    await asyncio.wait_for(client.app[SERVICE].models.default.loaded.wait(), WAIT)
     resp = await client.post("/predict", json={"input": {"x": 7}})
     assert resp.status == 200
     record = await resp.json()
@@ -166,7 +169,7 @@ async def test_a_start_applied_but_unanswered_on_redis_is_taken_over_not_strande
     settings = make_settings(**redis_settings, claim_idle=0.3, max_attempts=3)
     client = await aiohttp_client(create_app(settings, model=gated))
     service = client.app[SERVICE]
-    await asyncio.wait_for(service.runner.loaded_event.wait(), WAIT)
+    await asyncio.wait_for(service.models.default.loaded.wait(), WAIT)
     accepted = await client.post("/predict", json={"input": {"x": 5}}, headers={"Async-Mode": "true"})
     assert accepted.status == 202
     done = await service.wait((await accepted.json())["prediction_id"], WAIT)
@@ -191,7 +194,8 @@ async def test_a_redis_blip_while_a_batch_fills_runs_what_was_taken(
     client = aioredis.Redis.from_url(redis_settings["redis_url"], decode_responses=True)
     keys = RedisKeys(redis_settings["redis_prefix"])
     queue = RedisQueue(
-        client, keys, store=RedisStore(client, keys), bus=LocalEventBus(), maxsize=10, consumer="c1",
+        client, keys, stream=keys.queue("m", "1"), store=RedisStore(client, keys), bus=LocalEventBus(), maxsize=10,
+        consumer="c1",
         claim_idle=30, max_attempts=3,
     )  # fmt: skip
     try:

@@ -1,9 +1,10 @@
-"""`zypher-ws` command line: `zypher-ws serve [options]` and `zypher-ws worker [options]`."""
+"""`zypher-ws` command line: `zypher-ws serve`, `zypher-ws worker`, and `zypher-ws predict` (the client's)."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Sequence
 
 from . import logs
@@ -28,10 +29,17 @@ def build_parser() -> argparse.ArgumentParser:
         "ZYPHER_<NAME>; HTTP options are ignored.",
     )
     add_settings_arguments(worker, {"ZYPHER_BACKEND": "redis", **os.environ})
+    # Listed here; main() hands its arguments to the client's own parser (zypher_ws/client/cli.py).
+    commands.add_parser("predict", help="send one prediction to a running service (see: predict --help)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["predict"]:  # the client, over aiohttp: imported only for it
+        from .client.cli import main as predict
+
+        raise SystemExit(predict(argv[1:]))
     args = build_parser().parse_args(argv)
     try:
         settings = Settings.from_namespace(args)

@@ -93,6 +93,12 @@ class NotFound(ZypherError):
     code = "not_found"
 
 
+class ModelNotFound(NotFound):
+    """No such model or version here; also the error of a recovered prediction whose model is gone."""
+
+    code = "model_not_found"
+
+
 class MethodNotAllowed(ZypherError):
     status = 405
     code = "method_not_allowed"

@@ -84,20 +84,23 @@ class Metrics:
             "zypher_http_request_duration_seconds", "HTTP request handling time", ["route"],
             buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
-        self.predictions = Counter("zypher_predictions", "Predictions by final status", ["status"], registry=r)
-        self.queue_depth = Gauge("zypher_queue_depth", "Predictions waiting in the queue", registry=r)
-        self.in_flight = Gauge("zypher_predictions_in_flight", "Predictions being run by the model here", registry=r)
+        # Per model version: `model` and `version` labels, so one slow or failing model shows as itself.
+        m = ["model", "version"]
+        self.predictions = Counter("zypher_predictions", "Predictions by final status", [*m, "status"], registry=r)
+        self.queue_depth = Gauge("zypher_queue_depth", "Predictions waiting in the queue", m, registry=r)
+        self.in_flight = Gauge("zypher_predictions_in_flight", "Predictions being run by the model here", m, registry=r)
         self.queue_wait = LoopHistogram(
-            "zypher_queue_wait_seconds", "From accepted to started", buckets=LATENCY_BUCKETS, registry=r
+            "zypher_queue_wait_seconds", "From accepted to started", m, buckets=LATENCY_BUCKETS, registry=r
         )
         self.model_time = LoopHistogram(
-            "zypher_model_seconds", "From started to finished (the model call)", buckets=LATENCY_BUCKETS, registry=r
-        )
+            "zypher_model_seconds", "From started to finished (the model call)", m, buckets=LATENCY_BUCKETS,
+            registry=r,
+        )  # fmt: skip
         self.end_to_end = LoopHistogram(
-            "zypher_end_to_end_seconds", "From accepted to finished", buckets=LATENCY_BUCKETS, registry=r
+            "zypher_end_to_end_seconds", "From accepted to finished", m, buckets=LATENCY_BUCKETS, registry=r
         )
         self.batch_size = LoopHistogram(
-            "zypher_batch_size", "Predictions per model call", buckets=BATCH_BUCKETS, registry=r
+            "zypher_batch_size", "Predictions per model call", m, buckets=BATCH_BUCKETS, registry=r
         )
         self.websockets = Gauge("zypher_websocket_connections", "Open WebSocket connections", registry=r)
         self.sse = Gauge("zypher_sse_connections", "Open Server-Sent Events streams", registry=r)
@@ -141,24 +144,30 @@ class Metrics:
     # -- what workers report ---------------------------------------------------------------------------
 
     def batch_started(self, started: Sequence[Prediction]) -> None:
-        self.batch_size.observe(len(started))
-        self.in_flight.inc(len(started))
+        model = _model_of(started[0])  # a batch is of one model version: it came off that version's queue
+        self.batch_size.labels(*model).observe(len(started))
+        self._child(self.in_flight, *model).inc(len(started))
+        waits = self.queue_wait.labels(*model)
         for p in started:
             if p.started_at is not None:
-                self.queue_wait.observe(max(0.0, p.started_at - p.created_at))
+                waits.observe(max(0.0, p.started_at - p.created_at))
 
-    def batch_finished(self, started: int, finished: Sequence[Prediction]) -> None:
-        self.in_flight.dec(started)
+    def batch_finished(self, started: Sequence[Prediction], finished: Sequence[Prediction]) -> None:
+        self._child(self.in_flight, *_model_of(started[0])).dec(len(started))
         self.finished(finished)
 
     def finished(self, predictions: Sequence[Prediction]) -> None:
         for p in predictions:
             if not p.status.terminal or p.completed_at is None:
                 continue
-            self._child(self.predictions, p.status.value).inc()
-            self.end_to_end.observe(max(0.0, p.completed_at - p.created_at))
+            model = _model_of(p)
+            self._child(self.predictions, *model, p.status.value).inc()
+            self.end_to_end.labels(*model).observe(max(0.0, p.completed_at - p.created_at))
             if p.started_at is not None:
-                self.model_time.observe(max(0.0, p.completed_at - p.started_at))
+                self.model_time.labels(*model).observe(max(0.0, p.completed_at - p.started_at))
+
+    def set_queue_depth(self, model: str, version: str, depth: int) -> None:
+        self._child(self.queue_depth, model, version).set(depth)
 
     # -- what the webhook loop reports ------------------------------------------------------------------
 
@@ -175,3 +184,7 @@ class Metrics:
     def exposition(self) -> bytes:
         """The Prometheus text format (content type `prometheus_client.exposition.CONTENT_TYPE_LATEST`)."""
         return generate_latest(self.registry)
+
+
+def _model_of(prediction: Prediction) -> tuple[str, str]:
+    return prediction.model_name, prediction.model_version

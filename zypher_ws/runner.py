@@ -6,13 +6,14 @@ import asyncio
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass
 from multiprocessing import get_context
 from typing import Any
 
 from .errors import ModelError
-from .models import Model
+from .models import Model, ModelSpec, TensorMetadata, tensor_metadata
 from .records import Outcome
 from .settings import Settings
 
@@ -23,20 +24,36 @@ def _error(exc: BaseException) -> dict[str, str]:
     return ModelError(f"{type(exc).__name__}: {exc}").to_dict()
 
 
-def make_executor(settings: Settings) -> Executor:
-    """One thread or process per concurrent batch (--workers).
+@dataclass(frozen=True)
+class ModelDescription:
+    """What a loaded model says about itself: its JSON Schemas and tensors (for routes and validation)."""
+
+    input_schema: dict[str, Any]
+    output_schema: dict[str, Any]
+    tensors: TensorMetadata
+
+
+def describe(model: Model) -> ModelDescription:
+    """Read a model's schemas; in the executor, since a file model reads its file to know them."""
+    return ModelDescription(model.input_schema, model.output_schema, tensor_metadata(model))
+
+
+def make_executor(settings: Settings, spec: ModelSpec | None = None) -> Executor:
+    """One thread or process per concurrent batch (--workers, or the model's own `workers`).
 
     Threads suit models that release the GIL (numpy, torch, remote calls). Processes suit pure-Python
-    models that hold it; each process builds and loads its own copy of the model named by --model.
+    models that hold it; each process builds and loads its own copy of the model `spec` describes.
     Either way they run at a lower scheduling priority (--model-nice) than the event loop, so a model
     that saturates the CPU only gets the cycles the loop leaves: requests and health checks are still
     read and answered at once, and batches grow while the model waits.
     """
     workers = max(1, settings.workers)
     if settings.executor == "process":
+        if spec is None:
+            raise ValueError("--executor process builds the model in each process: it needs the model's spec")
         # spawn, not fork: forking a process that runs an event loop and threads is unsafe.
         return ProcessPoolExecutor(
-            max_workers=workers, mp_context=get_context("spawn"), initializer=_load_here, initargs=(settings,)
+            max_workers=workers, mp_context=get_context("spawn"), initializer=_load_here, initargs=(settings, spec)
         )
     return ThreadPoolExecutor(
         max_workers=workers, thread_name_prefix="zypher-model", initializer=_lower_priority, initargs=(settings,)
@@ -56,12 +73,12 @@ def _lower_priority(settings: Settings) -> None:
 _process_model: Model | None = None  # the model, inside each worker process of --executor process
 
 
-def _load_here(settings: Settings) -> None:
+def _load_here(settings: Settings, spec: ModelSpec) -> None:
     global _process_model
-    from .models import build_model
+    from .models import build
 
     _lower_priority(settings)
-    model = build_model(settings)
+    model = build(spec)
     model.load()
     _process_model = model
 
@@ -70,16 +87,21 @@ def _ready_here() -> None:
     assert _process_model is not None
 
 
+def _describe_here() -> ModelDescription:
+    assert _process_model is not None
+    return describe(_process_model)
+
+
 def _predict_here(inputs: list[Any]) -> list[Any]:
     assert _process_model is not None
     return _process_model.predict_batch(inputs)
 
 
-def exit_past_stuck_model_calls(runner: ModelRunner) -> None:
+def exit_past_stuck_model_calls(runners: Sequence[ModelRunner]) -> None:
     """The last step of a shutdown: if model calls outlived --shutdown-timeout, exit now rather than let
     the interpreter join their threads (a 60 s call would hold the exit for 60 s). Everything else has
     already stopped: the store is closed, and those predictions are recovered on the next start."""
-    stuck = runner.abandon()
+    stuck = sum(runner.abandon() for runner in runners)
     if stuck:
         log.warning(
             "%d model call(s) still running after --shutdown-timeout: abandoned; "
@@ -97,6 +119,7 @@ class ModelRunner:
         in_processes = isinstance(executor, ProcessPoolExecutor)
         # With processes, `model` only describes the model (name, schemas); each process loads its own.
         self._load: Callable[[], None] = _ready_here if in_processes else model.load
+        self._describe: Callable[[], ModelDescription] = _describe_here if in_processes else (lambda: describe(model))
         self._predict: Callable[[list[Any]], list[Any]] = _predict_here if in_processes else model.predict_batch
         self.loaded = False
         self.load_error: str | None = None
@@ -120,16 +143,17 @@ class ModelRunner:
                 process.terminate()
         return running
 
-    async def load(self) -> None:
-        """Load in the executor. A failure is kept for /readyz and re-raised."""
+    async def load(self) -> ModelDescription:
+        """Load in the executor and describe the model as loaded. A failure is kept and re-raised."""
         try:
             await self._submit(self._load)
+            description: ModelDescription = await self._submit(self._describe)
         except Exception as exc:
-            self.load_error = f"the model failed to load: {type(exc).__name__}: {exc}"
+            self.load_error = f"failed to load: {type(exc).__name__}: {exc}"
             raise
         self.loaded = True
         self.loaded_event.set()
-        log.info("model %s %s loaded and ready", self.model.name, self.model.version)
+        return description
 
     async def run(self, ids: list[str], inputs: list[Any]) -> list[Outcome]:
         """One model call for the batch; if it raises, each item alone, so one bad input fails only itself."""

@@ -12,15 +12,14 @@ from contextlib import contextmanager
 from typing import Any
 
 from . import logs
-from .backends import Checks, DefersWrites, EventBus, Recovers, Store, Sweeps, WorkQueue
+from .backends import Checks, DefersWrites, EventBus, Recovers, Store, Sweeps
 from .backends.base import Listener
-from .errors import InvalidWebhook, NotFound, NotReady, QueueFull
+from .deployments import Deployment, Deployments
+from .errors import InvalidWebhook, ModelNotFound, NotFound, NotReady, QueueFull
 from .events import Watch
-from .models import Model
-from .records import IdempotencyKey, Job, Prediction, Webhook
-from .runner import ModelRunner
+from .records import IdempotencyKey, Job, Outcome, Prediction, Webhook
 from .settings import Settings
-from .validation import InputValidator, is_prediction_id
+from .validation import is_prediction_id
 from .waiting import settle, settled_within
 from .webhooks.target import AddressPolicy, WebhookRequest
 
@@ -28,34 +27,19 @@ log = logging.getLogger(__name__)
 
 
 class PredictionService:
-    def __init__(
-        self,
-        *,
-        settings: Settings,
-        model: Model,
-        runner: ModelRunner,
-        store: Store,
-        queue: WorkQueue,
-        bus: EventBus,
-    ) -> None:
+    """Predictions of every model served here: each goes to its model version's own queue."""
+
+    def __init__(self, *, settings: Settings, models: Deployments, store: Store, bus: EventBus) -> None:
         self.settings = settings
-        self.model = model
-        self.runner = runner
+        self.models = models
         self.store = store
-        self.queue = queue
         self.bus = bus
-        self._validate = InputValidator(model.input_schema)
         self.stopping = False
         self._defers = store if isinstance(store, DefersWrites) else None
         self._on_stop: set[Callable[[], None]] = set()
         self._webhook_policy = AddressPolicy(
             allow_private=settings.webhook_allow_private, allowed_hosts=settings.webhook_allowed_hosts
         )
-
-    @property
-    def model_ready(self) -> bool:
-        """The model is loaded here, or runs elsewhere (an API-only process of the redis backend)."""
-        return self.runner.loaded or self.settings.workers == 0
 
     def stop(self) -> None:
         """Shutdown has begun: refuse new predictions, and let everyone waiting answer now with what
@@ -77,19 +61,21 @@ class PredictionService:
             self._on_stop.discard(callback)
 
     async def check_ready(self) -> None:
-        """Raise NotReady or BackendUnavailable unless a new prediction would be accepted now."""
+        """Raise NotReady or BackendUnavailable unless new predictions would be accepted now: every model
+        is loaded (a failed one is named), the store answers, and some model's queue has room."""
         if self.stopping:
             raise NotReady("the service is shutting down")
-        if not self.model_ready:
-            raise NotReady(self.runner.load_error or "the model is not loaded yet")
+        for deployment in self.models:
+            deployment.check_ready(public=True)
         if isinstance(self.store, Checks):
             await self.store.check()
-        if await self.queue.depth() >= self.queue.maxsize:
-            raise NotReady("the queue is full")
+        full = [d for d in self.models if await d.queue.depth() >= d.queue.maxsize]
+        if len(full) == len(self.models):
+            raise NotReady("the queue is full" if len(full) == 1 else "every model's queue is full")
 
-    def validate_input(self, value: Any) -> None:
-        """Raise InvalidInput naming the offending field, per the model's JSON Schema."""
-        self._validate(value)
+    def model(self, name: str | None = None, version: str | None = None) -> Deployment:
+        """The model version a request names (None: the default). Raises ModelNotFound."""
+        return self.models.find(name, version)
 
     def _webhook(self, request: WebhookRequest | None) -> Webhook | None:
         """The webhook a new prediction carries, if the service may send it. Raises InvalidWebhook."""
@@ -101,21 +87,30 @@ class PredictionService:
         return Webhook(request.url, request.events)
 
     async def submit(
-        self, value: Any, *, idempotency_key: str | None = None, webhook: WebhookRequest | None = None
+        self,
+        value: Any,
+        *,
+        model: str | None = None,
+        version: str | None = None,
+        idempotency_key: str | None = None,
+        webhook: WebhookRequest | None = None,
     ) -> Prediction:
-        """Validate, store and enqueue one prediction. Raises InvalidInput, InvalidWebhook, NotReady or
-        QueueFull.
+        """Validate, store and enqueue one prediction of a model (None: the default). Raises
+        ModelNotFound, InvalidInput, InvalidWebhook, NotReady or QueueFull.
 
-        With an idempotency key already used for the same input (and webhook), returns that prediction as
-        it is now (and runs nothing); with a different one, raises IdempotencyConflict.
+        With an idempotency key already used for the same model, input and webhook, returns that
+        prediction as it is now (and runs nothing); with a different one, raises IdempotencyConflict.
         """
-        prediction, _ = await self._submit(value, idempotency_key, None, webhook=webhook)
+        deployment = self.models.find(model, version)
+        prediction, _ = await self._submit(deployment, value, idempotency_key, None, webhook=webhook)
         return prediction
 
     async def run(
         self,
         value: Any,
         *,
+        model: str | None = None,
+        version: str | None = None,
         idempotency_key: str | None = None,
         timeout: float,
         webhook: WebhookRequest | None = None,
@@ -135,8 +130,9 @@ class PredictionService:
         # Without a key the record may stay in this process until it is finished and be written once
         # then: if the process dies first, the client gets no answer (and retries), not a lost 202. With a
         # key it is stored first, so that concurrent and later retries find it.
+        deployment = self.models.find(model, version)
         prediction, new = await self._submit(
-            value, idempotency_key, on_change, defer=idempotency_key is None, webhook=webhook
+            deployment, value, idempotency_key, on_change, defer=idempotency_key is None, webhook=webhook
         )
         if not new:
             return await self.wait(prediction.prediction_id, timeout)  # an earlier prediction: follow it
@@ -154,6 +150,7 @@ class PredictionService:
 
     async def _submit(
         self,
+        deployment: Deployment,
         value: Any,
         idempotency_key: str | None,
         listener: Listener | None,
@@ -165,21 +162,25 @@ class PredictionService:
 
         `listener` hears every change of a new prediction from before it is queued; the caller unsubscribes.
         """
-        self.validate_input(value)
+        deployment.validate(value)
         hook = self._webhook(webhook)
         if self.stopping:
             raise NotReady("the service is shutting down")
-        if not self.model_ready:
-            raise NotReady()
-        if await self.queue.depth() >= self.queue.maxsize:
+        deployment.check_ready()
+        queue = deployment.queue
+        if await queue.depth() >= queue.maxsize:
             raise QueueFull()  # checked first too, so a full queue costs no store write
-        prediction = Prediction.new(value, model_name=self.model.name, model_version=self.model.version, webhook=hook)
+        prediction = Prediction.new(value, model_name=deployment.name, model_version=deployment.version, webhook=hook)
         pid = prediction.prediction_id
         key = None
         if idempotency_key is not None:
-            # The body that counts is the input, and the webhook with it when there is one.
-            fingerprinted = value if hook is None else {"input": value, "webhook": [hook.url, *hook.events]}
-            canonical = json.dumps(fingerprinted, sort_keys=True, separators=(",", ":"))
+            # The model is part of what the key names: the same key and input for another model conflicts.
+            # The default model's fingerprint is of the input alone, as when one model was all there was,
+            # so a retry across an upgrade still finds its prediction. A webhook is part of the body too.
+            named = value if deployment.is_default else [deployment.name, deployment.version, value]
+            if hook is not None:
+                named = {"input": named, "webhook": [hook.url, *hook.events]}
+            canonical = json.dumps(named, sort_keys=True, separators=(",", ":"))
             key = IdempotencyKey(idempotency_key, hashlib.sha256(canonical.encode()).hexdigest())
         if listener is not None:
             self.bus.subscribe(pid, listener)
@@ -192,7 +193,7 @@ class PredictionService:
             if stored.prediction_id != pid:
                 return stored, False
             try:
-                await self.queue.put(Job(pid))
+                await queue.put(Job(pid))
             except QueueFull:
                 # Filled up while the record was being stored: take it back, so a 503 leaves nothing behind.
                 await self.store.delete(pid)
@@ -210,20 +211,49 @@ class PredictionService:
             raise NotFound(f"no prediction {prediction_id}")
         return prediction
 
-    async def queue_depth(self) -> int:
-        """Predictions waiting to start (here, or in the shared queue)."""
-        return await self.queue.depth()
+    async def queue_depths(self) -> dict[Deployment, int]:
+        """Predictions waiting to start (here, or in the shared queue), per model version."""
+        return {d: await d.queue.depth() for d in self.models}
 
     async def recover(self) -> int:
-        """Queue again what a previous process accepted but did not finish; returns how many."""
+        """Queue again what a previous process accepted but did not finish, each to its model version's
+        queue; returns how many. One whose model version is no longer served ends failed
+        (`model_not_found`) rather than waiting for a model that will not come."""
         if not isinstance(self.store, Recovers):
             return 0  # nothing outlives the process here, or the shared queue hands lost work over itself
         requeue, failed = await self.store.recover(self.settings.max_attempts)
+        orphans = []
         for prediction in requeue:
-            await self.queue.put(Job(prediction.prediction_id), force=True)
+            deployment = self.models.get(prediction.model_name, prediction.model_version)
+            if deployment is None:
+                orphans.append(prediction)
+            else:
+                await deployment.queue.put(Job(prediction.prediction_id), force=True)
+        if orphans:
+            failed += await self._fail_orphans(orphans)
         logs.state_changes(failed)
         await self.bus.publish(failed)
-        return len(requeue)
+        return len(requeue) - len(orphans)
+
+    async def _fail_orphans(self, orphans: list[Prediction]) -> list[Prediction]:
+        log.warning(
+            "%d unfinished predictions are of models no longer served (%s): they end failed",
+            len(orphans),
+            ", ".join(sorted({f"{p.model_name} version {p.model_version}" for p in orphans})),
+        )
+        ids = [p.prediction_id for p in orphans]
+        started = await self.store.start(ids)  # finishing moves a running record: start, then fail
+        return await self.store.finish(
+            [
+                Outcome(
+                    p.prediction_id,
+                    error=ModelNotFound(
+                        f"model {p.model_name} version {p.model_version} is no longer served"
+                    ).to_dict(),
+                )
+                for p in started
+            ]
+        )
 
     async def cancel(self, prediction_id: str) -> Prediction:
         if not is_prediction_id(prediction_id):

@@ -47,7 +47,19 @@ class Settings:
 
     host: str = _opt("127.0.0.1", "interface to listen on")
     port: int = _opt(8080, "TCP port to listen on")
-    model: str = _opt("digits", "model to serve: digits, mock, or package.module:factory")
+    model: tuple[str, ...] = _opt(
+        (), "a model to serve, repeatable: digits, mock, NAME=onnx:PATH, NAME=sklearn:PATH, "
+        "NAME=python:package.module:factory or package.module:factory; the first is the default model "
+        "(with neither this nor --model-repository: digits)",
+    )  # fmt: skip
+    model_repository: str = _opt(
+        "", "a folder of models to serve: DIR/NAME/VERSION/model.onnx (or model.joblib, model.pkl), with an "
+        "optional DIR/NAME/config.json"
+    )  # fmt: skip
+    default_model: str = _opt(
+        "", "the model a request that names none is given (default: the first --model, else the repository's "
+        "first by name); its highest version"
+    )  # fmt: skip
     workers: int = _opt(2, "concurrent model calls (batches in flight); 0 = no model here (redis backend)", min=0)
     executor: Literal["thread", "process"] = _opt(
         "thread", "where the model runs: thread (numpy, GIL-releasing) or process (pure Python)"
@@ -201,6 +213,8 @@ class Settings:
         return cls(**given)
 
     def __post_init__(self) -> None:
+        if isinstance(self.model, str):  # Settings(model="mock") from Python: one model
+            object.__setattr__(self, "model", (self.model,))
         for option in OPTIONS:  # what each field declares: its choices and bounds
             value = getattr(self, option.name)
             if option.any_case and isinstance(value, str):

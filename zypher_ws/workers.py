@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from . import logs
-from .backends import Backend, EventBus, Store, WorkQueue
+from .backends import EventBus, Store, WorkQueue
 from .backends.base import Releases
 from .errors import RetryLater
 from .metrics import Metrics
@@ -45,13 +45,6 @@ class WorkerPool:
         self._stopping = False
         self.busy = 0
         self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep  # tests pass a fake clock's
-
-    @classmethod
-    def over(cls, backend: Backend, *, settings: Settings, runner: ModelRunner, metrics: Metrics) -> WorkerPool:
-        """A pool taking work from a backend's queue, recording in its store and announcing on its bus."""
-        return cls(
-            settings=settings, queue=backend.queue, store=backend.store, bus=backend.bus, runner=runner, metrics=metrics
-        )
 
     def start(self) -> None:
         self._tasks = [
@@ -117,7 +110,7 @@ class WorkerPool:
                 outcomes = await self._runner.run([p.prediction_id for p in started], [p.input for p in started])
                 finished = await self._until_done(lambda: self._store.finish(outcomes), "a batch's outcomes")
             finally:
-                self._metrics.batch_finished(len(started), finished)
+                self._metrics.batch_finished(started, finished)
             logs.state_changes(finished)
             await self._announce(finished)
         # Only now, with outcomes stored: a worker dying before this leaves the jobs to be taken over.

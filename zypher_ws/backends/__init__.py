@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -23,6 +23,7 @@ __all__ = [
     "EventBus",
     "KeepsWebhooks",
     "Kind",
+    "QueueOpener",
     "Recovers",
     "Store",
     "Sweeps",
@@ -32,24 +33,29 @@ __all__ = [
 ]
 
 
+QueueOpener = Callable[[str, str, int], Awaitable[WorkQueue]]
+"""(model name, model version, maxsize) -> that model version's own work queue, closed with the backend."""
+
+
 @dataclass(frozen=True)
 class Backend:
     store: Store
-    queue: WorkQueue
     bus: EventBus
+    open_queue: QueueOpener
+    """Each model version has a queue of its own, so a slow model cannot fill a fast one's."""
 
 
-Opener = Callable[["Settings", str, bool], AbstractAsyncContextManager[Backend]]
+Opener = Callable[["Settings", str, bool, int], AbstractAsyncContextManager[Backend]]
 
 
 @dataclass(frozen=True)
 class Kind:
-    open: Opener  # (settings, url, listen) -> the backend, open for as long as the context lasts
+    open: Opener  # (settings, url, listen, readers) -> the backend, open for as long as the context lasts
     shared: bool  # many processes use it at once, so workers may run elsewhere (--workers 0)
 
 
 @asynccontextmanager
-async def _embedded(settings: Settings, url: str, listen: bool) -> AsyncIterator[Backend]:
+async def _embedded(settings: Settings, url: str, listen: bool, readers: int) -> AsyncIterator[Backend]:
     from .memory import LocalEventBus, MemoryQueue, MemoryStore
 
     store: Store
@@ -61,18 +67,24 @@ async def _embedded(settings: Settings, url: str, listen: bool) -> AsyncIterator
         store = sqlite
     else:
         store = MemoryStore(ttl=settings.result_ttl, max_finished=settings.memory_max_results)
-    queue = MemoryQueue(settings.max_queue)
+    queues: list[MemoryQueue] = []
+
+    async def open_queue(name: str, version: str, maxsize: int) -> WorkQueue:
+        queues.append(MemoryQueue(maxsize))
+        return queues[-1]
+
     try:
-        yield Backend(store, queue, LocalEventBus())
+        yield Backend(store, LocalEventBus(), open_queue)
     finally:
-        await queue.close()
+        for queue in queues:
+            await queue.close()
         await store.close()
 
 
-def _redis(settings: Settings, url: str, listen: bool) -> AbstractAsyncContextManager[Backend]:
+def _redis(settings: Settings, url: str, listen: bool, readers: int) -> AbstractAsyncContextManager[Backend]:
     from .redis import open_redis  # redis-py is loaded only by those who use it
 
-    return open_redis(settings, url, listen=listen)
+    return open_redis(settings, url, listen=listen, readers=readers)
 
 
 SCHEMES: dict[str, Kind] = {
@@ -97,7 +109,12 @@ def is_shared(url: str) -> bool:
     return kind_of(url).shared
 
 
-def open_backend(settings: Settings, *, listen: bool = True) -> AbstractAsyncContextManager[Backend]:
-    """Open the configured backend; `listen=False` skips receiving events (a worker-only process)."""
+def open_backend(
+    settings: Settings, *, listen: bool = True, readers: int | None = None
+) -> AbstractAsyncContextManager[Backend]:
+    """Open the configured backend; `listen=False` skips receiving events (a worker-only process).
+
+    `readers` is how many workers will wait on queues at once (default --workers), so a backend that
+    blocks a connection per waiting worker (Redis) can size its pool."""
     url = settings.backend_url
-    return kind_of(url).open(settings, url, listen)
+    return kind_of(url).open(settings, url, listen, settings.workers if readers is None else readers)

@@ -9,19 +9,20 @@ import resource
 import signal
 import warnings
 from collections.abc import AsyncIterator
+from typing import Any
 
 from aiohttp import web
 from aiohttp_swagger3 import SwaggerDocs, SwaggerInfo, SwaggerUiSettings
 
 from .. import __version__
 from ..backends import open_backend
+from ..deployments import Deployments, deploy, total_workers
 from ..metrics import Metrics
-from ..models import Model, build_model
-from ..runner import ModelRunner, exit_past_stuck_model_calls, make_executor
+from ..models import Model, ModelSpec, build_models, spec_of
+from ..runner import exit_past_stuck_model_calls
 from ..service import PredictionService
 from ..settings import Settings
 from ..webhooks.delivery import delivering
-from ..workers import WorkerPool
 from . import live, openapi, views
 from .access import RateLimiter, SocketCounter
 from .access_log import AccessLogger, log_malformed_requests_at_info
@@ -31,14 +32,15 @@ from .keys import (
     LIMITER,
     LIVE_CLIENTS,
     METRICS,
-    MODEL,
+    MODELS,
+    OPENAPI,
     SERVICE,
     SETTINGS,
     SOCKETS,
     STREAMS,
     WEBHOOKS,
     WS_AUTHENTICATING,
-)
+)  # fmt: skip
 from .middleware import count_requests, json_errors, parse_json_body, require_token
 from .pages import add_page_routes
 
@@ -47,10 +49,15 @@ log = logging.getLogger(__name__)
 SPEC_URL = "/swagger/swagger.json"
 
 
-def create_app(settings: Settings, *, model: Model | None = None) -> web.Application:
-    """Build the app; `model` overrides the one the settings name (tests pass fakes here)."""
-    if model is not None and settings.executor == "process":
-        raise ValueError("--executor process runs the model named by --model; it cannot take a model object")
+def create_app(
+    settings: Settings, *, model: Model | None = None, models: list[tuple[ModelSpec, Model]] | None = None
+) -> web.Application:
+    """Build the app; `model` (one model object, the only one served) or `models` (specs with their
+    models) override the models the settings name (tests pass fakes here)."""
+    if model is not None:
+        if settings.executor == "process":
+            raise ValueError("--executor process builds the model named by --model; it cannot take a model object")
+        models = [(spec_of(model), model)]
     app = web.Application(
         client_max_size=settings.max_body,
         middlewares=[count_requests, json_errors, require_token],
@@ -60,7 +67,7 @@ def create_app(settings: Settings, *, model: Model | None = None) -> web.Applica
     app[LIMITER] = RateLimiter(settings.rate_limit, settings.rate_burst)
     app[LIVE_CLIENTS] = SocketCounter(settings.ws_max_per_client, "WebSockets and event streams")
     app[WS_AUTHENTICATING] = SocketCounter(settings.ws_max_authenticating, "WebSockets still authenticating")
-    app[MODEL] = model if model is not None else build_model(settings)
+    app[MODELS] = models if models is not None else build_models(settings)
     app[SOCKETS] = set()
     app[STREAMS] = set()
     app.cleanup_ctx.append(service_ctx)
@@ -78,38 +85,44 @@ def create_app(settings: Settings, *, model: Model | None = None) -> web.Applica
 
 
 async def service_ctx(app: web.Application) -> AsyncIterator[None]:
-    settings, model = app[SETTINGS], app[MODEL]
-    executor = make_executor(settings)
-    runner = ModelRunner(model, executor)
-    async with open_backend(settings) as backend, delivering(settings, backend.store, app[METRICS]) as webhooks:
+    settings, models = app[SETTINGS], app[MODELS]
+    async with (
+        open_backend(settings, readers=total_workers(models, settings)) as backend,
+        delivering(settings, backend.store, app[METRICS]) as webhooks,
+        deploy(
+            models, settings=settings, backend=backend, metrics=app[METRICS], run_here=settings.workers > 0
+        ) as served,
+    ):
         if webhooks is not None:
             app[WEBHOOKS] = webhooks
-        service = PredictionService(
-            settings=settings, model=model, runner=runner, store=backend.store, queue=backend.queue, bus=backend.bus
-        )
+        service = PredictionService(settings=settings, models=served, store=backend.store, bus=backend.bus)
         app[SERVICE] = service
+        openapi.document_models(app[OPENAPI], served)
         recovered = await service.recover()
         if recovered:
             log.info("queued again %d predictions accepted before the last stop", recovered)
-        pool = WorkerPool.over(backend, settings=settings, runner=runner, metrics=app[METRICS])
-        app[DRAIN] = lambda: pool.stop(settings.shutdown_timeout)
-        load = None
-        if settings.workers:
-            # Load in the background so /healthz answers at once and /readyz reports progress.
-            load = asyncio.create_task(runner.load(), name="zypher-model-load")
-            load.add_done_callback(_log_load_failure)
-            pool.start()
-        else:
+        app[DRAIN] = lambda: served.stop(settings.shutdown_timeout)
+        if not settings.workers:
             log.info("no workers in this process (--workers 0): predictions run in `zypher-ws worker` processes")
-        sweeper = asyncio.create_task(service.sweep_forever(), name="zypher-sweeper")
+        # Models load in the background, so /healthz answers at once and /readyz reports progress.
+        tasks = [asyncio.create_task(_document_when_loaded(app, served), name="zypher-document-models")]
+        tasks.append(asyncio.create_task(service.sweep_forever(), name="zypher-sweeper"))
         try:
             yield
         finally:
-            if load is not None:
-                load.cancel()
-            sweeper.cancel()
-            await pool.stop(settings.shutdown_timeout)
-            executor.shutdown(wait=False, cancel_futures=True)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _document_when_loaded(app: web.Application, served: Deployments) -> None:
+    """Each model's schemas go into the OpenAPI document as soon as it has loaded."""
+
+    async def one(deployment: Any) -> None:
+        await deployment.loaded.wait()
+        openapi.describe_model(app[OPENAPI], deployment)
+
+    await asyncio.gather(*(one(d) for d in served))
 
 
 async def _stop_service(app: web.Application) -> None:
@@ -122,37 +135,39 @@ async def _drain_workers(app: web.Application) -> None:
         await app[DRAIN]()
 
 
-def _log_load_failure(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("model failed to load", exc_info=task.exception())
-
-
 def _add_routes(app: web.Application) -> None:
     with warnings.catch_warnings():
         # aiohttp-swagger3 0.10 stores its spec under string app keys, when created and again on every
         # route added; that is its business, not ours (a string key of our own still warns).
         warnings.filterwarnings("ignore", category=web.NotAppKeyWarning, module=r"aiohttp_swagger3\.")
-        _add_documented_routes(app, app[MODEL])
+        _add_documented_routes(app, app[MODELS])
 
 
-def _add_documented_routes(app: web.Application, model: Model) -> None:
-    swagger = _swagger(app, model)
+def _add_documented_routes(app: web.Application, models: list[tuple[ModelSpec, Model]]) -> None:
+    default = next((model for spec, model in models if spec.is_default), models[0][1])
+    swagger = _swagger(app, default)
     swagger.register_media_type_handler("application/json", parse_json_body)
-    components = openapi.components(model)
+    components = openapi.components(default.name, default.version)
     # swagger3 builds validators when routes are added and understands only part of JSON Schema, so it
     # validates the envelope; the service validates `input` against the model's full schema.
     documented_request = components["schemas"]["PredictRequest"]
     components["schemas"]["PredictRequest"] = openapi.PREDICT_REQUEST_ENVELOPE
     swagger.spec["components"] = components
     swagger.add_route("POST", "/predict", views.predict)
+    swagger.add_route("POST", "/models/{name}/predict", views.predict_model)
+    swagger.add_route("POST", "/models/{name}/versions/{version}/predict", views.predict_model_version)
     swagger.add_route("GET", "/predict/{prediction_id}", views.get_prediction)
     swagger.add_route("DELETE", "/predict/{prediction_id}", views.cancel_prediction)
     swagger.add_route("GET", "/model", views.model_info)
+    swagger.add_route("GET", "/models", views.list_models)
+    swagger.add_route("GET", "/models/{name}", views.model_metadata)
+    swagger.add_route("GET", "/models/{name}/versions/{version}", views.model_version_metadata)
     swagger.add_route("GET", "/healthz", views.healthz)
     swagger.add_route("GET", "/readyz", views.readyz)
     swagger.add_route("GET", "/metrics", views.metrics)
     swagger.add_route("GET", "/predict/{prediction_id}/events", live.prediction_events)
     components["schemas"]["PredictRequest"] = documented_request
+    app[OPENAPI] = swagger.spec
 
 
 def _swagger(app: web.Application, model: Model) -> SwaggerDocs:
@@ -161,7 +176,7 @@ def _swagger(app: web.Application, model: Model) -> SwaggerDocs:
         info=SwaggerInfo(
             title="zypher-ws",
             version=__version__,
-            description=f"ML inference over HTTP and WebSocket, serving `{model.name}` {model.version}. "
+            description=f"ML inference over HTTP and WebSocket; `POST /predict` runs `{model.name}` {model.version}. "
             f"The OpenAPI document is at `{SPEC_URL}`.\n\n" + openapi.WEBSOCKET_PROTOCOL,
         ),
         swagger_ui_settings=SwaggerUiSettings(path="/swagger"),
@@ -176,7 +191,7 @@ def serve(settings: Settings) -> None:
     _raise_open_file_limit()
     asyncio.run(_run(app, settings))
     if SERVICE in app:
-        exit_past_stuck_model_calls(app[SERVICE].runner)
+        exit_past_stuck_model_calls([d.runner for d in app[SERVICE].models if d.runner is not None])
 
 
 async def _run(app: web.Application, settings: Settings) -> None:

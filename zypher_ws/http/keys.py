@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
 from ..metrics import Metrics
-from ..models import Model
+from ..models import Model, ModelSpec
 from ..service import PredictionService
 from ..settings import Settings
 from ..webhooks.delivery import Dispatcher
 from .access import RateLimiter, SocketCounter
 
 SETTINGS = web.AppKey("settings", Settings)
-MODEL = web.AppKey("model", Model)
+MODELS: web.AppKey[list[tuple[ModelSpec, Model]]] = web.AppKey("models")
+"""The model versions to serve, built (not loaded), each with its spec."""
+OPENAPI: web.AppKey[dict[str, Any]] = web.AppKey("openapi")
+"""The OpenAPI document swagger3 serves: each model's routes and schemas are added as it loads."""
 SERVICE = web.AppKey("service", PredictionService)
 SOCKETS: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("sockets")
 STREAMS: web.AppKey[set[Callable[[], None]]] = web.AppKey("streams")

@@ -295,7 +295,10 @@ class WsSession:
                     raise InvalidMessage("`predict` needs an `input`")
                 self.check_room()  # refuse before submitting: an accepted prediction must be watched
                 self.limiter.check(self.client)
-                prediction = await self.service.submit(message["input"], webhook=requested(message))
+                model, version = _model_of(message)
+                prediction = await self.service.submit(
+                    message["input"], model=model, version=version, webhook=requested(message)
+                )
                 await self.watch(prediction.prediction_id, first="accepted", request_id=request_id)
             else:
                 raise UnknownOp(f"unknown op {op!r}: use subscribe, unsubscribe, predict, ping or auth")
@@ -304,6 +307,17 @@ class WsSession:
         except Exception:  # ours: answered like the others, since nothing may escape the upgraded socket
             log.exception("unhandled error answering a WebSocket message")
             self.send(ws_error(InternalError(), request_id))
+
+
+def _model_of(message: dict[str, Any]) -> tuple[str | None, str | None]:
+    """`predict`'s optional `model` and `version` (None: the default model, its default version)."""
+    found = []
+    for key in ("model", "version"):
+        value = message.get(key)
+        if value is not None and not isinstance(value, str):
+            raise InvalidMessage(f"`{key}` must be a string")
+        found.append(value)
+    return found[0], found[1]
 
 
 def _ids(message: dict[str, Any]) -> list[str]:

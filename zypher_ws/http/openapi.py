@@ -1,10 +1,11 @@
-"""OpenAPI components: the record, errors, and the served model's own schemas."""
+"""OpenAPI components: the record, errors, and each served model's own schemas and routes."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
-from ..models import Model
+from ..deployments import Deployment, Deployments
 from ..records import DEAD_LETTERED, DELIVERED, GONE, PENDING, WEBHOOK_EVENTS, Status
 from ..webhooks.target import MAX_URL_LENGTH
 
@@ -14,15 +15,17 @@ WEBSOCKET_PROTOCOL = """\
 JSON text messages. Client to server, by `op`:
 `{"op": "subscribe", "prediction_id": ID}` (or `"prediction_ids": [...]`),
 `{"op": "unsubscribe", "prediction_id": ID}` (or `prediction_ids`),
-`{"op": "predict", "input": INPUT, "request_id": "optional"}` (submits asynchronously and subscribes; it takes
-`webhook` and `webhook_events_filter` as `POST /predict` does),
+`{"op": "predict", "input": INPUT, "model": "optional", "version": "optional", "request_id": "optional"}`
+(submits asynchronously to the model named, else the default, and subscribes; it takes `webhook` and
+`webhook_events_filter` as `POST /predict` does),
 `{"op": "ping"}`, and `{"op": "auth", "token": TOKEN}` (see below).
 
 Server to client, by `type`: `subscribed` (the current record, at once; if it is terminal it is the last
 message for that id), `update` (each later status change, in order), `accepted` (for `predict`, with the
 `request_id`), `pong`, `authenticated`, and `error` (`{"error": {"code", "message"}, "request_id"}`;
-codes `invalid_json`, `invalid_message`, `unknown_op`, `not_found`, `too_many_subscriptions`,
-`invalid_input`, `invalid_webhook`, `queue_full`, `not_ready`, `rate_limited`, `backend_unavailable`). The socket stays
+codes `invalid_json`, `invalid_message`, `unknown_op`, `not_found`, `model_not_found`,
+`too_many_subscriptions`, `invalid_input`, `invalid_webhook`, `queue_full`, `not_ready`, `rate_limited`,
+`backend_unavailable`). The socket stays
 open after an error. `GET /ws?prediction_id=ID` (repeatable) subscribes at connect. Each subscriber gets
 exactly one terminal message per prediction.
 
@@ -108,11 +111,7 @@ PREDICTION = {
             "required": ["name", "version"],
             "properties": {"name": {"type": "string"}, "version": {"type": "string"}},
         },
-        "result": {
-            "allOf": [{"$ref": "#/components/schemas/ModelOutput"}],
-            "nullable": True,
-            "description": "the model's output once succeeded, else null",
-        },
+        "result": {"nullable": True, "description": "the model's output once succeeded, else null"},
         "error": {
             "type": "object",
             "nullable": True,
@@ -169,26 +168,105 @@ PREDICT_REQUEST_ENVELOPE = {
 }
 
 
-def components(model: Model) -> dict[str, Any]:
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _record_of(output: str) -> dict[str, Any]:
+    """A record whose `result` is documented as one model's output."""
+    result = {"allOf": [_ref(output)], "nullable": True, "description": "the model's output once succeeded"}
+    return {"allOf": [_ref("Prediction"), {"type": "object", "properties": {"result": result}}]}
+
+
+def _request_of(input: str) -> dict[str, Any]:
+    return {"type": "object", "required": ["input"], "properties": {"input": _ref(input), **WEBHOOK_REQUEST}}
+
+
+def _loading(name: str, version: str) -> dict[str, Any]:
+    return {"description": f"model {name} version {version}: known once it has loaded"}
+
+
+MODEL_VERSION = {
+    "type": "object",
+    "required": ["name", "version", "runtime", "state", "error", "default", "links"],
+    "properties": {
+        "name": {"type": "string"},
+        "version": {"type": "string"},
+        "runtime": {"type": "string", "enum": ["onnx", "sklearn", "python"]},
+        "state": {"type": "string", "enum": ["loading", "ready", "failed"]},
+        "error": {"type": "string", "nullable": True, "description": "why it failed to load"},
+        "default": {"type": "boolean", "description": "the model version POST /predict runs"},
+        "queue": {
+            "type": "object",
+            "properties": {
+                "depth": {"type": "integer", "nullable": True, "description": "predictions waiting"},
+                "max": {"type": "integer", "description": "past it, predictions are refused (503)"},
+            },
+        },
+        "links": {"type": "object", "properties": {"self": {"type": "string"}, "predict": {"type": "string"}}},
+    },
+}
+
+
+def components(default_name: str, default_version: str) -> dict[str, Any]:
+    """The shared components; the default model's schemas are ModelInput and ModelOutput (and each model
+    version's under its own names, from document_models)."""
     return {
         "schemas": {
             "Error": ERROR,
             "Prediction": PREDICTION,
-            "ModelInput": model.input_schema,
-            "ModelOutput": model.output_schema,
-            "PredictRequest": {
-                "type": "object",
-                "required": ["input"],
-                "properties": {"input": {"$ref": "#/components/schemas/ModelInput"}, **WEBHOOK_REQUEST},
+            "ModelInput": _loading(default_name, default_version),
+            "ModelOutput": _loading(default_name, default_version),
+            "DefaultPrediction": _record_of("ModelOutput"),
+            "PredictRequest": _request_of("ModelInput"),
+            "AnyModelRequest": {
+                **PREDICT_REQUEST_ENVELOPE,
+                "description": "`input`: an input of the model the path names (its schema: GET /models/{name}); "
+                "`webhook` and `webhook_events_filter` as in PredictRequest",
             },
             "ModelInfo": {
+                "allOf": [
+                    {"$ref": "#/components/schemas/ModelVersion"},
+                    {
+                        "type": "object",
+                        "required": ["input_schema", "output_schema", "versions"],
+                        "properties": {
+                            "input_schema": {
+                                "type": "object",
+                                "nullable": True,
+                                "description": "JSON Schema of one input",
+                            },
+                            "output_schema": {
+                                "type": "object",
+                                "nullable": True,
+                                "description": "JSON Schema of one output",
+                            },
+                            "versions": {"type": "array", "items": {"type": "string"}},
+                        },
+                    },
+                ]
+            },
+            "ModelVersion": MODEL_VERSION,
+            "ModelList": {
                 "type": "object",
-                "required": ["name", "version", "input_schema", "output_schema"],
+                "required": ["default", "models"],
                 "properties": {
-                    "name": {"type": "string"},
-                    "version": {"type": "string"},
-                    "input_schema": {"type": "object", "description": "JSON Schema of one input"},
-                    "output_schema": {"type": "object", "description": "JSON Schema of one output"},
+                    "default": {
+                        "type": "object",
+                        "properties": {"name": {"type": "string"}, "version": {"type": "string"}},
+                    },
+                    "models": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["name", "default_version", "versions"],
+                            "properties": {
+                                "name": {"type": "string"},
+                                "default_version": {"type": "string"},
+                                "versions": {"type": "array", "items": _ref("ModelVersion")},
+                            },
+                        },
+                    },
                 },
             },
             "Status": {
@@ -198,3 +276,49 @@ def components(model: Model) -> dict[str, Any]:
             },
         }
     }
+
+
+def _names(deployment: Deployment) -> tuple[str, str, str, str]:
+    """Component names of one model version: its input, output, request and record."""
+    suffix = f"{deployment.name}.{deployment.version}"
+    return f"ModelInput.{suffix}", f"ModelOutput.{suffix}", f"PredictRequest.{suffix}", f"Prediction.{suffix}"
+
+
+def document_models(spec: dict[str, Any], deployments: Deployments) -> None:
+    """A documented route per model (`/models/NAME/predict`) and model version, with that model's own
+    schemas, copied from the generic predict operation (`POST /predict`). They are documentation: the
+    routes `/models/{name}/...` answer them. Schemas are filled in by `describe_model` once loaded."""
+    operation = spec["paths"]["/predict"]["post"]
+    schemas = spec["components"]["schemas"]
+    for deployment in deployments:
+        input_name, output_name, request_name, record_name = _names(deployment)
+        schemas[input_name] = _loading(deployment.name, deployment.version)
+        schemas[output_name] = _loading(deployment.name, deployment.version)
+        schemas[request_name] = _request_of(input_name)
+        schemas[record_name] = _record_of(output_name)
+        model = f"{deployment.name} version {deployment.version}"
+        routes = [(f"/models/{deployment.name}/versions/{deployment.version}/predict", model)]
+        if deployments.find(deployment.name) is deployment:
+            routes.append((f"/models/{deployment.name}/predict", f"{deployment.name} (version {deployment.version})"))
+        for path, title in routes:
+            documented = copy.deepcopy(operation)
+            documented["summary"] = f"Predict with {title}"
+            documented["tags"] = ["models"]
+            documented["operationId"] = "predict-" + path.strip("/").replace("/", "-")
+            documented["requestBody"]["content"]["application/json"]["schema"] = _ref(request_name)
+            for status in ("200", "202", "500"):
+                documented["responses"][status]["content"]["application/json"]["schema"] = _ref(record_name)
+            spec["paths"][path] = {"post": documented}
+
+
+def describe_model(spec: dict[str, Any], deployment: Deployment) -> None:
+    """Put a loaded model's schemas in the document (the default's also as ModelInput and ModelOutput)."""
+    if deployment.description is None:
+        return
+    schemas = spec["components"]["schemas"]
+    input_name, output_name, _, _ = _names(deployment)
+    schemas[input_name] = deployment.description.input_schema
+    schemas[output_name] = deployment.description.output_schema
+    if deployment.is_default:
+        schemas["ModelInput"] = deployment.description.input_schema
+        schemas["ModelOutput"] = deployment.description.output_schema

@@ -7,8 +7,10 @@ from typing import Any
 from aiohttp import web
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from ..deployments import Deployment
 from ..errors import InvalidHeader, ZypherError
 from ..records import Prediction, Status
+from ..service import PredictionService
 from ..validation import idempotency_key
 from ..webhooks.target import requested
 from .access import client_address
@@ -45,67 +47,111 @@ def record_response(prediction: Prediction, status: int = 200) -> web.Response:
     return response
 
 
-async def predict(request: web.Request, body: dict[str, Any]) -> web.Response:
-    """Submit a prediction, synchronously (default) or asynchronously.
+def _predict_operation(
+    summary: str, path_parameters: str = "", not_found: str = "", *, request: str, record: str
+) -> str:
+    """The OpenAPI text of a predict route: POST /predict and the per-model routes share it."""
+    return f"""{summary}.
 
     ---
-    summary: Submit a prediction
+    summary: {summary}
     description: >
       Without `Async-Mode: true` or `Prefer: respond-async` the request waits up to the sync timeout:
       200 with the succeeded record, 500 with the failed record, or 202 (plus `Location`) when it is
       still unfinished; the prediction carries on either way. Asynchronously it answers 202 at once.
     tags: [predictions]
-    parameters:
+    parameters:{path_parameters}
       - name: Async-Mode
         in: header
         required: false
         description: "true/1/yes answers 202 at once; false/0/no (the default) waits. Any case."
-        schema: {type: string}
+        schema: {{type: string}}
       - name: Prefer
         in: header
         required: false
         description: "`respond-async` is the same as `Async-Mode: true`."
-        schema: {type: string}
+        schema: {{type: string}}
       - name: Idempotency-Key
         in: header
         required: false
         description: >
           Repeating a request with the same key and body returns the same prediction (as it is now) and
-          runs nothing again, for as long as the prediction is kept; the same key with another body is 409.
-          1 to 255 printable ASCII characters (400 invalid_header otherwise).
-        schema: {type: string, maxLength: 255}
+          runs nothing again, for as long as the prediction is kept; the same key with another body
+          (or another model) is 409. 1 to 255 printable ASCII characters (400 invalid_header otherwise).
+        schema: {{type: string}}
     requestBody:
       required: true
       content:
         application/json:
-          schema: {$ref: '#/components/schemas/PredictRequest'}
+          schema: {{$ref: '#/components/schemas/{request}'}}
     responses:
-      '200': {description: 'Succeeded (sync)', content: {application/json: {schema: {$ref: '#/components/schemas/Prediction'}}}}
+      '200': {{description: 'Succeeded (sync)', content: {{application/json: {{schema: {{$ref: '#/components/schemas/{record}'}}}}}}}}
       '202':
         description: Accepted (async), or still running when the sync timeout ran out
-        headers: {Location: {description: URL of the record, schema: {type: string}}}
-        content: {application/json: {schema: {$ref: '#/components/schemas/Prediction'}}}
-      '400': {description: 'Malformed JSON, bad header, input failing the model schema, or a webhook the service will not send (invalid_webhook)', content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}
-      '409': {description: 'Idempotency-Key reused with a different body (idempotency_conflict)', content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}
-      '401': {description: 'No valid bearer token (when tokens are configured)', content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}
-      '429': {description: 'Over the per-client rate limit (rate_limited); retry after `Retry-After` seconds', headers: {Retry-After: {schema: {type: integer}}}, content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}
-      '413': {description: 'Body larger than the limit (body_too_large), or an input too large to check against a schema without a fast validator (input_too_large)', content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}
-      '415': {description: 'Body is not JSON', content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}
-      '500': {description: 'The model raised (sync); the record carries the error', content: {application/json: {schema: {$ref: '#/components/schemas/Prediction'}}}}
+        headers: {{Location: {{description: URL of the record, schema: {{type: string}}}}}}
+        content: {{application/json: {{schema: {{$ref: '#/components/schemas/{record}'}}}}}}
+      '400': {{description: 'Malformed JSON, bad header, input failing the model schema, or a webhook the service will not send (invalid_webhook)', content: {{application/json: {{schema: {{$ref: '#/components/schemas/Error'}}}}}}}}{not_found}
+      '409': {{description: 'Idempotency-Key reused with a different body (idempotency_conflict)', content: {{application/json: {{schema: {{$ref: '#/components/schemas/Error'}}}}}}}}
+      '401': {{description: 'No valid bearer token (when tokens are configured)', content: {{application/json: {{schema: {{$ref: '#/components/schemas/Error'}}}}}}}}
+      '429': {{description: 'Over the per-client rate limit (rate_limited); retry after `Retry-After` seconds', headers: {{Retry-After: {{schema: {{type: integer}}}}}}, content: {{application/json: {{schema: {{$ref: '#/components/schemas/Error'}}}}}}}}
+      '413': {{description: 'Body larger than the limit (body_too_large), or an input too large to check against a schema without a fast validator (input_too_large)', content: {{application/json: {{schema: {{$ref: '#/components/schemas/Error'}}}}}}}}
+      '415': {{description: 'Body is not JSON', content: {{application/json: {{schema: {{$ref: '#/components/schemas/Error'}}}}}}}}
+      '500': {{description: 'The model raised (sync); the record carries the error', content: {{application/json: {{schema: {{$ref: '#/components/schemas/{record}'}}}}}}}}
       '503':
         description: Queue full or model not ready; retry after `Retry-After` seconds
-        headers: {Retry-After: {schema: {type: integer}}}
-        content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}
+        headers: {{Retry-After: {{schema: {{type: integer}}}}}}
+        content: {{application/json: {{schema: {{$ref: '#/components/schemas/Error'}}}}}}
     """
+
+
+_NAME = """
+      - {name: name, in: path, required: true, description: 'a model served here (GET /models)', schema: {type: string}}"""
+_VERSION = """
+      - {name: version, in: path, required: true, description: 'one of its versions', schema: {type: string}}"""
+_MODEL_NOT_FOUND = """
+      '404': {description: 'No such model or version (model_not_found)', content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}"""
+
+
+async def predict(request: web.Request, body: dict[str, Any]) -> web.Response:
+    return await _predict(request, body, None, None)
+
+
+async def predict_model(request: web.Request, body: dict[str, Any], name: str) -> web.Response:
+    return await _predict(request, body, name, None)
+
+
+async def predict_model_version(request: web.Request, body: dict[str, Any], name: str, version: str) -> web.Response:
+    return await _predict(request, body, name, version)
+
+
+predict.__doc__ = _predict_operation(
+    "Submit a prediction to the default model", request="PredictRequest", record="DefaultPrediction"
+)
+predict_model.__doc__ = _predict_operation(
+    "Submit a prediction to a model (its default version)", _NAME, _MODEL_NOT_FOUND,
+    request="AnyModelRequest", record="Prediction",
+)  # fmt: skip
+predict_model_version.__doc__ = _predict_operation(
+    "Submit a prediction to one version of a model", _NAME + _VERSION, _MODEL_NOT_FOUND,
+    request="AnyModelRequest", record="Prediction",
+)  # fmt: skip
+
+
+async def _predict(request: web.Request, body: dict[str, Any], name: str | None, version: str | None) -> web.Response:
     service = request.app[SERVICE]
     request.app[LIMITER].check(client_address(request))
     run_async = wants_async(request)
     key = idempotency_key(request.headers.get("Idempotency-Key"))
     webhook = requested(body)
     if run_async:
-        return record_response(await service.submit(body["input"], idempotency_key=key, webhook=webhook), 202)
-    timeout = service.settings.sync_timeout
-    prediction = await service.run(body["input"], idempotency_key=key, timeout=timeout, webhook=webhook)
+        prediction = await service.submit(
+            body["input"], model=name, version=version, idempotency_key=key, webhook=webhook
+        )
+        return record_response(prediction, 202)
+    prediction = await service.run(
+        body["input"], model=name, version=version, idempotency_key=key, timeout=service.settings.sync_timeout,
+        webhook=webhook,
+    )  # fmt: skip
     if not prediction.status.terminal:
         return record_response(prediction, 202)
     return record_response(prediction, 500 if prediction.status is Status.FAILED else 200)
@@ -146,23 +192,85 @@ async def cancel_prediction(request: web.Request, prediction_id: str) -> web.Res
 
 
 async def model_info(request: web.Request) -> web.Response:
-    """Describe the served model.
+    """Describe the default model.
 
     ---
-    summary: The served model and its schemas
-    tags: [model]
+    summary: The default model and its schemas
+    tags: [models]
     responses:
       '200': {description: 'Name, version, input and output JSON Schemas', content: {application/json: {schema: {$ref: '#/components/schemas/ModelInfo'}}}}
     """
-    model = request.app[SERVICE].model
-    return json_response(
-        {
-            "name": model.name,
-            "version": model.version,
-            "input_schema": model.input_schema,
-            "output_schema": model.output_schema,
-        }
-    )
+    service = request.app[SERVICE]
+    return json_response(_metadata(service, service.model()))
+
+
+async def list_models(request: web.Request) -> web.Response:
+    """Every model served, with its versions.
+
+    ---
+    summary: The models served
+    description: >
+      Each model with its versions: runtime, state (`loading`, `ready`, or `failed` with the reason in
+      `error`), whether it is the default, and how many predictions wait in its queue.
+    tags: [models]
+    responses:
+      '200': {description: 'The models', content: {application/json: {schema: {$ref: '#/components/schemas/ModelList'}}}}
+    """
+    service = request.app[SERVICE]
+    depths = await _queue_depths(service)
+    models = []
+    for name in service.models.names():
+        versions = service.models.versions(name)
+        served = service.model(name)
+        listed = [{**d.to_dict(), "queue": {"depth": depths.get(d), "max": d.queue.maxsize}} for d in versions]
+        models.append({"name": name, "default_version": served.version, "versions": listed})
+    default = service.models.default
+    return json_response({"default": {"name": default.name, "version": default.version}, "models": models})
+
+
+async def model_metadata(request: web.Request, name: str) -> web.Response:
+    """Describe a model: its default version's metadata and schemas.
+
+    ---
+    summary: A model and its schemas
+    tags: [models]
+    parameters:
+      - {name: name, in: path, required: true, schema: {type: string}}
+    responses:
+      '200': {description: 'Its default version, its schemas and its versions', content: {application/json: {schema: {$ref: '#/components/schemas/ModelInfo'}}}}
+      '404': {description: 'No such model (model_not_found)', content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}
+    """
+    service = request.app[SERVICE]
+    return json_response(_metadata(service, service.model(name)))
+
+
+async def model_version_metadata(request: web.Request, name: str, version: str) -> web.Response:
+    """Describe one version of a model.
+
+    ---
+    summary: One version of a model and its schemas
+    tags: [models]
+    parameters:
+      - {name: name, in: path, required: true, schema: {type: string}}
+      - {name: version, in: path, required: true, schema: {type: string}}
+    responses:
+      '200': {description: 'Its metadata and schemas', content: {application/json: {schema: {$ref: '#/components/schemas/ModelInfo'}}}}
+      '404': {description: 'No such model or version (model_not_found)', content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}
+    """
+    service = request.app[SERVICE]
+    return json_response(_metadata(service, service.model(name, version)))
+
+
+def _metadata(service: PredictionService, deployment: Deployment) -> dict[str, Any]:
+    versions = [d.version for d in service.models.versions(deployment.name)]
+    return {**deployment.metadata(), "versions": versions}
+
+
+async def _queue_depths(service: PredictionService) -> dict[Deployment, int | None]:
+    try:
+        return dict(await service.queue_depths())
+    except ZypherError:
+        return {}  # the backend is away: list the models without it
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -201,8 +309,7 @@ async def metrics(request: web.Request) -> web.Response:
       '200': {description: 'Metrics in the Prometheus text format', content: {text/plain: {schema: {type: string}}}}
     """
     m = request.app[METRICS]
-    try:
-        m.queue_depth.set(await request.app[SERVICE].queue_depth())
-    except ZypherError:
-        pass  # the backend is away: report the rest
+    for deployment, depth in (await _queue_depths(request.app[SERVICE])).items():
+        if depth is not None:
+            m.set_queue_depth(deployment.name, deployment.version, depth)
     return web.Response(body=m.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})

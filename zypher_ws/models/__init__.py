@@ -26,10 +26,34 @@ from .spec import (
 from .tensors import DATATYPES, TensorMetadata, TensorSpec, tensor_metadata
 
 __all__ = [
-    "BUILTINS", "DATATYPES", "RUNTIMES", "DigitsModel", "MissingExtra", "MockModel", "Model", "ModelConfig",
-    "ModelConfigError", "ModelLoadError", "ModelSetupError", "ModelSpec", "NotAModel", "Runtime",
-    "TensorMetadata", "TensorSpec", "build", "build_model", "default_version", "model_specs",
-    "parse_model_option", "resolve_default", "scan_repository", "tensor_metadata", "versions_of",
+    "BUILTINS",
+    "DATATYPES",
+    "RUNTIMES",
+    "DigitsModel",
+    "MissingExtra",
+    "MockModel",
+    "Model",
+    "ModelConfig",
+    "ModelConfigError",
+    "ModelLoadError",
+    "ModelSetupError",
+    "ModelSpec",
+    "NotAModel",
+    "Runtime",
+    "TensorMetadata",
+    "TensorSpec",
+    "build",
+    "build_model",
+    "build_models",
+    "configured_specs",
+    "default_version",
+    "model_specs",
+    "parse_model_option",
+    "resolve_default",
+    "scan_repository",
+    "spec_of",
+    "tensor_metadata",
+    "versions_of",
 ]  # fmt: skip
 
 
@@ -42,18 +66,52 @@ def model_specs(
 ) -> list[ModelSpec]:
     """Everything to serve: each `--model` in order, then every version in `--model-repository`, with
     the default marked (`--default-model`, else the first `--model`, else the repository's first model
-    by name). `mock_latency_ms` is the global `--mock-latency-ms` for the `mock` built-in."""
-    specs = [parse_model_option(text) for text in models]
-    if repository is not None:
-        specs += scan_repository(repository)
+    by name). `mock_latency_ms` is the global `--mock-latency-ms` for the `mock` built-in.
+
+    With a repository, a `--model NAME` naming one of its models picks it: then only the picked ones of
+    the repository are served (`zypher-ws worker --model-repository DIR --model big` runs one model).
+    """
+    found = scan_repository(repository) if repository is not None else []
+    in_repository = {spec.name for spec in found}
+    picked = [text.strip() for text in models if text.strip() in in_repository]
+    for text in models:
+        name = text.strip()
+        if repository is not None and name not in in_repository and name not in BUILTINS and ":" not in name:
+            known = ", ".join(sorted(n for n in in_repository if n))
+            raise ModelConfigError(f"--model {name}: no such model in --model-repository {repository} ({known})")
+    specs = [parse_model_option(text) for text in models if text.strip() not in in_repository]
+    specs += [spec for spec in found if not picked or spec.name in picked]
+    if default_model is None and picked and models[0].strip() == picked[0]:
+        default_model = picked[0]  # the first --model is the default, picked from the repository or not
     specs = [_with_mock_latency(spec, mock_latency_ms) for spec in specs]
     return resolve_default(specs, default_model)
 
 
+def configured_specs(settings: Settings) -> list[ModelSpec]:
+    """The model versions the settings name: `--model` (digits with neither it nor a repository),
+    `--model-repository`, `--default-model`."""
+    return model_specs(
+        settings.model or (() if settings.model_repository else ("digits",)),
+        repository=settings.model_repository or None,
+        default_model=settings.default_model or None,
+        mock_latency_ms=settings.mock_latency_ms,
+    )
+
+
+def build_models(settings: Settings) -> list[tuple[ModelSpec, Model]]:
+    """Every configured model version with its model, built (not loaded: that runs in its executor)."""
+    return [(spec, build(spec)) for spec in configured_specs(settings)]
+
+
 def build_model(settings: Settings) -> Model:
-    """Instantiate (not load) the one model that `--model` names."""
-    (spec,) = model_specs([settings.model], mock_latency_ms=settings.mock_latency_ms)
-    return build(spec)
+    """Instantiate (not load) the default model the settings name."""
+    (model,) = [model for spec, model in build_models(settings) if spec.is_default]
+    return model
+
+
+def spec_of(model: Model, *, source: str = "a model object") -> ModelSpec:
+    """The spec of a model given as an object (tests, embedding): served as itself, the default."""
+    return ModelSpec(name=model.name, version=model.version, runtime="python", is_default=True, source=source)
 
 
 def _with_mock_latency(spec: ModelSpec, latency_ms: float) -> ModelSpec:

@@ -18,9 +18,10 @@ from redis.backoff import ExponentialBackoff
 
 from ...errors import BackendUnavailable
 from .. import Backend
+from ..base import WorkQueue
 from .events import RedisEventBus
 from .keys import RedisKeys
-from .queue import RedisQueue
+from .queue import RedisQueue, move_legacy_entries
 from .store import RedisStore
 
 if TYPE_CHECKING:
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 
 
 @asynccontextmanager
-async def open_redis(settings: Settings, url: str, *, listen: bool) -> AsyncIterator[Backend]:
+async def open_redis(settings: Settings, url: str, *, listen: bool, readers: int) -> AsyncIterator[Backend]:
     keys = RedisKeys(settings.redis_prefix)
     # A bounded pool: past it a command waits (up to 5 s) for a free connection instead of opening more.
     # The socket timeout sits well above the longest blocking read (1 s), so a hung server is noticed.
@@ -40,7 +41,7 @@ async def open_redis(settings: Settings, url: str, *, listen: bool) -> AsyncIter
         url,
         retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
         retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
-        max_connections=settings.redis_connections + settings.workers + 1,  # + blocking reads, + pub/sub
+        max_connections=settings.redis_connections + readers + 1,  # + blocking reads, + pub/sub
         timeout=5.0,
         decode_responses=True,
         socket_connect_timeout=2.0,
@@ -53,27 +54,39 @@ async def open_redis(settings: Settings, url: str, *, listen: bool) -> AsyncIter
     webhook_claim_idle = max(settings.claim_idle, settings.webhook_timeout + 5.0)
     store = RedisStore(client, keys, ttl=settings.result_ttl, consumer=consumer, webhook_claim_idle=webhook_claim_idle)
     bus = RedisEventBus(client, keys, store.get_many)
-    queue = RedisQueue(
-        client,
-        keys,
-        store=store,
-        bus=bus,
-        maxsize=settings.max_queue,
-        consumer=consumer,
-        claim_idle=settings.claim_idle,
-        max_attempts=settings.max_attempts,
-    )
+    queues: list[RedisQueue] = []
+
+    async def open_queue(name: str, version: str, maxsize: int) -> WorkQueue:
+        queue = RedisQueue(
+            client,
+            keys,
+            stream=keys.queue(name, version),
+            store=store,
+            bus=bus,
+            maxsize=maxsize,
+            consumer=consumer,
+            claim_idle=settings.claim_idle,
+            max_attempts=settings.max_attempts,
+        )
+        queues.append(queue)
+        try:
+            await queue.ensure_group()
+        except BackendUnavailable as exc:
+            # Start anyway: /readyz says not ready, and everything recovers once Redis answers.
+            log.warning("%s; starting anyway", exc)
+        return queue
+
     try:
-        await queue.ensure_group()
+        await move_legacy_entries(client, keys)
     except BackendUnavailable as exc:
-        # Start anyway: /readyz says not ready, and everything recovers once Redis answers.
-        log.warning("%s; starting anyway", exc)
+        log.warning("%s; predictions of the single stream of earlier versions are moved at the next start", exc)
     listener = asyncio.create_task(bus.listen(), name="zypher-redis-events") if listen else None
     try:
-        yield Backend(store, queue, bus)
+        yield Backend(store, bus, open_queue)
     finally:
         if listener is not None:
             listener.cancel()
             await asyncio.gather(listener, return_exceptions=True)
-        await queue.close()
+        for queue in queues:
+            await queue.close()
         await client.aclose()

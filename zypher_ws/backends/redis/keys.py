@@ -18,9 +18,15 @@ class RedisKeys:
         """Maps an Idempotency-Key (hashed: clients choose its length) to [prediction_id, body fingerprint]."""
         return f"{self.prefix}:idempotency:{hashlib.sha256(key.encode()).hexdigest()}"
 
+    def queue(self, model: str, version: str) -> str:
+        """One model version's work stream: an entry per prediction waiting or running, deleted once
+        acknowledged. Model names and versions hold no `:` (models/spec.py), so streams never collide."""
+        return f"{self.prefix}:queue:{model}:{version}"
+
     @property
-    def queue(self) -> str:
-        """The work stream: one entry per prediction waiting or running, deleted once acknowledged."""
+    def legacy_queue(self) -> str:
+        """The one work stream of every model before each model version had its own: read once at start,
+        its entries moved to their models' streams (see queue.move_legacy_entries)."""
         return f"{self.prefix}:queue"
 
     @property

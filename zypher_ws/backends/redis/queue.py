@@ -50,12 +50,47 @@ return {1, waiting + 1}
 )
 
 
+# Moves up to 100 entries of the single stream of earlier versions to their model version's stream, by the
+# model named in each record (the record's key and the streams' key start are ARGV 1 and 2); an entry
+# whose record is gone is dropped. One script per page, so two processes starting at once move each once.
+_MOVE_LEGACY = """
+local entries = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 100)
+for _, entry in ipairs(entries) do
+  local fields, pid = entry[2], nil
+  for i = 1, #fields, 2 do if fields[i] == 'id' then pid = fields[i + 1] end end
+  local raw = pid and redis.call('GET', ARGV[1] .. pid)
+  if raw then
+    local record = cjson.decode(raw)
+    redis.call('XADD', ARGV[2] .. record['model_name'] .. ':' .. record['model_version'], '*', 'id', pid)
+  end
+  redis.call('XDEL', KEYS[1], entry[1])
+end
+return #entries
+"""
+
+
+@translate_errors
+async def move_legacy_entries(client: aioredis.Redis, keys: RedisKeys) -> int:
+    """Move what waits in the single work stream of earlier versions to each model version's stream, so
+    an upgrade strands nothing that was accepted; returns how many entries were moved."""
+    move = client.register_script(_MOVE_LEGACY)
+    record_prefix, stream_prefix = keys.record(""), keys.queue("", "")[:-1]
+    moved = 0
+    while count := int(await move(keys=[keys.legacy_queue], args=[record_prefix, stream_prefix])):
+        moved += count
+    if moved:
+        await client.delete(keys.legacy_queue)
+        log.warning("moved %d predictions from %s to their models' own streams", moved, keys.legacy_queue)
+    return moved
+
+
 class RedisQueue:
     def __init__(
         self,
         client: aioredis.Redis,
         keys: RedisKeys,
         *,
+        stream: str,
         store: RedisStore,
         bus: EventBus,
         maxsize: int,
@@ -67,6 +102,7 @@ class RedisQueue:
         self.consumer = consumer
         self._redis = client
         self._keys = keys
+        self._stream = stream
         self._store = store
         self._bus = bus
         self._claim_idle = claim_idle
@@ -79,13 +115,13 @@ class RedisQueue:
 
     @translate_errors
     async def depth(self) -> int:
-        return int(await self._depth(keys=[self._keys.queue], args=[self._keys.group]))
+        return int(await self._depth(keys=[self._stream], args=[self._keys.group]))
 
     @translate_errors
     async def ensure_group(self) -> None:
         try:
             # From id 0: entries added before the group existed are work too.
-            await self._redis.xgroup_create(self._keys.queue, self._keys.group, id="0", mkstream=True)
+            await self._redis.xgroup_create(self._stream, self._keys.group, id="0", mkstream=True)
         except redis.exceptions.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
@@ -93,7 +129,7 @@ class RedisQueue:
     @translate_errors
     async def put(self, job: Job, *, force: bool = False) -> None:
         added, _ = await self._bounded_add(
-            keys=[self._keys.queue],
+            keys=[self._stream],
             args=[self._keys.group, self.maxsize, job.prediction_id, "1" if force else "0"],
         )
         if not added:
@@ -129,7 +165,7 @@ class RedisQueue:
 
     async def _read(self, count: int, block_ms: int) -> list[Job]:
         reply: Any = await self._redis.xreadgroup(
-            self._keys.group, self.consumer, {self._keys.queue: ">"}, count=count, block=block_ms
+            self._keys.group, self.consumer, {self._stream: ">"}, count=count, block=block_ms
         )
         jobs = [Job(fields["id"], receipt=entry_id) for _, entries in reply or () for entry_id, fields in entries]
         self._held.update(job.receipt for job in jobs if job.receipt)
@@ -141,8 +177,8 @@ class RedisQueue:
         if not receipts:
             return
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.xack(self._keys.queue, self._keys.group, *receipts)
-            pipe.xdel(self._keys.queue, *receipts)
+            pipe.xack(self._stream, self._keys.group, *receipts)
+            pipe.xdel(self._stream, *receipts)
             await pipe.execute()
         self._held.difference_update(receipts)
 
@@ -171,13 +207,11 @@ class RedisQueue:
     async def _touch(self) -> None:
         # Resets the idle time of entries still running here, so a long batch is not taken over.
         if self._held:
-            await self._redis.xclaim(
-                self._keys.queue, self._keys.group, self.consumer, 0, list(self._held), justid=True
-            )
+            await self._redis.xclaim(self._stream, self._keys.group, self.consumer, 0, list(self._held), justid=True)
 
     async def _claim(self, cursor: str) -> str:
         cursor, entries, _deleted = await self._redis.xautoclaim(
-            self._keys.queue,
+            self._stream,
             self._keys.group,
             self.consumer,
             min_idle_time=int(self._claim_idle * 1000),

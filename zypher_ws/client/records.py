@@ -1,0 +1,110 @@
+"""The prediction record as the client sees it: typed, and read tolerantly (fields it does not know are
+ignored, so a newer server works; they stay in `raw`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from ..records import Status
+from .errors import ProtocolError
+
+__all__ = ["ErrorDetail", "ModelRef", "Prediction", "Status"]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRef:
+    name: str
+    version: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorDetail:
+    """Why a prediction failed: `model_error` when the model raised on its input, for example."""
+
+    code: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    prediction_id: str
+    status: Status
+    model: ModelRef | None = None
+    result: Any = None
+    error: ErrorDetail | None = None
+    created_at: datetime | None = None
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    expires_at: datetime | None = None
+    attempts: int = 0
+    batch_size: int | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    """The record as the server sent it, fields this client does not know included."""
+
+    @property
+    def terminal(self) -> bool:
+        """succeeded, failed or canceled: nothing changes after."""
+        return self.status.terminal
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status is Status.SUCCEEDED
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Prediction:
+        if not isinstance(data, dict):
+            raise ProtocolError(f"expected a prediction record, got {type(data).__name__}")
+        pid, status = data.get("prediction_id"), data.get("status")
+        if not isinstance(pid, str) or not isinstance(status, str):
+            raise ProtocolError("a prediction record needs a prediction_id and a status")
+        try:
+            known = Status(status)  # type: ignore[call-arg]  # a lookup by value
+        except ValueError:
+            raise ProtocolError(f"unknown status {status!r}: this client is older than the server") from None
+        metrics = data.get("metrics")
+        attempts = data.get("attempts")
+        return cls(
+            prediction_id=pid,
+            status=known,
+            model=_model(data.get("model")),
+            result=data.get("result"),
+            error=_error(data.get("error")),
+            created_at=_time(data.get("created_at")),
+            started_at=_time(data.get("started_at")),
+            completed_at=_time(data.get("completed_at")),
+            expires_at=_time(data.get("expires_at")),
+            attempts=attempts if isinstance(attempts, int) else 0,
+            batch_size=_int_or_none(metrics.get("batch_size")) if isinstance(metrics, dict) else None,
+            raw=data,
+        )
+
+
+def _model(value: Any) -> ModelRef | None:
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        return None
+    version = value.get("version")
+    return ModelRef(value["name"], version if isinstance(version, str) else None)
+
+
+def _error(value: Any) -> ErrorDetail | None:
+    if not isinstance(value, dict):
+        return None
+    code, message = value.get("code"), value.get("message")
+    return ErrorDetail(code if isinstance(code, str) else "unknown", message if isinstance(message, str) else "")
+
+
+def _time(value: Any) -> datetime | None:
+    """RFC 3339 (`2026-11-28T10:02:14.397Z`) as an aware datetime; anything unreadable as None."""
+    if not isinstance(value, str):
+        return None
+    try:
+        # Python 3.10's fromisoformat does not read a trailing Z.
+        return datetime.fromisoformat(value[:-1] + "+00:00" if value.endswith(("Z", "z")) else value)
+    except ValueError:
+        return None
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
