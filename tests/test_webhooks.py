@@ -473,3 +473,18 @@ async def test_a_restart_without_a_secret_says_that_deliveries_wait(
     again = await make_client(model=GatedModel(gated=False), store=store)
     assert WEBHOOKS not in again.app
     assert "1 webhook deliveries wait in the store; without --webhook-secret none is sent" in caplog.text
+
+
+async def test_the_model_routes_take_a_webhook(make_client: ClientFactory, receiver: Receiver) -> None:
+    client = await make_client(model=GatedModel(gated=False), **HOOKS)
+    Deliveries(client)
+    for path in ("/models/gated/predict", "/models/gated/versions/0.0.1/predict"):
+        resp = await client.post(path, json={"input": {"x": 1}, "webhook": receiver.url(path)}, headers=ASYNC)
+        assert resp.status == 202, await resp.text()
+        delivered = await receiver.next()
+        assert delivered.path_qs == path and verified(delivered)["data"]["model"] == {
+            "name": "gated",
+            "version": "0.0.1",
+        }
+    bad = await client.post("/models/gated/predict", json={"input": {"x": 1}, "webhook": "ftp://x/"}, headers=ASYNC)
+    assert bad.status == 400 and (await bad.json())["error"]["code"] == "invalid_webhook"

@@ -478,3 +478,32 @@ async def test_the_memory_store_keeps_a_bounded_number_of_pending_deliveries(
     assert (record.webhook.state, record.webhook.last_error) == (DEAD_LETTERED, "too_many_pending")
     due = await store.due_webhooks(time.time() + 1, 10)
     assert sorted(d.prediction_id for d in due) == sorted(p.prediction_id for p in running[1:])
+
+
+class SwallowingOutbox(MemoryStore):
+    """A store whose reads lose a cancel, as redis-py can with a command in flight: it returns instead."""
+
+    def __init__(self) -> None:
+        super().__init__(ttl=60)
+        self.reading = asyncio.Event()
+
+    async def due_webhooks(self, now: float, limit: int, **kwargs: Any) -> list[Delivery]:
+        self.reading.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            pass  # lost
+        return []
+
+
+async def test_the_delivery_loop_stops_even_when_a_store_call_loses_its_cancel() -> None:
+    from zypher_ws.webhooks.delivery import Dispatcher
+
+    outbox = SwallowingOutbox()
+    dispatcher = Dispatcher(outbox=outbox, transport=None, signer=Signer([SECRET]), delays=DELAYS, concurrency=4)  # type: ignore[arg-type]
+    loop = asyncio.create_task(dispatcher.run())
+    await asyncio.wait_for(outbox.reading.wait(), 5)
+    await dispatcher.stop()
+    loop.cancel()  # lost inside the read; the loop still ends, at its next turn
+    await asyncio.wait_for(asyncio.gather(loop, return_exceptions=True), 5)
+    assert loop.done()

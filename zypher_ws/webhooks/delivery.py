@@ -69,6 +69,9 @@ class Dispatcher:
         self._in_flight: Counter[str] = Counter()  # by host
         self._wakeup: asyncio.Future[None] | None = None
         self._woken = False
+        # Set by stop(): the loop ends at its next turn even if a cancel was lost (redis-py can swallow
+        # the CancelledError of a command in flight, and the loop would carry on as if it never came).
+        self._stopping = False
         self.idle = asyncio.Event()  # set while the loop sleeps, having taken all it could
         outbox.on_webhooks_scheduled(self.wake)
 
@@ -83,9 +86,9 @@ class Dispatcher:
         return len(self._tasks)
 
     async def run(self) -> None:
-        """Until cancelled."""
+        """Until stopped (or cancelled)."""
         failing = False
-        while True:
+        while not self._stopping:
             self._woken = False
             free = self.concurrency - len(self._tasks)
             if free > 0:
@@ -118,7 +121,10 @@ class Dispatcher:
                     self.idle.clear()
 
     async def stop(self) -> None:
-        """Abandon attempts in flight: they stay pending in the store and are made again (same webhook-id)."""
+        """End the loop and abandon attempts in flight: they stay pending in the store and are made again
+        (same webhook-id)."""
+        self._stopping = True
+        self.wake()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -165,6 +171,8 @@ class Dispatcher:
                 await self.outbox.settle_webhook(settlement)
                 return
             except RetryLater as exc:
+                if self._stopping:
+                    return  # left pending in the store: made again after the restart
                 if not failing:
                     wid = settlement.delivery.webhook_id
                     log.warning("could not record webhook %s (%s); retrying until it is", wid, exc.message)
@@ -226,6 +234,6 @@ async def delivering(settings: Settings, store: Store, metrics: Metrics | None) 
         try:
             yield dispatcher
         finally:
+            await dispatcher.stop()
             loop.cancel()
             await asyncio.gather(loop, return_exceptions=True)
-            await dispatcher.stop()
