@@ -59,6 +59,12 @@ class InvalidHeader(BadRequest):
     code = "invalid_header"
 
 
+class InvalidWebhook(BadRequest):
+    """A `webhook` URL or `webhook_events_filter` the service will not send to; nothing is stored."""
+
+    code = "invalid_webhook"
+
+
 class InvalidMessage(BadRequest):
     """A WebSocket message that is JSON but not a valid request."""
 

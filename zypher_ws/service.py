@@ -15,12 +15,13 @@ from . import logs
 from .backends import Checks, DefersWrites, EventBus, Recovers, Store, Sweeps
 from .backends.base import Listener
 from .deployments import Deployment, Deployments
-from .errors import ModelNotFound, NotFound, NotReady, QueueFull
+from .errors import InvalidWebhook, ModelNotFound, NotFound, NotReady, QueueFull
 from .events import Watch
-from .records import IdempotencyKey, Job, Outcome, Prediction
+from .records import IdempotencyKey, Job, Outcome, Prediction, Webhook
 from .settings import Settings
 from .validation import is_prediction_id
 from .waiting import settle, settled_within
+from .webhooks.target import AddressPolicy, WebhookRequest
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,9 @@ class PredictionService:
         self.stopping = False
         self._defers = store if isinstance(store, DefersWrites) else None
         self._on_stop: set[Callable[[], None]] = set()
+        self._webhook_policy = AddressPolicy(
+            allow_private=settings.webhook_allow_private, allowed_hosts=settings.webhook_allowed_hosts
+        )
 
     def stop(self) -> None:
         """Shutdown has begun: refuse new predictions, and let everyone waiting answer now with what
@@ -73,6 +77,15 @@ class PredictionService:
         """The model version a request names (None: the default). Raises ModelNotFound."""
         return self.models.find(name, version)
 
+    def _webhook(self, request: WebhookRequest | None) -> Webhook | None:
+        """The webhook a new prediction carries, if the service may send it. Raises InvalidWebhook."""
+        if request is None:
+            return None
+        if not self.settings.webhook_secrets:
+            raise InvalidWebhook("this service sends no webhooks: it was started without --webhook-secret")
+        self._webhook_policy.check(request.url)
+        return Webhook(request.url, request.events)
+
     async def submit(
         self,
         value: Any,
@@ -80,14 +93,16 @@ class PredictionService:
         model: str | None = None,
         version: str | None = None,
         idempotency_key: str | None = None,
+        webhook: WebhookRequest | None = None,
     ) -> Prediction:
         """Validate, store and enqueue one prediction of a model (None: the default). Raises
-        ModelNotFound, InvalidInput, NotReady or QueueFull.
+        ModelNotFound, InvalidInput, InvalidWebhook, NotReady or QueueFull.
 
-        With an idempotency key already used for the same model and input, returns that prediction as
-        it is now (and runs nothing); with a different one, raises IdempotencyConflict.
+        With an idempotency key already used for the same model, input and webhook, returns that
+        prediction as it is now (and runs nothing); with a different one, raises IdempotencyConflict.
         """
-        prediction, _ = await self._submit(self.models.find(model, version), value, idempotency_key, None)
+        deployment = self.models.find(model, version)
+        prediction, _ = await self._submit(deployment, value, idempotency_key, None, webhook=webhook)
         return prediction
 
     async def run(
@@ -98,6 +113,7 @@ class PredictionService:
         version: str | None = None,
         idempotency_key: str | None = None,
         timeout: float,
+        webhook: WebhookRequest | None = None,
     ) -> Prediction:
         """Submit, then wait: the prediction once terminal, or as it stands when `timeout` runs out.
 
@@ -116,7 +132,7 @@ class PredictionService:
         # key it is stored first, so that concurrent and later retries find it.
         deployment = self.models.find(model, version)
         prediction, new = await self._submit(
-            deployment, value, idempotency_key, on_change, defer=idempotency_key is None
+            deployment, value, idempotency_key, on_change, defer=idempotency_key is None, webhook=webhook
         )
         if not new:
             return await self.wait(prediction.prediction_id, timeout)  # an earlier prediction: follow it
@@ -140,26 +156,30 @@ class PredictionService:
         listener: Listener | None,
         *,
         defer: bool = False,
+        webhook: WebhookRequest | None = None,
     ) -> tuple[Prediction, bool]:
         """The prediction, and False if it is an earlier one with the same idempotency key.
 
         `listener` hears every change of a new prediction from before it is queued; the caller unsubscribes.
         """
         deployment.validate(value)
+        hook = self._webhook(webhook)
         if self.stopping:
             raise NotReady("the service is shutting down")
         deployment.check_ready()
         queue = deployment.queue
         if await queue.depth() >= queue.maxsize:
             raise QueueFull()  # checked first too, so a full queue costs no store write
-        prediction = Prediction.new(value, model_name=deployment.name, model_version=deployment.version)
+        prediction = Prediction.new(value, model_name=deployment.name, model_version=deployment.version, webhook=hook)
         pid = prediction.prediction_id
         key = None
         if idempotency_key is not None:
             # The model is part of what the key names: the same key and input for another model conflicts.
             # The default model's fingerprint is of the input alone, as when one model was all there was,
-            # so a retry across an upgrade still finds its prediction.
+            # so a retry across an upgrade still finds its prediction. A webhook is part of the body too.
             named = value if deployment.is_default else [deployment.name, deployment.version, value]
+            if hook is not None:
+                named = {"input": named, "webhook": [hook.url, *hook.events]}
             canonical = json.dumps(named, sort_keys=True, separators=(",", ":"))
             key = IdempotencyKey(idempotency_key, hashlib.sha256(canonical.encode()).hexdigest())
         if listener is not None:

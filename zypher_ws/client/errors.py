@@ -77,6 +77,10 @@ class InvalidHeader(BadRequest):
     code = table.InvalidHeader.code
 
 
+class InvalidWebhook(BadRequest):
+    code = table.InvalidWebhook.code
+
+
 class InvalidMessage(BadRequest):
     code = table.InvalidMessage.code
 
