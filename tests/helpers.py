@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import sys
@@ -210,3 +211,71 @@ async def _run(
 async def _drain(stream: asyncio.StreamReader, log: list[str]) -> None:
     while line := await stream.readline():
         log.append(line.decode())
+
+
+# -- a webhook receiver ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Delivered:
+    """One request a Receiver got."""
+
+    path_qs: str
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class Receiver:
+    """A real HTTP server on 127.0.0.1 that records every request. It answers from `answers` (a status,
+    or a status and headers), one per request, then 200. `start` may come after the service has begun
+    sending (a receiver that was down), on the port chosen up front."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.answers: list[int | tuple[int, dict[str, str]]] = []
+        self.hold: asyncio.Event | None = None  # while set to an unset event, requests wait for it
+        self.on_delivery: Callable[[Delivered], Awaitable[None]] | None = None  # run before answering
+        self.got: list[Delivered] = []
+        self._arrived: asyncio.Queue[Delivered] = asyncio.Queue()
+        self._runner: web.AppRunner | None = None
+
+    def url(self, path: str = "/hook") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        delivered = Delivered(request.path_qs, dict(request.headers), await request.read())
+        self.got.append(delivered)
+        self._arrived.put_nowait(delivered)
+        if self.hold is not None:
+            await self.hold.wait()
+        if self.on_delivery is not None:
+            await self.on_delivery(delivered)
+        answer = self.answers.pop(0) if self.answers else 200
+        status, headers = answer if isinstance(answer, tuple) else (answer, {})
+        return web.Response(status=status, headers=headers)
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def next(self, timeout: float = WAIT) -> Delivered:
+        """The next request to arrive (waiting for it at most `timeout` seconds)."""
+        return await asyncio.wait_for(self._arrived.get(), timeout)
+
+    async def __aenter__(self) -> Receiver:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()

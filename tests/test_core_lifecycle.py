@@ -10,7 +10,7 @@ import pytest
 
 from zypher_ws import lifecycle
 from zypher_ws.errors import AlreadyFinished, IdempotencyConflict, NotFound
-from zypher_ws.records import IdempotencyKey, Outcome, Prediction, Status
+from zypher_ws.records import IdempotencyKey, Outcome, Prediction, Status, Webhook
 
 FIELDS = [f.name for f in fields(Prediction)]
 
@@ -48,6 +48,9 @@ def every_field_distinct() -> Prediction:
     """
     values: dict[str, object] = {name: f"<{name}>" for name in FIELDS}
     values.update(status=Status.RUNNING, attempts=7)  # the two a transition computes with
+    # A webhook that asks for no event these transitions send is carried as it is (tests/test_webhooks.py
+    # checks the ones that do send).
+    values.update(webhook=Webhook("https://example.com/hook", ("output",)))
     return Prediction(**values)  # type: ignore[arg-type]
 
 

@@ -27,6 +27,7 @@ CI_RUN = ROOT / ".ci" / "run"
 CONCEPT_PAGES = (
     "api.md",
     "live.md",
+    "webhooks.md",
     "client.md",
     "models.md",
     "oip.md",

@@ -3,7 +3,9 @@ aiohttp; the client (zypher_ws.client, over aiohttp) imports nothing of the serv
 and its statuses, and none of the heavy libraries the server loads.
 
 Checked in a fresh interpreter where importing aiohttp fails, so a stray import anywhere in the core,
-even a transitive one, fails this test.
+even a transitive one, fails this test. One core module is the exception: the webhook transport is an
+HTTP client, aiohttp's, loaded only where webhooks are delivered; it may use aiohttp's client, never its
+server.
 """
 
 from __future__ import annotations
@@ -33,12 +35,16 @@ print("ok", len(sys.argv) - 1)
 """
 
 
+WEBHOOK_TRANSPORT = "zypher_ws.webhooks.transport"
+
+
 def core_modules() -> list[str]:
     names = [m.name for m in pkgutil.walk_packages(zypher_ws.__path__, "zypher_ws.")]
     # __main__ runs the command line when imported; it only calls cli.main, which is checked.
     outside = ("zypher_ws.http", "zypher_ws.client")
     inside = [n for n in names if n not in outside and not n.startswith(tuple(f"{o}." for o in outside))]
-    return [n for n in inside if not n.endswith("__main__")]
+    # The webhook transport is left out: every other module is imported without it.
+    return [n for n in inside if not n.endswith("__main__") and n != WEBHOOK_TRANSPORT]
 
 
 def test_the_core_imports_no_aiohttp() -> None:
@@ -49,6 +55,16 @@ def test_the_core_imports_no_aiohttp() -> None:
     done = subprocess.run([sys.executable, "-c", BLOCKER, *modules], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"ok {len(modules)}"
+
+
+def test_the_webhook_transport_uses_aiohttps_client_and_nothing_of_its_server() -> None:
+    assert WEBHOOK_TRANSPORT in [m.name for m in pkgutil.walk_packages(zypher_ws.__path__, "zypher_ws.")]
+    server = "print(sorted(m for m in sys.modules if m.startswith(('aiohttp.web', 'aiohttp_swagger3'))))"
+    done = subprocess.run(
+        [sys.executable, "-c", f"import sys, {WEBHOOK_TRANSPORT}; {server}"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
 
 
 def test_the_blocker_catches_the_http_layer() -> None:
@@ -93,3 +109,14 @@ def test_test_modules_import_helpers_not_each_other() -> None:
             for name in names:
                 top = name.split(".")[0]
                 assert top != "conftest" and not top.startswith("test_"), f"{path.name} imports {name}"
+
+
+def test_every_package_ships_in_the_wheel() -> None:
+    """setup.cfg names its packages one by one: a new one left out installs from a clone and not from a wheel."""
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(Path(zypher_ws.__file__).parent.parent / "setup.cfg")
+    listed = {name.strip() for name in config["options"]["packages"].split(",")}
+    packages = {"zypher_ws", *(m.name for m in pkgutil.walk_packages(zypher_ws.__path__, "zypher_ws.") if m.ispkg)}
+    assert packages - {"zypher_ws.static"} <= listed, sorted(packages - listed)

@@ -140,7 +140,7 @@ def test_declarations_are_consistent() -> None:
         assert not bounded or option.kind in ("int", "float"), f"{option.flag}: bounds on a {option.kind}"
         assert not option.any_case or all(c == c.upper() for c in option.choices), f"{option.flag}: any case"
         assert option.problem(option.default) is None, f"{option.flag}: its default is out of bounds"
-    assert [o.name for o in OPTIONS if o.secret] == ["api_tokens"]
+    assert [o.name for o in OPTIONS if o.secret] == ["api_tokens", "webhook_secrets"]
 
 
 def test_secrets_are_not_shown(capsys: pytest.CaptureFixture[str]) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import json
 from typing import Any
 
+import pytest
 from aiohttp import WSMsgType
 from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck, given, settings
@@ -68,6 +69,7 @@ async def _exercise(frames: list[tuple[str, Any]]) -> None:
         await eventually(released, "released every subscription")  # the handler cleans up on its own schedule
 
 
+@pytest.mark.timeout(600)  # sixty apps started and stopped in a row: minutes on a loaded machine, not 120 s
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(FRAME, max_size=8))
 def test_any_websocket_input_gets_errors_or_a_defined_close(frames: list[tuple[str, Any]]) -> None:

@@ -59,6 +59,12 @@ class InvalidHeader(BadRequest):
     code = "invalid_header"
 
 
+class InvalidWebhook(BadRequest):
+    """A `webhook` URL or `webhook_events_filter` the service will not send to; nothing is stored."""
+
+    code = "invalid_webhook"
+
+
 class InvalidInferenceRequest(BadRequest):
     """An Open Inference Protocol request that is malformed or does not fit the model's tensors."""
 

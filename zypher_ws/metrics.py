@@ -6,16 +6,21 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.metrics_core import HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from .records import Prediction
+from .records import DEAD_LETTERED, DELIVERED, PENDING, Prediction
+
+if TYPE_CHECKING:
+    from .webhooks.schedule import Settlement
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# From an event to its delivery: milliseconds when the receiver is up, hours through the retry schedule.
+WEBHOOK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 7200, 36000, 86400)
 
 
 class LoopHistogram(Collector):
@@ -102,6 +107,24 @@ class Metrics:
         self.slow_clients = Counter(
             "zypher_slow_clients_dropped", "WebSockets closed for falling behind their outbox", registry=r
         )
+        self.webhook_attempts = Counter(
+            "zypher_webhook_attempts",
+            "Webhook attempts by event and result: 2xx, 3xx, 4xx, 5xx, timeout, connection_error, address_not_allowed",
+            ["event", "result"], registry=r,
+        )  # fmt: skip
+        self.webhook_deliveries = Counter(
+            "zypher_webhook_deliveries", "Webhook events by how they ended: delivered, gone (410) or dead_lettered",
+            ["event", "outcome"], registry=r,
+        )  # fmt: skip
+        self.webhook_dead_letters = Counter(
+            "zypher_webhook_dead_letters", "Webhook events given up after their last attempt, or refused their address",
+            ["event"], registry=r,
+        )  # fmt: skip
+        self.webhook_latency = LoopHistogram(
+            "zypher_webhook_delivery_seconds", "From a webhook event to its delivery, retries included", ["event"],
+            buckets=WEBHOOK_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.webhook_in_flight = Gauge("zypher_webhook_in_flight", "Webhook attempts under way here", registry=r)
         # Labelled children by label values: `.labels()` takes a lock and checks its arguments every call.
         self._children: dict[tuple[Any, ...], Any] = {}
         self._last_finished: dict[tuple[str, str], float] = {}
@@ -168,6 +191,18 @@ class Metrics:
 
     def set_queue_depth(self, model: str, version: str, depth: int) -> None:
         self._child(self.queue_depth, model, version).set(depth)
+
+    # -- what the webhook loop reports ------------------------------------------------------------------
+
+    def webhook_attempted(self, settlement: Settlement) -> None:
+        event, outcome = settlement.delivery.event, settlement.outcome
+        self._child(self.webhook_attempts, event, settlement.attempt.result).inc()
+        if outcome != PENDING:
+            self._child(self.webhook_deliveries, event, outcome).inc()
+        if outcome == DEAD_LETTERED:
+            self._child(self.webhook_dead_letters, event).inc()
+        elif outcome == DELIVERED:
+            self.webhook_latency.labels(event).observe(max(0.0, settlement.at - settlement.delivery.event_at))
 
     def exposition(self) -> bytes:
         """The Prometheus text format (content type `prometheus_client.exposition.CONTENT_TYPE_LATEST`)."""

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from enum import Enum
 from functools import lru_cache
 from typing import Any
+from urllib.parse import urlsplit
 
 
 class Status(str, Enum):
@@ -42,6 +43,74 @@ def _utc_second(second: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
 
 
+WEBHOOK_EVENTS = ("start", "output", "completed")
+"""Cog's event names, in lifecycle order. `output` is accepted in a filter; nothing sends it yet."""
+
+# How the delivery of a webhook's latest event stands.
+PENDING = "pending"  # an attempt is due at next_attempt_at
+DELIVERED = "delivered"  # a 2xx answered it
+GONE = "gone"  # the receiver answered 410: no more attempts for this event
+DEAD_LETTERED = "dead_lettered"  # the last attempt failed, or the address was refused: given up
+
+
+def url_shown(url: str) -> str:
+    """A webhook URL as records and logs show it: without the query string and fragment, which often
+    carry tokens. Only the delivery itself uses the whole URL."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}{parts.path}"
+
+
+@dataclass(frozen=True, slots=True)
+class Webhook:
+    """Where a prediction's events go, and how the delivery of its latest event (`event`) stands."""
+
+    url: str
+    events: tuple[str, ...]
+    event: str | None = None  # the latest event sent or being sent, once there is one
+    state: str | None = None  # PENDING, DELIVERED, GONE or DEAD_LETTERED
+    attempts: int = 0
+    last_status: int | None = None  # the HTTP status of the last attempt; None without an answer
+    last_error: str | None = None  # why the last attempt had no answer: timeout, connection_error, ...
+    next_attempt_at: float | None = None
+    delivered_at: float | None = None
+
+    def on(self, status: Status, attempts: int, at: float) -> Webhook:
+        """After a change to `status`: a new pending event, if the change sends one the filter asks for.
+        `start` goes with the first start only (a prediction run again after a crash does not start anew)."""
+        if status.terminal:
+            event = "completed"
+        elif status is Status.RUNNING and attempts == 1:
+            event = "start"
+        else:
+            return self
+        if event not in self.events:
+            return self
+        return Webhook(self.url, self.events, event, PENDING, 0, None, None, at, None)
+
+    def attempted(self, **changes: Any) -> Webhook:
+        return replace(self, **changes)
+
+    def to_row(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Webhook:
+        return cls(**{**row, "events": tuple(row["events"])})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "url": url_shown(self.url),
+            "events": list(self.events),
+            "event": self.event,
+            "state": self.state,
+            "attempts": self.attempts,
+            "last_status": self.last_status,
+            "last_error": self.last_error,
+            "next_attempt_at": rfc3339(self.next_attempt_at),
+            "delivered_at": rfc3339(self.delivered_at),
+        }
+
+
 @dataclass(frozen=True, slots=True)
 class Prediction:
     prediction_id: str
@@ -57,6 +126,7 @@ class Prediction:
     batch_size: int | None = None
     attempts: int = 0
     expires_at: float | None = None
+    webhook: Webhook | None = None
     protocol: str | None = None
     """None: the input is one model input and the result its output. "oip": an Open Inference Protocol
     request, whose input holds its rows (oip.rows_of) and whose result is the OIP response."""
@@ -72,6 +142,7 @@ class Prediction:
         *,
         model_name: str,
         model_version: str,
+        webhook: Webhook | None = None,
         protocol: str | None = None,
         priority: int = 0,
         deadline: float | None = None,
@@ -82,6 +153,7 @@ class Prediction:
             model_name=model_name,
             model_version=model_version,
             input=input,
+            webhook=webhook,
             protocol=protocol,
             priority=priority,
             deadline=deadline,
@@ -112,19 +184,32 @@ class Prediction:
         expires_at: float | None = None,
     ) -> Prediction:
         """The next state. Positional, in field order: dataclasses.replace costs twice as much per change."""
+        webhook = self.webhook
+        if webhook is not None:  # the change may send an event: it is pending in the same write
+            webhook = webhook.on(status, attempts, completed_at or started_at or time.time())
         return Prediction(
             self.prediction_id, status, self.model_name, self.model_version, self.input, result, error,
-            self.created_at, started_at, completed_at, batch_size, attempts, expires_at, self.protocol,
-            self.priority, self.deadline,
+            self.created_at, started_at, completed_at, batch_size, attempts, expires_at, webhook,
+            self.protocol, self.priority, self.deadline,
         )  # fmt: skip
+
+    def with_webhook(self, webhook: Webhook) -> Prediction:
+        """The same state, with the webhook's delivery state moved on (an attempt was made)."""
+        return replace(self, webhook=webhook)
 
     def to_row(self) -> dict[str, Any]:
         """Everything, input included, for a durable store."""
-        return {name: getattr(self, name) for name in _ROW_FIELDS}
+        row = {name: getattr(self, name) for name in _ROW_FIELDS}
+        if self.webhook is not None:
+            row["webhook"] = self.webhook.to_row()
+        return row
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Prediction:
         status = Status(row["status"])  # type: ignore[call-arg]  # a lookup by value, not a new member
+        webhook = row.get("webhook")
+        if webhook is not None:
+            return cls(**{**row, "status": status, "webhook": Webhook.from_row(webhook)})
         return cls(**{**row, "status": status})
 
     def to_dict(self) -> dict[str, Any]:
@@ -142,6 +227,7 @@ class Prediction:
             "attempts": self.attempts,
             "metrics": {"batch_size": self.batch_size},
             "links": {"self": f"/predict/{self.prediction_id}"},
+            "webhook": self.webhook.to_dict() if self.webhook is not None else None,
         }
 
 

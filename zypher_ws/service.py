@@ -15,12 +15,13 @@ from . import logs, oip
 from .backends import Checks, DefersWrites, EventBus, Recovers, Store, Sweeps
 from .backends.base import Listener
 from .deployments import Deployment, Deployments
-from .errors import ModelNotFound, NotFound, NotReady, QueueFull
+from .errors import InvalidWebhook, ModelNotFound, NotFound, NotReady, QueueFull
 from .events import Watch
-from .records import IdempotencyKey, Job, Outcome, Prediction
+from .records import IdempotencyKey, Job, Outcome, Prediction, Webhook
 from .settings import Settings
 from .validation import is_prediction_id
 from .waiting import settle, settled_within
+from .webhooks.target import AddressPolicy, WebhookRequest
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,9 @@ class PredictionService:
         self.stopping = False
         self._defers = store if isinstance(store, DefersWrites) else None
         self._on_stop: set[Callable[[], None]] = set()
+        self._webhook_policy = AddressPolicy(
+            allow_private=settings.webhook_allow_private, allowed_hosts=settings.webhook_allowed_hosts
+        )
 
     def stop(self) -> None:
         """Shutdown has begun: refuse new predictions, and let everyone waiting answer now with what
@@ -73,6 +77,15 @@ class PredictionService:
         """The model version a request names (None: the default). Raises ModelNotFound."""
         return self.models.find(name, version)
 
+    def _webhook(self, request: WebhookRequest | None) -> Webhook | None:
+        """The webhook a new prediction carries, if the service may send it. Raises InvalidWebhook."""
+        if request is None:
+            return None
+        if not self.settings.webhook_secrets:
+            raise InvalidWebhook("this service sends no webhooks: it was started without --webhook-secret")
+        self._webhook_policy.check(request.url)
+        return Webhook(request.url, request.events)
+
     async def submit(
         self,
         value: Any,
@@ -80,14 +93,15 @@ class PredictionService:
         model: str | None = None,
         version: str | None = None,
         idempotency_key: str | None = None,
+        webhook: WebhookRequest | None = None,
         protocol: str | None = None,
         parameters: Any = None,
     ) -> Prediction:
         """Validate, store and enqueue one prediction of a model (None: the default). Raises
-        ModelNotFound, InvalidInput, NotReady or QueueFull.
+        ModelNotFound, InvalidInput, InvalidWebhook, NotReady or QueueFull.
 
-        With an idempotency key already used for the same model and input, returns that prediction as
-        it is now (and runs nothing); with a different one, raises IdempotencyConflict.
+        With an idempotency key already used for the same model, input and webhook, returns that
+        prediction as it is now (and runs nothing); with a different one, raises IdempotencyConflict.
 
         With `protocol="oip"` the value is an oip.InferRequest: one prediction of all its rows, whose
         result is the OIP response (InvalidInferenceRequest if it does not fit the model's tensors).
@@ -97,7 +111,7 @@ class PredictionService:
         """
         deployment = self.models.find(model, version)
         prediction, _ = await self._submit(
-            deployment, value, idempotency_key, None, protocol=protocol, parameters=parameters
+            deployment, value, idempotency_key, None, webhook=webhook, protocol=protocol, parameters=parameters
         )
         return prediction
 
@@ -111,6 +125,7 @@ class PredictionService:
         protocol: str | None = None,
         parameters: Any = None,
         timeout: float,
+        webhook: WebhookRequest | None = None,
     ) -> Prediction:
         """Submit, then wait: the prediction once terminal, or as it stands when `timeout` runs out.
 
@@ -134,6 +149,7 @@ class PredictionService:
             idempotency_key,
             on_change,
             defer=idempotency_key is None,
+            webhook=webhook,
             protocol=protocol,
             parameters=parameters,
         )
@@ -159,6 +175,7 @@ class PredictionService:
         listener: Listener | None,
         *,
         defer: bool = False,
+        webhook: WebhookRequest | None = None,
         protocol: str | None = None,
         parameters: Any = None,
     ) -> tuple[Prediction, bool]:
@@ -172,6 +189,7 @@ class PredictionService:
         else:
             deployment.validate(value)
         admission = deployment.policy.admit(parameters)
+        hook = self._webhook(webhook)
         if self.stopping:
             raise NotReady("the service is shutting down")
         deployment.check_ready()
@@ -182,6 +200,7 @@ class PredictionService:
             value,
             model_name=deployment.name,
             model_version=deployment.version,
+            webhook=hook,
             protocol=protocol,
             priority=admission.priority,
             deadline=admission.deadline,
@@ -191,8 +210,10 @@ class PredictionService:
         if idempotency_key is not None:
             # The model is part of what the key names: the same key and input for another model conflicts.
             # The default model's fingerprint is of the input alone, as when one model was all there was,
-            # so a retry across an upgrade still finds its prediction.
+            # so a retry across an upgrade still finds its prediction. A webhook is part of the body too.
             named = value if deployment.is_default else [deployment.name, deployment.version, value]
+            if hook is not None:
+                named = {"input": named, "webhook": [hook.url, *hook.events]}
             canonical = json.dumps(named, sort_keys=True, separators=(",", ":"))
             key = IdempotencyKey(idempotency_key, hashlib.sha256(canonical.encode()).hexdigest())
         if listener is not None:

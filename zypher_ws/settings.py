@@ -32,11 +32,13 @@ def _opt(
     above: float | None = None,
     any_case: bool = False,
     secret: bool = False,
+    switch: bool = False,
 ) -> Any:
     """A settings field. `min` and `max` are inclusive bounds, `above` an exclusive lower one; `any_case`
-    accepts a choice in any case (it is kept upper case); a `secret` is never shown (repr, help, reference)."""
+    accepts a choice in any case (it is kept upper case); a `secret` is never shown (repr, help, reference);
+    a `switch` is a boolean flag that takes no value (its variable still takes true or false)."""
     metadata = {"help": help, "flag": flag, "min": min, "max": max, "above": above, "any_case": any_case}
-    return field(default=default, repr=not secret, metadata={**metadata, "secret": secret})
+    return field(default=default, repr=not secret, metadata={**metadata, "secret": secret, "switch": switch})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -145,6 +147,28 @@ class Settings:
     rate_burst: int = _opt(0, "requests a client may send at once above --rate-limit (0: twice the rate)", min=0)
     metrics_port: int = _opt(0, "zypher-ws worker only: serve Prometheus /metrics on this port (0: off)", min=0)
     claim_idle: float = _opt(45.0, "seconds before live workers take over work a lost worker held (redis)", above=0)
+    webhook_secrets: tuple[str, ...] = _opt(
+        (), "Standard Webhooks signing secrets (whsec_ and the base64 of 24 to 64 random bytes); every delivery "
+        "carries one signature per secret, so repeat it while rotating; without one, a webhook is refused",
+        flag="--webhook-secret",
+        secret=True,
+    )  # fmt: skip
+    webhook_timeout: float = _opt(10.0, "seconds a webhook receiver has to answer one attempt", above=0)
+    webhook_retry_delays: str = _opt(
+        "5,300,1800,7200,18000,36000,86400",
+        "seconds between a webhook event's attempts, comma-separated (each stretched or shrunk by up to a fifth, "
+        "and at least the receiver's Retry-After); after the last attempt fails the event is dead-lettered",
+    )
+    webhook_concurrency: int = _opt(
+        16, "webhook deliveries in flight at once in this process; a quarter of them (at least 1) to one host", min=1
+    )
+    webhook_allow_private: bool = _opt(
+        False, "deliver webhooks to loopback, private, link-local and multicast addresses too", switch=True
+    )
+    webhook_allowed_hosts: tuple[str, ...] = _opt(
+        (), "the only hosts webhooks may go to (example.com, or *.example.com for its subdomains); none: any",
+        flag="--webhook-allowed-host",
+    )  # fmt: skip
 
     @property
     def backend_url(self) -> str:
@@ -163,6 +187,11 @@ class Settings:
     @property
     def max_batch_delay(self) -> float:
         return self.max_batch_delay_ms / 1000.0
+
+    @property
+    def retry_delays(self) -> tuple[float, ...]:
+        """--webhook-retry-delays as numbers: the seconds before the second attempt, the third, and so on."""
+        return tuple(float(item) for item in self.webhook_retry_delays.split(",") if item.strip())
 
     @classmethod
     def from_sources(cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
@@ -209,6 +238,25 @@ class Settings:
             )
         if self.store.startswith("sqlite:") and not self.store.startswith("sqlite:///"):
             raise ValueError(f"--store must be sqlite:///relative.db or sqlite:////absolute.db (got {self.store!r})")
+        self._check_webhooks()
+
+    def _check_webhooks(self) -> None:
+        from .webhooks.signing import secret_key
+
+        for secret in self.webhook_secrets:
+            try:
+                secret_key(secret)
+            except ValueError as exc:
+                raise ValueError(f"--webhook-secret: {exc}") from None  # the secret itself is not repeated
+        try:
+            delays = self.retry_delays
+        except ValueError:
+            delays = (-1.0,)
+        if any(not 0 <= d < float("inf") for d in delays):
+            given = self.webhook_retry_delays
+            raise ValueError(f"--webhook-retry-delays is seconds, comma-separated, like 5,300,1800 (got {given!r})")
+        if any(not re.fullmatch(r"(\*\.)?[^\s/@*?#]+", host) for host in self.webhook_allowed_hosts):
+            raise ValueError("each --webhook-allowed-host is a host name (example.com) or *.example.com")
 
 
 # -- each field as the command line, the validation and the reference see it ----------------------------
@@ -265,6 +313,7 @@ class Option:
     above: float | None
     any_case: bool
     secret: bool
+    switch: bool
 
     @property
     def env(self) -> str:
@@ -333,6 +382,7 @@ def _options() -> tuple[Option, ...]:
                 above=m["above"],
                 any_case=m["any_case"],
                 secret=m["secret"],
+                switch=m["switch"],
             )
         )
     return tuple(options)
@@ -372,6 +422,12 @@ def add_settings_arguments(parser: argparse.ArgumentParser, environ: Mapping[str
             continue
         if not option.secret:
             notes.append("default: " + option.shown(default).replace("%", "%%"))
+        if option.switch:
+            parser.add_argument(
+                option.flag, dest=option.name, action="store_const", const=True, default=default,
+                help=f"{option.help} ({'; '.join(notes)})",
+            )  # fmt: skip
+            continue
         parser.add_argument(
             option.flag,
             dest=option.name,
@@ -410,6 +466,8 @@ def _code(text: str) -> str:
 
 
 def _accepts(option: Option) -> str:
+    if option.switch:
+        return "the flag alone; the variable `true` or `false`"
     if option.choices:
         either = _either([_code(choice) for choice in option.choices])
         return either + (" (any case)" if option.any_case else "")

@@ -17,6 +17,7 @@ from .metrics import Metrics
 from .models import Model, ModelSetupError, ModelSpec, build_models
 from .runner import exit_past_stuck_model_calls
 from .settings import Settings
+from .webhooks.delivery import delivering
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,10 @@ async def run_worker(settings: Settings, *, models: list[tuple[ModelSpec, Model]
         start_http_server(settings.metrics_port, addr=settings.host, registry=metrics.registry)
     runners = []
     async with open_backend(settings, listen=False, readers=total_workers(models, settings)) as backend:
-        async with deploy(models, settings=settings, backend=backend, metrics=metrics) as deployments:
+        async with (
+            delivering(settings, backend.store, metrics),
+            deploy(models, settings=settings, backend=backend, metrics=metrics) as deployments,
+        ):
             runners = [d.runner for d in deployments if d.runner is not None]
             # Every model loaded (or failed), or a stop meanwhile: a long load does not hold a SIGTERM.
             waits = [asyncio.create_task(event.wait()) for event in (stop, *(d.loaded for d in deployments))]

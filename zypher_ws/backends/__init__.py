@@ -11,7 +11,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .base import Checks, DefersWrites, EventBus, Recovers, Store, Sweeps, WorkQueue
+from .base import Checks, DefersWrites, EventBus, KeepsWebhooks, Recovers, Store, Sweeps, WorkQueue
 
 if TYPE_CHECKING:
     from ..settings import Settings
@@ -21,6 +21,7 @@ __all__ = [
     "Checks",
     "DefersWrites",
     "EventBus",
+    "KeepsWebhooks",
     "Kind",
     "QueueOpener",
     "Recovers",

@@ -7,10 +7,11 @@ a health check of a remote server) are protocols of their own, so no store carri
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
 from ..records import IdempotencyKey, Job, Outcome, Prediction
+from ..webhooks.schedule import Delivery, Settlement
 
 Listener = Callable[[Prediction], None]
 """Called on the event loop with each new state. Must not block: put it in a queue and return."""
@@ -75,6 +76,34 @@ class Sweeps(Protocol):
 
     async def sweep(self, now: float) -> int:
         """Delete finished predictions whose expires_at has passed; return how many."""
+        ...
+
+
+@runtime_checkable
+class KeepsWebhooks(Protocol):
+    """A store that keeps pending webhook deliveries with the records: each is written in the same
+    transaction as the state change that causes it (webhooks/schedule.py's `scheduled_by`), and waits
+    there, not in memory, until it is delivered or given up."""
+
+    def on_webhooks_scheduled(self, callback: Callable[[], None]) -> None:
+        """Call `callback` on the loop after a commit that scheduled deliveries (to wake the delivery loop)."""
+        ...
+
+    async def due_webhooks(
+        self, now: float, limit: int, *, per_host: int | None = None, in_flight: Mapping[str, int] | None = None
+    ) -> list[Delivery]:
+        """Up to `limit` deliveries due by `now`, earliest first, and with `per_host`, at most that many to
+        one host ("name:port") counting the ones `in_flight` there. Each is this process's alone until
+        settled: no other caller gets it meanwhile."""
+        ...
+
+    async def settle_webhook(self, settlement: Settlement) -> None:
+        """Record an attempt in one transaction: the delivery again at its new due time (or gone), and
+        the record's webhook state, if the record still shows that event."""
+        ...
+
+    async def pending_webhooks(self) -> int:
+        """Deliveries not yet delivered or given up (being attempted included)."""
         ...
 
 

@@ -6,22 +6,28 @@ The queue and the bus are also the embedded parts of `sqlite:///`, whose records
 from __future__ import annotations
 
 import asyncio
-from collections import OrderedDict, deque
-from collections.abc import Iterable, Sequence
+import heapq
+import logging
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from .. import lifecycle
 from ..errors import QueueFull
 from ..queue_policy import LevelPicker
-from ..records import IdempotencyKey, Job, Outcome, Prediction
+from ..records import DEAD_LETTERED, IdempotencyKey, Job, Outcome, Prediction
 from ..waiting import settle, settled_within
+from ..webhooks.schedule import Delivery, Settlement, scheduled_by
 from .base import Listener
+
+log = logging.getLogger(__name__)
 
 
 class MemoryStore:
     """Records in a dict: fast, and gone when the process ends.
 
     At most `max_finished` finished records are kept (the oldest finished go first, before their TTL):
-    the heap is the only place they live. Unfinished ones are bounded by the queue.
+    the heap is the only place they live. Unfinished ones are bounded by the queue. Pending webhook
+    deliveries are bounded by the same number (past it the oldest is given up, and its record says so).
     """
 
     def __init__(self, *, ttl: float = 86400.0, max_finished: int = 50_000) -> None:
@@ -32,6 +38,12 @@ class MemoryStore:
         # key again and again leaves holes that the next iter() must scan past (quadratic at load).
         self._finished: OrderedDict[str, None] = OrderedDict()
         self._keys: dict[str, tuple[str, IdempotencyKey]] = {}
+        # Pending webhook deliveries by webhook id, oldest scheduled first; a heap of (due_at, id) finds the
+        # due ones (entries whose delivery moved on are skipped when they surface); ids being attempted.
+        self._webhooks: OrderedDict[str, Delivery] = OrderedDict()
+        self._due: list[tuple[float, str]] = []
+        self._leased: set[str] = set()
+        self._on_scheduled: Callable[[], None] | None = None
 
     def __len__(self) -> int:
         return len(self._records)
@@ -45,6 +57,7 @@ class MemoryStore:
                 return existing
             self._keys[idempotency.key] = (prediction.prediction_id, idempotency)
         self._records[prediction.prediction_id] = prediction
+        self._schedule([prediction])
         return prediction
 
     async def get(self, prediction_id: str) -> Prediction | None:
@@ -83,7 +96,76 @@ class MemoryStore:
         while len(self._finished) > self.max_finished:
             oldest, _ = self._finished.popitem(last=False)
             self._records.pop(oldest, None)
+        self._schedule(changed)
         return changed
+
+    # -- webhooks (KeepsWebhooks) ----------------------------------------------------------------------
+
+    def on_webhooks_scheduled(self, callback: Callable[[], None]) -> None:
+        self._on_scheduled = callback
+
+    def _schedule(self, changed: Iterable[Prediction]) -> None:
+        scheduled = False
+        for p in changed:
+            if p.webhook is not None and (delivery := scheduled_by(p)) is not None:
+                if delivery.webhook_id not in self._webhooks:
+                    self._webhooks[delivery.webhook_id] = delivery
+                    heapq.heappush(self._due, (delivery.due_at, delivery.webhook_id))
+                scheduled = True
+        if not scheduled:
+            return
+        while len(self._webhooks) > self.max_finished:
+            _, dropped = self._webhooks.popitem(last=False)
+            log.warning(
+                "memory:// keeps at most %d pending webhook deliveries: gave up the %s event of %s",
+                self.max_finished, dropped.event, dropped.prediction_id,
+            )  # fmt: skip
+            record = self._records.get(dropped.prediction_id)
+            if record is not None and record.webhook is not None and record.webhook.event == dropped.event:
+                given_up = record.webhook.attempted(
+                    state=DEAD_LETTERED, last_error="too_many_pending", next_attempt_at=None
+                )
+                self._records[record.prediction_id] = record.with_webhook(given_up)
+        if self._on_scheduled is not None:
+            self._on_scheduled()
+
+    async def due_webhooks(
+        self, now: float, limit: int, *, per_host: int | None = None, in_flight: Mapping[str, int] | None = None
+    ) -> list[Delivery]:
+        taken: list[Delivery] = []
+        hosts = Counter(in_flight or {})
+        passed: list[tuple[float, str]] = []  # due, but to a host with its share: back on the heap afterwards
+        while self._due and self._due[0][0] <= now and len(taken) < limit:
+            due_at, wid = heapq.heappop(self._due)
+            delivery = self._webhooks.get(wid)
+            if delivery is None or delivery.due_at != due_at or wid in self._leased:
+                continue  # delivered, given up or rescheduled since this entry was pushed
+            if per_host is not None and hosts[delivery.host] >= per_host:
+                passed.append((due_at, wid))
+                continue
+            hosts[delivery.host] += 1
+            self._leased.add(wid)
+            taken.append(delivery)
+        for entry in passed:
+            heapq.heappush(self._due, entry)
+        return taken
+
+    async def settle_webhook(self, settlement: Settlement) -> None:
+        delivery = settlement.delivery
+        wid = delivery.webhook_id
+        self._leased.discard(wid)
+        if wid in self._webhooks:  # not given up meanwhile
+            if settlement.retry is not None:
+                self._webhooks[wid] = settlement.retry
+                heapq.heappush(self._due, (settlement.retry.due_at, wid))
+            else:
+                del self._webhooks[wid]
+        p = self._records.get(delivery.prediction_id)
+        if p is not None and p.webhook is not None and settlement.applies_to(p):
+            self._records[p.prediction_id] = p.with_webhook(settlement.apply(p.webhook))
+
+    async def pending_webhooks(self) -> int:
+        return len(self._webhooks)
 
 
 class MemoryQueue:

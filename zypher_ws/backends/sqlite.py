@@ -11,7 +11,8 @@ import asyncio
 import json
 import logging
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,6 +21,7 @@ from .. import lifecycle
 from ..errors import StorageFull
 from ..json_codec import dumps_str
 from ..records import IdempotencyKey, Outcome, Prediction, Status
+from ..webhooks.schedule import Delivery, Settlement, scheduled_by
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -40,6 +42,18 @@ CREATE TABLE IF NOT EXISTS idempotency_keys (
     fingerprint TEXT NOT NULL,
     prediction_id TEXT NOT NULL REFERENCES predictions (id) ON DELETE CASCADE
 );
+CREATE TABLE IF NOT EXISTS webhook_deliveries (  -- pending ones: written with the change that causes each
+    id TEXT PRIMARY KEY,                      -- the webhook-id, one per prediction and event
+    prediction_id TEXT NOT NULL,              -- no foreign key: a delivery outlives an expired record
+    event TEXT NOT NULL,
+    url TEXT NOT NULL,
+    host TEXT NOT NULL,                       -- name:port, to hold back a host with enough in flight
+    body BLOB NOT NULL,                       -- the payload, fixed when the event happened
+    event_at REAL NOT NULL,
+    due_at REAL NOT NULL,
+    attempts INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS webhook_deliveries_due ON webhook_deliveries (due_at);
 """
 
 
@@ -88,6 +102,9 @@ class SQLiteStore:
         # database, behind that write (group commits run in the order they were queued).
         self._unsaved: dict[str, Prediction] = {}
         self._writing: set[str] = set()
+        self._scheduled = False  # a commit under way scheduled webhook deliveries (set on the thread)
+        self._on_scheduled: Callable[[], None] | None = None
+        self._leased: set[str] = set()  # webhook ids being attempted by this process
 
     # -- plumbing ---------------------------------------------------------------------------------
 
@@ -170,6 +187,10 @@ class SQLiteStore:
                         future.set_result(value)
                     else:
                         future.set_exception(value)
+                if self._scheduled:
+                    self._scheduled = False
+                    if self._on_scheduled is not None:
+                        self._on_scheduled()
         finally:
             self._flusher = None
 
@@ -241,6 +262,8 @@ class SQLiteStore:
             (p.prediction_id, p.status.value, p.expires_at, dumps_str(p.to_row())),
         )
         self._remember(p)
+        if p.webhook is not None:
+            self._schedule(conn, [p])
         return p
 
     def _update(self, updates: list[Prediction | None], conn: sqlite3.Connection) -> list[Prediction]:
@@ -251,7 +274,22 @@ class SQLiteStore:
         )
         for p in changed:
             self._remember(p)
+        self._schedule(conn, changed)
         return changed
+
+    def _schedule(self, conn: sqlite3.Connection, written: list[Prediction]) -> None:
+        """Pending deliveries of the events these writes cause, in the same transaction."""
+        scheduled = [d for p in written if p.webhook is not None and (d := scheduled_by(p)) is not None]
+        if scheduled:
+            conn.executemany(
+                "INSERT OR IGNORE INTO webhook_deliveries (id, prediction_id, event, url, host, body, event_at, "
+                "due_at, attempts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (d.webhook_id, d.prediction_id, d.event, d.url, d.host, d.body, d.event_at, d.due_at, d.attempts)
+                    for d in scheduled
+                ],
+            )
+            self._scheduled = True
 
     def _remember(self, p: Prediction) -> None:
         if p.status.terminal:
@@ -262,6 +300,9 @@ class SQLiteStore:
     # -- the Store interface ----------------------------------------------------------------------
 
     async def add_deferred(self, prediction: Prediction) -> Prediction:
+        if prediction.webhook is not None and "start" in prediction.webhook.events:
+            # Its start sends a webhook, which must be written with the start: so must the record.
+            return await self.add(prediction)
         self._unsaved[prediction.prediction_id] = prediction
         return prediction
 
@@ -413,3 +454,61 @@ class SQLiteStore:
             return conn.execute("DELETE FROM predictions WHERE expires_at <= ?", (now,)).rowcount
 
         return await self._write(op)
+
+    # -- webhooks (KeepsWebhooks) ----------------------------------------------------------------------
+
+    def on_webhooks_scheduled(self, callback: Callable[[], None]) -> None:
+        self._on_scheduled = callback
+
+    async def due_webhooks(
+        self, now: float, limit: int, *, per_host: int | None = None, in_flight: Mapping[str, int] | None = None
+    ) -> list[Delivery]:
+        hosts = Counter(in_flight or {})
+        leased = list(self._leased)
+        busy = [host for host, n in hosts.items() if per_host is not None and n >= per_host]
+        share = per_host if per_host is not None else limit
+
+        def op(conn: sqlite3.Connection) -> list[Delivery]:
+            where = "due_at <= ?"
+            if leased:
+                where += f" AND id NOT IN ({','.join('?' * len(leased))})"
+            if busy:
+                where += f" AND host NOT IN ({','.join('?' * len(busy))})"
+            # The earliest few per host, so that one host's backlog cannot fill the page.
+            rows = conn.execute(
+                "SELECT id, prediction_id, event, url, body, event_at, due_at, attempts, host FROM ("
+                "SELECT *, row_number() OVER (PARTITION BY host ORDER BY due_at) AS nth FROM webhook_deliveries "
+                f"WHERE {where}) WHERE nth <= ? ORDER BY due_at LIMIT ?",
+                (now, *leased, *busy, share, limit),
+            )
+            return [Delivery(*row[:8]) for row in rows]
+
+        due = []
+        for delivery in await self._read(op):
+            if per_host is None or hosts[delivery.host] < per_host:
+                hosts[delivery.host] += 1
+                due.append(delivery)
+        self._leased.update(d.webhook_id for d in due)
+        return due
+
+    async def settle_webhook(self, settlement: Settlement) -> None:
+        delivery, retry = settlement.delivery, settlement.retry
+
+        def op(conn: sqlite3.Connection) -> None:
+            if retry is not None:
+                conn.execute(
+                    "UPDATE webhook_deliveries SET attempts = ?, due_at = ? WHERE id = ?",
+                    (retry.attempts, retry.due_at, retry.webhook_id),
+                )
+            else:
+                conn.execute("DELETE FROM webhook_deliveries WHERE id = ?", (delivery.webhook_id,))
+            p = self._load(conn, delivery.prediction_id)
+            if p is not None and p.webhook is not None and settlement.applies_to(p):
+                self._update([p.with_webhook(settlement.apply(p.webhook))], conn)
+
+        await self._write(op)
+        self._leased.discard(delivery.webhook_id)  # only now: until it is settled no one takes it again
+
+    async def pending_webhooks(self) -> int:
+        row = await self._read(lambda conn: conn.execute("SELECT COUNT(*) FROM webhook_deliveries").fetchone())
+        return int(row[0])

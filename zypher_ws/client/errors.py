@@ -77,6 +77,10 @@ class InvalidHeader(BadRequest):
     code = table.InvalidHeader.code
 
 
+class InvalidWebhook(BadRequest):
+    code = table.InvalidWebhook.code
+
+
 class InvalidInferenceRequest(BadRequest):
     code = table.InvalidInferenceRequest.code
 

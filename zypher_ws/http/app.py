@@ -23,6 +23,7 @@ from ..repository import ModelRepository
 from ..runner import exit_past_stuck_model_calls
 from ..service import PredictionService
 from ..settings import Settings
+from ..webhooks.delivery import delivering
 from . import live, oip, openapi, views
 from .access import RateLimiter, SocketCounter
 from .access_log import AccessLogger, log_malformed_requests_at_info
@@ -39,6 +40,7 @@ from .keys import (
     SETTINGS,
     SOCKETS,
     STREAMS,
+    WEBHOOKS,
     WS_AUTHENTICATING,
 )  # fmt: skip
 from .middleware import count_requests, json_errors, parse_json_body, require_token
@@ -89,10 +91,13 @@ async def service_ctx(app: web.Application) -> AsyncIterator[None]:
     settings, models = app[SETTINGS], app[MODELS]
     async with (
         open_backend(settings, readers=total_workers(models, settings)) as backend,
+        delivering(settings, backend.store, app[METRICS]) as webhooks,
         deploy(
             models, settings=settings, backend=backend, metrics=app[METRICS], run_here=settings.workers > 0
         ) as served,
     ):
+        if webhooks is not None:
+            app[WEBHOOKS] = webhooks
         service = PredictionService(settings=settings, models=served, store=backend.store, bus=backend.bus)
         app[SERVICE] = service
         app[REPOSITORY] = ModelRepository(settings=settings, models=served)

@@ -12,6 +12,7 @@ from ..models import Model, ModelSpec
 from ..repository import ModelRepository
 from ..service import PredictionService
 from ..settings import Settings
+from ..webhooks.delivery import Dispatcher
 from .access import RateLimiter, SocketCounter
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -33,3 +34,5 @@ WS_AUTHENTICATING = web.AppKey("ws_authenticating", SocketCounter)
 """WebSockets per client address still to send their auth message (--ws-max-authenticating)."""
 DRAIN: web.AppKey[Callable[[], Awaitable[None]]] = web.AppKey("drain")
 """Stops the workers, letting running batches finish (set while the service runs)."""
+WEBHOOKS = web.AppKey("webhooks", Dispatcher)
+"""The webhook delivery loop, while the service runs with --webhook-secret (tests move its clock)."""

@@ -24,6 +24,7 @@ from ..metrics import Metrics
 from ..records import Prediction
 from ..service import PredictionService
 from ..settings import Settings
+from ..webhooks.target import requested
 from .access import WS_PROTOCOL, RateLimiter, check_origin, client_address, token_valid, websocket_token
 from .envelopes import ws_error
 from .keys import LIMITER, LIVE_CLIENTS, METRICS, SERVICE, SETTINGS, SOCKETS, STREAMS, WS_AUTHENTICATING
@@ -296,7 +297,11 @@ class WsSession:
                 self.limiter.check(self.client)
                 model, version = _model_of(message)
                 prediction = await self.service.submit(
-                    message["input"], model=model, version=version, parameters=message.get("parameters")
+                    message["input"],
+                    model=model,
+                    version=version,
+                    webhook=requested(message),
+                    parameters=message.get("parameters"),
                 )
                 await self.watch(prediction.prediction_id, first="accepted", request_id=request_id)
             else:

@@ -6,7 +6,8 @@ import copy
 from typing import Any
 
 from ..deployments import Deployment, Deployments
-from ..records import Status
+from ..records import DEAD_LETTERED, DELIVERED, GONE, PENDING, WEBHOOK_EVENTS, Status
+from ..webhooks.target import MAX_URL_LENGTH
 
 WEBSOCKET_PROTOCOL = """\
 ## Live results: WebSocket `GET /ws`
@@ -15,14 +16,15 @@ JSON text messages. Client to server, by `op`:
 `{"op": "subscribe", "prediction_id": ID}` (or `"prediction_ids": [...]`),
 `{"op": "unsubscribe", "prediction_id": ID}` (or `prediction_ids`),
 `{"op": "predict", "input": INPUT, "model": "optional", "version": "optional", "request_id": "optional"}`
-(submits asynchronously to the model named, else the default, and subscribes),
+(submits asynchronously to the model named, else the default, and subscribes; it takes `webhook` and
+`webhook_events_filter` as `POST /predict` does),
 `{"op": "ping"}`, and `{"op": "auth", "token": TOKEN}` (see below).
 
 Server to client, by `type`: `subscribed` (the current record, at once; if it is terminal it is the last
 message for that id), `update` (each later status change, in order), `accepted` (for `predict`, with the
 `request_id`), `pong`, `authenticated`, and `error` (`{"error": {"code", "message"}, "request_id"}`;
 codes `invalid_json`, `invalid_message`, `unknown_op`, `not_found`, `model_not_found`,
-`too_many_subscriptions`, `invalid_input`, `queue_full`, `not_ready`, `rate_limited`,
+`too_many_subscriptions`, `invalid_input`, `invalid_webhook`, `queue_full`, `not_ready`, `rate_limited`,
 `backend_unavailable`). The socket stays
 open after an error. `GET /ws?prediction_id=ID` (repeatable) subscribes at connect. Each subscriber gets
 exactly one terminal message per prediction.
@@ -37,6 +39,41 @@ the sockets allowed per client address, 1001 on server shutdown (after a `{"type
 """
 
 _TIMESTAMP = {"type": "string", "format": "date-time", "nullable": True}
+_EVENTS = {"type": "array", "items": {"type": "string", "enum": list(WEBHOOK_EVENTS)}, "minItems": 1}
+
+WEBHOOK_STATE = {
+    "type": "object",
+    "nullable": True,
+    "description": "where the prediction's events go, and how the delivery of the latest one stands; "
+    "null without a webhook",
+    "required": ["url", "events", "event", "state", "attempts", "last_status", "next_attempt_at", "delivered_at"],
+    "properties": {
+        "url": {"type": "string", "description": "the webhook URL without its query string and fragment"},
+        "events": {**_EVENTS, "description": "the events asked for (`output` is accepted; none is sent yet)"},
+        "event": {
+            "type": "string",
+            "nullable": True,
+            "enum": ["start", "completed", None],
+            "description": "the latest event sent or being sent; null until the first",
+        },
+        "state": {
+            "type": "string",
+            "nullable": True,
+            "enum": [PENDING, DELIVERED, GONE, DEAD_LETTERED, None],
+            "description": "pending (next_attempt_at says when), delivered, gone (the receiver answered 410) "
+            "or dead_lettered (the last attempt failed, or the address was refused)",
+        },
+        "attempts": {"type": "integer", "description": "attempts made for `event`"},
+        "last_status": {"type": "integer", "nullable": True, "description": "HTTP status of the last attempt"},
+        "last_error": {
+            "type": "string",
+            "nullable": True,
+            "description": "why the last attempt got no HTTP answer: timeout, connection_error or address_not_allowed",
+        },
+        "next_attempt_at": _TIMESTAMP,
+        "delivered_at": _TIMESTAMP,
+    },
+}
 
 ERROR = {
     "type": "object",
@@ -101,11 +138,29 @@ PREDICTION = {
             "required": ["self"],
             "properties": {"self": {"type": "string"}},
         },
+        "webhook": WEBHOOK_STATE,
+    },
+}
+
+WEBHOOK_REQUEST = {
+    "webhook": {
+        "type": "string",
+        "format": "uri",
+        "maxLength": MAX_URL_LENGTH,
+        "description": "http(s) URL, without credentials, to POST the prediction's events to, signed by the "
+        "Standard Webhooks scheme (docs/webhooks.md); 400 invalid_webhook if the service will not send there",
+    },
+    "webhook_events_filter": {
+        **_EVENTS,
+        "default": ["completed"],
+        "description": "which events to send: start, output (accepted, not sent yet), completed",
     },
 }
 
 # swagger3 validates only the envelope; the service checks `input` against the model's full JSON Schema
 # (swagger3 understands a subset of it), so the spec below documents more than the validator enforces.
+# The webhook fields are checked by the service alone (a bad one is invalid_webhook, over HTTP and the
+# WebSocket alike): the envelope lets them through unchecked, as it does any other property.
 PREDICT_REQUEST_ENVELOPE = {
     "type": "object",
     "required": ["input"],
@@ -141,7 +196,7 @@ def _request_of(input: str) -> dict[str, Any]:
     return {
         "type": "object",
         "required": ["input"],
-        "properties": {"input": _ref(input), "parameters": PARAMETERS},
+        "properties": {"input": _ref(input), "parameters": PARAMETERS, **WEBHOOK_REQUEST},
     }
 
 
@@ -184,7 +239,8 @@ def components(default_name: str, default_version: str) -> dict[str, Any]:
             "PredictRequest": _request_of("ModelInput"),
             "AnyModelRequest": {
                 **PREDICT_REQUEST_ENVELOPE,
-                "description": "`input`: an input of the model the path names (its schema: GET /models/{name})",
+                "description": "`input`: an input of the model the path names (its schema: GET /models/{name}); "
+                "`webhook` and `webhook_events_filter` as in PredictRequest",
             },
             "ModelInfo": {
                 "allOf": [

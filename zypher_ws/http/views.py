@@ -12,6 +12,7 @@ from ..errors import InvalidHeader, ZypherError
 from ..records import Prediction, Status
 from ..service import PredictionService
 from ..validation import idempotency_key
+from ..webhooks.target import requested
 from .access import client_address
 from .access_log import PREDICTION_ID
 from .envelopes import json_response
@@ -89,7 +90,7 @@ def _predict_operation(
         description: Accepted (async), or still running when the sync timeout ran out
         headers: {{Location: {{description: URL of the record, schema: {{type: string}}}}}}
         content: {{application/json: {{schema: {{$ref: '#/components/schemas/{record}'}}}}}}
-      '400': {{description: 'Malformed JSON, bad header, or input failing the model schema', content: {{application/json: {{schema: {{$ref: '#/components/schemas/Error'}}}}}}}}{not_found}
+      '400': {{description: 'Malformed JSON, bad header, input failing the model schema, or a webhook the service will not send (invalid_webhook)', content: {{application/json: {{schema: {{$ref: '#/components/schemas/Error'}}}}}}}}{not_found}
       '409': {{description: 'Idempotency-Key reused with a different body (idempotency_conflict)', content: {{application/json: {{schema: {{$ref: '#/components/schemas/Error'}}}}}}}}
       '401': {{description: 'No valid bearer token (when tokens are configured)', content: {{application/json: {{schema: {{$ref: '#/components/schemas/Error'}}}}}}}}
       '429': {{description: 'Over the per-client rate limit (rate_limited); retry after `Retry-After` seconds', headers: {{Retry-After: {{schema: {{type: integer}}}}}}, content: {{application/json: {{schema: {{$ref: '#/components/schemas/Error'}}}}}}}}
@@ -141,20 +142,17 @@ async def _predict(request: web.Request, body: dict[str, Any], name: str | None,
     request.app[LIMITER].check(client_address(request))
     run_async = wants_async(request)
     key = idempotency_key(request.headers.get("Idempotency-Key"))
+    webhook = requested(body)
     parameters = body.get("parameters")
     if run_async:
         prediction = await service.submit(
-            body["input"], model=name, version=version, idempotency_key=key, parameters=parameters
+            body["input"], model=name, version=version, idempotency_key=key, webhook=webhook, parameters=parameters
         )
         return record_response(prediction, 202)
     prediction = await service.run(
-        body["input"],
-        model=name,
-        version=version,
-        idempotency_key=key,
-        parameters=parameters,
-        timeout=service.settings.sync_timeout,
-    )
+        body["input"], model=name, version=version, idempotency_key=key, timeout=service.settings.sync_timeout,
+        webhook=webhook, parameters=parameters,
+    )  # fmt: skip
     if not prediction.status.terminal:
         return record_response(prediction, 202)
     return record_response(prediction, 500 if prediction.status is Status.FAILED else 200)

@@ -48,9 +48,12 @@ async def open_redis(settings: Settings, url: str, *, listen: bool, readers: int
         socket_timeout=10.0,
     )
     client = aioredis.Redis.from_pool(pool)
-    store = RedisStore(client, keys, ttl=settings.result_ttl)
-    bus = RedisEventBus(client, keys, store.get_many)
     consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    # A webhook entry is held for one attempt (at most --webhook-timeout): past that and a margin its
+    # process is taken to be dead, and another sends it again.
+    webhook_claim_idle = max(settings.claim_idle, settings.webhook_timeout + 5.0)
+    store = RedisStore(client, keys, ttl=settings.result_ttl, consumer=consumer, webhook_claim_idle=webhook_claim_idle)
+    bus = RedisEventBus(client, keys, store.get_many)
     queues: list[RedisQueue] = []
 
     async def open_queue(name: str, version: str, maxsize: int, levels: int = 0) -> WorkQueue:

@@ -39,5 +39,18 @@ class RedisKeys:
         """Pub/sub channel carrying every status change, as a JSON array of records."""
         return f"{self.prefix}:events"
 
+    @property
+    def webhooks(self) -> str:
+        """The stream of webhook deliveries due now, each taken by one process through `webhook_group`."""
+        return f"{self.prefix}:webhooks"
+
+    @property
+    def webhooks_later(self) -> str:
+        """A sorted set of deliveries waiting for a retry, scored by when they are due."""
+        return f"{self.prefix}:webhooks:later"
+
     group: str = "workers"
     """The consumer group every worker reads the queue through."""
+
+    webhook_group: str = "webhooks"
+    """The consumer group every process reads the webhook stream through."""

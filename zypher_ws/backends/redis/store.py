@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import redis.asyncio as aioredis
@@ -19,7 +19,9 @@ from ... import lifecycle
 from ...errors import BackendUnavailable
 from ...json_codec import dumps_str
 from ...records import IdempotencyKey, Outcome, Prediction, Status
+from ...webhooks.schedule import Delivery, Settlement
 from .keys import RedisKeys
+from .webhooks import RedisWebhooks
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -60,11 +62,21 @@ def load(raw: str | bytes) -> Prediction:
 
 
 class RedisStore:
-    def __init__(self, client: aioredis.Redis, keys: RedisKeys, *, ttl: float = 86400.0) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        keys: RedisKeys,
+        *,
+        ttl: float = 86400.0,
+        consumer: str = "zypher",
+        webhook_claim_idle: float = 60.0,
+    ) -> None:
         self.ttl = ttl
         self._redis = client
         self._keys = keys
         self._add_with_key = client.register_script(_ADD_WITH_KEY)
+        self._webhooks = RedisWebhooks(client, keys, consumer=consumer, claim_idle=webhook_claim_idle)
+        self._on_scheduled: Callable[[], None] | None = None
 
     @translate_errors
     async def add(self, prediction: Prediction, idempotency: IdempotencyKey | None = None) -> Prediction:
@@ -142,14 +154,43 @@ class RedisStore:
     async def check(self) -> None:
         await self._redis.ping()
 
+    # -- webhooks (KeepsWebhooks; the stream and its retries are in webhooks.py) --------------------------
+
+    def on_webhooks_scheduled(self, callback: Callable[[], None]) -> None:
+        self._on_scheduled = callback
+
+    @translate_errors
+    async def due_webhooks(
+        self, now: float, limit: int, *, per_host: int | None = None, in_flight: Mapping[str, int] | None = None
+    ) -> list[Delivery]:
+        return await self._webhooks.due(now, limit, per_host, in_flight or {})
+
+    async def settle_webhook(self, settlement: Settlement) -> None:
+        def rule(current: Prediction | None, _: str) -> Prediction | None:
+            if current is None or current.webhook is None or not settlement.applies_to(current):
+                return None  # gone (expired), or showing a later event
+            return current.with_webhook(settlement.apply(current.webhook))
+
+        await self._transact(
+            [settlement.delivery.prediction_id], rule, also=lambda pipe: self._webhooks.settle(pipe, settlement)
+        )
+        self._webhooks.settled(settlement)
+
+    @translate_errors
+    async def pending_webhooks(self) -> int:
+        return await self._webhooks.pending()
+
     async def close(self) -> None:
         pass  # the client belongs to whoever opened the backend
 
     @translate_errors
     async def _transact(
-        self, prediction_ids: Sequence[str], rule: Rule
+        self, prediction_ids: Sequence[str], rule: Rule, also: Callable[[Any], None] | None = None
     ) -> list[tuple[Prediction | None, Prediction | None]]:
-        """Apply `rule` to each record atomically; returns (before, after) per id, after None if unchanged."""
+        """Apply `rule` to each record atomically; returns (before, after) per id, after None if unchanged.
+
+        The webhook deliveries the changes send are added in the same MULTI, and so is whatever `also` adds.
+        """
         keys = [self._keys.record(pid) for pid in prediction_ids]
         async with self._redis.pipeline(transaction=True) as pipe:
             while True:
@@ -162,7 +203,12 @@ class RedisStore:
                     for key, p in zip(keys, after, strict=True):
                         if p is not None:
                             pipe.set(key, dump(p), pxat=_expiry_ms(p))
+                    scheduled = self._webhooks.schedule(pipe, [p for p in after if p is not None])
+                    if also is not None:
+                        also(pipe)
                     await pipe.execute()
+                    if scheduled and self._on_scheduled is not None:
+                        self._on_scheduled()
                     return list(zip(before, after, strict=True))
                 except redis.exceptions.WatchError:
                     continue  # another process changed one of them meanwhile: read again
