@@ -171,12 +171,15 @@ def wrk(
     body: Any = None,
     headers: dict[str, str] | None = None,
     method: str = "POST",
+    raw_body: bytes | None = None,
 ) -> Run:
-    """Closed-loop load from the load core. Non-2xx answers count as errors, not throughput."""
-    with tempfile.NamedTemporaryFile("w", suffix=".json") as body_file:
+    """Closed-loop load from the load core. Non-2xx answers count as errors, not throughput.
+
+    `body` is sent as JSON; `raw_body` as it is (give its Content-Type in `headers`)."""
+    with tempfile.NamedTemporaryFile("wb", suffix=".body") as body_file:
         env = {**os.environ, "BENCH_METHOD": method}
-        if body is not None:
-            json.dump(body, body_file)
+        if body is not None or raw_body is not None:
+            body_file.write(raw_body if raw_body is not None else json.dumps(body).encode())
             body_file.flush()
             env["BENCH_BODY"] = body_file.name
         env["BENCH_HEADERS"] = "|".join(f"{k}: {v}" for k, v in (headers or {}).items())

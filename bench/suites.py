@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench import onnx_digits
 from bench.chaos import InvariantsFailed, chaos
 from bench.harness import (
     LOAD_CPU,
@@ -29,7 +30,7 @@ from bench.harness import (
     table,
     wrk,
 )
-from bench.models import CPU_TUNING, MODELS, sample, serve_args
+from bench.models import CPU_TUNING, DIGIT, MODELS, sample, serve_args
 from bench.peers.suite import peers
 
 PY = sys.executable
@@ -518,6 +519,85 @@ def scale(opts: Options, redis_url: str) -> list[str]:
     return out
 
 
+# -- the Open Inference Protocol against the native route, on the same server ------------------------
+
+OIP_CONNECTIONS = 32
+OIP_BATCH = 8  # rows per request in the batched modes
+
+
+def oip_bodies(rows: int) -> dict[str, tuple[bytes, dict[str, str]]]:
+    """The digit as `rows` rows: an OIP infer request in JSON, and in binary (as tritonclient sends it,
+    outputs asked as binary too)."""
+    import numpy as np
+
+    pixels = np.array([DIGIT] * rows, dtype=np.float32)
+    tensor = {"name": "X", "datatype": "FP32", "shape": [rows, 64]}
+    as_json = json.dumps({"inputs": [{**tensor, "data": pixels.reshape(-1).tolist()}]}).encode()
+    header = json.dumps(
+        {
+            "inputs": [{**tensor, "parameters": {"binary_data_size": pixels.nbytes}}],
+            "parameters": {"binary_data_output": True},
+        }
+    ).encode()
+    binary_headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(header))}
+    return {
+        "json": (as_json, {"Content-Type": "application/json"}),
+        "binary": (header + pixels.tobytes(), binary_headers),
+    }
+
+
+def oip(opts: Options) -> list[str]:
+    """OIP infer (JSON and binary, one row and a batch of rows per request) against the native
+    `/models/{name}/predict`, all on one zypher-ws serving digits-onnx, in the same rounds."""
+    name = onnx_digits.NAME
+    argv = zypher("--store", "memory://", "--max-queue", "300000", *serve_args(name))
+    one, batch = oip_bodies(1), oip_bodies(OIP_BATCH)
+    native = json.dumps({"input": DIGIT}).encode()
+    modes: dict[str, tuple[str, bytes, dict[str, str], int]] = {
+        "native predict": (f"/models/{name}/predict", native, {"Content-Type": "application/json"}, 1),
+        "OIP infer, JSON": (f"/v2/models/{name}/infer", *one["json"], 1),
+        "OIP infer, binary": (f"/v2/models/{name}/infer", *one["binary"], 1),
+        f"OIP infer, JSON, {OIP_BATCH} rows": (f"/v2/models/{name}/infer", *batch["json"], OIP_BATCH),
+        f"OIP infer, binary, {OIP_BATCH} rows": (f"/v2/models/{name}/infer", *batch["binary"], OIP_BATCH),
+    }
+    rps: dict[str, Figure] = {m: Figure() for m in modes}
+    p50: dict[str, Figure] = {m: Figure() for m in modes}
+    p99: dict[str, Figure] = {m: Figure() for m in modes}
+    ratios: dict[str, Figure] = {m: Figure() for m in modes}
+    errors = dict.fromkeys(modes, 0)
+    for round_no in range(opts.repeat):
+        with server(argv, ready_path="/readyz") as s:
+            this_round = {}
+            for mode, (path, body, headers, rows) in modes.items():
+                run = wrk(
+                    s.url + path, connections=OIP_CONNECTIONS, duration=opts.duration, raw_body=body, headers=headers
+                )
+                this_round[mode] = run.rps * rows
+                rps[mode].add(run.rps)
+                p50[mode].add(run.p50_ms)
+                p99[mode].add(run.p99_ms)
+                errors[mode] += run.errors
+            for mode, value in this_round.items():
+                if this_round["native predict"] > 0:
+                    ratios[mode].add(value / this_round["native predict"])
+        print(f"  oip: round {round_no + 1} done", file=sys.stderr, flush=True)
+    rows_out = [
+        [
+            mode, rps[mode].show(), Figure([v * modes[mode][3] for v in rps[mode].values]).show(),
+            p50[mode].show(2), p99[mode].show(2), ratios[mode].show(2, "×"), str(errors[mode]),
+        ]
+        for mode in modes
+    ]  # fmt: skip
+    return [
+        table(
+            f"`{name}`, sync, {OIP_CONNECTIONS} connections: the Open Inference Protocol against the native route "
+            "(ratios: rows/s over the native route's, per round)",
+            ["mode", "requests/s", "rows/s", "p50 ms", "p99 ms", "rows/s ÷ native", "errors"],
+            rows_out,
+        )
+    ]
+
+
 SUITES: dict[str, Callable[[Options], list[str]]] = {
     "throughput": throughput,
     "responsiveness": responsiveness,
@@ -525,6 +605,7 @@ SUITES: dict[str, Callable[[Options], list[str]]] = {
     "stores": stores,
     "live": live,
     "defaults": defaults,
+    "oip": oip,
     "chaos": chaos,
     "guard": guard,
     "peers": peers,

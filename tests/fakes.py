@@ -298,3 +298,15 @@ class Core:
             call.result().run()
         await asyncio.wait_for(batch, WAIT)
         return jobs
+
+
+class GatedTensorModel(GatedModel):
+    """The gated model, with an input of one tensor, `x` (INT64), as the Open Inference Protocol sees it;
+    its output is any JSON (`output`, a BYTES tensor of JSON text)."""
+
+    input_schema: dict[str, Any] = {
+        "type": "object",
+        "properties": {"x": {"type": "integer"}},
+        "required": ["x"],
+        "additionalProperties": False,
+    }

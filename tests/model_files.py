@@ -48,6 +48,19 @@ def save_identity(path: Path, element: int, shape: list[Any]) -> Path:
     return save_graph(path, [helper.make_node("Identity", ["X"], ["Y"])], [x], [y])
 
 
+def save_simple(path: Path) -> Path:
+    """Triton's `simple` example model: OUTPUT0 = INPUT0 + INPUT1 and OUTPUT1 = INPUT0 - INPUT1, INT32
+    tensors of shape [batch, 16]."""
+    shape: list[Any] = ["batch", 16]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.INT32, shape) for n in ("INPUT0", "INPUT1")]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.INT32, shape) for n in ("OUTPUT0", "OUTPUT1")]
+    nodes = [
+        helper.make_node("Add", ["INPUT0", "INPUT1"], ["OUTPUT0"]),
+        helper.make_node("Sub", ["INPUT0", "INPUT1"], ["OUTPUT1"]),
+    ]
+    return save_graph(path, nodes, inputs, outputs)
+
+
 def _write(path: Path, model: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(model.SerializeToString())

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
+from typing import Any
 
 import pytest
 
 from fakes import WAIT, ScriptedModel, StepExecutor
-from zypher_ws.records import Outcome
+from zypher_ws.records import Outcome, Prediction
 from zypher_ws.runner import ModelRunner
 
 IDS = ["a", "b", "c"]
@@ -91,3 +93,59 @@ async def test_a_failed_load_is_kept_for_readiness_and_raised() -> None:
         await r.load()
     assert not r.loaded and not r.loaded_event.is_set()
     assert r.load_error == "failed to load: OSError: weights not found"
+
+
+# -- predictions of several rows (Open Inference Protocol requests) ----------------------------------
+
+
+def oip_prediction(rows: list[Any], request_id: str | None = None) -> Prediction:
+    value = {"rows": rows, "id": request_id, "outputs": None}
+    return Prediction.new(value, model_name="scripted", model_version="0.1.0", protocol="oip")
+
+
+async def loaded(model: ScriptedModel) -> ModelRunner:
+    ready = runner(model)
+    await ready.load()
+    return ready
+
+
+def response(pid: str, ys: list[int], request_id: str | None = None) -> Outcome:
+    texts = [json.dumps({"y": y}, separators=(",", ":")) for y in ys]
+    answer: dict[str, Any] = {
+        "model_name": "scripted",
+        "model_version": "0.1.0",
+        "outputs": [{"name": "output", "datatype": "BYTES", "shape": [len(ys)], "data": texts}],
+    }
+    if request_id is not None:
+        answer["id"] = request_id
+    return Outcome(pid, result=answer)
+
+
+async def test_the_rows_of_every_prediction_share_model_calls_of_at_most_max_rows() -> None:
+    native = Prediction.new({"x": 0}, model_name="scripted", model_version="0.1.0")
+    two, three = oip_prediction([{"x": 1}, {"x": 2}], "r2"), oip_prediction([{"x": 3}, {"x": 4}, {"x": 5}])
+    model = ScriptedModel([{"y": 0}, {"y": 1}, {"y": 2}, {"y": 3}], [{"y": 4}, {"y": 5}])
+    outcomes = await (await loaded(model)).run_predictions([native, two, three], max_rows=4)
+    assert model.calls == [[{"x": i} for i in range(4)], [{"x": 4}, {"x": 5}]]
+    assert outcomes == [
+        Outcome(native.prediction_id, result={"y": 0}),
+        response(two.prediction_id, [1, 2], "r2"),
+        response(three.prediction_id, [3, 4, 5]),
+    ]
+
+
+async def test_a_row_that_raises_fails_only_its_own_prediction() -> None:
+    bad, good = oip_prediction([{"x": 1}, {"x": 2}]), oip_prediction([{"x": 3}])
+    model = ScriptedModel(ValueError("row 2"), [{"y": 1}], ValueError("row 2"), [{"y": 3}])
+    outcomes = await (await loaded(model)).run_predictions([bad, good], max_rows=8)
+    assert outcomes == [
+        Outcome(bad.prediction_id, error=model_error("ValueError: row 2")),
+        response(good.prediction_id, [3]),
+    ]
+
+
+async def test_outputs_that_are_not_the_models_tensors_fail_the_prediction() -> None:
+    prediction = oip_prediction([{"x": 1}])
+    model = ScriptedModel([object()])  # not JSON: it cannot be a BYTES element of JSON text
+    (outcome,) = await (await loaded(model)).run_predictions([prediction], max_rows=8)
+    assert outcome.result is None and outcome.error is not None and outcome.error["code"] == "model_error"

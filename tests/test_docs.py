@@ -30,6 +30,7 @@ CONCEPT_PAGES = (
     "webhooks.md",
     "client.md",
     "models.md",
+    "oip.md",
     "durability.md",
     "scaling.md",
     "operating.md",

@@ -64,8 +64,8 @@ def filling(monkeypatch: pytest.MonkeyPatch) -> list[FillingStore]:
         await store.open()
         opened.append(store)
 
-        async def open_queue(name: str, version: str, maxsize: int) -> MemoryQueue:
-            return MemoryQueue(maxsize)
+        async def open_queue(name: str, version: str, maxsize: int, levels: int = 0) -> MemoryQueue:
+            return MemoryQueue(maxsize, levels)
 
         try:
             yield Backend(store, LocalEventBus(), open_queue)

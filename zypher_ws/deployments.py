@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import logging
 from collections.abc import AsyncIterator, Iterator, Sequence
+from concurrent.futures import Executor
 from contextlib import asynccontextmanager
 from enum import Enum
 from typing import Any
@@ -19,6 +20,7 @@ from .backends import Backend, WorkQueue
 from .errors import ModelNotFound, NotReady
 from .metrics import Metrics
 from .models import Model, ModelConfigError, ModelSetupError, ModelSpec
+from .queue_policy import QueuePolicy
 from .runner import ModelDescription, ModelRunner, describe, make_executor
 from .settings import Settings
 from .validation import InputValidator
@@ -31,6 +33,8 @@ class ModelState(str, Enum):
     LOADING = "loading"
     READY = "ready"
     FAILED = "failed"
+    UNLOADING = "unloading"
+    """Unloaded: it takes nothing new, and runs what it had accepted before it goes."""
 
 
 class Deployment:
@@ -49,8 +53,11 @@ class Deployment:
         queue: WorkQueue,
         runner: ModelRunner | None = None,
         pool: WorkerPool | None = None,
+        policy: QueuePolicy | None = None,
     ) -> None:
         self.spec = spec
+        self.policy = policy or QueuePolicy()
+        """Priorities and timeouts in its queue (config.json's priority_levels, ...)."""
         self.model = model
         self.settings = settings
         self.queue = queue
@@ -63,6 +70,9 @@ class Deployment:
         self.description: ModelDescription | None = None
         self.loaded = asyncio.Event()
         """Set once the model is ready or failed."""
+        self._submitting = 0  # predictions being stored and queued right now (an unload waits for them)
+        self._no_submits = asyncio.Event()
+        self._no_submits.set()
         self._validate: InputValidator | None = None
 
     @property
@@ -99,6 +109,19 @@ class Deployment:
             log.info("model %s version %s ready (it runs in worker processes)", self.name, self.version)
         self.loaded.set()
 
+    def submit_begins(self) -> None:
+        self._submitting += 1
+        self._no_submits.clear()
+
+    def submit_ends(self) -> None:
+        self._submitting -= 1
+        if not self._submitting:
+            self._no_submits.set()
+
+    async def submits_done(self) -> None:
+        """Until no prediction is between being stored and being queued."""
+        await self._no_submits.wait()
+
     def check_ready(self, *, public: bool = False) -> None:
         """Raise NotReady unless this model takes predictions now. `public` (for /readyz, which needs no
         token) names a failed model without the reason, which may hold paths: GET /models has it."""
@@ -108,6 +131,8 @@ class Deployment:
             raise NotReady(self.error)
         if self.state is ModelState.LOADING:
             raise NotReady(f"model {self.name} version {self.version} is still loading")
+        if self.state is ModelState.UNLOADING:
+            raise NotReady(f"model {self.name} version {self.version} is being unloaded")
 
     def validate(self, value: Any) -> None:
         """Raise InvalidInput naming the offending field, per the model's JSON Schema (NotReady before it
@@ -143,24 +168,54 @@ class Deployment:
 
 
 class Deployments:
-    """Every model version served here, found by name and version; exactly one is the default."""
+    """Every model version served here, found by name and version; exactly one is the default.
 
-    def __init__(self, deployments: Sequence[Deployment]) -> None:
+    The set changes at runtime (the repository extension's load and unload): each change replaces the
+    lists rather than editing them, so a loop over the deployments that awaits meanwhile goes on over
+    the set as it was when it began.
+    """
+
+    def __init__(self, deployments: Sequence[Deployment], deployer: Deployer | None = None) -> None:
         if not deployments:
             raise ModelConfigError("no model to serve")
-        self._all = list(deployments)
+        self.deployer = deployer
+        """What makes and ends deployments (None: a fixed set, as tests build it)."""
+        self._all: list[Deployment] = []
         self._by_key: dict[tuple[str, str], Deployment] = {}
-        for d in self._all:
-            if (d.name, d.version) in self._by_key:
-                earlier = self._by_key[(d.name, d.version)]
-                raise ModelConfigError(
-                    f"model {d.name} version {d.version} is served twice: {earlier.spec.source} and {d.spec.source}"
-                )
-            self._by_key[(d.name, d.version)] = d
+        for d in deployments:
+            self.add(d)
         defaults = [d for d in self._all if d.is_default] or self._all[:1]
         self.default = defaults[0]
         for d in self._all:
             d.is_default = d is self.default
+
+    def add(self, deployment: Deployment) -> None:
+        """Serve one more model version. Raises ModelConfigError if that version is served already."""
+        key = (deployment.name, deployment.version)
+        if key in self._by_key:
+            earlier = self._by_key[key]
+            raise ModelConfigError(
+                f"model {deployment.name} version {deployment.version} is served twice: "
+                f"{earlier.spec.source} and {deployment.spec.source}"
+            )
+        self._all = [*self._all, deployment]
+        self._by_key = {**self._by_key, key: deployment}
+
+    def remove(self, name: str) -> list[Deployment]:
+        """Serve no version of `name` any more (the default model stays); returns those removed."""
+        gone = [d for d in self._all if d.name == name and d is not self.default]
+        self._all = [d for d in self._all if d not in gone]
+        self._by_key = {(d.name, d.version): d for d in self._all}
+        return gone
+
+    def replace(self, old: Deployment, new: Deployment) -> None:
+        """Serve `new` in place of `old`, of the same version (a failed one, loaded again); the default
+        stays the default."""
+        self._all = [new if d is old else d for d in self._all]
+        self._by_key = {(d.name, d.version): d for d in self._all}
+        new.is_default = old.is_default
+        if self.default is old:
+            self.default = new
 
     def __iter__(self) -> Iterator[Deployment]:
         return iter(self._all)
@@ -205,6 +260,92 @@ class Deployments:
         await asyncio.gather(*(d.pool.stop(timeout) for d in self._all if d.pool is not None))
 
 
+class Deployer:
+    """Gives a model version its queue and (with `run_here` and workers) its executor, runner and pool;
+    loads it in the background; and, when it is unloaded, runs what it had accepted and ends it."""
+
+    def __init__(self, *, settings: Settings, backend: Backend, metrics: Metrics, run_here: bool) -> None:
+        self._settings = settings
+        self._backend = backend
+        self._metrics = metrics
+        self._run_here = run_here
+        self._executors: dict[Deployment, Executor] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._unloading: set[Deployment] = set()
+
+    async def make(self, spec: ModelSpec, model: Model) -> Deployment:
+        own = dataclasses.replace(self._settings, **spec.config.overrides())
+        policy = spec.config.queue_policy()
+        queue = await self._backend.open_queue(model.name, model.version, own.max_queue, policy.priority_levels)
+        runner = pool = None
+        executor = None
+        if self._run_here and own.workers:
+            executor = make_executor(own, spec)
+            runner = ModelRunner(model, executor)
+            pool = WorkerPool(
+                settings=own,
+                queue=queue,
+                store=self._backend.store,
+                bus=self._backend.bus,
+                runner=runner,
+                metrics=self._metrics,
+            )
+        deployment = Deployment(
+            spec=spec, model=model, settings=own, queue=queue, runner=runner, pool=pool, policy=policy
+        )
+        if executor is not None:
+            self._executors[deployment] = executor
+        return deployment
+
+    def start_loading(self, deployment: Deployment) -> asyncio.Task[None]:
+        return self._track(deployment.load(), f"zypher-load-{deployment.name}-{deployment.version}")
+
+    def unload(self, deployment: Deployment) -> asyncio.Task[None]:
+        """Take nothing new (it is already out of the set served), run what it had accepted, then stop
+        its workers and executor. The task ends once it is gone."""
+        deployment.state = ModelState.UNLOADING
+        self._unloading.add(deployment)
+        return self._track(self._drain(deployment), f"zypher-unload-{deployment.name}-{deployment.version}")
+
+    async def _drain(self, deployment: Deployment) -> None:
+        await deployment.submits_done()  # one stored but not queued yet will be queued, and must be run
+        if deployment.pool is not None and deployment.description is not None:  # it loaded: workers run
+            await deployment.pool.drain()
+        self._unloading.discard(deployment)
+        self.end(deployment)
+        log.info("model %s version %s unloaded", deployment.name, deployment.version)
+
+    def end(self, deployment: Deployment) -> None:
+        executor = self._executors.pop(deployment, None)
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
+
+    def _track(self, work: Any, name: str) -> asyncio.Task[None]:
+        task = asyncio.create_task(work, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def cancel(self) -> None:
+        """Stop the loads and unloads under way (shutdown: the served pools stop next). The workers of
+        a model still unloading stop as the served ones do: running batches get --shutdown-timeout, and
+        what stays queued is recovered at the next start, like any model's."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        unloading, self._unloading = self._unloading, set()
+        pools = [d.pool for d in unloading if d.pool is not None]
+        await asyncio.gather(*(pool.stop(self._settings.shutdown_timeout) for pool in pools))
+
+    async def close(self) -> None:
+        """Once the pools have stopped: the executors too."""
+        await self.cancel()
+        for executor in self._executors.values():
+            executor.shutdown(wait=False, cancel_futures=True)
+        self._executors.clear()
+
+
 @asynccontextmanager
 async def deploy(
     models: Sequence[tuple[ModelSpec, Model]],
@@ -216,33 +357,19 @@ async def deploy(
 ) -> AsyncIterator[Deployments]:
     """Give each model version its queue and (with `run_here` and workers) its executor, runner and pool,
     and start loading them all at once in the background; on exit, stop the pools and executors."""
-    deployments: list[Deployment] = []
-    executors = []
+    deployer = Deployer(settings=settings, backend=backend, metrics=metrics, run_here=run_here)
     try:
-        for spec, model in models:
-            own = dataclasses.replace(settings, **spec.config.overrides())
-            queue = await backend.open_queue(model.name, model.version, own.max_queue)
-            runner = pool = None
-            if run_here and own.workers:
-                executor = make_executor(own, spec)
-                executors.append(executor)
-                runner = ModelRunner(model, executor)
-                pool = WorkerPool(
-                    settings=own, queue=queue, store=backend.store, bus=backend.bus, runner=runner, metrics=metrics
-                )
-            deployments.append(Deployment(spec=spec, model=model, settings=own, queue=queue, runner=runner, pool=pool))
-        served = Deployments(deployments)
-        loads = [asyncio.create_task(d.load(), name=f"zypher-load-{d.name}-{d.version}") for d in served]
+        made = [await deployer.make(spec, model) for spec, model in models]
+        served = Deployments(made, deployer)
+        for deployment in served:
+            deployer.start_loading(deployment)
         try:
             yield served
         finally:
-            for task in loads:
-                task.cancel()
-            await asyncio.gather(*loads, return_exceptions=True)
+            await deployer.cancel()  # loads (and unloads) still under way
             await served.stop(settings.shutdown_timeout)
     finally:
-        for executor in executors:
-            executor.shutdown(wait=False, cancel_futures=True)
+        await deployer.close()
 
 
 def total_workers(models: Sequence[tuple[ModelSpec, Model]], settings: Settings) -> int:

@@ -65,6 +65,12 @@ class InvalidWebhook(BadRequest):
     code = "invalid_webhook"
 
 
+class InvalidInferenceRequest(BadRequest):
+    """An Open Inference Protocol request that is malformed or does not fit the model's tensors."""
+
+    code = "invalid_inference_request"
+
+
 class InvalidMessage(BadRequest):
     """A WebSocket message that is JSON but not a valid request."""
 
@@ -195,6 +201,14 @@ class ModelError(ZypherError):
     code = "model_error"
 
 
+class DeadlineExceeded(ZypherError):
+    """It waited in the queue past its timeout (parameters.timeout or the model's default_timeout_us):
+    it was not run."""
+
+    status = 504
+    code = "deadline_exceeded"
+
+
 class WorkerLost(ZypherError):
     """The process running it stopped --max-attempts times: it is not started again."""
 
@@ -218,3 +232,15 @@ def error_class_for_status(status: int) -> type[ZypherError]:
 _BY_STATUS: dict[int, type[ZypherError]] = {
     cls.status: cls for cls in (BadRequest, Forbidden, NotFound, MethodNotAllowed, BodyTooLarge, UnsupportedMediaType)
 }
+
+
+def error_class_for_code(code: str) -> type[ZypherError]:
+    """The class of a stable code (as a failed record carries it); ZypherError (500) for one unknown."""
+    return _by_code(ZypherError).get(code, ZypherError)
+
+
+def _by_code(root: type[ZypherError]) -> dict[str, type[ZypherError]]:
+    found = {root.code: root}
+    for sub in root.__subclasses__():
+        found.update(_by_code(sub))
+    return found

@@ -127,6 +127,7 @@ class Metrics:
         self.webhook_in_flight = Gauge("zypher_webhook_in_flight", "Webhook attempts under way here", registry=r)
         # Labelled children by label values: `.labels()` takes a lock and checks its arguments every call.
         self._children: dict[tuple[Any, ...], Any] = {}
+        self._last_finished: dict[tuple[str, str], float] = {}
 
     def _child(self, metric: Any, *values: str) -> Any:
         key = (metric, *values)
@@ -161,10 +162,32 @@ class Metrics:
             if not p.status.terminal or p.completed_at is None:
                 continue
             model = _model_of(p)
+            self._last_finished[model] = p.completed_at
             self._child(self.predictions, *model, p.status.value).inc()
             self.end_to_end.labels(*model).observe(max(0.0, p.completed_at - p.created_at))
             if p.started_at is not None:
                 self.model_time.labels(*model).observe(max(0.0, p.completed_at - p.started_at))
+
+    def figures(self, model: str, version: str) -> dict[str, Any]:
+        """One model version's totals in this process: predictions by status, and (count, seconds) of
+        queue waits, model time and end-to-end time, model calls, and when the last one finished."""
+
+        def count(status: str) -> int:
+            return int(self._child(self.predictions, model, version, status)._value.get())
+
+        def total(histogram: LoopHistogram) -> tuple[int, float]:
+            series = histogram.labels(model, version)
+            return sum(series.counts), series.total
+
+        return {
+            "succeeded": count("succeeded"),
+            "failed": count("failed"),
+            "queue": total(self.queue_wait),
+            "model": total(self.model_time),
+            "end_to_end": total(self.end_to_end),
+            "calls": total(self.batch_size)[0],
+            "last_finished": self._last_finished.get((model, version)),
+        }
 
     def set_queue_depth(self, model: str, version: str, depth: int) -> None:
         self._child(self.queue_depth, model, version).set(depth)

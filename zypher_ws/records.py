@@ -127,9 +127,26 @@ class Prediction:
     attempts: int = 0
     expires_at: float | None = None
     webhook: Webhook | None = None
+    protocol: str | None = None
+    """None: the input is one model input and the result its output. "oip": an Open Inference Protocol
+    request, whose input holds its rows (oip.rows_of) and whose result is the OIP response."""
+    priority: int = 0
+    """Its level in the model's queue (1 is the highest; 0: priorities off), kept for recovery."""
+    deadline: float | None = None
+    """When still queued after this (epoch seconds) it is not run: it ends failed, deadline_exceeded."""
 
     @classmethod
-    def new(cls, input: Any, *, model_name: str, model_version: str, webhook: Webhook | None = None) -> Prediction:
+    def new(
+        cls,
+        input: Any,
+        *,
+        model_name: str,
+        model_version: str,
+        webhook: Webhook | None = None,
+        protocol: str | None = None,
+        priority: int = 0,
+        deadline: float | None = None,
+    ) -> Prediction:
         return cls(
             prediction_id=uuid.uuid4().hex,  # a real uuid4 (version nibble 4), as documented
             status=Status.QUEUED,
@@ -137,6 +154,9 @@ class Prediction:
             model_version=model_version,
             input=input,
             webhook=webhook,
+            protocol=protocol,
+            priority=priority,
+            deadline=deadline,
         )
 
     def started(self, *, batch_size: int) -> Prediction:
@@ -170,6 +190,7 @@ class Prediction:
         return Prediction(
             self.prediction_id, status, self.model_name, self.model_version, self.input, result, error,
             self.created_at, started_at, completed_at, batch_size, attempts, expires_at, webhook,
+            self.protocol, self.priority, self.deadline,
         )  # fmt: skip
 
     def with_webhook(self, webhook: Webhook) -> Prediction:
@@ -219,6 +240,7 @@ class Job:
 
     prediction_id: str
     receipt: str | None = None  # the queue's handle for acknowledging it, where the queue needs one
+    priority: int = 0  # its level in the model's queue (1 is the highest; 0: priorities off)
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 from typing import Any
 
+from . import oip
 from .errors import ModelError
 from .models import Model, ModelSpec, TensorMetadata, tensor_metadata
-from .records import Outcome
+from .records import Outcome, Prediction
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,7 @@ class ModelRunner:
         self._describe: Callable[[], ModelDescription] = _describe_here if in_processes else (lambda: describe(model))
         self._predict: Callable[[list[Any]], list[Any]] = _predict_here if in_processes else model.predict_batch
         self.loaded = False
+        self.description: ModelDescription | None = None
         self.load_error: str | None = None
         self.loaded_event = asyncio.Event()
         self._calls: set[Future[Any]] = set()  # model calls submitted and not yet returned
@@ -151,9 +153,49 @@ class ModelRunner:
         except Exception as exc:
             self.load_error = f"failed to load: {type(exc).__name__}: {exc}"
             raise
+        self.description = description
         self.loaded = True
         self.loaded_event.set()
         return description
+
+    async def run_predictions(self, predictions: Sequence[Prediction], max_rows: int) -> list[Outcome]:
+        """One outcome per prediction. A prediction of several rows (an OIP request) has all of them in
+        the model calls, beside the other predictions' rows: the rows of the batch go to the model in
+        calls of at most `max_rows`, and each prediction's outputs are put back together. A prediction
+        fails if any of its rows does."""
+        rows: list[Any] = []
+        spans: list[tuple[int, int]] = []
+        for prediction in predictions:
+            own = oip.rows_of(prediction.input) if prediction.protocol == oip.PROTOCOL else [prediction.input]
+            spans.append((len(rows), len(rows) + len(own)))
+            rows.extend(own)
+        if all(p.protocol is None for p in predictions) and len(rows) <= max_rows:
+            return await self.run([p.prediction_id for p in predictions], rows)  # the common case, as it was
+        outcomes: list[Outcome] = []
+        for start in range(0, len(rows), max_rows):
+            chunk = rows[start : start + max_rows]
+            outcomes += await self.run([str(i) for i in range(start, start + len(chunk))], chunk)
+        return [self._gather(p, outcomes[a:b]) for p, (a, b) in zip(predictions, spans, strict=True)]
+
+    def _gather(self, prediction: Prediction, rows: list[Outcome]) -> Outcome:
+        pid = prediction.prediction_id
+        failed = next((o for o in rows if o.error is not None), None)
+        if failed is not None:
+            return Outcome(pid, error=failed.error)
+        if prediction.protocol != oip.PROTOCOL:
+            return Outcome(pid, result=rows[0].result)
+        assert self.description is not None  # a model runs only once loaded
+        try:
+            result = oip.response(
+                prediction.input,
+                [o.result for o in rows],
+                self.description.tensors,
+                model=prediction.model_name,
+                version=prediction.model_version,
+            )
+        except Exception as exc:  # outputs that do not form the model's tensors: this prediction fails
+            return Outcome(pid, error=_error(exc))
+        return Outcome(pid, result=result)
 
     async def run(self, ids: list[str], inputs: list[Any]) -> list[Outcome]:
         """One model call for the batch; if it raises, each item alone, so one bad input fails only itself."""

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from . import logs
+from . import logs, oip
 from .backends import Checks, DefersWrites, EventBus, Recovers, Store, Sweeps
 from .backends.base import Listener
 from .deployments import Deployment, Deployments
@@ -94,15 +94,25 @@ class PredictionService:
         version: str | None = None,
         idempotency_key: str | None = None,
         webhook: WebhookRequest | None = None,
+        protocol: str | None = None,
+        parameters: Any = None,
     ) -> Prediction:
         """Validate, store and enqueue one prediction of a model (None: the default). Raises
         ModelNotFound, InvalidInput, InvalidWebhook, NotReady or QueueFull.
 
         With an idempotency key already used for the same model, input and webhook, returns that
         prediction as it is now (and runs nothing); with a different one, raises IdempotencyConflict.
+
+        With `protocol="oip"` the value is an oip.InferRequest: one prediction of all its rows, whose
+        result is the OIP response (InvalidInferenceRequest if it does not fit the model's tensors).
+
+        `parameters` are the request's `priority` and `timeout` (queue_policy.py; an OIP request's own
+        parameters are used).
         """
         deployment = self.models.find(model, version)
-        prediction, _ = await self._submit(deployment, value, idempotency_key, None, webhook=webhook)
+        prediction, _ = await self._submit(
+            deployment, value, idempotency_key, None, webhook=webhook, protocol=protocol, parameters=parameters
+        )
         return prediction
 
     async def run(
@@ -112,6 +122,8 @@ class PredictionService:
         model: str | None = None,
         version: str | None = None,
         idempotency_key: str | None = None,
+        protocol: str | None = None,
+        parameters: Any = None,
         timeout: float,
         webhook: WebhookRequest | None = None,
     ) -> Prediction:
@@ -132,7 +144,14 @@ class PredictionService:
         # key it is stored first, so that concurrent and later retries find it.
         deployment = self.models.find(model, version)
         prediction, new = await self._submit(
-            deployment, value, idempotency_key, on_change, defer=idempotency_key is None, webhook=webhook
+            deployment,
+            value,
+            idempotency_key,
+            on_change,
+            defer=idempotency_key is None,
+            webhook=webhook,
+            protocol=protocol,
+            parameters=parameters,
         )
         if not new:
             return await self.wait(prediction.prediction_id, timeout)  # an earlier prediction: follow it
@@ -157,12 +176,19 @@ class PredictionService:
         *,
         defer: bool = False,
         webhook: WebhookRequest | None = None,
+        protocol: str | None = None,
+        parameters: Any = None,
     ) -> tuple[Prediction, bool]:
         """The prediction, and False if it is an earlier one with the same idempotency key.
 
         `listener` hears every change of a new prediction from before it is queued; the caller unsubscribes.
         """
-        deployment.validate(value)
+        if protocol == oip.PROTOCOL:
+            parameters = value.parameters
+            value = self._oip_input(deployment, value)
+        else:
+            deployment.validate(value)
+        admission = deployment.policy.admit(parameters)
         hook = self._webhook(webhook)
         if self.stopping:
             raise NotReady("the service is shutting down")
@@ -170,7 +196,15 @@ class PredictionService:
         queue = deployment.queue
         if await queue.depth() >= queue.maxsize:
             raise QueueFull()  # checked first too, so a full queue costs no store write
-        prediction = Prediction.new(value, model_name=deployment.name, model_version=deployment.version, webhook=hook)
+        prediction = Prediction.new(
+            value,
+            model_name=deployment.name,
+            model_version=deployment.version,
+            webhook=hook,
+            protocol=protocol,
+            priority=admission.priority,
+            deadline=admission.deadline,
+        )
         pid = prediction.prediction_id
         key = None
         if idempotency_key is not None:
@@ -185,6 +219,7 @@ class PredictionService:
         if listener is not None:
             self.bus.subscribe(pid, listener)
         queued = False
+        deployment.submit_begins()
         try:
             if defer and self._defers is not None:  # only ever without a key
                 stored = await self._defers.add_deferred(prediction)
@@ -193,17 +228,31 @@ class PredictionService:
             if stored.prediction_id != pid:
                 return stored, False
             try:
-                await queue.put(Job(pid))
+                await queue.put(Job(pid, priority=admission.priority))
             except QueueFull:
                 # Filled up while the record was being stored: take it back, so a 503 leaves nothing behind.
                 await self.store.delete(pid)
                 raise QueueFull() from None
             queued = True
         finally:
+            deployment.submit_ends()
             if listener is not None and not queued:
                 self.bus.unsubscribe(pid, listener)  # nothing of ours to hear
         logs.state_changes([prediction])
         return prediction, True
+
+    @staticmethod
+    def _oip_input(deployment: Deployment, request: oip.InferRequest) -> Any:
+        """An OIP request as a prediction input: its rows, each checked against the model's schema."""
+        deployment.check_ready()  # its tensors are known once it is
+        description = deployment.description
+        assert description is not None
+        value = oip.to_input(
+            request, description.tensors, description.input_schema, max_rows=deployment.settings.max_batch_size
+        )
+        for row in oip.rows_of(value):
+            deployment.validate(row)
+        return value
 
     async def get(self, prediction_id: str) -> Prediction:
         prediction = await self.store.get(prediction_id) if is_prediction_id(prediction_id) else None
@@ -228,7 +277,7 @@ class PredictionService:
             if deployment is None:
                 orphans.append(prediction)
             else:
-                await deployment.queue.put(Job(prediction.prediction_id), force=True)
+                await deployment.queue.put(Job(prediction.prediction_id, priority=prediction.priority), force=True)
         if orphans:
             failed += await self._fail_orphans(orphans)
         logs.state_changes(failed)

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from . import logs
 from .backends import EventBus, Store, WorkQueue
 from .backends.base import Releases
-from .errors import RetryLater
+from .errors import DeadlineExceeded, RetryLater
 from .metrics import Metrics
-from .records import Job, Prediction
+from .records import Job, Outcome, Prediction
 from .runner import ModelRunner
 from .settings import Settings
 
@@ -43,8 +44,11 @@ class WorkerPool:
         self._tasks: list[asyncio.Task[None]] = []
         self._waiting: set[asyncio.Task[None] | None] = set()
         self._stopping = False
+        self._draining = False
+        self._idle = asyncio.Event()  # set when the last running batch ends
         self.busy = 0
         self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep  # tests pass a fake clock's
+        self.clock: Callable[[], float] = time.time  # for deadlines, which are wall-clock times
 
     def start(self) -> None:
         self._tasks = [
@@ -64,6 +68,23 @@ class WorkerPool:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
 
+    async def drain(self) -> None:
+        """Run every job queued, then stop (an unloaded model, which nothing new is queued for).
+
+        Once no batch runs, the workers are all waiting on the queue: stopping them puts back what one
+        was gathering into a batch, and if anything is back, they start again (now without waiting to
+        fill batches) and it goes round until the queue is empty."""
+        self._draining = True
+        while True:
+            while self.busy:
+                self._idle.clear()
+                await self._idle.wait()
+            await self.stop(0)
+            if not await self._queue.depth():
+                return
+            self._stopping = False
+            self.start()
+
     async def _work(self) -> None:
         s = self._settings
         me = asyncio.current_task()
@@ -72,7 +93,7 @@ class WorkerPool:
             try:
                 # On an idle pool a lone request runs at once; while other batches run, more requests
                 # are arriving, so waiting up to the delay to fill this batch pays for itself.
-                delay = s.max_batch_delay if self.busy else 0.0
+                delay = s.max_batch_delay if self.busy and not self._draining else 0.0
                 jobs = await self._queue.get_batch(s.max_batch_size, delay)
             finally:
                 self._waiting.discard(me)
@@ -85,6 +106,8 @@ class WorkerPool:
                     await self._queue.release(jobs)  # let a live worker take them over
             finally:
                 self.busy -= 1
+                if not self.busy:
+                    self._idle.set()
 
     async def run_batch(self, jobs: list[Job]) -> None:
         ids = [job.prediction_id for job in jobs]
@@ -100,6 +123,7 @@ class WorkerPool:
                 return
         else:  # embedded: a failed transaction changed nothing, so trying again is exact
             started = await self._until_done(lambda: self._store.start(ids), "the start of a batch")
+        started = await self._expire(started)
         if started:
             self._metrics.batch_started(started)
             logs.state_changes(started)
@@ -107,7 +131,7 @@ class WorkerPool:
             try:
                 await self._announce(started)
                 # Inputs come from the records (canceled ones are not in `started`), not from the queue.
-                outcomes = await self._runner.run([p.prediction_id for p in started], [p.input for p in started])
+                outcomes = await self._runner.run_predictions(started, self._settings.max_batch_size)
                 finished = await self._until_done(lambda: self._store.finish(outcomes), "a batch's outcomes")
             finally:
                 self._metrics.batch_finished(started, finished)
@@ -115,6 +139,30 @@ class WorkerPool:
             await self._announce(finished)
         # Only now, with outcomes stored: a worker dying before this leaves the jobs to be taken over.
         await self._until_done(lambda: self._queue.ack(jobs), "the acknowledgement of a batch")
+
+    async def _expire(self, started: list[Prediction]) -> list[Prediction]:
+        """Those still in time; the ones whose deadline passed while they waited end failed,
+        deadline_exceeded, without a model call (queue_policy.py)."""
+        now = self.clock()
+        late = [p for p in started if p.deadline is not None and p.deadline < now]
+        if not late:
+            return started
+        outcomes = [
+            Outcome(
+                p.prediction_id,
+                error=DeadlineExceeded(
+                    f"waited {now - p.created_at:.3f} s in the queue, past its timeout of "
+                    f"{(p.deadline or now) - p.created_at:.3f} s; not run"
+                ).to_dict(),
+            )
+            for p in late
+        ]
+        finished = await self._until_done(lambda: self._store.finish(outcomes), "the end of expired predictions")
+        self._metrics.finished(finished)
+        logs.state_changes(finished)
+        await self._announce(finished)
+        gone = {p.prediction_id for p in late}
+        return [p for p in started if p.prediction_id not in gone]
 
     async def _until_done(self, write: Callable[[], Awaitable[T]], what: str) -> T:
         """Retry a write that failed for a passing reason (Redis away, the disk full) until it succeeds.

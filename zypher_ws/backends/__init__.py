@@ -33,8 +33,9 @@ __all__ = [
 ]
 
 
-QueueOpener = Callable[[str, str, int], Awaitable[WorkQueue]]
-"""(model name, model version, maxsize) -> that model version's own work queue, closed with the backend."""
+QueueOpener = Callable[[str, str, int, int], Awaitable[WorkQueue]]
+"""(model name, model version, maxsize, priority levels) -> that model version's own work queue (one
+level per priority; 0: priorities off), closed with the backend."""
 
 
 @dataclass(frozen=True)
@@ -69,8 +70,8 @@ async def _embedded(settings: Settings, url: str, listen: bool, readers: int) ->
         store = MemoryStore(ttl=settings.result_ttl, max_finished=settings.memory_max_results)
     queues: list[MemoryQueue] = []
 
-    async def open_queue(name: str, version: str, maxsize: int) -> WorkQueue:
-        queues.append(MemoryQueue(maxsize))
+    async def open_queue(name: str, version: str, maxsize: int, levels: int = 0) -> WorkQueue:
+        queues.append(MemoryQueue(maxsize, levels))
         return queues[-1]
 
     try:

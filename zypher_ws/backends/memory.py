@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from .. import lifecycle
 from ..errors import QueueFull
+from ..queue_policy import LevelPicker
 from ..records import DEAD_LETTERED, IdempotencyKey, Job, Outcome, Prediction
 from ..waiting import settle, settled_within
 from ..webhooks.schedule import Delivery, Settlement, scheduled_by
@@ -168,25 +169,37 @@ class MemoryStore:
 
 
 class MemoryQueue:
-    """An in-process deque with a hard bound. `force` lets recovery requeue past the bound."""
+    """An in-process queue with a hard bound. `force` lets recovery requeue past the bound.
 
-    def __init__(self, maxsize: int) -> None:
+    With `levels` (a model's priority_levels) it is one deque per level, taken from as
+    queue_policy.LevelPicker says: the highest level first, and none starved.
+    """
+
+    def __init__(self, maxsize: int, levels: int = 0) -> None:
         self.maxsize = maxsize
-        self._items: deque[Job] = deque()
+        self._levels = [deque[Job]() for _ in range(max(1, levels))]
+        self._count = 0
+        self._picker = LevelPicker(levels) if levels > 1 else None
         self._waiters: set[asyncio.Future[None]] = set()
 
     async def depth(self) -> int:
-        return len(self._items)
+        return self._count
 
     async def put(self, job: Job, *, force: bool = False) -> None:
-        if not force and len(self._items) >= self.maxsize:
+        if not force and self._count >= self.maxsize:
             raise QueueFull()
-        self._items.append(job)
+        self._level_of(job).append(job)
+        self._count += 1
         for waiter in self._waiters:
             settle(waiter)
 
+    def _level_of(self, job: Job) -> deque[Job]:
+        # 0 (priorities off, or a record from before they were on) and levels since removed: the lowest.
+        index = job.priority - 1 if 1 <= job.priority <= len(self._levels) else len(self._levels) - 1
+        return self._levels[index]
+
     async def get_batch(self, max_size: int, max_delay: float) -> list[Job]:
-        while not self._items:
+        while not self._count:
             await self._wait(None)
         batch = self._take(max_size)
         if len(batch) < max_size and max_delay > 0:
@@ -197,13 +210,15 @@ class MemoryQueue:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
-                if not self._items:
+                if not self._count:
                     try:
                         await self._wait(remaining)
                     except asyncio.CancelledError:
-                        self._items.extendleft(reversed(batch))  # a stopping worker loses nothing
+                        for job in reversed(batch):  # a stopping worker loses nothing
+                            self._level_of(job).appendleft(job)
+                            self._count += 1
                         raise
-                    if not self._items:
+                    if not self._count:
                         break
                 batch.extend(self._take(max_size - len(batch)))
         return batch
@@ -224,8 +239,18 @@ class MemoryQueue:
         pass
 
     def _take(self, n: int) -> list[Job]:
-        items = self._items
-        return [items.popleft() for _ in range(min(n, len(items)))]
+        n = min(n, self._count)
+        self._count -= n
+        if self._picker is None:
+            items = self._levels[0]
+            return [items.popleft() for _ in range(n)]
+        levels = self._levels
+        taken = []
+        for _ in range(n):
+            level = self._picker.pick(lambda number: bool(levels[number - 1]))
+            assert level is not None  # n is at most what waits
+            taken.append(levels[level - 1].popleft())
+        return taken
 
 
 class LocalEventBus:

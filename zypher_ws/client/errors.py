@@ -81,6 +81,10 @@ class InvalidWebhook(BadRequest):
     code = table.InvalidWebhook.code
 
 
+class InvalidInferenceRequest(BadRequest):
+    code = table.InvalidInferenceRequest.code
+
+
 class InvalidMessage(BadRequest):
     code = table.InvalidMessage.code
 
@@ -167,6 +171,10 @@ class BackendUnavailable(RetryLater):
 
 class ModelError(ApiError):
     code = table.ModelError.code
+
+
+class DeadlineExceeded(ApiError):
+    code = table.DeadlineExceeded.code
 
 
 class WorkerLost(ApiError):

@@ -44,7 +44,7 @@ def bearer(header: str | None) -> str | None:
 
 def is_public(request: web.Request, settings: Settings) -> bool:
     path = request.path
-    if path in ("/", "/healthz", "/readyz") or path.startswith("/static/"):
+    if path in ("/", "/healthz", "/readyz", "/v2/health/live", "/v2/health/ready") or path.startswith("/static/"):
         return True
     return path == "/metrics" and not settings.metrics_need_token
 

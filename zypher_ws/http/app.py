@@ -19,11 +19,12 @@ from ..backends import open_backend
 from ..deployments import Deployments, deploy, total_workers
 from ..metrics import Metrics
 from ..models import Model, ModelSpec, build_models, spec_of
+from ..repository import ModelRepository
 from ..runner import exit_past_stuck_model_calls
 from ..service import PredictionService
 from ..settings import Settings
 from ..webhooks.delivery import delivering
-from . import live, openapi, views
+from . import live, oip, openapi, views
 from .access import RateLimiter, SocketCounter
 from .access_log import AccessLogger, log_malformed_requests_at_info
 from .connections import GuardedSite, quiet_resource_errors
@@ -34,6 +35,7 @@ from .keys import (
     METRICS,
     MODELS,
     OPENAPI,
+    REPOSITORY,
     SERVICE,
     SETTINGS,
     SOCKETS,
@@ -80,6 +82,7 @@ def create_app(
     app.on_shutdown.append(live.close_live)
     _add_routes(app)
     app.router.add_get("/ws", live.websocket)
+    oip.add_routes(app)
     add_page_routes(app)
     return app
 
@@ -97,6 +100,7 @@ async def service_ctx(app: web.Application) -> AsyncIterator[None]:
             app[WEBHOOKS] = webhooks
         service = PredictionService(settings=settings, models=served, store=backend.store, bus=backend.bus)
         app[SERVICE] = service
+        app[REPOSITORY] = ModelRepository(settings=settings, models=served)
         openapi.document_models(app[OPENAPI], served)
         recovered = await service.recover()
         if recovered:

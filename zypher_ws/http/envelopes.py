@@ -20,6 +20,11 @@ def error_response(error: ZypherError, *, status: int | None = None) -> web.Resp
     return json_response({"error": error.to_dict()}, status=status or error.status, headers=error.headers or None)
 
 
+def oip_error_response(error: ZypherError, *, status: int | None = None) -> web.Response:
+    """The Open Inference Protocol's error shape, `{"error": "message"}`, for the /v2 routes."""
+    return json_response({"error": error.message}, status=status or error.status, headers=error.headers or None)
+
+
 def ws_error(error: ZypherError, request_id: Any = None, **extra: Any) -> dict[str, Any]:
     """The WebSocket's `error` message: the same `{"code", "message"}`, plus the request it answers."""
     return {"type": "error", "error": error.to_dict(), "request_id": request_id, **extra}

@@ -9,6 +9,7 @@ from aiohttp import web
 
 from ..metrics import Metrics
 from ..models import Model, ModelSpec
+from ..repository import ModelRepository
 from ..service import PredictionService
 from ..settings import Settings
 from ..webhooks.delivery import Dispatcher
@@ -20,6 +21,8 @@ MODELS: web.AppKey[list[tuple[ModelSpec, Model]]] = web.AppKey("models")
 OPENAPI: web.AppKey[dict[str, Any]] = web.AppKey("openapi")
 """The OpenAPI document swagger3 serves: each model's routes and schemas are added as it loads."""
 SERVICE = web.AppKey("service", PredictionService)
+REPOSITORY = web.AppKey("repository", ModelRepository)
+"""Loading and unloading models at runtime (the OIP repository extension); set while the service runs."""
 SOCKETS: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("sockets")
 STREAMS: web.AppKey[set[Callable[[], None]]] = web.AppKey("streams")
 """One callback per open event stream: calling it ends the stream with a `shutdown` event."""

@@ -297,7 +297,11 @@ class WsSession:
                 self.limiter.check(self.client)
                 model, version = _model_of(message)
                 prediction = await self.service.submit(
-                    message["input"], model=model, version=version, webhook=requested(message)
+                    message["input"],
+                    model=model,
+                    version=version,
+                    webhook=requested(message),
+                    parameters=message.get("parameters"),
                 )
                 await self.watch(prediction.prediction_id, first="accepted", request_id=request_id)
             else:

@@ -25,10 +25,12 @@ from ..errors import (
 )
 from ..json_codec import loads
 from .access import bearer, is_public, token_valid
-from .envelopes import error_response
+from .envelopes import error_response, oip_error_response
 from .keys import METRICS, SETTINGS
 
 log = logging.getLogger(__name__)
+
+OIP_PREFIX = "/v2"
 
 
 def _flatten(errors: Any, prefix: str = "") -> list[str]:
@@ -40,29 +42,32 @@ def _flatten(errors: Any, prefix: str = "") -> list[str]:
 
 @web.middleware
 async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    # The Open Inference Protocol's routes answer errors in its own shape, and take binary bodies.
+    oip = request.path == OIP_PREFIX or request.path.startswith(OIP_PREFIX + "/")
+    envelope = oip_error_response if oip else error_response
     try:
-        if request.method in ("POST", "PUT", "PATCH") and request.body_exists:
+        if request.method in ("POST", "PUT", "PATCH") and request.body_exists and not oip:
             if request.content_type != "application/json":
                 raise UnsupportedMediaType(f"send application/json, not {request.content_type}")
         return await handler(request)
     except ZypherError as exc:
-        response = error_response(exc)
+        response = envelope(exc)
         if isinstance(exc, RequestTimeout):
             response.force_close()  # the rest of a trickled body is not worth waiting for
         return response
     except RequestValidationFailed as exc:
-        return error_response(InvalidInput("; ".join(_flatten(exc.errors))))
+        return envelope(InvalidInput("; ".join(_flatten(exc.errors))))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error_response(_from_http(exc, request), status=exc.status)
+        return envelope(_from_http(exc, request), status=exc.status)
     except ConnectionResetError:
         # Not our failure, and nobody reads the answer: one line, no traceback, no 500.
         log.info("client %s went away during %s %s", request.remote, request.method, request.path)
-        return error_response(ClientClosedRequest("the client closed the connection"))
+        return envelope(ClientClosedRequest("the client closed the connection"))
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
-        return error_response(InternalError())
+        return envelope(InternalError())
 
 
 def _from_http(exc: web.HTTPException, request: web.Request) -> ZypherError:
@@ -74,17 +79,21 @@ def _from_http(exc: web.HTTPException, request: web.Request) -> ZypherError:
     return cls(exc.reason, headers=headers)
 
 
+async def read_body(request: web.Request) -> bytes:
+    """The whole body, within --read-timeout (RequestTimeout) and --max-body (aiohttp's 413)."""
+    if request.content.is_eof():
+        return await request.read()  # all here already (the usual small body): no timer to pay for
+    timeout = request.app[SETTINGS].read_timeout
+    try:
+        # A client trickling its body must not hold a connection (and its buffer) for ever.
+        return await asyncio.wait_for(request.read(), timeout or None)
+    except asyncio.TimeoutError:
+        raise RequestTimeout(f"the request body did not arrive within {timeout:g} s") from None
+
+
 async def parse_json_body(request: web.Request) -> tuple[Any, bool]:
     """swagger3 media handler for application/json: malformed JSON is our 400 invalid_json."""
-    if request.content.is_eof():
-        body = await request.read()  # all here already (the usual small body): no timer to pay for
-    else:
-        timeout = request.app[SETTINGS].read_timeout
-        try:
-            # A client trickling its body must not hold a connection (and its buffer) for ever.
-            body = await asyncio.wait_for(request.read(), timeout or None)
-        except asyncio.TimeoutError:
-            raise RequestTimeout(f"the request body did not arrive within {timeout:g} s") from None
+    body = await read_body(request)
     try:
         # UTF-8 whatever the charset says (RFC 8259); undecodable bytes are malformed JSON too.
         return loads(body), False

@@ -178,8 +178,26 @@ def _record_of(output: str) -> dict[str, Any]:
     return {"allOf": [_ref("Prediction"), {"type": "object", "properties": {"result": result}}]}
 
 
+PARAMETERS = {
+    "type": "object",
+    "description": "where it waits in the model's queue (docs/oip.md, the queue policy)",
+    "properties": {
+        "priority": {"type": "integer", "minimum": 0, "description": "1 is the highest; 0: the model's default"},
+        "timeout": {
+            "type": "integer",
+            "minimum": 0,
+            "description": "microseconds it may wait in the queue before it ends deadline_exceeded; 0: the default",
+        },
+    },
+}
+
+
 def _request_of(input: str) -> dict[str, Any]:
-    return {"type": "object", "required": ["input"], "properties": {"input": _ref(input), **WEBHOOK_REQUEST}}
+    return {
+        "type": "object",
+        "required": ["input"],
+        "properties": {"input": _ref(input), "parameters": PARAMETERS, **WEBHOOK_REQUEST},
+    }
 
 
 def _loading(name: str, version: str) -> dict[str, Any]:

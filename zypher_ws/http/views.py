@@ -143,14 +143,15 @@ async def _predict(request: web.Request, body: dict[str, Any], name: str | None,
     run_async = wants_async(request)
     key = idempotency_key(request.headers.get("Idempotency-Key"))
     webhook = requested(body)
+    parameters = body.get("parameters")
     if run_async:
         prediction = await service.submit(
-            body["input"], model=name, version=version, idempotency_key=key, webhook=webhook
+            body["input"], model=name, version=version, idempotency_key=key, webhook=webhook, parameters=parameters
         )
         return record_response(prediction, 202)
     prediction = await service.run(
         body["input"], model=name, version=version, idempotency_key=key, timeout=service.settings.sync_timeout,
-        webhook=webhook,
+        webhook=webhook, parameters=parameters,
     )  # fmt: skip
     if not prediction.status.terminal:
         return record_response(prediction, 202)

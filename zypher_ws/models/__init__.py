@@ -20,6 +20,7 @@ from .spec import (
     default_version,
     parse_model_option,
     resolve_default,
+    scan_model,
     scan_repository,
     versions_of,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "model_specs",
     "parse_model_option",
     "resolve_default",
+    "scan_model",
     "scan_repository",
     "spec_of",
     "tensor_metadata",

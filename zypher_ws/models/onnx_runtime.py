@@ -146,7 +146,8 @@ class OnnxModel:
         for port in self._described().outputs:
             # A probability map is a tensor of one probability per class, in the map's order.
             shape = (-1,) if port.is_map else port.shape
-            found.append(TensorSpec(self._output_name(port.name), port.datatype, shape))
+            datatype = "BYTES" if self._labels_apply(port) else port.datatype  # classes renamed by labels
+            found.append(TensorSpec(self._output_name(port.name), datatype, shape))
         return found
 
     def predict_batch(self, inputs: list[Any]) -> list[Any]:

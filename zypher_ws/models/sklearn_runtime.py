@@ -192,6 +192,8 @@ class SklearnModel:
             return fn(matrix)
 
     def _label_datatype(self) -> str:
+        if self.spec.config.labels is not None:
+            return "BYTES"  # classes renamed by config.json's labels
         if self._classes is None:
             return "FP64"
         if all(isinstance(c, bool) for c in self._classes):

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from ..queue_policy import QueuePolicy
 from .errors import ModelConfigError, ModelLoadError
 from .runtimes import RUNTIMES
 
@@ -44,6 +45,15 @@ class ModelConfig:
     """Names of class outputs, keyed by the class as a string (a list in config.json names 0, 1, ...)."""
     options: dict[str, Any] = field(default_factory=dict, hash=False)
     """The runtime's own options (onnx: providers, intra_op_threads, inter_op_threads)."""
+    # The queue policy, with Triton's names (queue_policy.py has the rules).
+    priority_levels: int = 0
+    """0: priorities off; else requests' parameters.priority is 1 (highest) to this."""
+    default_priority_level: int | None = None
+    """The level of a request that names none; None: the lowest (priority_levels)."""
+    default_timeout_us: int = 0
+    """How long (µs) a request may wait in the queue before it ends deadline_exceeded; 0: for ever."""
+    allow_timeout_override: bool = True
+    """Whether a request's parameters.timeout may set a timeout or shorten this one (never lengthen it)."""
 
     # The keys that override the service's settings of the same name (Settings.max_batch_size, ...).
     SERVING_KEYS: ClassVar[tuple[str, ...]] = (
@@ -78,6 +88,20 @@ class ModelConfig:
             raise ModelConfigError("labels must be a list of names, or an object of names keyed by class")
         if not isinstance(self.options, dict):
             raise ModelConfigError(f"options must be an object, not {self.options!r}")
+        for key in ("priority_levels", "default_timeout_us"):
+            value = getattr(self, key)
+            if not _is_int(value) or value < 0:
+                raise ModelConfigError(f"{key} must be a whole number of at least 0, not {value!r}")
+        level = self.default_priority_level
+        if level is not None:
+            if not self.priority_levels:
+                raise ModelConfigError("default_priority_level needs priority_levels (0: priorities are off)")
+            if not _is_int(level) or not 1 <= level <= self.priority_levels:
+                raise ModelConfigError(
+                    f"default_priority_level must be 1 to priority_levels ({self.priority_levels}), not {level!r}"
+                )
+        if not isinstance(self.allow_timeout_override, bool):
+            raise ModelConfigError(f"allow_timeout_override must be true or false, not {self.allow_timeout_override!r}")
 
     @classmethod
     def from_dict(cls, data: Any, *, source: str) -> ModelConfig:
@@ -117,6 +141,14 @@ class ModelConfig:
     def overrides(self) -> dict[str, Any]:
         """The serving settings this model sets, for `dataclasses.replace(settings, **overrides())`."""
         return {key: getattr(self, key) for key in self.SERVING_KEYS if getattr(self, key) is not None}
+
+    def queue_policy(self) -> QueuePolicy:
+        return QueuePolicy(
+            priority_levels=self.priority_levels,
+            default_priority_level=self.default_priority_level or 0,
+            default_timeout_us=self.default_timeout_us,
+            allow_timeout_override=self.allow_timeout_override,
+        )
 
     def label(self, value: Any) -> Any:
         """A class's name from `labels`, or the class itself."""
@@ -219,39 +251,53 @@ def scan_repository(directory: str | Path) -> list[ModelSpec]:
     root = Path(directory)
     if not root.is_dir():
         raise ModelConfigError(f"--model-repository {root}: no such folder")
-    specs: list[ModelSpec] = []
-    for folder in _entries(root):
-        check_name(folder.name, f"{folder}: a model folder's name")
-        config_path = folder / CONFIG_FILE
-        config = ModelConfig.read(config_path) if config_path.is_file() else ModelConfig()
-        versions = [entry for entry in _entries(folder)]
-        bad = [v.name for v in versions if not _VERSION.fullmatch(v.name)]
-        if bad:
-            raise ModelConfigError(f"{folder / bad[0]}: version folders are numbers (1, 2, ...), not {bad[0]!r}")
-        if not versions:
-            raise ModelConfigError(f"{folder}: no version folder (expected {folder}/1/)")
-        by_number: dict[int, Path] = {}
-        for version in versions:
-            if int(version.name) in by_number:
-                raise ModelConfigError(f"{version} and {by_number[int(version.name)]} are the same version")
-            by_number[int(version.name)] = version
-        for number in sorted(by_number):
-            version = by_number[number]
-            runtime, path = _find_model(version, config, root)
-            specs.append(
-                ModelSpec(
-                    name=folder.name,
-                    version=version.name,
-                    runtime=runtime,
-                    path=path,
-                    factory=config.factory,
-                    root=root.resolve(),
-                    config=config,
-                    source=str(version),
-                )
-            )
+    specs = [spec for folder in _entries(root) for spec in _scan_model(root, folder)]
     if not specs:
         raise ModelConfigError(f"--model-repository {root}: no model folders in it")
+    return specs
+
+
+def scan_model(directory: str | Path, name: str) -> list[ModelSpec]:
+    """Every version of one model of a repository (its folder read now), as scan_repository reads it."""
+    root = Path(directory)
+    check_name(name, f"{root}: a model's name")
+    folder = root / name
+    if not folder.is_dir() or name.startswith((".", "_")):
+        raise ModelConfigError(f"--model-repository {root}: no model folder {name}")
+    return _scan_model(root, folder)
+
+
+def _scan_model(root: Path, folder: Path) -> list[ModelSpec]:
+    check_name(folder.name, f"{folder}: a model folder's name")
+    config_path = folder / CONFIG_FILE
+    config = ModelConfig.read(config_path) if config_path.is_file() else ModelConfig()
+    versions = [entry for entry in _entries(folder)]
+    bad = [v.name for v in versions if not _VERSION.fullmatch(v.name)]
+    if bad:
+        raise ModelConfigError(f"{folder / bad[0]}: version folders are numbers (1, 2, ...), not {bad[0]!r}")
+    if not versions:
+        raise ModelConfigError(f"{folder}: no version folder (expected {folder}/1/)")
+    by_number: dict[int, Path] = {}
+    for version in versions:
+        if int(version.name) in by_number:
+            raise ModelConfigError(f"{version} and {by_number[int(version.name)]} are the same version")
+        by_number[int(version.name)] = version
+    specs = []
+    for number in sorted(by_number):
+        version = by_number[number]
+        runtime, path = _find_model(version, config, root)
+        specs.append(
+            ModelSpec(
+                name=folder.name,
+                version=version.name,
+                runtime=runtime,
+                path=path,
+                factory=config.factory,
+                root=root.resolve(),
+                config=config,
+                source=str(version),
+            )
+        )
     return specs
 
 

@@ -7,7 +7,7 @@ of any size). A protocol that sends a batch as one tensor puts a `-1` batch axis
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 # The Open Inference Protocol's tensor datatypes.
@@ -31,6 +31,8 @@ class TensorSpec:
     """One of DATATYPES."""
     shape: tuple[int, ...]
     """One prediction's shape, without the batch axis; -1 for a dimension of any size."""
+    json: bool = field(default=False, compare=False)
+    """A BYTES tensor holding the JSON text of a value no tensor describes (a schema of any JSON)."""
 
     def __post_init__(self) -> None:
         if self.datatype not in DATATYPES:
@@ -79,7 +81,7 @@ def derive_tensors(schema: dict[str, Any], name: str) -> tuple[TensorSpec, ...]:
         if all(part is not None for part in parts.values()):
             return tuple(TensorSpec(key, *part) for key, part in parts.items() if part is not None)
     whole = _tensor_of(schema)
-    return (TensorSpec(name, *whole),) if whole is not None else (TensorSpec(name, "BYTES", ()),)
+    return (TensorSpec(name, *whole),) if whole is not None else (TensorSpec(name, "BYTES", (), json=True),)
 
 
 _SCALARS = {"number": "FP64", "integer": "INT64", "boolean": "BOOL", "string": "BYTES"}

@@ -56,7 +56,7 @@ async def open_redis(settings: Settings, url: str, *, listen: bool, readers: int
     bus = RedisEventBus(client, keys, store.get_many)
     queues: list[RedisQueue] = []
 
-    async def open_queue(name: str, version: str, maxsize: int) -> WorkQueue:
+    async def open_queue(name: str, version: str, maxsize: int, levels: int = 0) -> WorkQueue:
         queue = RedisQueue(
             client,
             keys,
@@ -67,6 +67,7 @@ async def open_redis(settings: Settings, url: str, *, listen: bool, readers: int
             consumer=consumer,
             claim_idle=settings.claim_idle,
             max_attempts=settings.max_attempts,
+            levels=levels,
         )
         queues.append(queue)
         try:

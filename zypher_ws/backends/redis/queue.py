@@ -5,6 +5,10 @@ worker process reads batches with XREADGROUP and acknowledges (XACK, then XDEL s
 holds only work not yet done) only after the outcome is stored. Entries a dead worker held are taken
 over by live workers after `claim_idle` seconds (XAUTOCLAIM); past `max_attempts` starts the
 prediction fails with `worker_lost` and its entry goes to a capped dead-letter stream.
+
+With priority levels (a model's priority_levels) the queue is one stream per level, read through the
+same group; a script takes each batch across them by queue_policy's rule (the highest level first, none
+starved), its passed-over counts kept in Redis, so every worker process keeps the one rule.
 """
 
 from __future__ import annotations
@@ -12,13 +16,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
 import redis.exceptions
 
 from ...errors import QueueFull, WorkerLost
+from ...queue_policy import STARVATION_LIMIT
 from ...records import Job
 from ..base import EventBus
 from .keys import RedisKeys
@@ -31,11 +36,17 @@ RETRY_DELAY = 0.5  # pause before reading again after Redis failed
 DEAD_LETTER_MAX = 10_000
 
 # The bound is checked and the entry added in one step, so many API processes cannot overshoot it.
-# Like the in-process queue it bounds waiting entries: stream length minus those being run.
+# Like the in-process queue it bounds waiting entries: the streams' length minus those being run.
+# KEYS are the model's streams (one per priority level; ARGV[1] the group).
 _WAITING = """
-local waiting = redis.call('XLEN', KEYS[1])
-local ok, pending = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[1])
-if ok then waiting = waiting - pending[1] end
+local function waiting_in(stream)
+  local waiting = redis.call('XLEN', stream)
+  local ok, pending = pcall(redis.call, 'XPENDING', stream, ARGV[1])
+  if ok then waiting = waiting - pending[1] end
+  return waiting
+end
+local waiting = 0
+for i = 1, #KEYS do waiting = waiting + waiting_in(KEYS[i]) end
 """
 _DEPTH = _WAITING + "return waiting"
 _BOUNDED_ADD = (
@@ -44,10 +55,56 @@ _BOUNDED_ADD = (
 if ARGV[4] == '0' and waiting >= tonumber(ARGV[2]) then
   return {0, waiting}
 end
-redis.call('XADD', KEYS[1], '*', 'id', ARGV[3])
+redis.call('XADD', KEYS[tonumber(ARGV[5])], '*', 'id', ARGV[3])
 return {1, waiting + 1}
 """
 )
+# Up to ARGV[3] entries across the level streams (KEYS, highest level first; the last key is the hash of
+# passed-over counts), by queue_policy.LevelPicker's rule. Returns {level, entry id, prediction id, ...}.
+_TAKE_BY_LEVEL = """
+local n = #KEYS - 1
+local counts, group, consumer = KEYS[#KEYS], ARGV[1], ARGV[2]
+local want, limit = tonumber(ARGV[3]), tonumber(ARGV[4])
+local waiting, passed = {}, {}
+for i = 1, n do
+  waiting[i] = redis.call('XLEN', KEYS[i])
+  local ok, pending = pcall(redis.call, 'XPENDING', KEYS[i], group)
+  if ok then waiting[i] = waiting[i] - pending[1] end
+  passed[i] = tonumber(redis.call('HGET', counts, tostring(i)) or '0')
+end
+local taken = {}
+while #taken < 3 * want do
+  local chosen, best = nil, -1
+  for i = 1, n do
+    if waiting[i] > 0 and passed[i] >= limit and passed[i] > best then chosen, best = i, passed[i] end
+  end
+  if chosen == nil then
+    for i = 1, n do
+      if waiting[i] > 0 then chosen = i break end
+    end
+  end
+  if chosen == nil then break end
+  local reply = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', 1, 'STREAMS', KEYS[chosen], '>')
+  if not reply then
+    waiting[chosen] = 0
+  else
+    local entry = reply[1][2][1]
+    local fields, id = entry[2], nil
+    for j = 1, #fields, 2 do
+      if fields[j] == 'id' then id = fields[j + 1] end
+    end
+    table.insert(taken, chosen)
+    table.insert(taken, entry[1])
+    table.insert(taken, id or '')
+    waiting[chosen] = waiting[chosen] - 1
+    for i = 1, n do
+      if i == chosen or waiting[i] <= 0 then passed[i] = 0 else passed[i] = passed[i] + 1 end
+    end
+  end
+end
+for i = 1, n do redis.call('HSET', counts, tostring(i), passed[i]) end
+return taken
+"""
 
 
 # Moves up to 100 entries of the single stream of earlier versions to their model version's stream, by the
@@ -97,40 +154,65 @@ class RedisQueue:
         consumer: str,
         claim_idle: float,
         max_attempts: int,
+        levels: int = 0,
     ) -> None:
         self.maxsize = maxsize
         self.consumer = consumer
         self._redis = client
         self._keys = keys
         self._stream = stream
+        # One stream per priority level, the highest first; one stream, `stream`, without levels.
+        self._streams = [f"{stream}:p{level}" for level in range(1, levels + 1)] if levels > 1 else [stream]
+        self._counts = f"{stream}:passed-over"
         self._store = store
         self._bus = bus
         self._claim_idle = claim_idle
         self._max_attempts = max_attempts
         self._bounded_add = client.register_script(_BOUNDED_ADD)
         self._depth = client.register_script(_DEPTH)
-        self._held: set[str] = set()  # entry ids this process read and has not acknowledged
+        self._take_by_level = client.register_script(_TAKE_BY_LEVEL)
+        self._held: set[str] = set()  # receipts of entries this process read and has not acknowledged
         self._reclaimed: deque[Job] = deque()
         self._maintenance: asyncio.Task[None] | None = None
 
+    # A receipt names the entry, and with levels its stream too: "<level index>/<entry id>".
+
+    def _receipt(self, index: int, entry_id: str) -> str:
+        return entry_id if len(self._streams) == 1 else f"{index}/{entry_id}"
+
+    def _by_stream(self, receipts: Iterable[str]) -> dict[str, list[Any]]:
+        """Entry ids by stream."""
+        found: dict[str, list[Any]] = {}
+        for receipt in receipts:
+            index, _, entry_id = receipt.rpartition("/")
+            found.setdefault(self._streams[int(index) if index else 0], []).append(entry_id)
+        return found
+
+    def _level(self, stream: Any) -> int:
+        """The priority level of a stream's jobs (0: priorities off)."""
+        return 0 if len(self._streams) == 1 else self._streams.index(_text(stream)) + 1
+
     @translate_errors
     async def depth(self) -> int:
-        return int(await self._depth(keys=[self._stream], args=[self._keys.group]))
+        return int(await self._depth(keys=self._streams, args=[self._keys.group]))
 
     @translate_errors
     async def ensure_group(self) -> None:
-        try:
-            # From id 0: entries added before the group existed are work too.
-            await self._redis.xgroup_create(self._stream, self._keys.group, id="0", mkstream=True)
-        except redis.exceptions.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        for stream in self._streams:
+            try:
+                # From id 0: entries added before the group existed are work too.
+                await self._redis.xgroup_create(stream, self._keys.group, id="0", mkstream=True)
+            except redis.exceptions.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
 
     @translate_errors
     async def put(self, job: Job, *, force: bool = False) -> None:
+        # 0 (priorities off, or a record from before they were on) and levels since removed: the lowest.
+        level = job.priority if 1 <= job.priority <= len(self._streams) else len(self._streams)
         added, _ = await self._bounded_add(
-            keys=[self._stream],
-            args=[self._keys.group, self.maxsize, job.prediction_id, "1" if force else "0"],
+            keys=self._streams,
+            args=[self._keys.group, self.maxsize, job.prediction_id, "1" if force else "0", level],
         )
         if not added:
             raise QueueFull()
@@ -164,10 +246,35 @@ class RedisQueue:
                 return jobs
 
     async def _read(self, count: int, block_ms: int) -> list[Job]:
+        if len(self._streams) > 1:
+            jobs = await self._take_levels(count)
+            if jobs:
+                return jobs
+        # Nothing waiting (or one stream): wait for the next entry of any level, up to `count` of them.
+        per_stream = count if len(self._streams) == 1 else 1
         reply: Any = await self._redis.xreadgroup(
-            self._keys.group, self.consumer, {self._stream: ">"}, count=count, block=block_ms
+            self._keys.group, self.consumer, dict.fromkeys(self._streams, ">"), count=per_stream, block=block_ms
         )
-        jobs = [Job(fields["id"], receipt=entry_id) for _, entries in reply or () for entry_id, fields in entries]
+        index = {stream: i for i, stream in enumerate(self._streams)}
+        jobs = [
+            Job(fields["id"], receipt=self._receipt(index[_text(stream)], entry_id), priority=self._level(stream))
+            for stream, entries in reply or ()
+            for entry_id, fields in entries
+        ]
+        self._held.update(job.receipt for job in jobs if job.receipt)
+        if len(jobs) > count:  # one per level came at once: delivered to us, so they are ours to run next
+            self._reclaimed.extend(jobs[count:])
+            jobs = jobs[:count]
+        return jobs
+
+    async def _take_levels(self, count: int) -> list[Job]:
+        flat: Any = await self._take_by_level(
+            keys=[*self._streams, self._counts], args=[self._keys.group, self.consumer, count, STARVATION_LIMIT]
+        )
+        jobs = [
+            Job(_text(flat[i + 2]), receipt=self._receipt(int(flat[i]) - 1, _text(flat[i + 1])), priority=int(flat[i]))
+            for i in range(0, len(flat), 3)
+        ]
         self._held.update(job.receipt for job in jobs if job.receipt)
         return jobs
 
@@ -177,8 +284,9 @@ class RedisQueue:
         if not receipts:
             return
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.xack(self._stream, self._keys.group, *receipts)
-            pipe.xdel(self._stream, *receipts)
+            for stream, entry_ids in self._by_stream(receipts).items():
+                pipe.xack(stream, self._keys.group, *entry_ids)
+                pipe.xdel(stream, *entry_ids)
             await pipe.execute()
         self._held.difference_update(receipts)
 
@@ -193,12 +301,13 @@ class RedisQueue:
 
     async def _maintain(self) -> None:
         """Keep our own entries fresh while they run, and take over entries other workers left idle."""
-        cursor = "0-0"
+        cursors = dict.fromkeys(range(len(self._streams)), "0-0")
         while True:
             await asyncio.sleep(self._claim_idle / 4)
             try:
                 await self._touch()
-                cursor = await self._claim(cursor)
+                for index in cursors:
+                    cursors[index] = await self._claim(index, cursors[index])
             except UNAVAILABLE as exc:
                 log.warning("cannot check for lost work in Redis (%s); trying again later", exc)
             except Exception:
@@ -206,12 +315,12 @@ class RedisQueue:
 
     async def _touch(self) -> None:
         # Resets the idle time of entries still running here, so a long batch is not taken over.
-        if self._held:
-            await self._redis.xclaim(self._stream, self._keys.group, self.consumer, 0, list(self._held), justid=True)
+        for stream, entry_ids in self._by_stream(self._held).items():
+            await self._redis.xclaim(stream, self._keys.group, self.consumer, 0, entry_ids, justid=True)
 
-    async def _claim(self, cursor: str) -> str:
+    async def _claim(self, index: int, cursor: str) -> str:
         cursor, entries, _deleted = await self._redis.xautoclaim(
-            self._stream,
+            self._streams[index],
             self._keys.group,
             self.consumer,
             min_idle_time=int(self._claim_idle * 1000),
@@ -219,10 +328,11 @@ class RedisQueue:
             count=100,
         )
         # Our own entries can look idle too (Redis was away while we ran them): those are not lost.
-        entries = [(entry_id, fields) for entry_id, fields in entries if entry_id not in self._held]
+        entries = [(self._receipt(index, entry_id), fields) for entry_id, fields in entries]
+        entries = [(receipt, fields) for receipt, fields in entries if receipt not in self._held]
         if not entries:
             return str(cursor)
-        receipts = {fields["id"]: entry_id for entry_id, fields in entries}
+        receipts = {fields["id"]: receipt for receipt, fields in entries}
         self._held.update(receipts.values())
         again, failed = await self._store.reclaim(list(receipts), self._max_attempts)
         log.warning(
@@ -245,3 +355,8 @@ class RedisQueue:
         # Finished, failed or vanished ones need no more work.
         await self.ack([Job(pid, receipt=r) for pid, r in receipts.items() if pid not in rerun])
         return str(cursor)
+
+
+def _text(value: Any) -> str:
+    """A reply's string, whether the client decodes responses or not."""
+    return value.decode() if isinstance(value, bytes) else str(value)
