@@ -18,9 +18,9 @@ from openapi_spec_validator import validate
 from fakes import TERMINAL, WAIT, GatedModel, make_settings
 from helpers import ClientFactory, listener_count, stored_count
 from zypher_ws.http.app import create_app
+from zypher_ws.http.keys import SERVICE, SETTINGS
 from zypher_ws.http.middleware import _flatten
 from zypher_ws.http.openapi import PREDICT_REQUEST_ENVELOPE
-from zypher_ws.http.keys import SERVICE, SETTINGS
 from zypher_ws.json_codec import MAX_DEPTH
 from zypher_ws.models import MockModel
 

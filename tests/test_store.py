@@ -15,10 +15,10 @@ import pytest
 import redis.asyncio as aioredis
 
 from zypher_ws.backends import DefersWrites, Store, Sweeps
+from zypher_ws.backends import sqlite as sqlite_backend
 from zypher_ws.backends.memory import MemoryStore
 from zypher_ws.backends.redis.keys import RedisKeys
 from zypher_ws.backends.redis.store import RedisStore
-from zypher_ws.backends import sqlite as sqlite_backend
 from zypher_ws.backends.sqlite import SQLiteStore
 from zypher_ws.errors import AlreadyFinished, IdempotencyConflict, NotFound
 from zypher_ws.records import IdempotencyKey, Outcome, Prediction, Status
