@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import struct
@@ -18,6 +19,7 @@ from yarl import URL
 
 from fakes import WAIT, GatedModel, make_settings
 from helpers import ClientFactory, run_server
+from zypher_ws.http import app as app_module
 from zypher_ws.http import live
 from zypher_ws.http.access_log import PREDICTION_ID, AccessLogger
 from zypher_ws.http.app import create_app
@@ -421,3 +423,16 @@ def test_a_string_app_key_is_an_error_even_after_the_app_is_built() -> None:
     app = create_app(make_settings(), model=MockModel())
     with pytest.raises(web.NotAppKeyWarning):
         app["state"] = 1
+
+
+async def test_serve_freezes_what_startup_made_and_collects_less_often() -> None:
+    app = web.Application()
+    thresholds = gc.get_threshold()
+    try:
+        await app_module._freeze_startup_objects(app)
+        assert gc.get_freeze_count() > 0  # the app, modules and services: out of every collection
+        assert gc.get_threshold() == app_module.GC_THRESHOLDS
+        assert app_module.GC_THRESHOLDS[0] > thresholds[0]
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)
