@@ -179,6 +179,53 @@ def _run_mode(s: Server, name: str, model: str, mode: str, opts: Options) -> Run
     return e2e(s, "zypher" if name == "zypher-ws" else "prototype", model, opts)
 
 
+# -- the cpu model against the one-core bound --------------------------------------------------------------
+
+
+def cpu_bound(opts: Options) -> list[str]:
+    """The `cpu` model, sync c=256, against the most one core can serve: 1 / (the model's time per input
+    at its best batch size, no HTTP + the ceiling's CPU per HTTP request, `mock` c=32), both measured in
+    the same round on the server core. zypher-ws tuned as in the throughput suite (memory://, WARNING
+    logs, batches of 128) and with the default store and logs (same batches)."""
+    servers = {
+        "zypher-ws tuned (memory://, WARNING, batches of 128)": zypher("--store", "memory://", *serve_args("cpu")),
+        "zypher-ws, default store and logs, batches of 128": [
+            str(BIN / "zypher-ws"), "serve", "--port", "{port}", *serve_args("cpu"),
+        ],
+    }  # fmt: skip
+    limit, ceiling_us, bound = Figure(), Figure(), Figure()
+    rates = {name: Figure() for name in servers}
+    shares = {name: Figure() for name in servers}
+    body = {"input": sample("cpu")}
+    for round_no in range(opts.repeat):
+        limit.add(clients(SERVER_CPU, "model-limit", "--model", "cpu", "--duration", str(opts.duration))["rps"])
+        with server([PY, "-m", "bench.ceiling", "--port", "{port}", "--model", "mock"]) as s:
+            before = s.cpu_seconds()
+            run = wrk(s.url + "/predict", connections=32, duration=opts.duration, body={"input": sample("mock")})
+            ceiling_us.add(1e6 * (s.cpu_seconds() - before) / max(1, run.requests))
+        bound.add(1 / (1 / limit.values[-1] + ceiling_us.values[-1] / 1e6))
+        names = list(servers) if round_no % 2 == 0 else list(servers)[::-1]
+        for name in names:
+            with (
+                tempfile.TemporaryDirectory(prefix="zypher-bench-") as cwd,
+                server(servers[name], ready_path="/readyz", cwd=cwd) as s,
+            ):
+                wrk(s.url + "/predict", connections=256, duration=1, body=body)  # warm up, not counted
+                rates[name].add(wrk(s.url + "/predict", connections=256, duration=opts.duration, body=body).rps)
+            shares[name].add(rates[name].values[-1] / bound.values[-1])
+        print(f"  cpu: round {round_no + 1} done", file=sys.stderr, flush=True)
+    rows = [[name, rates[name].show(), shares[name].show(2, "×")] for name in servers]
+    return [
+        table(
+            f"model `cpu`, sync c=256, against the one-core bound: model alone {limit.show()} predictions/s, "
+            f"ceiling {ceiling_us.show()} µs of CPU per request, bound {bound.show()} predictions/s "
+            "(each share is the median of the shares within a round)",
+            ["server", "predictions/s", "÷ bound"],
+            rows,
+        )
+    ]
+
+
 PROBE_RATE = 100  # health checks per second: a busy load balancer, not a load of its own
 
 
@@ -663,9 +710,10 @@ SUITES: dict[str, Callable[[Options], list[str]]] = {
     "stores": stores,
     "live": live,
     "defaults": defaults,
+    "cpu": cpu_bound,
     "oip": oip,
     "chaos": chaos,
     "guard": guard,
     "peers": peers,
 }
-DEFAULT = ("throughput", "responsiveness", "flood", "stores", "live", "defaults")  # `python -m bench` alone
+DEFAULT = ("throughput", "responsiveness", "flood", "stores", "live", "defaults", "cpu")  # `python -m bench` alone
