@@ -49,8 +49,17 @@ class Options:
 
 
 def zypher(*extra: str) -> list[str]:
-    # All load comes from one address standing for many clients: no per-address socket limit.
-    base = ["--port", "{port}", "--log-level", "WARNING", "--ws-max-per-client", "0"]
+    # All load comes from one address standing for many clients: no per-address socket or connection limit.
+    base = [
+        "--port",
+        "{port}",
+        "--log-level",
+        "WARNING",
+        "--ws-max-per-client",
+        "0",
+        "--max-connections-per-client",
+        "0",
+    ]
     return [PY, "-m", "zypher_ws", "serve", *base, *extra]
 
 
