@@ -10,7 +10,7 @@ from typing import TypeVar
 
 from . import logs
 from .backends import EventBus, Store, WorkQueue
-from .backends.base import Releases
+from .backends.base import Interrupts, Releases
 from .errors import DeadlineExceeded, RetryLater
 from .metrics import Metrics
 from .records import Job, Outcome, Prediction
@@ -58,6 +58,8 @@ class WorkerPool:
     async def stop(self, timeout: float = 0.0) -> None:
         """Take no new batches; give running ones `timeout` seconds to finish, then cancel them."""
         self._stopping = True
+        if isinstance(self._queue, Interrupts):
+            self._queue.interrupt()  # the cancel of a wait on Redis can be lost: this ends it all the same
         for task in self._tasks:
             if task in self._waiting:
                 task.cancel()

@@ -150,6 +150,17 @@ class Releases(Protocol):
         ...
 
 
+@runtime_checkable
+class Interrupts(Protocol):
+    """A queue whose get_batch may carry on past a cancel: redis-py can lose the cancel of a command in
+    flight (redis/redis-py#2028), and a worker would then wait on the queue for ever."""
+
+    def interrupt(self) -> None:
+        """End every get_batch under way as a cancel would (CancelledError), at its next turn (its reads
+        are bounded); what one had taken it keeps for the next call. Later calls are not affected."""
+        ...
+
+
 class EventBus(Protocol):
     async def publish(self, predictions: list[Prediction]) -> None: ...
 

@@ -47,7 +47,7 @@ from .errors import (
     WorkerLost,
     ZypherClientError,
 )
-from .records import ErrorDetail, ModelRef, Prediction
+from .records import ErrorDetail, ModelRef, Prediction, WebhookState
 from .retry import RetryPolicy
 from .sync import Client
 
@@ -90,6 +90,7 @@ __all__ = [
     "TooManySubscriptions",
     "Unauthorized",
     "UnsupportedMediaType",
+    "WebhookState",
     "WorkerLost",
     "ZypherClientError",
 ]

@@ -86,6 +86,7 @@ async def open_redis(settings: Settings, url: str, *, listen: bool, readers: int
         yield Backend(store, bus, open_queue)
     finally:
         if listener is not None:
+            bus.stop()  # a cancel alone can be lost in redis-py (events.py)
             listener.cancel()
             await asyncio.gather(listener, return_exceptions=True)
         for queue in queues:
