@@ -290,9 +290,8 @@ class PredictionService:
             len(orphans),
             ", ".join(sorted({f"{p.model_name} version {p.model_version}" for p in orphans})),
         )
-        ids = [p.prediction_id for p in orphans]
-        started = await self.store.start(ids)  # finishing moves a running record: start, then fail
-        return await self.store.finish(
+        # Straight from queued: they never ran. One found running (its process died) was requeued by recover.
+        return await self.store.fail_queued(
             [
                 Outcome(
                     p.prediction_id,
@@ -300,7 +299,7 @@ class PredictionService:
                         f"model {p.model_name} version {p.model_version} is no longer served"
                     ).to_dict(),
                 )
-                for p in started
+                for p in orphans
             ]
         )
 
