@@ -150,6 +150,16 @@ class WorkQueue(Protocol):
 
 
 @runtime_checkable
+class ListsEntries(Protocol):
+    """A queue whose entries can be read without taking them (Redis: to fail the work of a model no one
+    serves any more)."""
+
+    async def entries(self, limit: int) -> list[Job]:
+        """Up to `limit` of its jobs, oldest first, whether waiting or held by a worker (`ack` removes them)."""
+        ...
+
+
+@runtime_checkable
 class Releases(Protocol):
     """A queue whose taken jobs stay assigned to this process until acknowledged (Redis)."""
 

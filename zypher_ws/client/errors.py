@@ -161,6 +161,10 @@ class NotReady(RetryLater):
     code = table.NotReady.code
 
 
+class ModelUnavailable(RetryLater):
+    code = table.ModelUnavailable.code
+
+
 class StorageFull(RetryLater):
     code = table.StorageFull.code
 

@@ -309,6 +309,20 @@ class RedisQueue:
         return jobs
 
     @translate_errors
+    async def entries(self, limit: int) -> list[Job]:
+        jobs: list[Job] = []
+        for index, stream in enumerate(self._streams):
+            reply: Any = await self._redis.xrange(stream, "-", "+", count=limit - len(jobs))
+            jobs += [
+                Job(fields["id"], receipt=self._receipt(index, entry_id), priority=self._level(stream))
+                for entry_id, fields in reply or ()
+                if "id" in fields
+            ]
+            if len(jobs) >= limit:
+                break
+        return jobs
+
+    @translate_errors
     async def ack(self, jobs: Sequence[Job]) -> None:
         receipts = [job.receipt for job in jobs if job.receipt]
         if not receipts:
