@@ -135,3 +135,45 @@ async def test_an_api_process_without_model_files_serves_a_workers_models_until_
         await eventually(served_again, "serving iris again")
         resp = await http.post("/models/iris/predict", json={"input": rows(X_iris[:1])[0]})
         assert resp.status == 200 and (await resp.json())["status"] == "succeeded"
+
+
+async def test_a_killed_workers_predictions_end_model_unavailable_after_the_grace(
+    redis_settings: dict[str, str], tmp_path: Path
+) -> None:
+    redis = ("--backend", "redis", "--redis-url", redis_settings["redis_url"])
+    redis += ("--redis-prefix", redis_settings["redis_prefix"], "--model-heartbeat", HEARTBEAT)
+    async with AsyncExitStack() as stack:
+        api = await stack.enter_async_context(
+            run_server(*redis, "--workers", "0", "--model", "mock", "--unserved-grace", GRACE, cwd=str(tmp_path))
+        )
+        http = await stack.enter_async_context(aiohttp.ClientSession(api.url))
+        # One worker, whose one model call takes a minute: the first prediction runs, the others wait.
+        worker = await stack.enter_async_context(
+            run_worker(*redis, "--model", "mock", "--mock-latency-ms", "60000", "--workers", "1")
+        )
+
+        async def announced() -> bool:
+            return bool((await listed(http))["mock"]["versions"][0].get("served_by"))
+
+        await eventually(announced, "the worker announced")
+
+        async def submit() -> str:
+            resp = await http.post("/predict", json={"input": 1}, headers={"Async-Mode": "true"})
+            assert resp.status == 202, await resp.text()
+            return str((await resp.json())["prediction_id"])
+
+        running = await submit()
+
+        async def started() -> bool:
+            return (await (await http.get(f"/predict/{running}")).json())["status"] == "running"
+
+        await eventually(started, "the first prediction running")
+        queued = [await submit(), await submit()]
+        worker.proc.kill()  # no withdrawal: its announcement expires after three heartbeats
+        await worker.proc.wait()
+        records = await wait_all_terminal(http, [running, *queued], timeout=30)
+        for pid in queued:
+            assert records[pid]["error"]["code"] == "model_unavailable" and records[pid]["attempts"] == 0
+        assert records[running]["status"] == "failed" and records[running]["attempts"] == 1
+        assert records[running]["error"]["code"] == "model_unavailable"
+        assert "the worker running it is gone" in records[running]["error"]["message"]

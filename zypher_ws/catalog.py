@@ -26,6 +26,7 @@ from .records import Outcome
 if TYPE_CHECKING:
     from .backends import EventBus, Store
     from .deployments import Deployment, Deployments
+    from .metrics import Metrics
     from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -253,6 +254,7 @@ class CatalogFollower:
         catalog: Catalog,
         store: Store,
         bus: EventBus,
+        metrics: Metrics | None = None,
         on_change: Callable[[], None] = lambda: None,
     ) -> None:
         self.settings = settings
@@ -260,6 +262,7 @@ class CatalogFollower:
         self.catalog = catalog
         self.store = store
         self.bus = bus
+        self.metrics = metrics
         self.on_change = on_change
         """Called after the set of models (or a description) changed: the OpenAPI document follows."""
         self._published: dict[Deployment, str] = {}  # deployments made here from a description: which
@@ -373,16 +376,24 @@ class CatalogFollower:
         jobs = await queue.entries(SWEEP_BATCH)
         if not jobs:
             return
+        ids = [job.prediction_id for job in jobs]
         error = ModelUnavailable(f"{why}: not run").to_dict()
-        failed = await self.store.fail_queued([Outcome(job.prediction_id, error=error) for job in jobs])
+        failed = await self.store.fail_queued([Outcome(pid, error=error) for pid in ids])
+        # One still running was held by a worker that is gone too (no live worker is left to take it
+        # over): it ends as well, having started.
+        lost = ModelUnavailable(f"{why}: the worker running it is gone").to_dict()
         ended = {p.prediction_id for p in failed}
-        await queue.ack([job for job in jobs if job.prediction_id in ended])
+        failed += await self.store.finish([Outcome(pid, error=lost) for pid in ids if pid not in ended])
+        # Every record of the batch is finished (or gone) now: none of its entries is work any more.
+        await queue.ack(jobs)
         if failed:
             log.warning(
-                "model %s version %s: %d queued predictions end failed (model_unavailable)",
+                "model %s version %s: %d predictions end failed (model_unavailable)",
                 deployment.name,
                 deployment.version,
                 len(failed),
             )
+            if self.metrics is not None:
+                self.metrics.finished(failed)
             logs.state_changes(failed)
             await self.bus.publish(failed)

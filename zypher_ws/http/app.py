@@ -122,6 +122,7 @@ async def service_ctx(app: web.Application) -> AsyncIterator[None]:
                 catalog=backend.catalog,
                 store=backend.store,
                 bus=backend.bus,
+                metrics=app[METRICS],
                 on_change=lambda: openapi.document_again(app[OPENAPI], served),
             )
             app[CATALOG] = follower
