@@ -134,8 +134,8 @@ def _tensor_spec(t: dict[str, Any]) -> TensorSpec:
 
 
 def published_spec(text: str, source: str) -> tuple[ModelSpec, PublishedModel]:
-    """The spec and model of a published description. Raises ValueError (KeyError, TypeError) if it is
-    not one (written by another version of zypher-ws, say)."""
+    """The spec and model of a published description. Raises (ValueError, KeyError, ModelConfigError...)
+    if it is not one (written by another version of zypher-ws, say)."""
     description = json.loads(text)
     config = dict(description["config"])
     spec = ModelSpec(
@@ -303,7 +303,7 @@ class CatalogFollower:
         servers = ", ".join(sorted(state.servers.get(key, {}))) or "workers no longer running"
         try:
             spec, model = published_spec(text, source=f"published by {servers}")
-        except (ValueError, KeyError, TypeError) as exc:
+        except Exception as exc:  # another version's format, or a config this one refuses: not ours to serve
             self._bad.add(text)
             log.error("model %s version %s: its published description cannot be read (%s); not served", *key, exc)
             return False
