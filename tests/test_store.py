@@ -99,6 +99,7 @@ async def test_fail_queued_goes_straight_from_queued_to_failed(store: Store) -> 
     error = {"code": "model_unavailable", "message": "no one serves it"}
     failed = await store.fail_queued([Outcome(p.prediction_id, error=error) for p in (queued, running, canceled)])
     assert [p.prediction_id for p in failed] == [queued.prediction_id]  # only a queued one: it never ran
+    assert await store.fail_queued([]) == [] and await store.finish([]) == [] and await store.start([]) == []
     got = await store.get(queued.prediction_id)
     assert got is not None and got.status is Status.FAILED and got.error == error
     assert got.started_at is None and got.attempts == 0 and got.expires_at is not None

@@ -383,7 +383,8 @@ class CatalogFollower:
         # over): it ends as well, having started.
         lost = ModelUnavailable(f"{why}: the worker running it is gone").to_dict()
         ended = {p.prediction_id for p in failed}
-        failed += await self.store.finish([Outcome(pid, error=lost) for pid in ids if pid not in ended])
+        if rest := [Outcome(pid, error=lost) for pid in ids if pid not in ended]:
+            failed += await self.store.finish(rest)
         # Every record of the batch is finished (or gone) now: none of its entries is work any more.
         await queue.ack(jobs)
         if failed:

@@ -199,6 +199,8 @@ class RedisStore:
 
         The webhook deliveries the changes send are added in the same MULTI, and so is whatever `also` adds.
         """
+        if not prediction_ids:
+            return []  # WATCH takes at least one key
         keys = [self._keys.record(pid) for pid in prediction_ids]
         async with self._redis.pipeline(transaction=True) as pipe:
             while True:
