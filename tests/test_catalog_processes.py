@@ -125,6 +125,9 @@ async def test_an_api_process_without_model_files_serves_a_workers_models_until_
         assert resp.status == 503 and resp.headers["Retry-After"]
         assert (await resp.json())["error"]["code"] == "model_unavailable"
         assert "unavailable" in (await listed(http))["iris"]["versions"][0]
+        # The API process's own model, which no worker has ever announced: the same, counted from its start.
+        resp = await http.post("/predict", json={"input": 1})
+        assert resp.status == 503 and (await resp.json())["error"]["code"] == "model_unavailable"
 
         # A worker again: the model is served again.
         await stack.enter_async_context(run_worker(*redis, "--model-repository", str(root), "--model", "iris"))

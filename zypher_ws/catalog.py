@@ -342,7 +342,7 @@ class CatalogFollower:
             if conflict:
                 log.warning("%s; requests are checked against the one published first", conflict)
             deployment.conflict = conflict
-        if live:
+        if live or deployment.pool is not None:  # workers here serve it, announced or still loading
             self._unserved_since.pop(key, None)
             deployment.unavailable = None
             return
