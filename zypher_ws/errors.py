@@ -182,6 +182,14 @@ class NotReady(RetryLater):
     default_message = "the model is not loaded yet"
 
 
+class ModelUnavailable(RetryLater):
+    """No process has served this model version for longer than --unserved-grace (redis): a prediction
+    is refused, and one queued for it meanwhile ends failed with this code (docs/scaling.md)."""
+
+    code = "model_unavailable"
+    default_message = "no worker serves this model; retry later"
+
+
 class StorageFull(RetryLater):
     """The store's disk is full: nothing new is accepted until writes succeed again (they are retried)."""
 

@@ -164,6 +164,10 @@ class NotReady(RetryLater):
     code = table.NotReady.code
 
 
+class ModelUnavailable(RetryLater):
+    code = table.ModelUnavailable.code
+
+
 class StorageFull(RetryLater):
     code = table.StorageFull.code
 

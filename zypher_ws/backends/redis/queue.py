@@ -127,6 +127,28 @@ return #entries
 """
 
 
+# A model with priority levels reads one stream per level, never its plain stream: what waits there (moved
+# from the single stream of earlier versions, or queued before the model had levels) is moved to the
+# level stream its record names (KEYS[1] the plain stream, then one per level, highest first; ARGV[1] the
+# records' key start). Up to 100 a call; a record gone drops its entry.
+_MOVE_TO_LEVELS = """
+local levels = #KEYS - 1
+local entries = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 100)
+for _, entry in ipairs(entries) do
+  local fields, pid = entry[2], nil
+  for i = 1, #fields, 2 do if fields[i] == 'id' then pid = fields[i + 1] end end
+  local raw = pid and redis.call('GET', ARGV[1] .. pid)
+  if raw then
+    local level = tonumber(cjson.decode(raw)['priority']) or 0
+    if level < 1 or level > levels then level = levels end
+    redis.call('XADD', KEYS[1 + level], '*', 'id', pid)
+  end
+  redis.call('XDEL', KEYS[1], entry[1])
+end
+return #entries
+"""
+
+
 @translate_errors
 async def move_legacy_entries(client: aioredis.Redis, keys: RedisKeys) -> int:
     """Move what waits in the single work stream of earlier versions to each model version's stream, so
@@ -172,6 +194,7 @@ class RedisQueue:
         self._bounded_add = client.register_script(_BOUNDED_ADD)
         self._depth = client.register_script(_DEPTH)
         self._take_by_level = client.register_script(_TAKE_BY_LEVEL)
+        self._move_to_levels = client.register_script(_MOVE_TO_LEVELS)
         self._held: set[str] = set()  # receipts of entries this process read and has not acknowledged
         self._reclaimed: deque[Job] = deque()  # ours to run next: taken over, or put back by an interrupt
         self._maintenance: asyncio.Task[None] | None = None
@@ -215,6 +238,13 @@ class RedisQueue:
             except redis.exceptions.ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
+        if len(self._streams) > 1:
+            moved = 0
+            record_prefix = self._keys.record("")
+            while count := int(await self._move_to_levels(keys=[self._stream, *self._streams], args=[record_prefix])):
+                moved += count
+            if moved:
+                log.warning("moved %d predictions from %s to its priority levels' streams", moved, self._stream)
 
     @translate_errors
     async def put(self, job: Job, *, force: bool = False) -> None:
@@ -308,6 +338,20 @@ class RedisQueue:
             for i in range(0, len(flat), 3)
         ]
         self._held.update(job.receipt for job in jobs if job.receipt)
+        return jobs
+
+    @translate_errors
+    async def entries(self, limit: int) -> list[Job]:
+        jobs: list[Job] = []
+        for index, stream in enumerate(self._streams):
+            reply: Any = await self._redis.xrange(stream, "-", "+", count=limit - len(jobs))
+            jobs += [
+                Job(fields["id"], receipt=self._receipt(index, entry_id), priority=self._level(stream))
+                for entry_id, fields in reply or ()
+                if "id" in fields
+            ]
+            if len(jobs) >= limit:
+                break
         return jobs
 
     @translate_errors
