@@ -32,6 +32,7 @@ from .errors import (
     MethodNotAllowed,
     ModelError,
     ModelNotFound,
+    ModelUnavailable,
     NotFound,
     NotReady,
     ProtocolError,
@@ -47,7 +48,7 @@ from .errors import (
     WorkerLost,
     ZypherClientError,
 )
-from .records import ErrorDetail, ModelRef, Prediction
+from .records import ErrorDetail, ModelRef, Prediction, WebhookState
 from .retry import RetryPolicy
 from .sync import Client
 
@@ -75,6 +76,7 @@ __all__ = [
     "ModelError",
     "ModelNotFound",
     "ModelRef",
+    "ModelUnavailable",
     "NotFound",
     "NotReady",
     "Prediction",
@@ -90,6 +92,7 @@ __all__ = [
     "TooManySubscriptions",
     "Unauthorized",
     "UnsupportedMediaType",
+    "WebhookState",
     "WorkerLost",
     "ZypherClientError",
 ]
