@@ -719,3 +719,19 @@ async def test_a_burst_and_a_long_replay_reach_clients_that_read_with_the_defaul
         assert [m["index"] for m in replayed] == list(range(1, 1000))
         await ws.send_json({"op": "ping"})
         assert await recv(ws) == {"type": "pong"}
+
+
+async def test_a_sync_event_stream_counts_toward_the_live_connections_of_its_client(
+    make_client: ClientFactory,
+) -> None:
+    model = SteppedStream()
+    client = await make_client(model=model, ws_max_per_client=1)
+    service = client.app[SERVICE]
+    first = await client.post("/predict", json={"input": {"n": 1}}, headers=SSE)
+    assert first.status == 200
+    second = await client.post("/predict", json={"input": {"n": 1}}, headers=SSE)
+    assert second.status == 429 and (await second.json())["error"]["code"] == "too_many_sockets"
+    assert len(await service.queue_depths()) == 1 and sum((await service.queue_depths()).values()) == 0
+    model.allow(1)
+    events = sse_events(await first.text())
+    assert events[-1]["data"]["prediction"]["result"] == ["w0 "]
