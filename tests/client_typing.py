@@ -4,7 +4,9 @@ returns what it reads, so an attribute typed Any (no py.typed) fails --strict's 
 
 from __future__ import annotations
 
-from zypher_ws.client import ApiError, AsyncClient, Client, Prediction, RetryPolicy, Status
+from datetime import datetime
+
+from zypher_ws.client import ApiError, AsyncClient, Client, Prediction, RetryPolicy, Status, WebhookState
 
 
 def status_of(client: Client, prediction_id: str) -> Status:
@@ -29,3 +31,12 @@ def code_of(error: ApiError) -> str:
 
 def patient() -> Client:
     return Client("http://127.0.0.1:8080", token=None, timeout=5.0, retry=RetryPolicy(total=60))
+
+
+def with_webhook(client: Client) -> WebhookState | None:
+    return client.predict([0] * 64, webhook="https://example.com/hook", webhook_events_filter=["start"]).webhook
+
+
+async def delivered_at(client: AsyncClient) -> datetime | None:
+    webhook = (await client.submit([0] * 64, webhook="https://example.com/hook")).webhook
+    return webhook.delivered_at if webhook is not None and webhook.delivered else None

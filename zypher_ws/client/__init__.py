@@ -32,6 +32,7 @@ from .errors import (
     MethodNotAllowed,
     ModelError,
     ModelNotFound,
+    ModelUnavailable,
     NotFound,
     NotReady,
     ProtocolError,
@@ -49,7 +50,7 @@ from .errors import (
     WorkerLost,
     ZypherClientError,
 )
-from .records import ErrorDetail, ModelRef, Prediction
+from .records import ErrorDetail, ModelRef, Prediction, WebhookState
 from .retry import RetryPolicy
 from .sync import Client
 
@@ -77,6 +78,7 @@ __all__ = [
     "ModelError",
     "ModelNotFound",
     "ModelRef",
+    "ModelUnavailable",
     "NotFound",
     "NotReady",
     "Prediction",
@@ -94,6 +96,7 @@ __all__ = [
     "TooManySubscriptions",
     "Unauthorized",
     "UnsupportedMediaType",
+    "WebhookState",
     "WorkerLost",
     "ZypherClientError",
 ]

@@ -6,7 +6,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncGenerator, Iterable
+from collections.abc import AsyncGenerator, Iterable, Sequence
 from contextlib import aclosing
 from types import TracebackType
 from typing import Any
@@ -97,15 +97,22 @@ class AsyncClient:
         *,
         idempotency_key: str | None = None,
         timeout: float | None = None,
+        webhook: str | None = None,
+        webhook_events_filter: Sequence[str] | None = None,
     ) -> Prediction:
         """Run one prediction and return it finished (succeeded, failed or canceled).
 
         A server that answers `202` because its sync timeout ran out is followed to the end; with
         `timeout`, one still unfinished that many seconds after the call began raises Timeout (it
         carries on on the server). The request carries an Idempotency-Key (a new uuid4
-        unless given), so a retry after a dropped connection never runs the prediction twice."""
+        unless given), so a retry after a dropped connection never runs the prediction twice.
+
+        `webhook`: a URL the server POSTs the prediction's events to, signed (docs/webhooks.md);
+        `webhook_events_filter` which of `start`, `output`, `completed` (the server's default:
+        completed). A URL the server will not send to raises InvalidWebhook."""
         started = self._clock()
-        data = await self._post_predict(input, model, version, idempotency_key, run_async=False)
+        hook = _webhook_fields(webhook, webhook_events_filter)
+        data = await self._post_predict(input, model, version, idempotency_key, hook, run_async=False)
         prediction = Prediction.from_dict(data)
         if prediction.terminal:
             return prediction
@@ -119,10 +126,14 @@ class AsyncClient:
         version: str | None = None,
         *,
         idempotency_key: str | None = None,
+        webhook: str | None = None,
+        webhook_events_filter: Sequence[str] | None = None,
     ) -> Prediction:
         """Queue one prediction and return its record at once (status `queued`); follow it with `wait`
-        or `watch`. Carries an Idempotency-Key (a new uuid4 unless given): retries never queue it twice."""
-        data = await self._post_predict(input, model, version, idempotency_key, run_async=True)
+        or `watch`. Carries an Idempotency-Key (a new uuid4 unless given): retries never queue it twice.
+        `webhook` and `webhook_events_filter` as for `predict`."""
+        hook = _webhook_fields(webhook, webhook_events_filter)
+        data = await self._post_predict(input, model, version, idempotency_key, hook, run_async=True)
         return Prediction.from_dict(data)
 
     async def get(self, prediction_id: str) -> Prediction:
@@ -208,7 +219,14 @@ class AsyncClient:
     # -- HTTP ---------------------------------------------------------------------------------------
 
     async def _post_predict(
-        self, input: Any, model: str | None, version: str | None, key: str | None, *, run_async: bool
+        self,
+        input: Any,
+        model: str | None,
+        version: str | None,
+        key: str | None,
+        webhook: dict[str, Any],
+        *,
+        run_async: bool,
     ) -> Any:
         headers = {
             "Content-Type": "application/json",
@@ -216,7 +234,7 @@ class AsyncClient:
         }
         if run_async:
             headers["Prefer"] = "respond-async"
-        body = json.dumps({"input": input}, separators=(",", ":"), allow_nan=False).encode()
+        body = json.dumps({"input": input, **webhook}, separators=(",", ":"), allow_nan=False).encode()
         return await self._request("POST", _predict_path(model, version), body=body, headers=headers, dropped_ok=True)
 
     async def _request(
@@ -266,6 +284,19 @@ class AsyncClient:
         if delay is None:
             raise failure
         await self._sleep(delay)
+
+
+def _webhook_fields(webhook: str | None, events: Sequence[str] | None) -> dict[str, Any]:
+    """The request body's webhook fields; the server checks the URL and the names."""
+    if webhook is None:
+        if events is not None:
+            raise ValueError("webhook_events_filter needs a webhook")
+        return {}
+    if events is None:
+        return {"webhook": webhook}
+    if isinstance(events, str):
+        raise ValueError(f"webhook_events_filter is a list of event names (got the string {events!r})")
+    return {"webhook": webhook, "webhook_events_filter": list(events)}
 
 
 def _predict_path(model: str | None, version: str | None) -> str:

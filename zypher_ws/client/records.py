@@ -10,7 +10,7 @@ from typing import Any
 from ..records import Status
 from .errors import ProtocolError
 
-__all__ = ["ErrorDetail", "ModelRef", "Prediction", "Status"]
+__all__ = ["ErrorDetail", "ModelRef", "Prediction", "Status", "WebhookState"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +28,32 @@ class ErrorDetail:
 
 
 @dataclass(frozen=True, slots=True)
+class WebhookState:
+    """Where a prediction's webhook goes and how the delivery of its latest event stands (docs/webhooks.md)."""
+
+    url: str
+    """The URL without its query string and fragment (the server never shows those)."""
+    events: tuple[str, ...]
+    """The filter: `start`, `output`, `completed`."""
+    event: str | None = None
+    """`start` or `completed`: the latest event sent or being sent; None until the first."""
+    state: str | None = None
+    """`pending`, `delivered`, `gone` (the receiver answered 410) or `dead_lettered`; None until the first event."""
+    attempts: int = 0
+    last_status: int | None = None
+    """The HTTP status of the last attempt; None without an answer."""
+    last_error: str | None = None
+    """Why the last attempt had no answer: `timeout`, `connection_error`, `address_not_allowed`."""
+    next_attempt_at: datetime | None = None
+    delivered_at: datetime | None = None
+
+    @property
+    def delivered(self) -> bool:
+        """The latest event reached the receiver (a 2xx answered it)."""
+        return self.state == "delivered"
+
+
+@dataclass(frozen=True, slots=True)
 class Prediction:
     prediction_id: str
     status: Status
@@ -40,6 +66,8 @@ class Prediction:
     expires_at: datetime | None = None
     attempts: int = 0
     batch_size: int | None = None
+    webhook: WebhookState | None = None
+    """None for a prediction submitted without a webhook."""
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     """The record as the server sent it, fields this client does not know included."""
 
@@ -77,6 +105,7 @@ class Prediction:
             expires_at=_time(data.get("expires_at")),
             attempts=attempts if isinstance(attempts, int) else 0,
             batch_size=_int_or_none(metrics.get("batch_size")) if isinstance(metrics, dict) else None,
+            webhook=_webhook(data.get("webhook")),
             raw=data,
         )
 
@@ -86,6 +115,24 @@ def _model(value: Any) -> ModelRef | None:
         return None
     version = value.get("version")
     return ModelRef(value["name"], version if isinstance(version, str) else None)
+
+
+def _webhook(value: Any) -> WebhookState | None:
+    if not isinstance(value, dict) or not isinstance(value.get("url"), str):
+        return None
+    events = value.get("events")
+    attempts = _int_or_none(value.get("attempts"))
+    return WebhookState(
+        url=value["url"],
+        events=tuple(e for e in events if isinstance(e, str)) if isinstance(events, list) else (),
+        event=_str_or_none(value.get("event")),
+        state=_str_or_none(value.get("state")),
+        attempts=attempts if attempts is not None else 0,
+        last_status=_int_or_none(value.get("last_status")),
+        last_error=_str_or_none(value.get("last_error")),
+        next_attempt_at=_time(value.get("next_attempt_at")),
+        delivered_at=_time(value.get("delivered_at")),
+    )
 
 
 def _error(value: Any) -> ErrorDetail | None:
@@ -108,3 +155,7 @@ def _time(value: Any) -> datetime | None:
 
 def _int_or_none(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncGenerator, Coroutine, Iterable, Iterator
+from collections.abc import AsyncGenerator, Coroutine, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -91,9 +91,21 @@ class Client:
         *,
         idempotency_key: str | None = None,
         timeout: float | None = None,
+        webhook: str | None = None,
+        webhook_events_filter: Sequence[str] | None = None,
     ) -> Prediction:
         """Run one prediction and return it finished; see AsyncClient.predict."""
-        return self._run(self._async.predict(input, model, version, idempotency_key=idempotency_key, timeout=timeout))
+        return self._run(
+            self._async.predict(
+                input,
+                model,
+                version,
+                idempotency_key=idempotency_key,
+                timeout=timeout,
+                webhook=webhook,
+                webhook_events_filter=webhook_events_filter,
+            )
+        )
 
     def submit(
         self,
@@ -102,9 +114,20 @@ class Client:
         version: str | None = None,
         *,
         idempotency_key: str | None = None,
+        webhook: str | None = None,
+        webhook_events_filter: Sequence[str] | None = None,
     ) -> Prediction:
         """Queue one prediction; its record at once. See AsyncClient.submit."""
-        return self._run(self._async.submit(input, model, version, idempotency_key=idempotency_key))
+        return self._run(
+            self._async.submit(
+                input,
+                model,
+                version,
+                idempotency_key=idempotency_key,
+                webhook=webhook,
+                webhook_events_filter=webhook_events_filter,
+            )
+        )
 
     def get(self, prediction_id: str) -> Prediction:
         return self._run(self._async.get(prediction_id))
