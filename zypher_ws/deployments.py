@@ -90,6 +90,11 @@ class Deployment:
     def version(self) -> str:
         return self.model.version
 
+    @property
+    def streams(self) -> bool:
+        """The model has predict_stream: a request may ask for `stream: true`."""
+        return callable(getattr(self.model, "predict_stream", None))
+
     def __repr__(self) -> str:
         return f"<Deployment {self.name} version {self.version} {self.state.value}>"
 
@@ -330,6 +335,8 @@ class Deployer:
         executor = self._executors.pop(deployment, None)
         if executor is not None:
             executor.shutdown(wait=False, cancel_futures=True)
+        if deployment.runner is not None:
+            deployment.runner.stop_streams()
 
     def _track(self, work: Any, name: str) -> asyncio.Task[None]:
         task = asyncio.create_task(work, name=name)
