@@ -128,7 +128,8 @@ class WorkQueue(Protocol):
     maxsize: int
 
     async def depth(self) -> int:
-        """How many jobs wait to be taken (not counting ones being run)."""
+        """How many jobs wait to be taken (not counting ones being run). Shared backends: the figure
+        every process sees, the one the bounded put checks (Interrupts.backlog is this process's own)."""
         ...
 
     async def put(self, job: Job, *, force: bool = False) -> None:
