@@ -7,6 +7,7 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import redis.asyncio as aioredis
@@ -195,18 +196,20 @@ async def test_the_event_bus_stops_listening_when_its_cancel_was_lost(
 
 
 class HoldingProxy:
-    """A TCP proxy to Redis that holds a reply carrying `marker` until `release` is set: a reply on its
-    way when the test acts."""
+    """A TCP proxy to the Redis at `redis_url` that holds a reply carrying `marker` until `release` is
+    set: a reply on its way when the test acts. `url` is the proxy's."""
 
-    def __init__(self, marker: bytes) -> None:
+    def __init__(self, redis_url: str, marker: bytes) -> None:
+        self._target = urlsplit(redis_url)
         self.marker = marker
         self.held, self.release = asyncio.Event(), asyncio.Event()
-        self.port = 0
+        self.url = ""
         self._server: asyncio.Server | None = None
 
     async def __aenter__(self) -> HoldingProxy:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
+        port = self._server.sockets[0].getsockname()[1]
+        self.url = urlunsplit(self._target._replace(netloc=f"127.0.0.1:{port}"))
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -225,7 +228,8 @@ class HoldingProxy:
             writer.close()
 
     async def _handle(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
-        server_reader, server_writer = await asyncio.open_connection("127.0.0.1", 6379)
+        target = (self._target.hostname or "127.0.0.1", self._target.port or 6379)
+        server_reader, server_writer = await asyncio.open_connection(*target)
         await asyncio.gather(
             self._pipe(client_reader, server_writer, False),
             self._pipe(server_reader, client_writer, True),
@@ -248,10 +252,8 @@ async def test_a_pool_stopping_as_a_read_answers_keeps_the_job_delivered_and_han
     waiting worker is interrupted, not cancelled (a cancel would drop the reply, and the entry would stay
     pending on this consumer with nobody to run it). The queue keeps it, and closing hands it back."""
     pid = f"job-{uuid.uuid4().hex}"
-    url = redis_url.replace("6379", "{port}")
-    assert "{port}" in url, "the proxy forwards to 127.0.0.1:6379"
-    async with HoldingProxy(pid.encode()) as proxy:
-        proxied = aioredis.Redis.from_url(url.format(port=proxy.port), decode_responses=True)
+    async with HoldingProxy(redis_url, pid.encode()) as proxy:
+        proxied = aioredis.Redis.from_url(proxy.url, decode_responses=True)
         stream = keys.queue("m", "1")
         store = RedisStore(client, keys)
         queue = RedisQueue(
