@@ -169,14 +169,24 @@ async def exits_after_sigterm(process: ServerProcess, within: float = EXIT_WITHI
     assert process.proc.returncode == 0, "".join(process.log)
 
 
-@pytest.mark.parametrize("lose_cancels", [False, True], ids=["cancels-kept", "cancels-lost"])
+# Each SIGTERM test runs with redis-py's cancels kept and with every one lost (lost_cancels.py).
+losing_cancels_or_not = pytest.mark.parametrize("lose_cancels", [False, True], ids=["cancels-kept", "cancels-lost"])
+
+
+def sigterm_setup(redis_settings: dict[str, str], log: Path) -> tuple[dict[str, str], tuple[str, ...]]:
+    """The environment (recording runs to `log`) and backend arguments of a process to stop."""
+    return recording_env(log), backend_args(redis_settings)
+
+
+@losing_cancels_or_not
 async def test_sigterm_ends_an_idle_worker_at_once(
     redis_settings: dict[str, str], tmp_path: Path, lose_cancels: bool
 ) -> None:
-    """Idle, its worker tasks wait in XREADGROUP (BLOCK 1000) and its claims loop sleeps."""
-    env = recording_env(tmp_path / "runs.log")
-    backend = backend_args(redis_settings)
-    async with run_worker(*backend, *MODEL, "--workers", "3", env=env, lose_redis_cancels=lose_cancels) as worker:
+    """Idle, its worker tasks wait in XREADGROUP (BLOCK 1000) and its claims loop sleeps. With a long
+    --shutdown-timeout, given here whatever the default: waiting workers must not wait it out."""
+    env, backend = sigterm_setup(redis_settings, tmp_path / "runs.log")
+    idle = ("--workers", "3", "--shutdown-timeout", "60")
+    async with run_worker(*backend, *MODEL, *idle, env=env, lose_redis_cancels=lose_cancels) as worker:
         await exits_after_sigterm(worker)
 
 
@@ -204,13 +214,12 @@ async def test_sigterm_ends_a_worker_holding_a_batch_after_the_shutdown_timeout(
     assert not (tmp_path / "held.log").exists()
 
 
-@pytest.mark.parametrize("lose_cancels", [False, True], ids=["cancels-kept", "cancels-lost"])
+@losing_cancels_or_not
 async def test_sigterm_ends_an_api_process_listening_to_the_event_channel(
     redis_settings: dict[str, str], tmp_path: Path, lose_cancels: bool
 ) -> None:
     """Its listener waits on the Redis channel; a WebSocket follows a prediction no worker will take."""
-    env = recording_env(tmp_path / "api.log")
-    backend = backend_args(redis_settings)
+    env, backend = sigterm_setup(redis_settings, tmp_path / "api.log")
     async with (
         run_server(*backend, *MODEL, "--workers", "0", env=env, lose_redis_cancels=lose_cancels) as api,
         aiohttp.ClientSession(api.url) as http,

@@ -327,6 +327,9 @@ class Deployer:
         await deployment.submits_done()  # one stored but not queued yet will be queued, and must be run
         if deployment.pool is not None and deployment.description is not None:  # it loaded: workers run
             await deployment.pool.drain()
+        # Else (Redis) its claims loop would go on taking over other consumers' idle entries, to be held
+        # here with no worker to run them; closing hands back what it took since the pool drained.
+        await deployment.queue.close()
         self._unloading.discard(deployment)
         self.end(deployment)
         log.info("model %s version %s unloaded", deployment.name, deployment.version)

@@ -138,7 +138,8 @@ class WorkQueue(Protocol):
     maxsize: int
 
     async def depth(self) -> int:
-        """How many jobs wait to be taken (not counting ones being run)."""
+        """How many jobs wait to be taken (not counting ones being run). Shared backends: the figure
+        every process sees, the one the bounded put checks (Interrupts.backlog is this process's own)."""
         ...
 
     async def put(self, job: Job, *, force: bool = False) -> None:
@@ -188,14 +189,27 @@ class Releases(Protocol):
         ...
 
 
+class Interrupted(Exception):
+    """get_batch was interrupted (Interrupts.interrupt): the pool is stopping. Not a CancelledError, which
+    would say the caller's own task was cancelled (and confuse asyncio.wait_for or a TaskGroup around it)."""
+
+
 @runtime_checkable
 class Interrupts(Protocol):
     """A queue whose get_batch may carry on past a cancel: redis-py can lose the cancel of a command in
-    flight (redis/redis-py#2028), and a worker would then wait on the queue for ever."""
+    flight (redis/redis-py#2028), and a worker would then wait on the queue for ever. A pool stops its
+    waiting workers by interrupting them instead of cancelling them: a cancel landing as a read's reply
+    arrives would drop entries Redis has delivered to this consumer, which an interrupt keeps."""
 
-    def interrupt(self) -> None:
-        """End every get_batch under way as a cancel would (CancelledError), at its next turn (its reads
-        are bounded); what one had taken it keeps for the next call. Later calls are not affected."""
+    def interrupt(self) -> float:
+        """End every get_batch under way with Interrupted at its next turn (its reads are bounded); what
+        one had taken it keeps for the next call (see `backlog`). Later calls are not affected. Returns
+        the seconds within which the calls under way end, while the backend answers."""
+        ...
+
+    def backlog(self) -> int:
+        """Jobs this queue holds in this process for its next get_batch (taken over from a lost worker,
+        or put back by an interrupt): not in `depth()`, which is the figure every process shares."""
         ...
 
 

@@ -50,11 +50,26 @@ from .errors import (
     WorkerLost,
     ZypherClientError,
 )
-from .records import ErrorDetail, ModelRef, Prediction, WebhookState
+from .records import (
+    WEBHOOK_DEAD_LETTERED,
+    WEBHOOK_DELIVERED,
+    WEBHOOK_EVENTS,
+    WEBHOOK_GONE,
+    WEBHOOK_PENDING,
+    ErrorDetail,
+    ModelRef,
+    Prediction,
+    WebhookState,
+)
 from .retry import RetryPolicy
 from .sync import Client
 
 __all__ = [
+    "WEBHOOK_DEAD_LETTERED",
+    "WEBHOOK_DELIVERED",
+    "WEBHOOK_EVENTS",
+    "WEBHOOK_GONE",
+    "WEBHOOK_PENDING",
     "AlreadyFinished",
     "ApiError",
     "AsyncClient",

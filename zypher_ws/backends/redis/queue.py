@@ -25,7 +25,7 @@ import redis.exceptions
 from ...errors import QueueFull, WorkerLost
 from ...queue_policy import STARVATION_LIMIT
 from ...records import Job
-from ..base import EventBus
+from ..base import EventBus, Interrupted
 from .keys import RedisKeys
 from .store import UNAVAILABLE, RedisStore, translate_errors
 
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 # Longest one XREADGROUP waits: reclaimed work is picked up, and an interrupt heard, within a second.
 READ_BLOCK_MS = 1000
+INTERRUPT_MARGIN = 1.0  # seconds, past one bounded read, for the commands around it (a levels script, a claim)
 RETRY_DELAY = 0.5  # pause before reading again after Redis failed
 DEAD_LETTER_MAX = 10_000
 
@@ -211,7 +212,8 @@ class RedisQueue:
         # returns instead of raising when the cancel lands as the write completes (python/cpython#86296),
         # and the command runs on as if no cancel had come. Here a cancel landing in the first commands of
         # a new connection was lost nearly every time, and a worker told to stop at once waited on Redis
-        # until its --shutdown-timeout (30 s) ran out. So every wait on Redis is bounded and checks a flag.
+        # until its --shutdown-timeout (30 s) ran out. So every blocking read is at most
+        # READ_BLOCK_MS and a flag is checked between reads (other commands: bounded by the socket timeout).
         self._interrupts = 0  # get_batch calls begun before the latest interrupt() end at their next turn
         self._closing = asyncio.Event()
 
@@ -234,8 +236,12 @@ class RedisQueue:
 
     @translate_errors
     async def depth(self) -> int:
-        # Those taken over or put back here wait too (a draining pool must see them).
-        return int(await self._depth(keys=self._streams, args=[self._keys.group])) + len(self._reclaimed)
+        # The figure every process shares, as the bounded add counts it: what is taken over or put back
+        # here is delivered to this consumer (pending), so it is in backlog() instead.
+        return int(await self._depth(keys=self._streams, args=[self._keys.group]))
+
+    def backlog(self) -> int:
+        return len(self._reclaimed)
 
     @translate_errors
     async def positions(self, prediction_ids: Sequence[str]) -> tuple[dict[str, int], int]:
@@ -291,8 +297,9 @@ class RedisQueue:
         if not added:
             raise QueueFull()
 
-    def interrupt(self) -> None:
+    def interrupt(self) -> float:
         self._interrupts += 1
+        return READ_BLOCK_MS / 1000 + INTERRUPT_MARGIN
 
     async def get_batch(self, max_size: int, max_delay: float) -> list[Job]:
         if self._maintenance is None:
@@ -300,7 +307,7 @@ class RedisQueue:
         begun = self._interrupts
         while True:
             if self._interrupts != begun:
-                raise asyncio.CancelledError()  # stopping: as the cancel that may have been lost
+                raise Interrupted()  # stopping
             if self._reclaimed:
                 return [self._reclaimed.popleft() for _ in range(min(max_size, len(self._reclaimed)))]
             try:
@@ -326,8 +333,8 @@ class RedisQueue:
                     self._reclaimed.extendleft(reversed(jobs))  # delivered to us: run here next, or taken over
                     raise
             if jobs and self._interrupts != begun:
-                self._reclaimed.extendleft(reversed(jobs))
-                raise asyncio.CancelledError()
+                self._reclaimed.extendleft(reversed(jobs))  # delivered to us: run here next, or handed back
+                raise Interrupted()
             if jobs:
                 return jobs
 
@@ -406,10 +413,30 @@ class RedisQueue:
         self._held.difference_update(job.receipt for job in jobs if job.receipt)
 
     async def close(self) -> None:
+        """Stop the claims loop, then hand back what waits here to be run (taken over, or put back by an
+        interrupt), so that a live worker takes it over at its next turn rather than after --claim-idle."""
         self._closing.set()
         if self._maintenance is not None:
             self._maintenance.cancel()
             await asyncio.gather(self._maintenance, return_exceptions=True)
+        if self._reclaimed:
+            await self._hand_back()
+
+    async def _hand_back(self) -> None:
+        jobs, self._reclaimed = list(self._reclaimed), deque()
+        receipts = [job.receipt for job in jobs if job.receipt]
+        # Untouched from now on, so they would look idle after --claim-idle anyway; IDLE says so at once.
+        self._held.difference_update(receipts)
+        idle_ms = int(self._claim_idle * 1000)
+        try:
+            for stream, entry_ids in self._by_stream(receipts).items():
+                await self._redis.xclaim(
+                    stream, self._keys.group, self.consumer, 0, entry_ids, idle=idle_ms, justid=True
+                )
+        except UNAVAILABLE as exc:
+            log.warning("could not hand back %d predictions (%s); taken over after --claim-idle", len(jobs), exc)
+            return
+        log.info("handed back %d predictions for other workers to take over", len(jobs))
 
     async def _maintain(self) -> None:
         """Keep our own entries fresh while they run, and take over entries other workers left idle;
