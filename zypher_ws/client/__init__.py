@@ -47,7 +47,7 @@ from .errors import (
     WorkerLost,
     ZypherClientError,
 )
-from .records import ErrorDetail, ModelRef, Prediction
+from .records import Chunk, ErrorDetail, ModelRef, Prediction, Progress
 from .retry import RetryPolicy
 from .sync import Client
 
@@ -58,6 +58,7 @@ __all__ = [
     "BackendUnavailable",
     "BadRequest",
     "BodyTooLarge",
+    "Chunk",
     "Client",
     "ConnectionFailed",
     "DeadlineExceeded",
@@ -78,6 +79,7 @@ __all__ = [
     "NotFound",
     "NotReady",
     "Prediction",
+    "Progress",
     "ProtocolError",
     "QueueFull",
     "RateLimited",

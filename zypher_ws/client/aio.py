@@ -16,8 +16,8 @@ import aiohttp
 from yarl import URL
 
 from .errors import ConnectionFailed, ProtocolError, Timeout, error_from_envelope
-from .live import POLL, LiveSocket, Watcher, unique
-from .records import Prediction
+from .live import POLL, LiveSocket, StreamWatcher, Watcher, unique
+from .records import Chunk, Prediction, Progress
 from .retry import Backoff, Clock, RetryPolicy, Sleep, parse_retry_after
 
 RETRIED_STATUSES = frozenset({429, 503})
@@ -54,6 +54,8 @@ class AsyncClient:
         self._http: aiohttp.ClientSession | None = None
         self._closed = False
         self._live = LiveSocket(self._session, self._url("ws"), token, self.retry, clock, sleep)
+        # Streams on a socket of their own, which keeps their chunks: watches and waits stay as light as before.
+        self._streams = LiveSocket(self._session, self._url("ws"), token, self.retry, clock, sleep, streaming=True)
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -72,6 +74,7 @@ class AsyncClient:
             return
         self._closed = True
         await self._live.close()
+        await self._streams.close()
         if self._http is not None:
             await self._http.close()
 
@@ -97,6 +100,7 @@ class AsyncClient:
         *,
         idempotency_key: str | None = None,
         timeout: float | None = None,
+        stream: bool = False,
     ) -> Prediction:
         """Run one prediction and return it finished (succeeded, failed or canceled).
 
@@ -105,7 +109,7 @@ class AsyncClient:
         carries on on the server). The request carries an Idempotency-Key (a new uuid4
         unless given), so a retry after a dropped connection never runs the prediction twice."""
         started = self._clock()
-        data = await self._post_predict(input, model, version, idempotency_key, run_async=False)
+        data = await self._post_predict(input, model, version, idempotency_key, run_async=False, stream=stream)
         prediction = Prediction.from_dict(data)
         if prediction.terminal:
             return prediction
@@ -119,10 +123,13 @@ class AsyncClient:
         version: str | None = None,
         *,
         idempotency_key: str | None = None,
+        stream: bool = False,
     ) -> Prediction:
-        """Queue one prediction and return its record at once (status `queued`); follow it with `wait`
-        or `watch`. Carries an Idempotency-Key (a new uuid4 unless given): retries never queue it twice."""
-        data = await self._post_predict(input, model, version, idempotency_key, run_async=True)
+        """Queue one prediction and return its record at once (status `queued`); follow it with `wait`,
+        `watch` or `stream`. Carries an Idempotency-Key (a new uuid4 unless given): retries never queue it
+        twice. `stream=True` asks a model that both streams and batches for its stream (a model that only
+        streams streams anyway)."""
+        data = await self._post_predict(input, model, version, idempotency_key, run_async=True, stream=stream)
         return Prediction.from_dict(data)
 
     async def get(self, prediction_id: str) -> Prediction:
@@ -191,6 +198,41 @@ class AsyncClient:
         finally:
             self._live.remove(watcher)
 
+    async def stream(
+        self, prediction_id: str, *, from_index: int = -1
+    ) -> AsyncGenerator[Prediction | Chunk | Progress, None]:
+        """What a streaming prediction produces, in order, as it happens: its states (`Prediction`; a
+        queued one again each time its `queue_position` moves), its output chunks (`Chunk`, each index
+        exactly once, from 0, or from `from_index + 1`), and its progress reports (`Progress`). The last
+        item is its terminal state, after its last chunk.
+
+        Streams share a WebSocket of their own. When it drops (or the server restarts), the client
+        reconnects with backoff and asks for the chunks after the last one it has (`from_index`), so none
+        is lost or repeated. Where WebSocket is unavailable it polls the record instead, whose `result`
+        holds the chunks so far. NotFound for an unknown id."""
+        watcher = StreamWatcher(prediction_id, from_index)
+        polling: Backoff | None = None
+        try:
+            await self._streams.add(watcher)
+            while True:
+                if polling is not None and watcher.queue.empty():
+                    if not watcher.remaining:
+                        return
+                    await self._poll(watcher, polling)
+                    continue
+                item = await watcher.queue.get()
+                if item is POLL:
+                    polling = self.retry.backoff(self._clock)
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                assert isinstance(item, (Prediction, Chunk, Progress))
+                yield item
+                if isinstance(item, Prediction) and item.terminal:
+                    return
+        finally:
+            self._streams.remove(watcher)
+
     async def _poll(self, watcher: Watcher, backoff: Backoff) -> None:
         """One round of GETs over the watcher's unfinished ids; a pause first when nothing was new."""
         limit = asyncio.Semaphore(POLL_CONCURRENCY)
@@ -208,7 +250,7 @@ class AsyncClient:
     # -- HTTP ---------------------------------------------------------------------------------------
 
     async def _post_predict(
-        self, input: Any, model: str | None, version: str | None, key: str | None, *, run_async: bool
+        self, input: Any, model: str | None, version: str | None, key: str | None, *, run_async: bool, stream: bool
     ) -> Any:
         headers = {
             "Content-Type": "application/json",
@@ -216,7 +258,8 @@ class AsyncClient:
         }
         if run_async:
             headers["Prefer"] = "respond-async"
-        body = json.dumps({"input": input}, separators=(",", ":"), allow_nan=False).encode()
+        fields: dict[str, Any] = {"input": input, "stream": True} if stream else {"input": input}
+        body = json.dumps(fields, separators=(",", ":"), allow_nan=False).encode()
         return await self._request("POST", _predict_path(model, version), body=body, headers=headers, dropped_ok=True)
 
     async def _request(

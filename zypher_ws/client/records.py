@@ -10,7 +10,7 @@ from typing import Any
 from ..records import Status
 from .errors import ProtocolError
 
-__all__ = ["ErrorDetail", "ModelRef", "Prediction", "Status"]
+__all__ = ["Chunk", "ErrorDetail", "ModelRef", "Prediction", "Progress", "Status"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +28,33 @@ class ErrorDetail:
 
 
 @dataclass(frozen=True, slots=True)
+class Chunk:
+    """One output chunk of a streaming prediction: `index` counts from 0, in the order the model yielded."""
+
+    prediction_id: str
+    index: int
+    value: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """A streaming model's report of how far it is: `fraction` from 0 to 1, and an optional message."""
+
+    prediction_id: str
+    fraction: float
+    message: str | None = None
+
+    @classmethod
+    def from_dict(cls, prediction_id: str, value: Any) -> Progress | None:
+        if not isinstance(value, dict):
+            return None
+        fraction, message = value.get("fraction"), value.get("message")
+        if not isinstance(fraction, (int, float)) or isinstance(fraction, bool):
+            return None
+        return cls(prediction_id, float(fraction), message if isinstance(message, str) else None)
+
+
+@dataclass(frozen=True, slots=True)
 class Prediction:
     prediction_id: str
     status: Status
@@ -40,6 +67,10 @@ class Prediction:
     expires_at: datetime | None = None
     attempts: int = 0
     batch_size: int | None = None
+    queue_position: int | None = None
+    """While queued, how many predictions run before it (0: it is next), where the server tells."""
+    progress: Progress | None = None
+    """What a streaming model last reported of its progress."""
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     """The record as the server sent it, fields this client does not know included."""
 
@@ -77,6 +108,8 @@ class Prediction:
             expires_at=_time(data.get("expires_at")),
             attempts=attempts if isinstance(attempts, int) else 0,
             batch_size=_int_or_none(metrics.get("batch_size")) if isinstance(metrics, dict) else None,
+            queue_position=_int_or_none(data.get("queue_position")),
+            progress=Progress.from_dict(pid, data.get("progress")),
             raw=data,
         )
 
