@@ -313,7 +313,8 @@ class GatedTensorModel(GatedModel):
 
 
 class SteppedStream:
-    """A streaming model that yields one chunk each time the test allows one (`allow(n)`).
+    """A streaming model that yields one chunk each time the test allows one (`allow(n)`); asked
+    without `stream`, it batches.
 
     Each prediction yields `words` in order, with `Progress((i + 1) / len(words))` after each word when
     `progress` is set; `wait_yielded(n)` returns once n chunks have been yielded in total (counted on the
@@ -342,6 +343,10 @@ class SteppedStream:
 
     def allow(self, n: int = 1) -> None:
         self._permits.release(n)
+
+    def predict_batch(self, inputs: list[Any]) -> list[Any]:
+        """Not streamed (a request without `stream`): the words at once."""
+        return ["".join(self.words) for _ in inputs]
 
     def predict_stream(self, input: Any) -> Iterator[Any]:
         from zypher_ws import Progress  # type: ignore[attr-defined]  # TEMPORARY until the core lands

@@ -732,12 +732,16 @@ async def test_stream_yields_states_chunks_and_progress_in_order_ending_with_the
     api = connect(served.url)
     submitted = await api.submit({}, stream=True)
     assert submitted.raw["stream"] is True
-    streaming = asyncio.ensure_future(api.stream(submitted.prediction_id))
-    model.allow(len(WORDS))
+    got = Counted()
+    streaming = asyncio.ensure_future(api.stream(submitted.prediction_id, got))
+    model.allow(1)
+    await got.reach(1)  # subscribed, and live: what follows comes as it happens
+    model.allow(len(WORDS) - 1)
     items = await asyncio.wait_for(streaming, WAIT)
     assert chunks_of(items) == list(enumerate(WORDS))
     last = items[-1]
     assert isinstance(last, Prediction) and last.status is Status.SUCCEEDED and last.result == WORDS
+    assert last.progress is not None and last.progress.fraction == 1.0
     assert [i for i, item in enumerate(items) if isinstance(item, Prediction) and item.terminal] == [len(items) - 1]
     fractions = [item.fraction for item in items if isinstance(item, Progress)]
     assert fractions and fractions == sorted(fractions) and all(0 < f <= 1 for f in fractions)
@@ -795,8 +799,9 @@ async def test_a_stream_of_a_canceled_prediction_ends_with_the_chunks_so_far(ser
     items = await asyncio.wait_for(streaming, WAIT)
     last = items[-1]
     assert isinstance(last, Prediction) and last.status is Status.CANCELED
-    assert chunks_of(items) == list(enumerate(last.result))  # whatever it kept, each once, in order
-    assert len(last.result) >= 2
+    chunks = chunks_of(items)
+    assert len(chunks) >= 2 and chunks == list(enumerate(WORDS[: len(chunks)]))  # each once, in order
+    assert items.index(last) == len(items) - 1  # the end, after every chunk
 
 
 async def test_a_stream_polls_the_record_when_websocket_is_unavailable(serve: Serve, connect: Connect) -> None:
