@@ -83,6 +83,11 @@ class Deployment:
     def version(self) -> str:
         return self.model.version
 
+    @property
+    def streams(self) -> bool:
+        """The model has predict_stream: a request may ask for `stream: true`."""
+        return callable(getattr(self.model, "predict_stream", None))
+
     def __repr__(self) -> str:
         return f"<Deployment {self.name} version {self.version} {self.state.value}>"
 

@@ -15,9 +15,9 @@ from . import logs, oip
 from .backends import Checks, DefersWrites, EventBus, Recovers, Store, Sweeps
 from .backends.base import Listener
 from .deployments import Deployment, Deployments
-from .errors import InvalidWebhook, ModelNotFound, NotFound, NotReady, QueueFull
+from .errors import InvalidWebhook, ModelNotFound, NotFound, NotReady, QueueFull, StreamNotSupported
 from .events import Watch
-from .records import IdempotencyKey, Job, Outcome, Prediction, Webhook
+from .records import IdempotencyKey, Job, Outcome, Prediction, StreamEvent, Webhook
 from .settings import Settings
 from .validation import is_prediction_id
 from .waiting import settle, settled_within
@@ -96,9 +96,13 @@ class PredictionService:
         webhook: WebhookRequest | None = None,
         protocol: str | None = None,
         parameters: Any = None,
+        stream: bool = False,
     ) -> Prediction:
         """Validate, store and enqueue one prediction of a model (None: the default). Raises
-        ModelNotFound, InvalidInput, InvalidWebhook, NotReady or QueueFull.
+        ModelNotFound, InvalidInput, InvalidWebhook, StreamNotSupported, NotReady or QueueFull.
+
+        With `stream` the model's predict_stream runs it: its result is the list of chunks so far, pushed
+        to watchers as they come (`watch`'s `on_stream`).
 
         With an idempotency key already used for the same model, input and webhook, returns that
         prediction as it is now (and runs nothing); with a different one, raises IdempotencyConflict.
@@ -111,8 +115,9 @@ class PredictionService:
         """
         deployment = self.models.find(model, version)
         prediction, _ = await self._submit(
-            deployment, value, idempotency_key, None, webhook=webhook, protocol=protocol, parameters=parameters
-        )
+            deployment, value, idempotency_key, None, webhook=webhook, protocol=protocol, parameters=parameters,
+            stream=stream,
+        )  # fmt: skip
         return prediction
 
     async def run(
@@ -126,6 +131,7 @@ class PredictionService:
         parameters: Any = None,
         timeout: float,
         webhook: WebhookRequest | None = None,
+        stream: bool = False,
     ) -> Prediction:
         """Submit, then wait: the prediction once terminal, or as it stands when `timeout` runs out.
 
@@ -148,10 +154,11 @@ class PredictionService:
             value,
             idempotency_key,
             on_change,
-            defer=idempotency_key is None,
+            defer=idempotency_key is None and not stream,  # a stream's chunks are committed as it runs
             webhook=webhook,
             protocol=protocol,
             parameters=parameters,
+            stream=stream,
         )
         if not new:
             return await self.wait(prediction.prediction_id, timeout)  # an earlier prediction: follow it
@@ -178,6 +185,7 @@ class PredictionService:
         webhook: WebhookRequest | None = None,
         protocol: str | None = None,
         parameters: Any = None,
+        stream: bool = False,
     ) -> tuple[Prediction, bool]:
         """The prediction, and False if it is an earlier one with the same idempotency key.
 
@@ -188,6 +196,12 @@ class PredictionService:
             value = self._oip_input(deployment, value)
         else:
             deployment.validate(value)
+        if stream and not deployment.streams:
+            raise StreamNotSupported(
+                f"model {deployment.name} version {deployment.version} has no predict_stream: leave out `stream`"
+            )
+        if stream and protocol == oip.PROTOCOL:
+            raise StreamNotSupported("an Open Inference Protocol request does not stream")
         admission = deployment.policy.admit(parameters)
         hook = self._webhook(webhook)
         if self.stopping:
@@ -204,6 +218,7 @@ class PredictionService:
             protocol=protocol,
             priority=admission.priority,
             deadline=admission.deadline,
+            stream=stream,
         )
         pid = prediction.prediction_id
         key = None
@@ -212,6 +227,8 @@ class PredictionService:
             # The default model's fingerprint is of the input alone, as when one model was all there was,
             # so a retry across an upgrade still finds its prediction. A webhook is part of the body too.
             named = value if deployment.is_default else [deployment.name, deployment.version, value]
+            if stream:
+                named = {"stream": named}  # the same input streamed or not is not the same request
             if hook is not None:
                 named = {"input": named, "webhook": [hook.url, *hook.events]}
             canonical = json.dumps(named, sort_keys=True, separators=(",", ":"))
@@ -330,14 +347,34 @@ class PredictionService:
             watch.stop()
         return latest[-1]
 
-    async def watch(self, prediction_id: str, deliver: Callable[[Prediction, bool], None]) -> Watch:
+    async def watch(
+        self,
+        prediction_id: str,
+        deliver: Callable[[Prediction, bool], None],
+        on_stream: Callable[[StreamEvent], None] | None = None,
+        from_index: int | None = None,
+    ) -> Watch:
         """Follow one prediction: `deliver(state, is_snapshot)` gets its current state at once, then each
         later one exactly once, in order, ending with the terminal one. Raises NotFound for an unknown id.
-        Call `stop()` on the watch to stop early."""
-        watch = Watch(self.bus, prediction_id, deliver)
-        if await watch.start(self.store.get) is None:
+        Call `stop()` on the watch to stop early.
+
+        With `on_stream`, a stream's chunks after the snapshot's (or, with `from_index` k, from k + 1) and
+        its progress go there, each chunk once and in order, all before the terminal state."""
+        watch = Watch(self.bus, prediction_id, deliver, on_stream=on_stream, from_index=from_index)
+        if await watch.start(self.read_live) is None:
             raise NotFound(f"no prediction {prediction_id}")
         return watch
+
+    async def read_live(self, prediction_id: str) -> Prediction | None:
+        """The record, and of a running stream also the chunks pushed here and not committed yet."""
+        prediction = await self.store.get(prediction_id)
+        if prediction is None or not prediction.stream or prediction.status.terminal:
+            return prediction
+        start, tail = self.bus.uncommitted(prediction_id)  # no await since the read: as of the same moment
+        have = list(prediction.result or ())
+        if tail and start <= len(have) < start + len(tail):
+            return prediction.streamed(have + tail[len(have) - start :], prediction.progress)
+        return prediction
 
     async def sweep_forever(self, clock: Callable[[], float] = time.time) -> None:
         """Delete expired results now and then (a tenth of the TTL, at most a minute apart), where the

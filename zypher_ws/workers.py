@@ -16,6 +16,7 @@ from .metrics import Metrics
 from .records import Job, Outcome, Prediction
 from .runner import ModelRunner
 from .settings import Settings
+from .streaming import StreamRun
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -131,7 +132,7 @@ class WorkerPool:
             try:
                 await self._announce(started)
                 # Inputs come from the records (canceled ones are not in `started`), not from the queue.
-                outcomes = await self._runner.run_predictions(started, self._settings.max_batch_size)
+                outcomes = await self._run(started)
                 finished = await self._until_done(lambda: self._store.finish(outcomes), "a batch's outcomes")
             finally:
                 self._metrics.batch_finished(started, finished)
@@ -139,6 +140,30 @@ class WorkerPool:
             await self._announce(finished)
         # Only now, with outcomes stored: a worker dying before this leaves the jobs to be taken over.
         await self._until_done(lambda: self._queue.ack(jobs), "the acknowledgement of a batch")
+
+    async def _run(self, started: list[Prediction]) -> list[Outcome]:
+        """The batch's outcomes: streams each through the model's predict_stream, side by side with one
+        model call for the rest."""
+        streams = [p for p in started if p.stream and self._runner.streams]
+        if not streams:
+            return await self._runner.run_predictions(started, self._settings.max_batch_size)
+        rest = [p for p in started if not (p.stream and self._runner.streams)]
+        runs: list[Awaitable[Outcome | list[Outcome]]] = [self._stream(p) for p in streams]
+        if rest:
+            runs.append(self._runner.run_predictions(rest, self._settings.max_batch_size))
+        done = await asyncio.gather(*runs)
+        outcomes = [o for part in done for o in (part if isinstance(part, list) else [part])]
+        order = {p.prediction_id: i for i, p in enumerate(started)}
+        return sorted(outcomes, key=lambda o: order[o.prediction_id])
+
+    async def _stream(self, prediction: Prediction) -> Outcome:
+        s = self._settings
+        run = StreamRun(prediction, settings=s, store=self._store, bus=self._bus)
+        return await run.run(
+            lambda emit: self._runner.start_stream(
+                prediction.input, emit, skip=run.skip, max_chunks=s.max_stream_chunks, max_bytes=s.max_stream_bytes
+            )
+        )
 
     async def _expire(self, started: list[Prediction]) -> list[Prediction]:
         """Those still in time; the ones whose deadline passed while they waited end failed,

@@ -8,13 +8,16 @@ a health check of a remote server) are protocols of their own, so no store carri
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
-from ..records import IdempotencyKey, Job, Outcome, Prediction
+from ..records import IdempotencyKey, Job, Outcome, Prediction, StreamEvent
 from ..webhooks.schedule import Delivery, Settlement
 
 Listener = Callable[[Prediction], None]
 """Called on the event loop with each new state. Must not block: put it in a queue and return."""
+
+StreamListener = Callable[[StreamEvent], None]
+"""Called on the event loop with each chunk, progress and commit of a streaming prediction, in order."""
 
 
 class Store(Protocol):
@@ -39,6 +42,13 @@ class Store(Protocol):
 
     async def cancel(self, prediction_id: str) -> Prediction:
         """Cancel a queued or running prediction. Raises NotFound or AlreadyFinished."""
+        ...
+
+    async def commit_stream(
+        self, prediction_id: str, start: int, chunks: list[Any], progress: dict[str, Any] | None
+    ) -> Prediction | None:
+        """Append a running (or canceled) stream's chunks from index `start`, with its latest progress
+        (lifecycle.append_chunks); the record if it changed."""
         ...
 
     async def close(self) -> None: ...
@@ -156,6 +166,21 @@ class EventBus(Protocol):
     def subscribe(self, prediction_id: str, listener: Listener) -> None: ...
 
     def unsubscribe(self, prediction_id: str, listener: Listener) -> None: ...
+
+    async def publish_stream(self, events: list[StreamEvent]) -> None:
+        """Chunks, progress and commits of streaming predictions: every subscriber, in any process, gets
+        one prediction's events in the order they were published, and in order with its status changes."""
+        ...
+
+    def subscribe_stream(self, prediction_id: str, listener: StreamListener) -> None: ...
+
+    def unsubscribe_stream(self, prediction_id: str, listener: StreamListener) -> None: ...
+
+    def uncommitted(self, prediction_id: str) -> tuple[int, list[Any]]:
+        """The chunks of a stream this process has seen go by and that may not be in the store yet:
+        (the index of the first, the chunks). Joined to a record read from the store, they fill it up to
+        the last chunk dispatched here, so that a subscriber's snapshot leaves no gap."""
+        ...
 
     def listener_count(self) -> int:
         """Listeners held in this process (sockets, event streams and sync requests waiting)."""

@@ -10,14 +10,15 @@ import heapq
 import logging
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 from .. import lifecycle
 from ..errors import QueueFull
 from ..queue_policy import LevelPicker
-from ..records import DEAD_LETTERED, IdempotencyKey, Job, Outcome, Prediction
+from ..records import COMMITTED, DEAD_LETTERED, OUTPUT, IdempotencyKey, Job, Outcome, Prediction, StreamEvent
 from ..waiting import settle, settled_within
 from ..webhooks.schedule import Delivery, Settlement, scheduled_by
-from .base import Listener
+from .base import Listener, StreamListener
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,14 @@ class MemoryStore:
 
     async def cancel(self, prediction_id: str) -> Prediction:
         return self._apply([lifecycle.cancel(self._records.get(prediction_id), prediction_id, self.ttl)])[0]
+
+    async def commit_stream(
+        self, prediction_id: str, start: int, chunks: list[Any], progress: dict[str, Any] | None
+    ) -> Prediction | None:
+        changed = lifecycle.append_chunks(self._records.get(prediction_id), start, chunks, progress)
+        if changed is not None:
+            self._records[prediction_id] = changed
+        return changed
 
     async def sweep(self, now: float) -> int:
         expired = [p.prediction_id for p in self._records.values() if p.expires_at is not None and p.expires_at <= now]
@@ -253,14 +262,46 @@ class MemoryQueue:
         return taken
 
 
+MAX_TAILS = 10_000  # streams whose uncommitted chunks a bus remembers (each is at most a commit's worth)
+
+
+class _Tail:
+    """The chunks of one stream seen since the commit before the last one: a store read is at least that
+    fresh in practice, so the tail joins it without a gap (a Watch mends one that is left)."""
+
+    __slots__ = ("chunks", "start", "trim_to")
+
+    def __init__(self, start: int, chunk: Any) -> None:
+        self.start = start
+        self.chunks = [chunk]
+        self.trim_to = 0  # the previous commit's count: the next commit trims up to it
+
+    def add(self, index: int, chunk: Any) -> None:
+        end = self.start + len(self.chunks)
+        if index == end:
+            self.chunks.append(chunk)
+        elif index > end:  # missed some (a reconnect): start again from here
+            self.start, self.chunks = index, [chunk]
+        # index < end: seen already (a rerun after a crash yields them again)
+
+    def committed(self, count: int) -> None:
+        drop = min(self.trim_to - self.start, len(self.chunks))
+        if drop > 0:
+            del self.chunks[:drop]
+            self.start += drop
+        self.trim_to = max(self.trim_to, count)
+
+
 class LocalEventBus:
     """Delivers to listeners in this process, synchronously, in publish order."""
 
     def __init__(self) -> None:
         self._listeners: dict[str, set[Listener]] = {}
+        self._stream_listeners: dict[str, set[StreamListener]] = {}
+        self._tails: OrderedDict[str, _Tail] = OrderedDict()
 
     def listener_count(self) -> int:
-        return sum(len(s) for s in self._listeners.values())
+        return sum(len(s) for s in self._listeners.values()) + sum(len(s) for s in self._stream_listeners.values())
 
     def watched_ids(self) -> list[str]:
         return list(self._listeners)
@@ -270,8 +311,44 @@ class LocalEventBus:
 
     def dispatch(self, predictions: list[Prediction]) -> None:
         for prediction in predictions:
+            if prediction.stream and prediction.status.terminal:
+                self._tails.pop(prediction.prediction_id, None)  # its record has every chunk now
             for listener in tuple(self._listeners.get(prediction.prediction_id, ())):
                 listener(prediction)
+
+    async def publish_stream(self, events: list[StreamEvent]) -> None:
+        self.dispatch_stream(events)
+
+    def dispatch_stream(self, events: list[StreamEvent]) -> None:
+        tails = self._tails
+        for event in events:
+            pid = event.prediction_id
+            if event.kind == OUTPUT:
+                tail = tails.get(pid)
+                if tail is None:
+                    tails[pid] = _Tail(event.index, event.chunk)
+                    if len(tails) > MAX_TAILS:
+                        tails.popitem(last=False)  # a stream whose end this process never heard of
+                else:
+                    tail.add(event.index, event.chunk)
+            elif event.kind == COMMITTED and (tail := tails.get(pid)) is not None:
+                tail.committed(event.index)
+            for listener in tuple(self._stream_listeners.get(pid, ())):
+                listener(event)
+
+    def subscribe_stream(self, prediction_id: str, listener: StreamListener) -> None:
+        self._stream_listeners.setdefault(prediction_id, set()).add(listener)
+
+    def unsubscribe_stream(self, prediction_id: str, listener: StreamListener) -> None:
+        listeners = self._stream_listeners.get(prediction_id)
+        if listeners is not None:
+            listeners.discard(listener)
+            if not listeners:
+                del self._stream_listeners[prediction_id]
+
+    def uncommitted(self, prediction_id: str) -> tuple[int, list[Any]]:
+        tail = self._tails.get(prediction_id)
+        return (tail.start, list(tail.chunks)) if tail is not None else (0, [])
 
     def subscribe(self, prediction_id: str, listener: Listener) -> None:
         self._listeners.setdefault(prediction_id, set()).add(listener)

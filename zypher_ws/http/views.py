@@ -8,7 +8,7 @@ from aiohttp import web
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from ..deployments import Deployment
-from ..errors import InvalidHeader, ZypherError
+from ..errors import BadRequest, InvalidHeader, ZypherError
 from ..records import Prediction, Status
 from ..service import PredictionService
 from ..validation import idempotency_key
@@ -17,6 +17,7 @@ from .access import client_address
 from .access_log import PREDICTION_ID
 from .envelopes import json_response
 from .keys import LIMITER, METRICS, SERVICE
+from .live import EventStream
 
 _TRUE = {"true", "1", "yes"}
 _FALSE = {"false", "0", "no"}
@@ -59,6 +60,9 @@ def _predict_operation(
       Without `Async-Mode: true` or `Prefer: respond-async` the request waits up to the sync timeout:
       200 with the succeeded record, 500 with the failed record, or 202 (plus `Location`) when it is
       still unfinished; the prediction carries on either way. Asynchronously it answers 202 at once.
+      A sync request with `Accept: text/event-stream` is answered by the prediction's event stream
+      (as GET /predict/{{prediction_id}}/events, with `Location`): with `stream` (implied for a model that
+      streams) its chunks come as `output` events while it runs.
     tags: [predictions]
     parameters:{path_parameters}
       - name: Async-Mode
@@ -85,12 +89,16 @@ def _predict_operation(
         application/json:
           schema: {{$ref: '#/components/schemas/{request}'}}
     responses:
-      '200': {{description: 'Succeeded (sync)', content: {{application/json: {{schema: {{$ref: '#/components/schemas/{record}'}}}}}}}}
+      '200':
+        description: 'Succeeded (sync); or, with Accept text/event-stream, its event stream'
+        content:
+          application/json: {{schema: {{$ref: '#/components/schemas/{record}'}}}}
+          text/event-stream: {{schema: {{type: string, description: 'subscribed, output, progress and update events, as GET /predict/{{prediction_id}}/events'}}}}
       '202':
         description: Accepted (async), or still running when the sync timeout ran out
         headers: {{Location: {{description: URL of the record, schema: {{type: string}}}}}}
         content: {{application/json: {{schema: {{$ref: '#/components/schemas/{record}'}}}}}}
-      '400': {{description: 'Malformed JSON, bad header, input failing the model schema, or a webhook the service will not send (invalid_webhook)', content: {{application/json: {{schema: {{$ref: '#/components/schemas/Error'}}}}}}}}{not_found}
+      '400': {{description: 'Malformed JSON, bad header, input failing the model schema, a webhook the service will not send (invalid_webhook), or stream asked of a model without predict_stream (stream_not_supported)', content: {{application/json: {{schema: {{$ref: '#/components/schemas/Error'}}}}}}}}{not_found}
       '409': {{description: 'Idempotency-Key reused with a different body (idempotency_conflict)', content: {{application/json: {{schema: {{$ref: '#/components/schemas/Error'}}}}}}}}
       '401': {{description: 'No valid bearer token (when tokens are configured)', content: {{application/json: {{schema: {{$ref: '#/components/schemas/Error'}}}}}}}}
       '429': {{description: 'Over the per-client rate limit (rate_limited); retry after `Retry-After` seconds', headers: {{Retry-After: {{schema: {{type: integer}}}}}}, content: {{application/json: {{schema: {{$ref: '#/components/schemas/Error'}}}}}}}}
@@ -112,15 +120,17 @@ _MODEL_NOT_FOUND = """
       '404': {description: 'No such model or version (model_not_found)', content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}"""
 
 
-async def predict(request: web.Request, body: dict[str, Any]) -> web.Response:
+async def predict(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
     return await _predict(request, body, None, None)
 
 
-async def predict_model(request: web.Request, body: dict[str, Any], name: str) -> web.Response:
+async def predict_model(request: web.Request, body: dict[str, Any], name: str) -> web.StreamResponse:
     return await _predict(request, body, name, None)
 
 
-async def predict_model_version(request: web.Request, body: dict[str, Any], name: str, version: str) -> web.Response:
+async def predict_model_version(
+    request: web.Request, body: dict[str, Any], name: str, version: str
+) -> web.StreamResponse:
     return await _predict(request, body, name, version)
 
 
@@ -137,21 +147,47 @@ predict_model_version.__doc__ = _predict_operation(
 )  # fmt: skip
 
 
-async def _predict(request: web.Request, body: dict[str, Any], name: str | None, version: str | None) -> web.Response:
+def wants_events(request: web.Request) -> bool:
+    """`Accept: text/event-stream`: a sync request answered by the prediction's event stream."""
+    return any("text/event-stream" in value.lower() for value in request.headers.getall("Accept", []))
+
+
+def _flag(body: dict[str, Any], name: str) -> bool | None:
+    value = body.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise BadRequest(f"`{name}` must be true or false")
+    return value
+
+
+async def _predict(
+    request: web.Request, body: dict[str, Any], name: str | None, version: str | None
+) -> web.StreamResponse:
     service = request.app[SERVICE]
     request.app[LIMITER].check(client_address(request))
     run_async = wants_async(request)
     key = idempotency_key(request.headers.get("Idempotency-Key"))
     webhook = requested(body)
     parameters = body.get("parameters")
-    if run_async:
+    stream, cancel_on_disconnect = _flag(body, "stream"), _flag(body, "cancel_on_disconnect")
+    events = not run_async and wants_events(request)
+    if stream is None:  # asking for an event stream asks a model that streams to stream
+        stream = events and service.model(name, version).streams
+    if run_async or events:
         prediction = await service.submit(
-            body["input"], model=name, version=version, idempotency_key=key, webhook=webhook, parameters=parameters
-        )
-        return record_response(prediction, 202)
+            body["input"], model=name, version=version, idempotency_key=key, webhook=webhook, parameters=parameters,
+            stream=stream,
+        )  # fmt: skip
+        if not events:
+            return record_response(prediction, 202)
+        answer = EventStream(request, cancel_on_disconnect=bool(cancel_on_disconnect))
+        await answer.watch(prediction.prediction_id)
+        location = f"/predict/{prediction.prediction_id}"
+        response = await answer.serve({"Location": location})
+        response[PREDICTION_ID] = prediction.prediction_id
+        return response
     prediction = await service.run(
         body["input"], model=name, version=version, idempotency_key=key, timeout=service.settings.sync_timeout,
-        webhook=webhook, parameters=parameters,
+        webhook=webhook, parameters=parameters, stream=stream,
     )  # fmt: skip
     if not prediction.status.terminal:
         return record_response(prediction, 202)
