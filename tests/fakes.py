@@ -14,7 +14,7 @@ from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from typing import Any
 
-from zypher_ws import lifecycle
+from zypher_ws import Progress, lifecycle
 from zypher_ws.backends.memory import LocalEventBus, MemoryQueue, MemoryStore
 from zypher_ws.deployments import Deployment, Deployments
 from zypher_ws.metrics import Metrics
@@ -349,8 +349,6 @@ class SteppedStream:
         return ["".join(self.words) for _ in inputs]
 
     def predict_stream(self, input: Any) -> Iterator[Any]:
-        from zypher_ws import Progress  # type: ignore[attr-defined]  # TEMPORARY until the core lands
-
         for i, word in enumerate(self.words):
             if not self._permits.acquire(timeout=WAIT):
                 raise TimeoutError(f"chunk {i} was never allowed")
