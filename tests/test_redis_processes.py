@@ -222,3 +222,60 @@ async def test_redis_restart_loses_nothing_and_the_service_recovers_by_itself(tm
                 assert (await http.post("/predict", json={"input": {"n": 100}})).status == 200
     runs = Counter(int(x) for x in (tmp_path / "runs.log").read_text().split())
     assert runs == Counter([*range(12), 100])  # each once: nothing lost, nothing run twice
+
+
+async def _follow_stream(ws: aiohttp.ClientWebSocketResponse, pid: str) -> tuple[list[Any], list[Any]]:
+    """(the subscribed record's chunks, then every output's) of one prediction, until its end; asserts
+    the outputs' indexes run on from the snapshot's chunks without a gap or a repeat."""
+    snapshot: list[Any] | None = None
+    chunks: list[Any] = []
+    while True:
+        message = await ws.receive_json(timeout=30)
+        if message["type"] == "subscribed":
+            snapshot = list(message["prediction"]["result"] or [])
+            if message["prediction"]["status"] == "succeeded":
+                return snapshot, chunks
+        elif message["type"] == "output":
+            assert snapshot is not None and message["index"] == len(snapshot) + len(chunks)
+            chunks.append(message["chunk"])
+        elif message["type"] == "update" and message["prediction"]["status"] == "succeeded":
+            assert snapshot is not None and snapshot + chunks == message["prediction"]["result"]
+            return snapshot, chunks
+
+
+async def test_a_worker_process_streams_to_subscribers_on_other_api_processes(
+    redis_settings: dict[str, str], tmp_path: Path
+) -> None:
+    """The generator runs in a worker process; subscribers on two API processes, one from the start and
+    one joining mid-stream, and an SSE stream resumed with Last-Event-ID, get every chunk once, in order."""
+    backend = backend_args(redis_settings)
+    streaming = ("--model", "mock", "--mock-stream-chunks", "400", "--mock-latency-ms", "2")
+    async with AsyncExitStack() as stack:
+        api_a = await stack.enter_async_context(run_server(*backend, *streaming, "--workers", "0"))
+        api_b = await stack.enter_async_context(run_server(*backend, *streaming, "--workers", "0"))
+        await stack.enter_async_context(run_worker(*backend, *streaming, "--stream-commit-ms", "50"))
+        http_a = await stack.enter_async_context(aiohttp.ClientSession(api_a.url))
+        http_b = await stack.enter_async_context(aiohttp.ClientSession(api_b.url))
+        everything = [{"index": i, "token": f"t{i} "} for i in range(400)]
+        async with http_b.ws_connect("/ws") as early, http_b.ws_connect("/ws") as late:
+            resp = await http_a.post("/predict", json={"input": "x", "stream": True}, headers=ASYNC)
+            pid = (await resp.json())["prediction_id"]
+            await early.send_json({"op": "subscribe", "prediction_id": pid})
+            following = asyncio.ensure_future(_follow_stream(early, pid))
+
+            # Join once the store shows some chunks committed: mid-stream, past a commit.
+            async def some_committed() -> bool:
+                record = await (await http_a.get(f"/predict/{pid}")).json()
+                return bool(record["result"])
+
+            await eventually(some_committed, "chunks committed", timeout=30)
+            await late.send_json({"op": "subscribe", "prediction_id": pid})
+            late_snapshot, late_chunks = await _follow_stream(late, pid)
+            early_snapshot, early_chunks = await asyncio.wait_for(following, 30)
+        assert early_snapshot + early_chunks == everything
+        assert late_snapshot + late_chunks == everything
+        assert late_snapshot and late_chunks, "the late subscriber did not join mid-stream"
+        resp = await http_a.get(f"/predict/{pid}/events", headers={"Last-Event-ID": "349"})
+        body = await resp.text()
+    ids = [line[4:] for line in body.splitlines() if line.startswith("id: ")]
+    assert ids == [str(i) for i in range(350, 400)]
