@@ -326,12 +326,13 @@ async def test_waiting_predictions_show_their_place_in_the_queue(browser: Any, a
 
 
 def docs_model(tmp_path: Path) -> str:
-    """The ten-line generator of docs/live.md's "Try it", saved as words.py in `tmp_path`: its factory."""
+    """The ten-line token generator of docs/live.md's Streaming, saved as tokens.py in `tmp_path`; the
+    page's "Try it" serves it."""
     page = (Path(__file__).resolve().parent.parent / "docs" / "live.md").read_text()
-    section = page.split("### Try it: watch a model's words appear", 1)[1]
+    section = page.split("\n## Streaming\n", 1)[1]
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
-    (tmp_path / "words.py").write_text(code)
-    return "words:Words"
+    (tmp_path / "tokens.py").write_text(code)
+    return "tokens:Tokens"
 
 
 async def test_the_documented_generator_streams_its_words_into_the_page_across_a_lost_network(
@@ -343,27 +344,27 @@ async def test_the_documented_generator_streams_its_words_into_the_page_across_a
     context = await browser.new_context()
     page = await open_page(context, url)
     assert await page.is_checked("#stream")  # a model that streams: the page asks for its stream
+    words = [f"word{i}" for i in range(40)]  # 2 s of words at the model's 50 ms each
+    await page.fill("#input-json", json.dumps(" ".join(words)))
     await page.click("#submit")
     card = page.locator(".prediction")
     await card.locator('.chunk[data-index="1"]').wait_for()
-    await context.set_offline(True)  # the tab's network gone for a while, mid-sentence
-    await live.close_live(app)
-    await page.wait_for_selector('#connection:not([data-state="open"])')
-    # Offline until the model has said two more words that the page cannot have heard.
     pid = await card.get_attribute("data-prediction-id")
     later = asyncio.Event()
 
     def on_stream(event: Any) -> None:
-        if event.kind == "output" and event.index >= 3:
+        if event.kind == "output" and event.index >= 8:
             later.set()
 
     watch = await app[SERVICE].watch(pid, lambda p, snapshot: None, on_stream=on_stream)
-    await asyncio.wait_for(later.wait(), WAIT)
+    await context.set_offline(True)  # the tab's network gone, mid-sentence
+    await live.close_live(app)
+    await asyncio.wait_for(later.wait(), WAIT)  # offline until the model has said words the page cannot hear
     watch.stop()
     await context.set_offline(False)
     done = page.locator('.prediction[data-status="succeeded"]')
     await done.wait_for()
-    words = "the quick brown fox jumps over the lazy dog".split()
     assert await shown_chunks(done) == [(i, w + " ") for i, w in enumerate(words)]
+    assert await done.locator(".progress").evaluate("bar => bar.value") == 1
     assert page.errors == []
     await context.close()

@@ -156,6 +156,7 @@ class Deployment:
             "state": self.state.value,
             "error": self.error,
             "default": self.is_default,
+            "streams": self.streams,
             "links": {
                 "self": f"/models/{self.name}/versions/{self.version}",
                 "predict": f"/models/{self.name}/versions/{self.version}/predict",
