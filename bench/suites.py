@@ -517,7 +517,7 @@ def streaming(opts: Options, fanouts: tuple[int, ...] = (1, 100, 1000), queued: 
         rows.append([f"{queued:,}", f"{sockets:,}", updates.show(0), most.show(2), drained.show(0), cpu.show(0)])
     out.append(
         table(
-            "queue positions: a moving queue of 10,000 streaming predictions (one worker, 5 ms each)",
+            f"queue positions: a moving queue of {queued:,} streaming predictions (one worker, 5 ms each)",
             ["queued", "subscribers", "position updates/s", "most per prediction/s", "dequeued/s", "server CPU %"],
             rows,
         )
