@@ -14,16 +14,17 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
-from fakes import WAIT, make_settings
+from fakes import WAIT, GatedModel, ManualClock, make_settings
 from helpers import ClientFactory, eventually, listener_count
 from zypher_ws import Progress
-from zypher_ws.backends.memory import LocalEventBus, MemoryStore
+from zypher_ws.backends.memory import LocalEventBus, MemoryQueue, MemoryStore
 from zypher_ws.backends.sqlite import SQLiteStore
 from zypher_ws.events import Watch
 from zypher_ws.http.app import create_app
 from zypher_ws.http.keys import SERVICE
 from zypher_ws.models import MockModel
-from zypher_ws.records import COMMITTED, OUTPUT, PROGRESS, Prediction, StreamEvent
+from zypher_ws.queue_positions import QueuePositions
+from zypher_ws.records import COMMITTED, OUTPUT, PROGRESS, Job, Prediction, StreamEvent
 from zypher_ws.streaming import iterate
 
 ASYNC = {"Prefer": "respond-async"}
@@ -568,3 +569,68 @@ async def test_a_sync_stream_runs_on_when_its_client_goes_unless_it_asked(make_c
             record = await service.wait(pid, WAIT)
             assert record.status.value == "succeeded" and record.result == ["w0 ", "w1 ", "w2 "]
         model.closed.clear()
+
+
+# -- queue positions -------------------------------------------------------------------------------------
+
+
+async def test_queue_positions_are_told_on_change_only_and_ask_only_for_the_watched() -> None:
+    """10,000 queued, 1,000 watched: a tick asks the queue about the 1,000 alone, tells each watcher once,
+    tells nobody when nothing moved, and tells the new positions once jobs are taken."""
+    queue = MemoryQueue(20_000)
+    for i in range(10_000):
+        await queue.put(Job(f"{i:032x}"))
+    asked: list[int] = []
+    positions = queue.positions
+
+    async def counting(ids: Any) -> Any:
+        asked.append(len(ids))
+        return await positions(ids)
+
+    queue.positions = counting  # type: ignore[method-assign]
+    clock = ManualClock()
+    line = QueuePositions(clock=clock, wall=lambda: 5000.0)
+    told: dict[str, list[tuple[int, float | None]]] = {}
+    watched = [f"{i:032x}" for i in range(0, 10_000, 10)]
+    for pid in watched:
+        line.watch(queue, pid, lambda p, eta, pid=pid: told.setdefault(pid, []).append((p, eta)) is None)
+    await line.tick()
+    assert asked == [1000]
+    assert all(told[pid] == [(int(pid, 16), None)] for pid in watched)  # no throughput known yet
+    clock.advance(1.0)
+    await line.tick()
+    assert sum(len(t) for t in told.values()) == 1000  # nothing moved: nobody told again
+    await queue.get_batch(20, 0.0)  # 20 jobs start
+    clock.advance(1.0)
+    await line.tick()
+    first = watched[2]  # was 20th in line, now next
+    assert told[first][-1] == (0, 5000.0 + 1 / 10.0)  # 20 taken in 2 s: 10 a second
+    assert told[watched[0]] == [(0, None)]  # taken: not waiting, nothing more to tell
+    assert len(told[watched[-1]]) == 2 and told[watched[-1]][-1][0] == 9990 - 20
+    assert asked == [1000, 1000, 1000]
+
+
+async def test_a_queued_prediction_s_watchers_hear_its_position(make_client: ClientFactory) -> None:
+    gated = GatedModel()
+    client = await make_client(model=gated, workers=1, max_batch_size=1)
+    ids = [(await submit(client, {"x": i}))["prediction_id"] for i in range(4)]
+    await gated.wait_started(1)
+    record = await (await client.get(f"/predict/{ids[3]}")).json()
+    assert record["status"] == "queued" and record["queue_position"] == 2
+    async with client.ws_connect("/ws") as ws:
+        await ws.send_json({"op": "subscribe", "prediction_id": ids[3]})
+        assert (await recv(ws))["type"] == "subscribed"
+        message = await recv(ws)
+        assert message["type"] == "queue" and message["prediction_id"] == ids[3]
+        assert message["queue_position"] == 2 and "estimated_start_at" in message
+        gated.release.set()
+        while (message := await recv(ws))["type"] != "update":
+            assert message["type"] == "queue" and message["queue_position"] < 2
+        assert message["prediction"]["status"] in ("running", "succeeded")
+
+
+async def submit(client: TestClient, value: Any) -> dict[str, Any]:
+    resp = await client.post("/predict", json={"input": value}, headers=ASYNC)
+    assert resp.status == 202
+    record: dict[str, Any] = await resp.json()
+    return record

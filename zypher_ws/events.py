@@ -75,6 +75,11 @@ class Watch:
             self._on_event(event)
         return snapshot
 
+    @property
+    def rank(self) -> int:
+        """The lifecycle rank of the last state delivered (0: queued; -1 before the snapshot)."""
+        return self._last_rank
+
     def stop(self) -> None:
         if not self.closed:
             self.closed = True

@@ -275,6 +275,9 @@ class Prediction:
             "webhook": self.webhook.to_dict() if self.webhook is not None else None,
             "stream": self.stream,
             "progress": self.progress,
+            # Where it stands in line, while queued: not stored (the queue knows), filled in where shown.
+            "queue_position": None,
+            "estimated_start_at": None,
         }
 
 
@@ -284,6 +287,7 @@ _ROW_FIELDS = tuple(f.name for f in fields(Prediction))
 OUTPUT = "output"  # a chunk a streaming model yielded
 PROGRESS = "progress"  # a Progress it yielded
 COMMITTED = "committed"  # its chunks up to `index` (a count) are in the store now
+QUEUE = "queue"  # a queued prediction's position (`index`) and estimated start (`chunk`, epoch seconds)
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,7 +296,8 @@ class StreamEvent:
 
     prediction_id: str
     kind: str  # OUTPUT, PROGRESS or COMMITTED
-    index: int = 0  # OUTPUT: the chunk's index (0 is the first); COMMITTED: how many chunks are stored
+    index: int = 0  # OUTPUT: the chunk's index (0 is the first); COMMITTED: how many chunks are stored;
+    # QUEUE: how many wait before it (0: it is next)
     chunk: Any = None
     fraction: float | None = None
     message: str | None = None
@@ -308,6 +313,13 @@ class StreamEvent:
         """The WebSocket message (and SSE data) of an OUTPUT or PROGRESS event."""
         if self.kind == OUTPUT:
             return {"type": OUTPUT, "prediction_id": self.prediction_id, "index": self.index, "chunk": self.chunk}
+        if self.kind == QUEUE:
+            return {
+                "type": QUEUE,
+                "prediction_id": self.prediction_id,
+                "queue_position": self.index,
+                "estimated_start_at": rfc3339(self.chunk),
+            }
         pid = self.prediction_id
         return {"type": PROGRESS, "prediction_id": pid, "fraction": self.fraction, "message": self.message}
 

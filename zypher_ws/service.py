@@ -15,9 +15,10 @@ from . import logs, oip
 from .backends import Checks, DefersWrites, EventBus, Recovers, Store, Sweeps
 from .backends.base import Listener
 from .deployments import Deployment, Deployments
-from .errors import InvalidWebhook, ModelNotFound, NotFound, NotReady, QueueFull, StreamNotSupported
+from .errors import InvalidWebhook, ModelNotFound, NotFound, NotReady, QueueFull, StreamNotSupported, ZypherError
 from .events import Watch
-from .records import IdempotencyKey, Job, Outcome, Prediction, StreamEvent, Webhook
+from .queue_positions import QueuePositions
+from .records import QUEUE, IdempotencyKey, Job, Outcome, Prediction, Status, StreamEvent, Webhook, rfc3339
 from .settings import Settings
 from .validation import is_prediction_id
 from .waiting import settle, settled_within
@@ -36,6 +37,8 @@ class PredictionService:
         self.bus = bus
         self.stopping = False
         self._defers = store if isinstance(store, DefersWrites) else None
+        self.positions = QueuePositions()
+        """Where queued predictions watched here stand; its run_forever ticks (the app starts it)."""
         self._on_stop: set[Callable[[], None]] = set()
         self._webhook_policy = AddressPolicy(
             allow_private=settings.webhook_allow_private, allowed_hosts=settings.webhook_allowed_hosts
@@ -361,9 +364,53 @@ class PredictionService:
         With `on_stream`, a stream's chunks after the snapshot's (or, with `from_index` k, from k + 1) and
         its progress go there, each chunk once and in order, all before the terminal state."""
         watch = Watch(self.bus, prediction_id, deliver, on_stream=on_stream, from_index=from_index)
-        if await watch.start(self.read_live) is None:
+        snapshot = await watch.start(self.read_live)
+        if snapshot is None:
             raise NotFound(f"no prediction {prediction_id}")
+        if on_stream is not None and not watch.closed and watch.rank == 0:
+            await self._follow_position(watch, snapshot, on_stream)
         return watch
+
+    async def _follow_position(
+        self, watch: Watch, snapshot: Prediction, on_stream: Callable[[StreamEvent], None]
+    ) -> None:
+        """A queued prediction's watcher hears its position at once, then on each change (at most once a
+        second), until it starts; where the queue can tell (memory and SQLite, Redis)."""
+        deployment = self.models.get(snapshot.model_name, snapshot.model_version)
+        if deployment is None or not self.positions.tells(deployment.queue):
+            return
+        pid = snapshot.prediction_id
+
+        def tell(position: int, estimate: float | None) -> bool:
+            if watch.closed or watch.rank != 0:
+                return False
+            on_stream(StreamEvent(pid, QUEUE, position, chunk=estimate))
+            return True
+
+        try:
+            now = await self.positions.position(deployment.queue, pid)
+        except ZypherError as exc:
+            log.info("could not read the queue position of %s: %s", pid, exc.message)
+            now = None
+        if now is not None and tell(*now):
+            self.positions.watch(deployment.queue, pid, tell, told=now[0])
+        elif now is None:
+            self.positions.watch(deployment.queue, pid, tell)
+
+    async def shown(self, prediction: Prediction) -> dict[str, Any]:
+        """The public record, with its place in line while it is queued (where the queue can tell)."""
+        record = prediction.to_dict()
+        if prediction.status is Status.QUEUED:
+            deployment = self.models.get(prediction.model_name, prediction.model_version)
+            if deployment is not None:
+                try:
+                    found = await self.positions.position(deployment.queue, prediction.prediction_id)
+                except ZypherError:
+                    found = None  # the record without it, rather than no record
+                if found is not None:
+                    record["queue_position"] = found[0]
+                    record["estimated_start_at"] = rfc3339(found[1])
+        return record
 
     async def read_live(self, prediction_id: str) -> Prediction | None:
         """The record, and of a running stream also the chunks pushed here and not committed yet."""

@@ -152,6 +152,16 @@ class WorkQueue(Protocol):
 
 
 @runtime_checkable
+class TellsPositions(Protocol):
+    """A queue that can say where a job stands in line, in O(1) per job asked about."""
+
+    async def positions(self, prediction_ids: Sequence[str]) -> tuple[dict[str, int], int]:
+        """(each id still waiting -> how many jobs wait before it, 0 for the next; how many jobs were
+        taken off the queue so far in all, for its throughput). Ids not waiting are left out."""
+        ...
+
+
+@runtime_checkable
 class Releases(Protocol):
     """A queue whose taken jobs stay assigned to this process until acknowledged (Redis)."""
 

@@ -189,6 +189,13 @@ class MemoryQueue:
         self.maxsize = maxsize
         self._levels = [deque[Job]() for _ in range(max(1, levels))]
         self._count = 0
+        # Positions without a scan: each job's ticket is (its level, its number in that level's order of
+        # arrival), and each level counts the jobs taken off its head. Canceled jobs still in line count
+        # until a worker takes and skips them.
+        self._tickets: dict[str, tuple[int, int]] = {}
+        self._added = [0] * len(self._levels)
+        self._head = [0] * len(self._levels)
+        self._taken_total = 0
         self._picker = LevelPicker(levels) if levels > 1 else None
         self._waiters: set[asyncio.Future[None]] = set()
 
@@ -198,15 +205,27 @@ class MemoryQueue:
     async def put(self, job: Job, *, force: bool = False) -> None:
         if not force and self._count >= self.maxsize:
             raise QueueFull()
-        self._level_of(job).append(job)
+        index = self._index_of(job)
+        self._levels[index].append(job)
+        self._tickets[job.prediction_id] = (index, self._added[index])
+        self._added[index] += 1
         self._count += 1
         for waiter in self._waiters:
             settle(waiter)
 
-    def _level_of(self, job: Job) -> deque[Job]:
+    def _index_of(self, job: Job) -> int:
         # 0 (priorities off, or a record from before they were on) and levels since removed: the lowest.
-        index = job.priority - 1 if 1 <= job.priority <= len(self._levels) else len(self._levels) - 1
-        return self._levels[index]
+        return job.priority - 1 if 1 <= job.priority <= len(self._levels) else len(self._levels) - 1
+
+    async def positions(self, prediction_ids: Sequence[str]) -> tuple[dict[str, int], int]:
+        found = {}
+        for pid in prediction_ids:
+            ticket = self._tickets.get(pid)
+            if ticket is not None:
+                index, number = ticket
+                # Ahead: the higher levels' jobs (a level is taken from first, starvation aside) and its own.
+                found[pid] = sum(len(level) for level in self._levels[:index]) + number - self._head[index]
+        return found, self._taken_total
 
     async def get_batch(self, max_size: int, max_delay: float) -> list[Job]:
         while not self._count:
@@ -225,7 +244,11 @@ class MemoryQueue:
                         await self._wait(remaining)
                     except asyncio.CancelledError:
                         for job in reversed(batch):  # a stopping worker loses nothing
-                            self._level_of(job).appendleft(job)
+                            index = self._index_of(job)
+                            self._levels[index].appendleft(job)
+                            self._head[index] -= 1
+                            self._tickets[job.prediction_id] = (index, self._head[index])
+                            self._taken_total -= 1
                             self._count += 1
                         raise
                     if not self._count:
@@ -251,15 +274,21 @@ class MemoryQueue:
     def _take(self, n: int) -> list[Job]:
         n = min(n, self._count)
         self._count -= n
+        self._taken_total += n
         if self._picker is None:
             items = self._levels[0]
-            return [items.popleft() for _ in range(n)]
-        levels = self._levels
-        taken = []
-        for _ in range(n):
-            level = self._picker.pick(lambda number: bool(levels[number - 1]))
-            assert level is not None  # n is at most what waits
-            taken.append(levels[level - 1].popleft())
+            self._head[0] += n
+            taken = [items.popleft() for _ in range(n)]
+        else:
+            levels = self._levels
+            taken = []
+            for _ in range(n):
+                level = self._picker.pick(lambda number: bool(levels[number - 1]))
+                assert level is not None  # n is at most what waits
+                taken.append(levels[level - 1].popleft())
+                self._head[level - 1] += 1
+        for job in taken:
+            self._tickets.pop(job.prediction_id, None)
         return taken
 
 

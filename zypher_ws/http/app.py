@@ -111,6 +111,7 @@ async def service_ctx(app: web.Application) -> AsyncIterator[None]:
         # Models load in the background, so /healthz answers at once and /readyz reports progress.
         tasks = [asyncio.create_task(_document_when_loaded(app, served), name="zypher-document-models")]
         tasks.append(asyncio.create_task(service.sweep_forever(), name="zypher-sweeper"))
+        tasks.append(asyncio.create_task(service.positions.run_forever(), name="zypher-queue-positions"))
         try:
             yield
         finally:

@@ -22,7 +22,7 @@ from ..errors import (
 from ..events import Watch
 from ..json_codec import dumps, loads
 from ..metrics import Metrics
-from ..records import OUTPUT, PROGRESS, Prediction, StreamEvent
+from ..records import OUTPUT, PROGRESS, QUEUE, Prediction, StreamEvent
 from ..service import PredictionService
 from ..settings import Settings
 from ..webhooks.target import requested
@@ -573,7 +573,7 @@ class EventStream:
     def _put(self, kind: str, item: Prediction | StreamEvent | None) -> None:
         if self._overflowed:
             return
-        if len(self._events) >= self.settings.ws_outbox and kind in (OUTPUT, PROGRESS):
+        if len(self._events) >= self.settings.ws_outbox and kind in (OUTPUT, PROGRESS, QUEUE):
             self._overflowed = True  # the client is not keeping up: end the response; it resumes from its last id
             self.request.app[METRICS].slow_clients.inc()
         self._events.append((kind, item))
@@ -647,7 +647,7 @@ class EventStream:
                 self._last_index = item.index
                 return b"event: output\nid: %d\ndata: %s\n\n" % (item.index, stream_frame(item))
             ident = b"id: %d\n" % self._last_index if self._last_index >= 0 else b""
-            return b"event: progress\n%sdata: %s\n\n" % (ident, stream_frame(item))
+            return b"event: %s\n%sdata: %s\n\n" % (item.kind.encode(), ident, stream_frame(item))
         if kind == "update":
             return b"event: update\ndata: %s\n\n" % update_frame(item)
         ident = b""

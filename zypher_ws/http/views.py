@@ -206,7 +206,11 @@ async def get_prediction(request: web.Request, prediction_id: str) -> web.Respon
       '200': {description: 'The record', content: {application/json: {schema: {$ref: '#/components/schemas/Prediction'}}}}
       '404': {description: 'Unknown id', content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}
     """
-    return record_response(await request.app[SERVICE].get(prediction_id))
+    service = request.app[SERVICE]
+    prediction = await service.get(prediction_id)
+    response = json_response(await service.shown(prediction))
+    response[PREDICTION_ID] = prediction.prediction_id
+    return response
 
 
 async def cancel_prediction(request: web.Request, prediction_id: str) -> web.Response:

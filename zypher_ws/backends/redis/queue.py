@@ -55,7 +55,14 @@ _BOUNDED_ADD = (
 if ARGV[4] == '0' and waiting >= tonumber(ARGV[2]) then
   return {0, waiting}
 end
-redis.call('XADD', KEYS[tonumber(ARGV[5])], '*', 'id', ARGV[3])
+local stream = KEYS[tonumber(ARGV[5])]
+redis.call('XADD', stream, '*', 'id', ARGV[3])
+-- Its ticket for positions (TellsPositions): its level and its number among all entries ever added to
+-- that stream, which the group's entries-read counter is compared with.
+local info = redis.call('XINFO', 'STREAM', stream)
+for i = 1, #info, 2 do
+  if info[i] == 'entries-added' then redis.call('HSET', ARGV[6], ARGV[3], ARGV[5] .. ':' .. info[i + 1]) end
+end
 return {1, waiting + 1}
 """
 )
@@ -164,6 +171,7 @@ class RedisQueue:
         # One stream per priority level, the highest first; one stream, `stream`, without levels.
         self._streams = [f"{stream}:p{level}" for level in range(1, levels + 1)] if levels > 1 else [stream]
         self._counts = f"{stream}:passed-over"
+        self._tickets = f"{stream}:tickets"  # prediction id -> "level:entry number", while it is in the stream
         self._store = store
         self._bus = bus
         self._claim_idle = claim_idle
@@ -197,6 +205,32 @@ class RedisQueue:
         return int(await self._depth(keys=self._streams, args=[self._keys.group]))
 
     @translate_errors
+    async def positions(self, prediction_ids: Sequence[str]) -> tuple[dict[str, int], int]:
+        """From each id's ticket and each level's consumer group (entries-read, lag; Redis 7): one HMGET and
+        one XINFO GROUPS per level, whatever the queue's length. Unknown where Redis cannot count (an entry
+        deleted before it was read, or a stream from before tickets): those ids are left out."""
+        groups = []
+        for stream in self._streams:
+            found = [g for g in await self._redis.xinfo_groups(stream) if _text(g["name"]) == self._keys.group]
+            groups.append(found[0] if found else {})
+        read = [g.get("entries-read") for g in groups]
+        lag = [g.get("lag") for g in groups]
+        taken = sum(int(r) for r in read if r is not None)
+        tickets = await self._redis.hmget(self._tickets, list(prediction_ids)) if prediction_ids else []
+        positions = {}
+        for pid, ticket in zip(prediction_ids, tickets, strict=True):
+            if ticket is None:
+                continue
+            level, _, number = _text(ticket).partition(":")
+            index = int(level) - 1
+            done = read[index]
+            higher = [int(n) for n in lag[:index] if n is not None]
+            if done is None or len(higher) < index or int(number) <= int(done):
+                continue  # taken already, or Redis cannot tell
+            positions[pid] = int(number) - int(done) - 1 + sum(higher)
+        return positions, taken
+
+    @translate_errors
     async def ensure_group(self) -> None:
         for stream in self._streams:
             try:
@@ -212,7 +246,7 @@ class RedisQueue:
         level = job.priority if 1 <= job.priority <= len(self._streams) else len(self._streams)
         added, _ = await self._bounded_add(
             keys=self._streams,
-            args=[self._keys.group, self.maxsize, job.prediction_id, "1" if force else "0", level],
+            args=[self._keys.group, self.maxsize, job.prediction_id, "1" if force else "0", level, self._tickets],
         )
         if not added:
             raise QueueFull()
@@ -287,6 +321,7 @@ class RedisQueue:
             for stream, entry_ids in self._by_stream(receipts).items():
                 pipe.xack(stream, self._keys.group, *entry_ids)
                 pipe.xdel(stream, *entry_ids)
+            pipe.hdel(self._tickets, *{job.prediction_id for job in jobs})
             await pipe.execute()
         self._held.difference_update(receipts)
 
