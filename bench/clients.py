@@ -193,16 +193,15 @@ async def positions(url: str, queued: int, sockets: int, duration: float, server
         wss = [await http.ws_connect("/ws") for _ in watched]
         for ws, pid in zip(wss, watched, strict=True):
             await ws.send_json({"op": "subscribe", "prediction_id": pid})
-            while json.loads((await ws.receive()).data)["type"] != "subscribed":
-                pass
+            while json.loads((await ws.receive()).data)["type"] != "queue":
+                pass  # its snapshot, then its place in line at once: the window counts only the moves
         updates: dict[str, int] = {}
 
         async def count(ws: aiohttp.ClientWebSocketResponse) -> None:
             while True:
                 msg = json.loads((await ws.receive()).data)
-                record = msg.get("prediction") or {}
-                if msg["type"] != "subscribed" and record.get("status") == "queued":
-                    updates[record["prediction_id"]] = updates.get(record["prediction_id"], 0) + 1
+                if msg["type"] == "queue":  # {type, prediction_id, queue_position, estimated_start_at}
+                    updates[msg["prediction_id"]] = updates.get(msg["prediction_id"], 0) + 1
 
         async def position(pid: str) -> int:
             async with http.get(f"/predict/{pid}") as resp:

@@ -212,11 +212,8 @@ function update(record) {
   if (RANK[record.status] < RANK[entry.record.status]) return; // never move backwards
   entry.record = record;
   const el = entry.el;
-  const status = el.querySelector(".status");
-  const position = record.status === "queued" ? record.queue_position : undefined;
-  // queue_position counts from 0 (next to run); people count from 1.
-  status.textContent = Number.isInteger(position) ? `queued, position ${position + 1}` : record.status;
-  status.dataset.status = record.status;
+  if (Number.isInteger(record.queue_position)) entry.queuePosition = record.queue_position;
+  showStatus(entry);
   el.dataset.status = record.status;
   el.querySelector(".cancel").hidden = TERMINAL.has(record.status);
   if (isStream(record)) {
@@ -230,6 +227,25 @@ function update(record) {
   }
   el.querySelector(".error-text").textContent = record.error ? `${record.error.code}: ${record.error.message}` : "";
   el.querySelector(".timings").textContent = timings(record);
+}
+
+// A waiting prediction's place in line: from its record where that says (GET), else from the last
+// `queue` message. queue_position counts from 0 (next to run); people count from 1.
+function showStatus(entry) {
+  const record = entry.record;
+  const status = entry.el.querySelector(".status");
+  const position = record.status === "queued" ? entry.queuePosition : undefined;
+  status.textContent = Number.isInteger(position) ? `queued, position ${position + 1}` : record.status;
+  status.dataset.status = record.status;
+  status.title = record.status === "queued" && record.estimated_start_at ? `expected to start ${record.estimated_start_at}` : "";
+}
+
+function onQueue(msg) {
+  const entry = predictions.get(msg.prediction_id);
+  if (!entry || !Number.isInteger(msg.queue_position)) return;
+  entry.queuePosition = msg.queue_position;
+  if (msg.estimated_start_at) entry.record = { ...entry.record, estimated_start_at: msg.estimated_start_at };
+  showStatus(entry);
 }
 
 function isStream(record) {
@@ -389,6 +405,8 @@ function connect() {
       else track(msg.prediction);
     } else if (msg.type === "output") {
       onChunk(msg.prediction_id, msg.index, msg.chunk);
+    } else if (msg.type === "queue") {
+      onQueue(msg);
     } else if (msg.type === "progress" && predictions.has(msg.prediction_id)) {
       showProgress(predictions.get(msg.prediction_id), msg);
     } else if (msg.type === "error" && msg.prediction_id && predictions.has(msg.prediction_id)) {

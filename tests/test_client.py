@@ -814,3 +814,39 @@ async def test_a_stream_polls_the_record_when_websocket_is_unavailable(serve: Se
     items = await asyncio.wait_for(streaming, WAIT)
     assert chunks_of(items) == list(enumerate(WORDS))
     assert isinstance(items[-1], Prediction) and items[-1].succeeded
+
+
+async def test_a_queued_stream_yields_its_place_in_line_as_it_moves(serve: Serve, connect: Connect) -> None:
+    model = SteppedStream(["done"])  # one word each: each prediction ends when the test allows one
+    served = await serve(model, workers=1, max_batch_size=1)
+    api = connect(served.url)
+    ids = [(await api.submit({"n": n}, stream=True)).prediction_id for n in range(3)]
+    places: list[int | None] = []
+    moved = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def note(item: Any) -> Any:
+        if isinstance(item, Prediction) and item.status is Status.QUEUED:
+            places.append(item.queue_position)
+            loop.call_soon_threadsafe(moved.set)
+        return item
+
+    async def follow() -> list[Any]:
+        client = api.client
+        if isinstance(client, AsyncClient):
+            return [note(item) async for item in client.stream(ids[2])]
+        return await asyncio.to_thread(lambda: [note(item) for item in client.stream(ids[2])])
+
+    streaming = asyncio.ensure_future(follow())
+    while 1 not in places:  # two ahead of it: one running, one waiting
+        moved.clear()
+        await asyncio.wait_for(moved.wait(), WAIT)
+    model.allow(1)  # the first ends: it moves up
+    while 0 not in places:
+        moved.clear()
+        await asyncio.wait_for(moved.wait(), WAIT)
+    model.allow(2)
+    items = await asyncio.wait_for(streaming, WAIT)
+    assert [p for p in places if p is not None] == [1, 0]  # each place once, in order
+    assert isinstance(items[-1], Prediction) and items[-1].succeeded
+    assert chunks_of(items) == [(0, "done")]

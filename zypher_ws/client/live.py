@@ -20,7 +20,7 @@ import aiohttp
 from yarl import URL
 
 from .errors import ApiError, ConnectionFailed, Unauthorized, ZypherClientError, api_error
-from .records import Chunk, Prediction, Progress
+from .records import Chunk, Prediction, Progress, Status
 from .retry import Backoff, Clock, RetryPolicy, Sleep, parse_retry_after
 
 log = logging.getLogger(__name__)
@@ -308,6 +308,8 @@ class LiveSocket:
             self._output(message)
         elif kind == "progress" and self._streaming:
             self._progress(message)
+        elif kind == "queue" and self._streaming:
+            self._queue(message)
         elif kind == "error":
             self._error(message)
         # pong, authenticated, shutdown (a close follows, and then the reconnect): nothing to do
@@ -351,6 +353,17 @@ class LiveSocket:
         for watcher in tuple(self._watchers.get(pid, ())):
             if isinstance(watcher, StreamWatcher):
                 watcher.offer_chunk(index, message["chunk"])
+
+    def _queue(self, message: dict[str, Any]) -> None:
+        """A queued prediction's new place in line: its last state again, with that place."""
+        pid = message.get("prediction_id")
+        latest = self._latest.get(pid) if isinstance(pid, str) else None
+        if latest is None or latest.status is not Status.QUEUED:
+            return
+        moved = latest.moved_in_line(message)
+        self._latest[latest.prediction_id] = moved
+        for watcher in tuple(self._watchers.get(latest.prediction_id, ())):
+            watcher.offer(moved)
 
     def _progress(self, message: dict[str, Any]) -> None:
         pid = message.get("prediction_id")

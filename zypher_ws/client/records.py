@@ -3,7 +3,7 @@ ignored, so a newer server works; they stay in `raw`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -69,6 +69,8 @@ class Prediction:
     batch_size: int | None = None
     queue_position: int | None = None
     """While queued, how many predictions run before it (0: it is next), where the server tells."""
+    estimated_start_at: datetime | None = None
+    """While queued, when the server expects it to start, from its recent throughput."""
     progress: Progress | None = None
     """What a streaming model last reported of its progress."""
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -82,6 +84,14 @@ class Prediction:
     @property
     def succeeded(self) -> bool:
         return self.status is Status.SUCCEEDED
+
+    def moved_in_line(self, message: dict[str, Any]) -> Prediction:
+        """The same state at another place in line: a `queue` message's queue_position and estimated_start_at."""
+        return replace(
+            self,
+            queue_position=_int_or_none(message.get("queue_position")),
+            estimated_start_at=_time(message.get("estimated_start_at")),
+        )
 
     @classmethod
     def from_dict(cls, data: Any) -> Prediction:
@@ -109,6 +119,7 @@ class Prediction:
             attempts=attempts if isinstance(attempts, int) else 0,
             batch_size=_int_or_none(metrics.get("batch_size")) if isinstance(metrics, dict) else None,
             queue_position=_int_or_none(data.get("queue_position")),
+            estimated_start_at=_time(data.get("estimated_start_at")),
             progress=Progress.from_dict(pid, data.get("progress")),
             raw=data,
         )
