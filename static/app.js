@@ -300,8 +300,11 @@ function subscribeMessage(id) {
   return message;
 }
 
+// A subscribe of an id already watched changes nothing on the server: unsubscribe first.
 function resubscribe(id) {
-  if (socket && socket.readyState === WebSocket.OPEN) socket.send(JSON.stringify(subscribeMessage(id)));
+  if (!socket || socket.readyState !== WebSocket.OPEN) return;
+  socket.send(JSON.stringify({ op: "unsubscribe", prediction_id: id }));
+  socket.send(JSON.stringify(subscribeMessage(id)));
 }
 
 function renderResult(el, record) {

@@ -341,13 +341,14 @@ class LiveSocket:
         if chunks is None or index < len(chunks):
             return  # not watched, or a chunk we have (a snapshot carried it)
         if index > len(chunks):
-            # A gap (not what the server promises, but cheap to mend): ask again from the last one we have.
+            # A gap (not what the server promises, but cheap to mend): ask again from the last one we have
+            # (unsubscribing first, since subscribing to an id already watched changes nothing).
             ws = self._ws
             if ws is not None:
                 resume: dict[str, Any] = {"op": "subscribe", "prediction_id": pid}
                 if chunks:
                     resume["from_index"] = len(chunks) - 1
-                self._spawn(self._send(ws, resume))
+                self._spawn(self._resubscribe(ws, pid, resume))
             return
         chunks.append(message["chunk"])
         for watcher in tuple(self._watchers.get(pid, ())):
@@ -364,6 +365,10 @@ class LiveSocket:
         self._latest[latest.prediction_id] = moved
         for watcher in tuple(self._watchers.get(latest.prediction_id, ())):
             watcher.offer(moved)
+
+    async def _resubscribe(self, ws: aiohttp.ClientWebSocketResponse[bool], pid: str, resume: dict[str, Any]) -> None:
+        await self._send(ws, {"op": "unsubscribe", "prediction_id": pid})
+        await self._send(ws, resume)
 
     def _progress(self, message: dict[str, Any]) -> None:
         pid = message.get("prediction_id")
