@@ -37,7 +37,10 @@ async def wait_status(http: aiohttp.ClientSession, ids: list[str], status: str, 
 
         async def until_seen() -> None:
             async for msg in ws:
-                record = json.loads(msg.data)["prediction"]
+                message = json.loads(msg.data)
+                if "prediction" not in message:
+                    continue  # a queued prediction's place in line
+                record = message["prediction"]
                 if record["status"] == status:
                     waiting.discard(record["prediction_id"])
                     if not waiting:

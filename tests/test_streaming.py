@@ -22,7 +22,7 @@ from zypher_ws.backends.sqlite import SQLiteStore
 from zypher_ws.events import Watch
 from zypher_ws.http.app import create_app
 from zypher_ws.http.keys import SERVICE
-from zypher_ws.models import MockModel
+from zypher_ws.models import MockModel, NotAModel, build, parse_model_option
 from zypher_ws.queue_positions import QueuePositions
 from zypher_ws.records import COMMITTED, OUTPUT, PROGRESS, Job, Prediction, StreamEvent
 from zypher_ws.streaming import iterate
@@ -480,9 +480,9 @@ async def test_cancel_stops_the_generator_and_keeps_the_chunks(make_client: Clie
             got += (await recv(ws))["type"] == "output"
         resp = await client.delete(f"/predict/{pid}")
         assert resp.status == 200
-        model.allow(1)  # the next yield sees the cancel
+        model.allow(5)  # a yield after the run hears of the cancel (over Redis: a moment later) stops it
         assert await asyncio.to_thread(model.closed.wait, WAIT)
-    assert model.yielded <= 3
+    assert model.yielded <= 7
     await eventually(lambda: _listeners_gone(client), "the stream's run ended")
     record = await (await client.get(f"/predict/{pid}")).json()
     assert record["status"] == "canceled" and record["result"][:2] == ["w0 ", "w1 "]
@@ -551,7 +551,7 @@ async def test_a_sync_stream_runs_on_when_its_client_goes_unless_it_asked(make_c
     service = client.app[SERVICE]
     for cancel in (False, True):
         pid = ""
-        body = {"input": {"n": 3}, "stream": True, "cancel_on_disconnect": cancel}
+        body = {"input": {"n": 50 if cancel else 3}, "stream": True, "cancel_on_disconnect": cancel}
         resp = await client.post("/predict", json=body, headers=SSE)
         pid = resp.headers["Location"].rsplit("/", 1)[1]
         resp.close()  # the client goes away mid-stream
@@ -562,7 +562,7 @@ async def test_a_sync_stream_runs_on_when_its_client_goes_unless_it_asked(make_c
                 return (await service.get(pid)).status.value == "canceled"
 
             await eventually(canceled, "canceled after its client went")
-            model.allow(1)  # the generator's next yield sees the cancel
+            model.allow(5)  # a yield after the run hears of the cancel (over Redis: a moment later) stops it
             assert await asyncio.to_thread(model.closed.wait, WAIT)
         else:
             model.allow(2)
@@ -634,3 +634,61 @@ async def submit(client: TestClient, value: Any) -> dict[str, Any]:
     assert resp.status == 202
     record: dict[str, Any] = await resp.json()
     return record
+
+
+@pytest.mark.slow  # spawns the model's processes and a manager process
+async def test_a_stream_runs_in_the_process_executor_in_order_and_cancels(aiohttp_client: Any) -> None:
+    settings = make_settings(model=("mock",), executor="process", workers=2, mock_stream_chunks=100, mock_latency_ms=5)
+    client = await aiohttp_client(create_app(settings))
+    await asyncio.wait_for(client.app[SERVICE].models.default.loaded.wait(), 60)
+    resp = await client.post("/predict", json={"input": 1, "stream": True}, headers=SSE)
+    events = sse_events(await resp.text())
+    outputs = [e["data"]["chunk"] for e in events if e["event"] == "output"]
+    everything = [{"index": i, "token": f"t{i} "} for i in range(100)]
+    assert outputs == everything == events[-1]["data"]["prediction"]["result"]
+    assert [e["data"]["fraction"] for e in events if e["event"] == "progress"][-1] == 1.0
+    resp = await client.post("/predict", json={"input": 2, "stream": True}, headers=ASYNC)
+    pid = (await resp.json())["prediction_id"]
+    async with client.ws_connect("/ws") as ws:
+        await ws.send_json({"op": "subscribe", "prediction_id": pid})
+        got = 0
+        while got < 3:
+            got += (await recv(ws))["type"] == "output"
+        assert (await client.delete(f"/predict/{pid}")).status == 200
+    await eventually(lambda: _listeners_gone(client), "the stream's run ended", timeout=WAIT * 2)
+    record = await (await client.get(f"/predict/{pid}")).json()
+    assert record["status"] == "canceled" and 3 <= len(record["result"]) < 100
+
+
+class OnlyStream:
+    """A generator model without predict_batch."""
+
+    name, version = "only", "1"
+    input_schema: dict[str, Any] = {"type": "integer"}
+    output_schema: dict[str, Any] = {"type": "string"}
+
+    def load(self) -> None:
+        pass
+
+    def predict_stream(self, n: int) -> Iterator[Any]:
+        for i in range(n):
+            yield f"c{i}"
+            yield Progress((i + 1) / n)
+
+
+async def test_a_model_with_predict_stream_alone_streams_or_answers_all_its_chunks(aiohttp_client: Any) -> None:
+    model = build(parse_model_option("only=python:test_streaming:OnlyStream"))
+    assert model.output_schema == {
+        "type": "array",
+        "description": "the chunks the model yields",
+        "items": {"type": "string"},
+    }
+    client = await aiohttp_client(create_app(make_settings(), model=model))
+    await asyncio.wait_for(client.app[SERVICE].models.default.loaded.wait(), WAIT)
+    resp = await client.post("/predict", json={"input": 3})
+    assert (await resp.json())["result"] == ["c0", "c1", "c2"]
+    resp = await client.post("/predict", json={"input": 3}, headers=SSE)
+    events = sse_events(await resp.text())
+    assert [e["data"]["chunk"] for e in events if e["event"] == "output"] == ["c0", "c1", "c2"]
+    with pytest.raises(NotAModel):
+        build(parse_model_option("nothing=python:test_streaming:ManualClock"))

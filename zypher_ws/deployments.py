@@ -325,6 +325,8 @@ class Deployer:
         executor = self._executors.pop(deployment, None)
         if executor is not None:
             executor.shutdown(wait=False, cancel_futures=True)
+        if deployment.runner is not None:
+            deployment.runner.stop_streams()
 
     def _track(self, work: Any, name: str) -> asyncio.Task[None]:
         task = asyncio.create_task(work, name=name)

@@ -188,6 +188,12 @@ class ModelRunner:
                 process.terminate()
         return running
 
+    def stop_streams(self) -> None:
+        """Once the executor is shut down: stop the manager process that carried streams from its processes."""
+        manager, self._manager = self._manager, None
+        if manager is not None:  # its shutdown joins a process: not on the loop
+            threading.Thread(target=manager.shutdown, name="zypher-stream-manager-stop", daemon=True).start()
+
     async def load(self) -> ModelDescription:
         """Load in the executor and describe the model as loaded. A failure is kept and re-raised."""
         try:

@@ -203,6 +203,11 @@ class StreamRun:
             if self.canceled and len(self.chunks) > self.committed:
                 await self.commit()
             await self._flush()
+        except asyncio.CancelledError:
+            # The pool is stopping past --shutdown-timeout: stop the generator too. The record stays
+            # running with what was committed, and the next start reruns it from there.
+            self._cancel_model()
+            raise
         finally:
             self._bus.unsubscribe(self.prediction_id, self._on_status)
             pump.cancel()

@@ -502,8 +502,10 @@ async def prediction_events(request: web.Request) -> web.StreamResponse:
       `subscribed` carries the record so far (a stream's chunks 0..k in `result`, and `id: k`); then a
       stream's chunks as `output` events whose `id` is the chunk's index, its `progress`, and each status
       change as `update`. A client that reconnects with `Last-Event-ID: k` (an EventSource does) gets the
-      chunks from k + 1: none twice, none missing. A client that falls behind (more than --ws-outbox
-      events waiting) has its stream ended, to resume the same way.
+      chunks from k + 1: none twice, none missing. A queued prediction's place in line comes as `queue`
+      events ({type, prediction_id, queue_position, estimated_start_at}), at once and on each change. A
+      client that falls behind (more than --ws-outbox events waiting) has its stream ended, to resume the
+      same way.
     tags: [live]
     parameters:
       - {name: prediction_id, in: path, required: true, schema: {type: string}}
@@ -522,7 +524,7 @@ async def prediction_events(request: web.Request) -> web.StreamResponse:
               type: object
               required: [data]
               properties:
-                event: {type: string, enum: [subscribed, output, progress, update, shutdown]}
+                event: {type: string, enum: [subscribed, output, progress, queue, update, shutdown]}
                 id: {type: string, description: "a chunk's index (output; subscribed and progress: the last chunk's so far)"}
                 data: {type: string}
       '400': {description: 'A Last-Event-ID that is not a chunk index (invalid_header)', content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}

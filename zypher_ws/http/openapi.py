@@ -24,7 +24,9 @@ JSON text messages. Client to server, by `op`:
 Server to client, by `type`: `subscribed` (the current record, at once; if it is terminal it is the last
 message for that id; a stream's `result` holds its chunks 0..k so far), `output` (`{"prediction_id",
 "index", "chunk"}`: a stream's chunks from k + 1, each once, in order, all before its terminal `update`),
-`progress` (`{"prediction_id", "fraction", "message"}`), `update` (each later status change, in order),
+`progress` (`{"prediction_id", "fraction", "message"}`), `queue` (`{"prediction_id", "queue_position",
+"estimated_start_at"}`: a queued prediction's place in line, at once and on each change, at most once a
+second), `update` (each later status change, in order),
 `accepted` (for `predict`, with the
 `request_id`), `pong`, `authenticated`, and `error` (`{"error": {"code", "message"}, "request_id"}`;
 codes `invalid_json`, `invalid_message`, `unknown_op`, `not_found`, `model_not_found`,
@@ -156,6 +158,17 @@ PREDICTION = {
                 "fraction": {"type": "number", "minimum": 0, "maximum": 1},
                 "message": {"type": "string", "nullable": True},
             },
+        },
+        "queue_position": {
+            "type": "integer",
+            "nullable": True,
+            "description": "while queued: how many predictions wait before it (0: it is next), where the queue "
+            "can tell (GET; live messages carry it in `queue` messages); else null",
+        },
+        "estimated_start_at": {
+            **_TIMESTAMP,
+            "description": "while queued: when it should start, from the queue's recent throughput; null "
+            "before there is any",
         },
     },
 }
