@@ -175,28 +175,10 @@ class AsyncClient:
         ended while disconnected is not seen: the snapshot on reconnect carries the current one). Where
         WebSocket is unavailable it polls instead. NotFound for an unknown id.
         """
-        ids = unique(prediction_ids)
-        watcher = Watcher(ids)
-        finished = 0
-        polling: Backoff | None = None
-        try:
-            await self._live.add(watcher)
-            while finished < len(ids):
-                if polling is not None and watcher.queue.empty():
-                    await self._poll(watcher, polling)
-                    continue
-                item = await watcher.queue.get()
-                if item is POLL:
-                    polling = self.retry.backoff(self._clock)
-                    continue
-                if isinstance(item, BaseException):
-                    raise item
+        async with aclosing(self._follow(self._live, Watcher(unique(prediction_ids)))) as items:
+            async for item in items:
                 assert isinstance(item, Prediction)
-                if item.terminal:
-                    finished += 1
                 yield item
-        finally:
-            self._live.remove(watcher)
 
     async def stream(
         self, prediction_id: str, *, from_index: int = -1
@@ -210,14 +192,20 @@ class AsyncClient:
         reconnects with backoff and asks for the chunks after the last one it has (`from_index`), so none
         is lost or repeated. Where WebSocket is unavailable it polls the record instead, whose `result`
         holds the chunks so far. NotFound for an unknown id."""
-        watcher = StreamWatcher(prediction_id, from_index)
+        async with aclosing(self._follow(self._streams, StreamWatcher(prediction_id, from_index))) as items:
+            async for item in items:
+                yield item
+
+    async def _follow(
+        self, socket: LiveSocket, watcher: Watcher
+    ) -> AsyncGenerator[Prediction | Chunk | Progress, None]:
+        """What `watcher` is given over `socket` (or by polling, where WebSocket is unavailable), until
+        every one of its ids has had its terminal state."""
         polling: Backoff | None = None
         try:
-            await self._streams.add(watcher)
-            while True:
+            await socket.add(watcher)
+            while watcher.remaining or not watcher.queue.empty():
                 if polling is not None and watcher.queue.empty():
-                    if not watcher.remaining:
-                        return
                     await self._poll(watcher, polling)
                     continue
                 item = await watcher.queue.get()
@@ -228,10 +216,8 @@ class AsyncClient:
                     raise item
                 assert isinstance(item, (Prediction, Chunk, Progress))
                 yield item
-                if isinstance(item, Prediction) and item.terminal:
-                    return
         finally:
-            self._streams.remove(watcher)
+            socket.remove(watcher)
 
     async def _poll(self, watcher: Watcher, backoff: Backoff) -> None:
         """One round of GETs over the watcher's unfinished ids; a pause first when nothing was new."""
