@@ -22,6 +22,7 @@ from zypher_ws.backends.sqlite import SQLiteStore
 from zypher_ws.events import Watch
 from zypher_ws.http.app import create_app
 from zypher_ws.http.keys import SERVICE
+from zypher_ws.http.live import Outbox
 from zypher_ws.models import MockModel, NotAModel, build, parse_model_option
 from zypher_ws.queue_positions import QueuePositions
 from zypher_ws.records import COMMITTED, OUTPUT, PROGRESS, Job, Prediction, StreamEvent
@@ -82,8 +83,8 @@ async def follow(ws: aiohttp.ClientWebSocketResponse, pid: str) -> tuple[dict[st
     expected = 0
     while True:
         message = await recv(ws)
-        if message.get("prediction_id", message.get("prediction", {}).get("prediction_id")) != pid:
-            continue
+        if pid and message.get("prediction_id", message.get("prediction", {}).get("prediction_id")) != pid:
+            continue  # another prediction's ("": any)
         if message["type"] in ("subscribed", "accepted"):
             first = message["prediction"]
             expected = len(first["result"] or [])
@@ -692,3 +693,45 @@ async def test_a_model_with_predict_stream_alone_streams_or_answers_all_its_chun
     assert [e["data"]["chunk"] for e in events if e["event"] == "output"] == ["c0", "c1", "c2"]
     with pytest.raises(NotAModel):
         build(parse_model_option("nothing=python:test_streaming:ManualClock"))
+
+
+def test_a_stream_s_frames_count_toward_the_outbox_s_bytes_only() -> None:
+    outbox = Outbox(max_frames=2, max_bytes=100)
+    assert outbox.put(b"r" * 10) and outbox.put(b"r" * 10)
+    assert not outbox.put(b"r" * 10)  # a third record: past the frame bound
+    assert all(outbox.put(b"o" * 10, counted=False) for _ in range(8))  # chunks: only bytes count
+    assert not outbox.put(b"o", counted=False)  # 100 bytes waiting: full
+    assert not outbox.half_empty()
+
+
+async def test_a_burst_and_a_long_replay_reach_clients_that_read_with_the_default_outbox(
+    make_client: ClientFactory,
+) -> None:
+    client = await streaming_client(make_client, chunks=1000)  # --ws-outbox 256: fewer than the chunks
+    everything = [{"index": i, "token": f"t{i} "} for i in range(1000)]
+    async with client.ws_connect("/ws") as ws:
+        await ws.send_json({"op": "predict", "input": "burst", "stream": True})
+        first, chunks, last = await follow(ws, "")
+        assert (first["result"] or []) + chunks == everything == last["result"]
+        await ws.send_json({"op": "subscribe", "prediction_id": last["prediction_id"], "from_index": 0})
+        assert (await recv(ws))["type"] == "subscribed"
+        replayed = [await recv(ws) for _ in range(999)]
+        assert [m["index"] for m in replayed] == list(range(1, 1000))
+        await ws.send_json({"op": "ping"})
+        assert await recv(ws) == {"type": "pong"}
+
+
+async def test_a_sync_event_stream_counts_toward_the_live_connections_of_its_client(
+    make_client: ClientFactory,
+) -> None:
+    model = SteppedStream()
+    client = await make_client(model=model, ws_max_per_client=1)
+    service = client.app[SERVICE]
+    first = await client.post("/predict", json={"input": {"n": 1}}, headers=SSE)
+    assert first.status == 200
+    second = await client.post("/predict", json={"input": {"n": 1}}, headers=SSE)
+    assert second.status == 429 and (await second.json())["error"]["code"] == "too_many_sockets"
+    assert len(await service.queue_depths()) == 1 and sum((await service.queue_depths()).values()) == 0
+    model.allow(1)
+    events = sse_events(await first.text())
+    assert events[-1]["data"]["prediction"]["result"] == ["w0 "]

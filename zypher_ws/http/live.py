@@ -22,7 +22,7 @@ from ..errors import (
 from ..events import Watch
 from ..json_codec import dumps, loads
 from ..metrics import Metrics
-from ..records import OUTPUT, PROGRESS, QUEUE, Prediction, StreamEvent
+from ..records import OUTPUT, Prediction, StreamEvent
 from ..service import PredictionService
 from ..settings import Settings
 from ..webhooks.target import requested
@@ -98,14 +98,17 @@ class Outbox:
     """Encoded frames waiting for the socket, bounded in frames and in bytes.
 
     A frame that would pass either bound is refused, unless the outbox is empty: one record larger than
-    the byte bound still goes out, alone.
+    the byte bound still goes out, alone. A stream's frames (`output`, `progress`, `queue`) count toward
+    the byte bound only: a model yields chunks in bursts, and a resume replays many at once, so a frame
+    count sized for records would drop clients that read.
     """
 
     def __init__(self, max_frames: int, max_bytes: int) -> None:
         self.max_frames = max_frames
         self.max_bytes = max_bytes
         self.size = 0  # bytes waiting
-        self._frames: deque[bytes] = deque()
+        self.counted = 0  # frames waiting that count toward max_frames
+        self._frames: deque[tuple[bytes, bool]] = deque()
         self._filled = asyncio.Event()  # set while frames wait
         self._roomy = asyncio.Event()  # set while at most half full, or once closed
         self._roomy.set()
@@ -113,12 +116,13 @@ class Outbox:
     def __len__(self) -> int:
         return len(self._frames)
 
-    def put(self, frame: bytes) -> bool:
-        """Queue `frame`; False (and nothing queued) when it would pass a bound."""
-        if self._frames and (len(self._frames) >= self.max_frames or self.size + len(frame) > self.max_bytes):
+    def put(self, frame: bytes, *, counted: bool = True) -> bool:
+        """Queue `frame`; False (and nothing queued) when it would pass a bound (`counted`: the frame bound too)."""
+        if self._frames and ((counted and self.counted >= self.max_frames) or self.size + len(frame) > self.max_bytes):
             return False
-        self._frames.append(frame)
+        self._frames.append((frame, counted))
         self.size += len(frame)
+        self.counted += counted
         self._filled.set()
         if not self.half_empty():
             self._roomy.clear()
@@ -128,14 +132,15 @@ class Outbox:
         while not self._frames:
             self._filled.clear()
             await self._filled.wait()
-        frame = self._frames.popleft()
+        frame, counted = self._frames.popleft()
         self.size -= len(frame)
+        self.counted -= counted
         if self.half_empty():
             self._roomy.set()
         return frame
 
     def half_empty(self) -> bool:
-        return 2 * len(self._frames) <= self.max_frames and 2 * self.size <= self.max_bytes
+        return 2 * self.counted <= self.max_frames and 2 * self.size <= self.max_bytes
 
     async def roomy(self) -> None:
         """Return once the outbox is at most half full, or closed."""
@@ -177,9 +182,9 @@ class WsSession:
     def send(self, message: dict[str, Any]) -> None:
         self.send_frame(dumps(message))
 
-    def send_frame(self, frame: bytes) -> None:
-        """Queue one JSON text frame, already encoded."""
-        if not self.dropped and not self.outbox.put(frame):
+    def send_frame(self, frame: bytes, *, counted: bool = True) -> None:
+        """Queue one JSON text frame, already encoded (`counted`: toward --ws-outbox as well as its bytes)."""
+        if not self.dropped and not self.outbox.put(frame, counted=counted):
             # The client is not reading. Drop it rather than buffer without bound or slow the workers.
             self.drop()
 
@@ -275,7 +280,7 @@ class WsSession:
             self.send(message)
 
         def on_stream(event: StreamEvent) -> None:
-            self.send_frame(stream_frame(event))
+            self.send_frame(stream_frame(event), counted=False)
 
         watch = await self.service.watch(prediction_id, deliver, on_stream=on_stream, from_index=from_index)
         if not watch.closed:  # a terminal snapshot ends the watch at once
@@ -504,7 +509,7 @@ async def prediction_events(request: web.Request) -> web.StreamResponse:
       change as `update`. A client that reconnects with `Last-Event-ID: k` (an EventSource does) gets the
       chunks from k + 1: none twice, none missing. A queued prediction's place in line comes as `queue`
       events ({type, prediction_id, queue_position, estimated_start_at}), at once and on each change. A
-      client that falls behind (more than --ws-outbox events waiting) has its stream ended, to resume the
+      client that falls behind (more than --ws-outbox-bytes of events waiting) has its stream ended, to resume the
       same way.
     tags: [live]
     parameters:
@@ -553,8 +558,8 @@ def last_event_id(request: web.Request) -> int | None:
 
 class EventStream:
     """One Server-Sent Events response following one prediction (GET .../events, and a sync POST that
-    asks for text/event-stream). Its queue holds at most --ws-outbox events: a client that reads slower
-    than the stream comes has its response ended, and resumes with Last-Event-ID."""
+    asks for text/event-stream). Its queue holds at most --ws-outbox-bytes of stream events: a client that
+    reads slower than the stream comes has its response ended, and resumes with Last-Event-ID."""
 
     def __init__(
         self, request: web.Request, from_index: int | None = None, *, cancel_on_disconnect: bool = False
@@ -566,6 +571,7 @@ class EventStream:
         self.cancel_on_disconnect = cancel_on_disconnect
         self.prediction_id = ""
         self._events: deque[tuple[str, Prediction | StreamEvent | None]] = deque()
+        self._stream_bytes = 0  # of the stream events waiting (bounded by --ws-outbox-bytes)
         self._ready = asyncio.Event()
         self._overflowed = False
         self._watch: Watch | None = None
@@ -575,9 +581,16 @@ class EventStream:
     def _put(self, kind: str, item: Prediction | StreamEvent | None) -> None:
         if self._overflowed:
             return
-        if len(self._events) >= self.settings.ws_outbox and kind in (OUTPUT, PROGRESS, QUEUE):
-            self._overflowed = True  # the client is not keeping up: end the response; it resumes from its last id
-            self.request.app[METRICS].slow_clients.inc()
+        if isinstance(item, StreamEvent):
+            size = len(stream_frame(item))
+            if self._events and self._stream_bytes + size > self.settings.ws_outbox_bytes:
+                # The client is not keeping up: end the response once what waits is written; it resumes
+                # from its last id.
+                self._overflowed = True
+                self.request.app[METRICS].slow_clients.inc()
+                self._ready.set()
+                return
+            self._stream_bytes += size
         self._events.append((kind, item))
         self._ready.set()
 
@@ -622,6 +635,8 @@ class EventStream:
                             await response.write(b": keep-alive\n\n")  # proxies close idle streams
                         continue
                 kind, item = self._events.popleft()
+                if isinstance(item, StreamEvent):
+                    self._stream_bytes -= len(stream_frame(item))
                 if item is None:
                     await response.write(b"event: shutdown\ndata: %s\n\n" % dumps(SHUTDOWN_MESSAGE))
                     break

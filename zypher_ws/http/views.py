@@ -16,7 +16,7 @@ from ..webhooks.target import requested
 from .access import client_address
 from .access_log import PREDICTION_ID
 from .envelopes import json_response
-from .keys import LIMITER, METRICS, SERVICE
+from .keys import LIMITER, LIVE_CLIENTS, METRICS, SERVICE
 from .live import EventStream
 
 _TRUE = {"true", "1", "yes"}
@@ -172,17 +172,23 @@ async def _predict(
     events = not run_async and wants_events(request)
     if stream is None:  # asking for an event stream asks a model that streams to stream
         stream = events and service.model(name, version).streams
-    if run_async or events:
+    if run_async:
         prediction = await service.submit(
             body["input"], model=name, version=version, idempotency_key=key, webhook=webhook, parameters=parameters,
             stream=stream,
         )  # fmt: skip
-        if not events:
-            return record_response(prediction, 202)
-        answer = EventStream(request, cancel_on_disconnect=bool(cancel_on_disconnect))
-        await answer.watch(prediction.prediction_id)
-        location = f"/predict/{prediction.prediction_id}"
-        response = await answer.serve({"Location": location})
+        return record_response(prediction, 202)
+    if events:
+        # An event stream, however it began, counts toward --ws-max-per-client: checked before anything runs.
+        # It lasts until the prediction ends, --sync-timeout or not.
+        with request.app[LIVE_CLIENTS].hold(client_address(request)):
+            prediction = await service.submit(
+                body["input"], model=name, version=version, idempotency_key=key, webhook=webhook,
+                parameters=parameters, stream=stream,
+            )  # fmt: skip
+            answer = EventStream(request, cancel_on_disconnect=bool(cancel_on_disconnect))
+            await answer.watch(prediction.prediction_id)
+            response = await answer.serve({"Location": f"/predict/{prediction.prediction_id}"})
         response[PREDICTION_ID] = prediction.prediction_id
         return response
     prediction = await service.run(
