@@ -379,6 +379,29 @@ async def test_a_later_event_replaces_the_start_in_the_record_and_a_late_start_a
     assert completed.event == "completed"
 
 
+async def test_a_chunk_commit_writes_its_output_delivery_with_it_and_completed_carries_every_chunk(
+    store: Any,
+) -> None:
+    p = dataclasses.replace(with_webhook("output", "completed"), stream=True)
+    await store.add(p)
+    await store.start([p.prediction_id])
+    woken: list[int] = []
+    store.on_webhooks_scheduled(lambda: woken.append(1))
+    assert await store.commit_stream(p.prediction_id, 0, ["a "], None) is not None
+    now = time.time() + 1
+    (first,) = await store.due_webhooks(now, 10)
+    assert woken and first.webhook_id == f"msg_{p.prediction_id}_output_1"
+    assert json.loads(first.body)["data"]["result"] == ["a "]
+    record = await store.get(p.prediction_id)
+    assert record.webhook.event == "output" and record.webhook.state == PENDING
+    await store.settle_webhook(settle(first, Attempt(200), now=now, delays=DELAYS))
+    assert (await store.get(p.prediction_id)).webhook.state == DELIVERED
+    await store.finish([Outcome(p.prediction_id, result=["a ", "b "])])
+    (completed,) = await store.due_webhooks(now, 10)
+    assert completed.webhook_id == f"msg_{p.prediction_id}_completed"
+    assert json.loads(completed.body)["data"]["result"] == ["a ", "b "]
+
+
 async def test_a_sqlite_delivery_is_on_disk_with_its_record_and_survives_a_reopen(tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path / "z.db", ttl=60)
     await store.open()
