@@ -125,6 +125,7 @@ async def stream(url: str, sockets: int, chunks: int, interval_ms: float, wait_m
     delays: list[float] = []
     received: list[int] = []
     spans: list[tuple[float, float]] = []
+    closes: list[int] = []  # close codes of sockets the server dropped
     conn = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=conn) as http:
         wss = [await http.ws_connect(f"{url}/ws", max_msg_size=0) for _ in range(sockets)]
@@ -137,7 +138,11 @@ async def stream(url: str, sockets: int, chunks: int, interval_ms: float, wait_m
         async def watch(ws: aiohttp.ClientWebSocketResponse) -> None:
             count, first, last = 0, 0.0, 0.0
             while True:
-                msg = json.loads((await ws.receive()).data)
+                frame = await ws.receive()
+                if frame.type is not aiohttp.WSMsgType.TEXT:  # the server dropped it (a reader too slow)
+                    closes.append(ws.close_code or 0)
+                    break
+                msg = json.loads(frame.data)
                 now = time.time()
                 if msg["type"] == "output":
                     delays.append(now - msg["chunk"]["t"])
@@ -157,6 +162,8 @@ async def stream(url: str, sockets: int, chunks: int, interval_ms: float, wait_m
         "sockets": sockets,
         "chunks": chunks,
         "min_received": min(received, default=0),
+        "dropped": len(closes),
+        "close_codes": sorted(set(closes)),
         "per_socket_per_s": (chunks - 1) / statistics.median(b - a for a, b in spans) if spans else 0.0,
         "pushed_per_s": sum(received) / span if span else 0.0,
         **percentiles(delays),

@@ -53,9 +53,10 @@ def zypher(*extra: str) -> list[str]:
 
 
 def clients(cpu: str, *args: str) -> dict[str, Any]:
-    out = subprocess.run(
-        pinned(cpu, [PY, "-m", "bench.clients", *args]), cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout
+    run = subprocess.run(pinned(cpu, [PY, "-m", "bench.clients", *args]), cwd=ROOT, capture_output=True, text=True)
+    if run.returncode:  # say why: a load client's traceback is the first thing to read
+        raise RuntimeError(f"bench.clients {' '.join(args)} exited {run.returncode}:\n{run.stderr[-3000:]}")
+    out = run.stdout
     result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     return result
 
@@ -482,7 +483,7 @@ def streaming(opts: Options, fanouts: tuple[int, ...] = (1, 100, 1000), queued: 
     with server(argv, ready_path="/readyz") as s:
         for n in fanouts:
             wait_ms = str(1500 + 3 * n)  # time for every socket to subscribe before the first chunk
-            rate, pushed, got = Figure(), Figure(), Figure()
+            rate, pushed, got, dropped = Figure(), Figure(), Figure(), Figure()
             p50, p99 = Figure(), Figure()
             for _ in range(opts.repeat):
                 r = clients(LOAD_CPU, "stream", "--url", s.url, "--sockets", str(n), "--chunks", "2000",
@@ -490,15 +491,16 @@ def streaming(opts: Options, fanouts: tuple[int, ...] = (1, 100, 1000), queued: 
                 rate.add(r["per_socket_per_s"])
                 pushed.add(r["pushed_per_s"])
                 got.add(r["min_received"])
+                dropped.add(r["dropped"])
                 r = clients(LOAD_CPU, "stream", "--url", s.url, "--sockets", str(n), "--chunks", "200",
                             "--interval-ms", "10", "--wait-ms", wait_ms)  # fmt: skip
                 p50.add(r["p50_ms"])
                 p99.add(r["p99_ms"])
-            flat.append([f"{n:,}", rate.show(0), pushed.show(0), got.show(0)])
+            flat.append([f"{n:,}", rate.show(0), pushed.show(0), got.show(0), dropped.show(0)])
             paced.append([f"{n:,}", p50.show(1), p99.show(1)])
     out = [
         table("streaming: one prediction yielding 2,000 chunks flat out, to N subscribers (one load process)",
-              ["subscribers", "chunks/s per subscriber", "chunks/s pushed in all", "fewest live to one"],
+              ["subscribers", "chunks/s per subscriber", "chunks/s pushed in all", "fewest live to one", "dropped"],
               flat),
         table("streaming: added latency per chunk, model yield to socket receipt (100 chunks/s)",
               ["subscribers", "p50 ms", "p99 ms"], paced),
