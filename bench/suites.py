@@ -484,6 +484,7 @@ def streaming(opts: Options, fanouts: tuple[int, ...] = (1, 100, 1000), queued: 
         for n in fanouts:
             wait_ms = str(1500 + 3 * n)  # time for every socket to subscribe before the first chunk
             rate, pushed, got, dropped = Figure(), Figure(), Figure(), Figure()
+            codes: set[int] = set()  # how the server closed the ones it dropped
             p50, p99 = Figure(), Figure()
             for _ in range(opts.repeat):
                 r = clients(LOAD_CPU, "stream", "--url", s.url, "--sockets", str(n), "--chunks", "2000",
@@ -492,11 +493,13 @@ def streaming(opts: Options, fanouts: tuple[int, ...] = (1, 100, 1000), queued: 
                 pushed.add(r["pushed_per_s"])
                 got.add(r["min_received"])
                 dropped.add(r["dropped"])
+                codes.update(r["close_codes"])
                 r = clients(LOAD_CPU, "stream", "--url", s.url, "--sockets", str(n), "--chunks", "200",
                             "--interval-ms", "10", "--wait-ms", wait_ms)  # fmt: skip
                 p50.add(r["p50_ms"])
                 p99.add(r["p99_ms"])
-            flat.append([f"{n:,}", rate.show(0), pushed.show(0), got.show(0), dropped.show(0)])
+            closed = f" (close {', '.join(map(str, sorted(codes)))})" if codes else ""
+            flat.append([f"{n:,}", rate.show(0), pushed.show(0), got.show(0), dropped.show(0) + closed])
             paced.append([f"{n:,}", p50.show(1), p99.show(1)])
     out = [
         table("streaming: one prediction yielding 2,000 chunks flat out, to N subscribers (one load process)",
