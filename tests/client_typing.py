@@ -4,7 +4,19 @@ returns what it reads, so an attribute typed Any (no py.typed) fails --strict's 
 
 from __future__ import annotations
 
-from zypher_ws.client import ApiError, AsyncClient, Chunk, Client, Prediction, Progress, RetryPolicy, Status
+from datetime import datetime
+
+from zypher_ws.client import (
+    ApiError,
+    AsyncClient,
+    Chunk,
+    Client,
+    Prediction,
+    Progress,
+    RetryPolicy,
+    Status,
+    WebhookState,
+)
 
 
 def status_of(client: Client, prediction_id: str) -> Status:
@@ -45,3 +57,12 @@ async def last_progress(client: AsyncClient, prediction_id: str) -> Progress | N
 
 async def streamed(client: AsyncClient) -> int | None:
     return (await client.submit({"prompt": "hi"}, stream=True)).queue_position
+
+
+def with_webhook(client: Client) -> WebhookState | None:
+    return client.predict([0] * 64, webhook="https://example.com/hook", webhook_events_filter=["start"]).webhook
+
+
+async def delivered_at(client: AsyncClient) -> datetime | None:
+    webhook = (await client.submit([0] * 64, webhook="https://example.com/hook")).webhook
+    return webhook.delivered_at if webhook is not None and webhook.delivered else None

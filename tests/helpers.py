@@ -145,21 +145,27 @@ async def run_server(
     cwd: str | None = None,
     port: int | None = None,
     also: tuple[str, ...] = (),
+    lose_redis_cancels: bool = False,
 ) -> AsyncIterator[ServerProcess]:
     """Start `python -m zypher_ws serve ARGS` (on a free port by default); yield once ready (and each line
-    of `also` is logged: "model NAME version V" for every model of several); SIGTERM it after."""
+    of `also` is logged: "model NAME version V" for every model of several); SIGTERM it after.
+    `lose_redis_cancels`: every cancel of a Redis command in flight goes missing in it (lost_cancels.py)."""
     port = port or free_port()
     # Both lines come from the server's own log: it listens, and the (first) model is loaded or, where
     # workers run elsewhere, described.
     ready = ("Running on", "and ready" if "--workers" not in args or _workers(args) else "(it runs in worker", *also)
-    async with _run(["serve", "--port", str(port), *args], ready, env, cwd, f"http://127.0.0.1:{port}") as server:
+    url = f"http://127.0.0.1:{port}"
+    async with _run(["serve", "--port", str(port), *args], ready, env, cwd, url, lose_redis_cancels) as server:
         yield server
 
 
 @asynccontextmanager
-async def run_worker(*args: str, env: dict[str, str] | None = None) -> AsyncIterator[ServerProcess]:
+async def run_worker(
+    *args: str, env: dict[str, str] | None = None, lose_redis_cancels: bool = False
+) -> AsyncIterator[ServerProcess]:
     """Start `python -m zypher_ws worker ARGS`; yield once its model is loaded; SIGTERM it after."""
-    async with _run(["worker", *args], ("loaded and ready", "worker serving"), env, None, "") as worker:
+    ready = ("loaded and ready", "worker serving")
+    async with _run(["worker", *args], ready, env, None, "", lose_redis_cancels) as worker:
         yield worker
 
 
@@ -167,18 +173,31 @@ def _workers(args: tuple[str, ...]) -> int:
     return int(args[args.index("--workers") + 1])
 
 
+# `python -m zypher_ws`, with every cancel of a Redis command in flight lost first.
+LOSING_CANCELS = "import lost_cancels; lost_cancels.install(); from zypher_ws.cli import main; main()"
+
+
 @asynccontextmanager
 async def _run(
-    argv: list[str], ready: tuple[str, ...], env: dict[str, str] | None, cwd: str | None, url: str
+    argv: list[str],
+    ready: tuple[str, ...],
+    env: dict[str, str] | None,
+    cwd: str | None,
+    url: str,
+    lose_redis_cancels: bool = False,
 ) -> AsyncIterator[ServerProcess]:
+    environ = {**os.environ, **(env or {})}
+    command = ["-m", "zypher_ws"]
+    if lose_redis_cancels:
+        command = ["-c", LOSING_CANCELS]
+        environ["PYTHONPATH"] = os.pathsep.join([TESTS, environ.get("PYTHONPATH", "")])
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
-        "-m",
-        "zypher_ws",
+        *command,
         *argv,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, **(env or {})},
+        env=environ,
         cwd=cwd,
     )
     log: list[str] = []

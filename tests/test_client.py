@@ -8,6 +8,7 @@ server runs on the test's loop; models are gated by events the test sets.
 from __future__ import annotations
 
 import asyncio
+import base64
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
@@ -17,9 +18,10 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from standardwebhooks import Webhook as Verifier
 
 from fakes import WAIT, GatedModel, ManualClock, SteppedStream, make_settings
-from helpers import assert_one_terminal_each_in_order
+from helpers import Delivered, Receiver, assert_one_terminal_each_in_order
 from zypher_ws.client import (
     AlreadyFinished,
     AsyncClient,
@@ -27,6 +29,7 @@ from zypher_ws.client import (
     Client,
     ConnectionFailed,
     InvalidInput,
+    InvalidWebhook,
     ModelNotFound,
     ModelRef,
     NotFound,
@@ -40,10 +43,13 @@ from zypher_ws.client import (
 )
 from zypher_ws.http import live
 from zypher_ws.http.app import create_app
-from zypher_ws.http.keys import SERVICE, SOCKETS
+from zypher_ws.http.keys import SERVICE, SOCKETS, WEBHOOKS
 from zypher_ws.models import MockModel, ModelSpec, spec_of
+from zypher_ws.webhooks.schedule import Settlement
 
 TOKEN = "s3cret-token-0123456789"
+SECRET = "whsec_" + base64.b64encode(b"k" * 32).decode()
+HOOKS = {"webhook_secrets": (SECRET,), "webhook_allow_private": True}  # the receiver is on 127.0.0.1
 
 
 # -- a served app that records what reached it ----------------------------------------------------------
@@ -850,3 +856,95 @@ async def test_a_queued_stream_yields_its_place_in_line_as_it_moves(serve: Serve
     assert [p for p in places if p is not None] == [1, 0]  # each place once, in order
     assert isinstance(items[-1], Prediction) and items[-1].succeeded
     assert chunks_of(items) == [(0, "done")]
+
+
+# -- webhooks -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    async with Receiver() as r:
+        yield r
+
+
+def settlements(served: Served) -> asyncio.Queue[Settlement]:
+    """Each webhook attempt of the served app, once its outcome is written to the store."""
+    settled: asyncio.Queue[Settlement] = asyncio.Queue()
+    served.app[WEBHOOKS].observers.append(settled.put_nowait)
+    return settled
+
+
+def verified(delivery: Delivered) -> Any:
+    return Verifier(SECRET).verify(delivery.body, delivery.headers)
+
+
+async def test_predict_with_a_webhook_and_its_delivery_state_on_the_record(
+    serve: Serve, connect: Connect, receiver: Receiver
+) -> None:
+    served = await serve(GatedModel(gated=False), **HOOKS)
+    settled = settlements(served)
+    api = connect(served.url)
+    url = receiver.url("/hook?token=abc")
+    prediction = await api.predict({"x": 1}, webhook=url, webhook_events_filter=["start", "completed"])
+    assert prediction.status is Status.SUCCEEDED
+    hook = prediction.webhook
+    assert hook is not None and (hook.url, hook.events) == (receiver.url("/hook"), ("start", "completed"))
+
+    start, completed = await receiver.next(), await receiver.next()
+    assert start.path_qs == completed.path_qs == "/hook?token=abc"  # the whole URL, query string included
+    pid = prediction.prediction_id
+    assert start.headers["webhook-id"] == f"msg_{pid}_start"
+    assert (verified(start)["type"], verified(start)["data"]["status"]) == ("prediction.start", "running")
+    payload = verified(completed)
+    assert (payload["type"], payload["data"]["prediction_id"]) == ("prediction.completed", pid)
+    assert payload["data"]["result"] == {"echo": {"x": 1}}
+
+    while (await asyncio.wait_for(settled.get(), WAIT)).delivery.event != "completed":
+        pass
+    delivered = (await api.get(pid)).webhook
+    assert delivered is not None and delivered.delivered
+    assert (delivered.event, delivered.state, delivered.attempts, delivered.last_status) == (
+        "completed", "delivered", 1, 200
+    )  # fmt: skip
+    assert delivered.last_error is None and delivered.next_attempt_at is None
+    assert delivered.delivered_at is not None and delivered.delivered_at.utcoffset() is not None
+
+
+async def test_submit_with_a_webhook_sends_completed_by_default(
+    serve: Serve, connect: Connect, receiver: Receiver
+) -> None:
+    gated = GatedModel()
+    served = await serve(gated, **HOOKS)
+    api = connect(served.url)
+    submitted = await api.submit({"x": 2}, webhook=receiver.url())
+    hook = submitted.webhook
+    assert hook is not None and hook.events == ("completed",)
+    assert (hook.event, hook.state, hook.attempts, hook.delivered_at) == (None, None, 0, None)  # nothing sent yet
+    gated.release.set()
+    payload = verified(await receiver.next())
+    assert (payload["type"], payload["data"]["status"]) == ("prediction.completed", "succeeded")
+    assert payload["data"]["prediction_id"] == submitted.prediction_id
+    assert receiver.got[0].headers["webhook-id"] == f"msg_{submitted.prediction_id}_completed"
+    assert (await api.wait(submitted.prediction_id)).webhook is not None
+    assert (await api.submit({"x": 3})).webhook is None  # none asked for
+
+
+async def test_a_webhook_the_server_refuses_raises_invalid_webhook_and_stores_nothing(
+    serve: Serve, connect: Connect
+) -> None:
+    served = await serve(GatedModel(gated=False), webhook_secrets=(SECRET,))  # private addresses refused
+    api = connect(served.url)
+    for url, events in (
+        ("http://127.0.0.1:9/hook", None),
+        ("ftp://example.com/hook", None),
+        ("https://example.com/hook", ["finished"]),
+    ):
+        with pytest.raises(InvalidWebhook) as refused:
+            await api.submit({"x": 1}, webhook=url, webhook_events_filter=events)
+        assert (refused.value.code, refused.value.status) == ("invalid_webhook", 400)
+    assert await served.stored() == 0
+    with pytest.raises(ValueError, match="needs a webhook"):
+        await api.predict({"x": 1}, webhook_events_filter=["start"])
+    with pytest.raises(ValueError, match="list of event names"):
+        await api.submit({"x": 1}, webhook="https://example.com/hook", webhook_events_filter="start")
+    assert len(served.paths("POST", "/predict")) == 3  # neither of the last two was sent

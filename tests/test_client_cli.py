@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import json
 import os
@@ -11,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from standardwebhooks import Webhook as Verifier
 
 from fakes import WAIT, GatedModel, make_settings
-from helpers import free_port
+from helpers import Receiver, free_port
 from zypher_ws.client.cli import PREDICTION_FAILED, REFUSED, SUCCEEDED, USAGE, main
 from zypher_ws.http.app import create_app
 from zypher_ws.http.keys import SERVICE
@@ -120,3 +122,30 @@ async def test_model_and_version(aiohttp_server: Any) -> None:
     status, (record,) = await predict("--url", url, "--input", "[1]")
     assert status == SUCCEEDED and record["model"]["name"] == "mock"
     assert (await predict("--url", url, "--model", "nope", "--input", "1"))[0] == REFUSED
+
+
+async def test_a_webhook_and_its_events(aiohttp_server: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    secret = "whsec_" + base64.b64encode(b"c" * 32).decode()
+    url = await start(aiohttp_server, GatedModel(gated=False), webhook_secrets=(secret,), webhook_allow_private=True)
+    async with Receiver() as receiver:
+        hook = ("--webhook", receiver.url(), "--webhook-events", "start, completed")
+        status, (record,) = await predict("--url", url, *hook, "--input", '{"x": 6}')
+        assert status == SUCCEEDED and record["webhook"]["events"] == ["start", "completed"]
+        events = [Verifier(secret).verify(d.body, d.headers) for d in (await receiver.next(), await receiver.next())]
+        assert [(e["type"], e["data"]["prediction_id"]) for e in events] == [
+            ("prediction.start", record["prediction_id"]),
+            ("prediction.completed", record["prediction_id"]),
+        ]
+        status, (accepted,) = await predict("--url", url, "--async", "--webhook", receiver.url(), "--input", "{}")
+        assert status == SUCCEEDED and accepted["webhook"]["events"] == ["completed"]  # the default
+        only = Verifier(secret).verify((delivery := await receiver.next()).body, delivery.headers)
+        assert (only["type"], only["data"]["prediction_id"]) == ("prediction.completed", accepted["prediction_id"])
+    unknown = await predict(
+        "--url", url, "--webhook", "http://127.0.0.1:9/h", "--webhook-events", "end", "--input", "1"
+    )
+    assert unknown[0] == REFUSED and "invalid_webhook" in capsys.readouterr().err
+    assert (await predict("--url", url, "--webhook-events", "start", "--input", "1"))[0] == USAGE
+    assert "--webhook-events needs --webhook" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        main(["--url", url, "--webhook", receiver.url(), "--webhook-events", " , ", "--input", "1"])
+    assert exited.value.code == USAGE

@@ -45,6 +45,21 @@ def test_every_server_error_has_a_client_class_with_its_code_and_its_parent() ->
             assert errors.BY_CODE[cls.code] is mirror
 
 
+def test_each_code_of_the_server_names_one_class() -> None:
+    """A code found on a record (an infer of a failed prediction answers with its class) gives back the
+    class that has it; one inherited must not shadow it: `internal_error` is a 500, never a 503 whose
+    `Retry-After` would have a client repeat a request that fails for good."""
+    own = [cls for cls in server_classes() if "code" in vars(cls)]
+    assert len({cls.code for cls in own}) == len(own)
+    for cls in own:
+        assert table.error_class_for_code(cls.code) is cls, cls.__name__
+    internal = table.error_class_for_code("internal_error")
+    assert issubclass(internal, table.InternalError) and internal.status == 500
+    assert table.error_class_for_code("not_a_code") is table.ZypherError
+    # Every class is raised with a code of its own, or is the root's own internal_error.
+    assert {cls for cls in server_classes() if "code" not in vars(cls)} == {table.InternalError}
+
+
 def test_every_code_is_exported_from_the_package() -> None:
     import zypher_ws.client as client
 

@@ -100,6 +100,26 @@ def test_the_client_loads_no_numpy_no_model_runtime_and_no_server_module() -> No
     assert not heavy, heavy
 
 
+LOADED_BY_PREDICT = """
+import contextlib, io, sys
+before = set(sys.modules)
+from zypher_ws.cli import main  # the `zypher-ws` entry point
+with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
+    main(["predict", "--help"])
+print("\\n".join(sorted(set(sys.modules) - before)))
+"""
+
+
+def test_zypher_ws_predict_starts_without_numpy_or_the_models() -> None:
+    done = subprocess.run([sys.executable, "-c", LOADED_BY_PREDICT], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    loaded = set(done.stdout.split())
+    assert {"zypher_ws.cli", "zypher_ws.client.cli"} <= loaded  # the listing itself works
+    server = ("zypher_ws.models", "zypher_ws.http", "zypher_ws.json_codec")
+    heavy = sorted(m for m in loaded if m.split(".")[0] in HEAVY or m.startswith(server))
+    assert not heavy, heavy
+
+
 def test_test_modules_import_helpers_not_each_other() -> None:
     """Fakes live in fakes.py and helpers in helper modules: no test imports conftest or another test module."""
     tests = Path(__file__).parent

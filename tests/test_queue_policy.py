@@ -232,6 +232,7 @@ async def test_a_request_queued_past_its_timeout_is_not_run(aiohttp_client: Any,
     record = await client.app[SERVICE].wait(late_native["prediction_id"], WAIT)
     assert record.status.value == "failed" and record.error is not None
     assert record.error["code"] == "deadline_exceeded" and record.error["message"].endswith("; not run")
+    assert record.started_at is None and record.attempts == 0  # straight from queued: it never ran
     answer = await asyncio.wait_for(late_oip, WAIT)
     assert answer.status == 504 and (await answer.json())["error"].endswith("; not run")
     assert (await client.app[SERVICE].wait(in_time["prediction_id"], WAIT)).status.value == "succeeded"

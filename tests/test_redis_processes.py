@@ -17,7 +17,16 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from helpers import eventually, free_port, recording_env, run_server, run_worker, submit_async, wait_all_terminal
+from helpers import (
+    ServerProcess,
+    eventually,
+    free_port,
+    recording_env,
+    run_server,
+    run_worker,
+    submit_async,
+    wait_all_terminal,
+)
 from zypher_ws.backends.redis.keys import RedisKeys
 
 ASYNC = {"Async-Mode": "true"}
@@ -141,6 +150,77 @@ async def _dead_letter_ids(settings: dict[str, str]) -> list[str]:
         return [fields["id"] for _, fields in entries]
     finally:
         await client.aclose()
+
+
+# -- SIGTERM: a prompt exit, even where redis-py loses the cancel of a command in flight ---------------
+
+# How long a process on Redis may take to exit after SIGTERM, beyond --shutdown-timeout: it waits for
+# one bounded read of the queue (1 s) and of the event channel (1 s). Losing a cancel once cost a worker
+# its whole --shutdown-timeout and more; losing every one (lost_cancels.py) held it for ever.
+EXIT_WITHIN = 10.0
+
+
+async def exits_after_sigterm(process: ServerProcess, within: float = EXIT_WITHIN) -> None:
+    process.proc.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.wait_for(process.proc.wait(), within)
+    except asyncio.TimeoutError:
+        raise AssertionError(f"still running {within} s after SIGTERM:\n" + "".join(process.log)) from None
+    assert process.proc.returncode == 0, "".join(process.log)
+
+
+@pytest.mark.parametrize("lose_cancels", [False, True], ids=["cancels-kept", "cancels-lost"])
+async def test_sigterm_ends_an_idle_worker_at_once(
+    redis_settings: dict[str, str], tmp_path: Path, lose_cancels: bool
+) -> None:
+    """Idle, its worker tasks wait in XREADGROUP (BLOCK 1000) and its claims loop sleeps."""
+    env = recording_env(tmp_path / "runs.log")
+    backend = backend_args(redis_settings)
+    async with run_worker(*backend, *MODEL, "--workers", "3", env=env, lose_redis_cancels=lose_cancels) as worker:
+        await exits_after_sigterm(worker)
+
+
+async def test_sigterm_ends_a_worker_holding_a_batch_after_the_shutdown_timeout(
+    redis_settings: dict[str, str], tmp_path: Path
+) -> None:
+    """One worker task runs a batch that never ends, the other waits on the queue; every cancel of a
+    Redis command is lost: the exit comes once the batch's --shutdown-timeout has run out, and the
+    prediction is run again by the next worker."""
+    env = {**recording_env(tmp_path / "held.log"), "ZYPHER_TEST_GATE": str(tmp_path / "never")}
+    backend = (*backend_args(redis_settings), "--claim-idle", "1")
+    async with AsyncExitStack() as stack:
+        api_env = recording_env(tmp_path / "api.log")
+        api = await stack.enter_async_context(run_server(*backend, *MODEL, "--workers", "0", env=api_env))
+        http = await stack.enter_async_context(aiohttp.ClientSession(api.url))
+        holding = ("--workers", "2", "--max-batch-size", "1", "--shutdown-timeout", "1")
+        async with run_worker(*backend, *MODEL, *holding, env=env, lose_redis_cancels=True) as worker:
+            pid = await submit_async(http, 7)
+            await wait_status(http, [pid], "running")
+            await exits_after_sigterm(worker, 1 + EXIT_WITHIN)
+        assert any("abandoned" in line for line in worker.log), "".join(worker.log)
+        await stack.enter_async_context(run_worker(*backend, *MODEL, env=recording_env(tmp_path / "rescue.log")))
+        (record,) = (await wait_all_terminal(http, [pid], timeout=15)).values()
+    assert record["status"] == "succeeded" and record["attempts"] == 2
+    assert not (tmp_path / "held.log").exists()
+
+
+@pytest.mark.parametrize("lose_cancels", [False, True], ids=["cancels-kept", "cancels-lost"])
+async def test_sigterm_ends_an_api_process_listening_to_the_event_channel(
+    redis_settings: dict[str, str], tmp_path: Path, lose_cancels: bool
+) -> None:
+    """Its listener waits on the Redis channel; a WebSocket follows a prediction no worker will take."""
+    env = recording_env(tmp_path / "api.log")
+    backend = backend_args(redis_settings)
+    async with (
+        run_server(*backend, *MODEL, "--workers", "0", env=env, lose_redis_cancels=lose_cancels) as api,
+        aiohttp.ClientSession(api.url) as http,
+    ):
+        pid = await submit_async(http, 1)
+        async with http.ws_connect("/ws") as ws:
+            await ws.send_json({"op": "subscribe", "prediction_id": pid})
+            assert (await ws.receive_json(timeout=10))["prediction"]["status"] == "queued"
+            await exits_after_sigterm(api)
+            assert (await ws.receive_json(timeout=10))["type"] == "shutdown"
 
 
 # -- Redis itself going away ------------------------------------------------------------------------

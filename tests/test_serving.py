@@ -4,6 +4,7 @@ per-model queues, and recovery of each model's predictions after a restart."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import sys
 from contextlib import AsyncExitStack
@@ -389,6 +390,32 @@ async def test_redis_moves_the_single_stream_of_earlier_versions_to_each_models_
     assert [(p.status.value, p.input) for p in finals] == [("succeeded", {"n": n}) for n in range(3)]
     assert not await redis.exists(keys.legacy_queue)
     assert await redis.xlen(keys.queue("retired", "1")) == 1  # waits for a worker serving it, as any model's
+    await redis.aclose()
+
+
+async def test_legacy_entries_of_a_model_with_priority_levels_reach_its_level_streams(
+    aiohttp_client: Any, redis_settings: dict[str, str]
+) -> None:
+    from zypher_ws.backends.redis.store import RedisStore
+    from zypher_ws.records import Prediction
+
+    # The single stream of earlier versions, for a model that now has priority levels: it reads only the
+    # streams of its levels, so what was moved to its plain stream must go on to them.
+    redis = aioredis.Redis.from_url(redis_settings["redis_url"], decode_responses=True)
+    keys = RedisKeys(redis_settings["redis_prefix"])
+    store = RedisStore(redis, keys)
+    fast = MockModel()
+    waiting = [Prediction.new({"n": n}, model_name="mock", model_version=fast.version) for n in range(3)]
+    for prediction in waiting:
+        await store.add(prediction)
+        await redis.xadd(keys.legacy_queue, {"id": prediction.prediction_id})
+    spec = dataclasses.replace(spec_of(fast), config=ModelConfig(priority_levels=2))
+    client: TestClient = await aiohttp_client(create_app(make_settings(**redis_settings), models=[(spec, fast)]))
+    service = client.app[SERVICE]
+    finals = [await service.wait(p.prediction_id, WAIT) for p in waiting]
+    assert [(p.status.value, p.input) for p in finals] == [("succeeded", {"n": n}) for n in range(3)]
+    assert not await redis.exists(keys.legacy_queue)
+    assert await redis.xlen(keys.queue("mock", fast.version)) == 0
     await redis.aclose()
 
 

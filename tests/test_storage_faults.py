@@ -155,9 +155,11 @@ async def test_a_start_applied_but_unanswered_on_redis_is_taken_over_not_strande
     original = RedisStore.start
     lost_replies = 1
 
-    async def applied_then_lost(self: RedisStore, prediction_ids: Sequence[str]) -> list[Prediction]:
+    async def applied_then_lost(
+        self: RedisStore, prediction_ids: Sequence[str], *, now: float | None = None
+    ) -> list[Prediction]:
         nonlocal lost_replies
-        started = await original(self, prediction_ids)
+        started = await original(self, prediction_ids, now=now)
         if lost_replies:
             lost_replies -= 1
             raise BackendUnavailable("Redis is unavailable: Connection closed by server")

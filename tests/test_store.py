@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -87,6 +88,41 @@ async def test_failed_outcome(store: Store) -> None:
     await store.start([p.prediction_id])
     [failed] = await store.finish([Outcome(p.prediction_id, error={"code": "model_error", "message": "x"})])
     assert failed.status is Status.FAILED and failed.error == {"code": "model_error", "message": "x"}
+
+
+async def test_fail_queued_goes_straight_from_queued_to_failed(store: Store) -> None:
+    queued, running, canceled = new(1), new(2), new(3)
+    for p in (queued, running, canceled):
+        await store.add(p)
+    await store.start([running.prediction_id])
+    await store.cancel(canceled.prediction_id)
+    error = {"code": "model_unavailable", "message": "no one serves it"}
+    failed = await store.fail_queued([Outcome(p.prediction_id, error=error) for p in (queued, running, canceled)])
+    assert [p.prediction_id for p in failed] == [queued.prediction_id]  # only a queued one: it never ran
+    assert await store.fail_queued([]) == [] and await store.finish([]) == [] and await store.start([]) == []
+    got = await store.get(queued.prediction_id)
+    assert got is not None and got.status is Status.FAILED and got.error == error
+    assert got.started_at is None and got.attempts == 0 and got.expires_at is not None
+    for p, status in ((running, Status.RUNNING), (canceled, Status.CANCELED)):
+        kept = await store.get(p.prediction_id)
+        assert kept is not None and kept.status is status
+
+
+async def test_start_fails_a_prediction_past_its_deadline_without_starting_it(store: Store) -> None:
+    now = time.time()
+    late = dataclasses.replace(new(1), deadline=now - 1)
+    in_time, no_deadline = dataclasses.replace(new(2), deadline=now + 60), new(3)
+    for p in (late, in_time, no_deadline):
+        await store.add(p)
+    changed = await store.start([late.prediction_id, in_time.prediction_id, no_deadline.prediction_id], now=now)
+    assert [(p.prediction_id, p.status) for p in changed] == [
+        (late.prediction_id, Status.FAILED),
+        (in_time.prediction_id, Status.RUNNING),
+        (no_deadline.prediction_id, Status.RUNNING),
+    ]
+    got = await store.get(late.prediction_id)
+    assert got is not None and got.error is not None and got.error["code"] == "deadline_exceeded"
+    assert got.started_at is None and got.attempts == 0
 
 
 async def test_idempotency(store: Store) -> None:
@@ -195,6 +231,15 @@ async def test_lifecycle_of_a_deferred_prediction(tmp_path: Path) -> None:
     await store.add_deferred(d)
     await store.delete(d.prediction_id)
     assert await store.get(d.prediction_id) is None
+    late = dataclasses.replace(new(5), deadline=time.time() - 1)
+    await store.add_deferred(late)
+    [expired] = await store.start([late.prediction_id], now=time.time())
+    assert expired.status is Status.FAILED and expired.started_at is None
+    assert on_disk(tmp_path / "z.db")[late.prediction_id] == "failed"  # written once, failed
+    orphan = new(6)
+    await store.add_deferred(orphan)
+    [failed] = await store.fail_queued([Outcome(orphan.prediction_id, error={"code": "c", "message": "m"})])
+    assert failed.status is Status.FAILED and on_disk(tmp_path / "z.db")[orphan.prediction_id] == "failed"
     await store.close()
 
 

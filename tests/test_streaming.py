@@ -475,6 +475,7 @@ async def test_cancel_stops_the_generator_and_keeps_the_chunks(make_client: Clie
     pid = (await resp.json())["prediction_id"]
     async with client.ws_connect("/ws") as ws:
         await ws.send_json({"op": "subscribe", "prediction_id": pid})
+        assert (await recv(ws))["type"] == "subscribed"  # before any chunk: they all come as outputs
         model.allow(2)
         got = 0
         while got < 2:

@@ -8,7 +8,6 @@ import sys
 from collections.abc import Sequence
 
 from . import logs
-from .models.errors import ModelSetupError
 from .settings import Settings, add_settings_arguments
 
 
@@ -40,6 +39,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         from .client.cli import main as predict
 
         raise SystemExit(predict(argv[1:]))
+    # Only past `predict`: the models package loads numpy, which `zypher-ws predict` does without.
+    from .models.errors import ModelSetupError
+
     args = build_parser().parse_args(argv)
     try:
         settings = Settings.from_namespace(args)

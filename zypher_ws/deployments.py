@@ -74,6 +74,13 @@ class Deployment:
         self._no_submits = asyncio.Event()
         self._no_submits.set()
         self._validate: InputValidator | None = None
+        # What the catalog of a shared backend says of it (catalog.py); None where there is none.
+        self.served_by: int | None = None
+        """How many worker processes announce they serve it."""
+        self.conflict: str | None = None
+        """Workers that serve it disagree on what it is: which, and how."""
+        self.unavailable: str | None = None
+        """No worker has served it for longer than --unserved-grace: why new predictions are refused."""
 
     @property
     def name(self) -> str:
@@ -157,6 +164,9 @@ class Deployment:
             "error": self.error,
             "default": self.is_default,
             "streams": self.streams,
+            **({"served_by": self.served_by} if self.served_by is not None else {}),
+            **({"conflict": self.conflict} if self.conflict else {}),
+            **({"unavailable": self.unavailable} if self.unavailable else {}),
             "links": {
                 "self": f"/models/{self.name}/versions/{self.version}",
                 "predict": f"/models/{self.name}/versions/{self.version}/predict",
@@ -279,13 +289,14 @@ class Deployer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._unloading: set[Deployment] = set()
 
-    async def make(self, spec: ModelSpec, model: Model) -> Deployment:
+    async def make(self, spec: ModelSpec, model: Model, *, describe_only: bool = False) -> Deployment:
+        """`describe_only`: never run here, whatever --workers says (a model that worker processes publish)."""
         own = dataclasses.replace(self._settings, **spec.config.overrides())
         policy = spec.config.queue_policy()
         queue = await self._backend.open_queue(model.name, model.version, own.max_queue, policy.priority_levels)
         runner = pool = None
         executor = None
-        if self._run_here and own.workers:
+        if self._run_here and own.workers and not describe_only:
             executor = make_executor(own, spec)
             runner = ModelRunner(model, executor)
             pool = WorkerPool(

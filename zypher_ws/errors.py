@@ -30,9 +30,14 @@ class InternalError(ZypherError):
 
 
 class RetryLater(ZypherError):
-    """Refused for now, not for good: the answer carries `Retry-After` (seconds, at least 1)."""
+    """Refused for now, not for good: the answer carries `Retry-After` (seconds, at least 1).
+
+    The parent of the 503s and of rate_limited, each raised with its own code. It has a code of its own
+    too: inheriting the root's `internal_error` made that code look up this class (a 503 with
+    `Retry-After`) where a record carries it, say an infer of a failed prediction."""
 
     status = 503
+    code = "unavailable"
     default_message: ClassVar[str] = "unavailable; retry later"
 
     def __init__(self, message: str | None = None, *, retry_after: float = 1) -> None:
@@ -175,6 +180,14 @@ class QueueFull(RetryLater):
 class NotReady(RetryLater):
     code = "not_ready"
     default_message = "the model is not loaded yet"
+
+
+class ModelUnavailable(RetryLater):
+    """No process has served this model version for longer than --unserved-grace (redis): a prediction
+    is refused, and one queued for it meanwhile ends failed with this code (docs/scaling.md)."""
+
+    code = "model_unavailable"
+    default_message = "no worker serves this model; retry later"
 
 
 class StorageFull(RetryLater):

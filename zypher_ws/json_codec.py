@@ -15,7 +15,7 @@ import json
 import math
 from typing import Any
 
-import numpy as np
+import numpy as np  # at import: only the server imports this module, and its models load numpy anyway
 import orjson
 
 MAX_DEPTH = 128

@@ -9,15 +9,32 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from .errors import AlreadyFinished, IdempotencyConflict, NotFound, WorkerLost
+from .errors import AlreadyFinished, DeadlineExceeded, IdempotencyConflict, NotFound, WorkerLost
 from .records import IdempotencyKey, Outcome, Prediction, Status
 
 
-def start(current: Prediction | None, batch_size: int) -> Prediction | None:
-    """queued -> running; None for anything else (canceled meanwhile, or gone)."""
+def start(current: Prediction | None, batch_size: int, now: float | None = None, ttl: float = 0.0) -> Prediction | None:
+    """queued -> running; None for anything else (canceled meanwhile, or gone).
+
+    With `now`, one whose deadline has passed goes queued -> failed (deadline_exceeded) instead: it never
+    ran, so it gets no attempt and no start time."""
     if current is None or current.status is not Status.QUEUED:
         return None
+    if now is not None and current.deadline is not None and current.deadline < now:
+        error = DeadlineExceeded(
+            f"waited {now - current.created_at:.3f} s in the queue, past its timeout of "
+            f"{current.deadline - current.created_at:.3f} s; not run"
+        ).to_dict()
+        return current.finished(Status.FAILED, ttl=ttl, error=error)
     return current.started(batch_size=batch_size)
+
+
+def fail_queued(current: Prediction | None, outcome: Outcome, ttl: float) -> Prediction | None:
+    """queued -> failed, for work that will never run (its model is no longer served); None for anything
+    else. No attempt is counted and no start time set: nothing started."""
+    if current is None or current.status is not Status.QUEUED or not outcome.error:
+        return None
+    return current.finished(Status.FAILED, ttl=ttl, error=outcome.error)
 
 
 def finish(current: Prediction | None, outcome: Outcome, ttl: float) -> Prediction | None:

@@ -15,7 +15,16 @@ from . import logs, oip
 from .backends import Checks, DefersWrites, EventBus, Recovers, Store, Sweeps
 from .backends.base import Listener
 from .deployments import Deployment, Deployments
-from .errors import InvalidWebhook, ModelNotFound, NotFound, NotReady, QueueFull, StreamNotSupported, ZypherError
+from .errors import (
+    InvalidWebhook,
+    ModelNotFound,
+    ModelUnavailable,
+    NotFound,
+    NotReady,
+    QueueFull,
+    StreamNotSupported,
+    ZypherError,
+)
 from .events import Watch
 from .queue_positions import QueuePositions
 from .records import QUEUE, IdempotencyKey, Job, Outcome, Prediction, Status, StreamEvent, Webhook, rfc3339
@@ -210,6 +219,8 @@ class PredictionService:
         if self.stopping:
             raise NotReady("the service is shutting down")
         deployment.check_ready()
+        if deployment.unavailable is not None:
+            raise ModelUnavailable(deployment.unavailable, retry_after=self.settings.model_heartbeat)
         queue = deployment.queue
         if await queue.depth() >= queue.maxsize:
             raise QueueFull()  # checked first too, so a full queue costs no store write
@@ -310,9 +321,8 @@ class PredictionService:
             len(orphans),
             ", ".join(sorted({f"{p.model_name} version {p.model_version}" for p in orphans})),
         )
-        ids = [p.prediction_id for p in orphans]
-        started = await self.store.start(ids)  # finishing moves a running record: start, then fail
-        return await self.store.finish(
+        # Straight from queued: they never ran. One found running (its process died) was requeued by recover.
+        return await self.store.fail_queued(
             [
                 Outcome(
                     p.prediction_id,
@@ -320,7 +330,7 @@ class PredictionService:
                         f"model {p.model_name} version {p.model_version} is no longer served"
                     ).to_dict(),
                 )
-                for p in started
+                for p in orphans
             ]
         )
 

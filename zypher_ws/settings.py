@@ -162,6 +162,16 @@ class Settings:
     rate_burst: int = _opt(0, "requests a client may send at once above --rate-limit (0: twice the rate)", min=0)
     metrics_port: int = _opt(0, "zypher-ws worker only: serve Prometheus /metrics on this port (0: off)", min=0)
     claim_idle: float = _opt(45.0, "seconds before live workers take over work a lost worker held (redis)", above=0)
+    model_heartbeat: float = _opt(
+        5.0, "seconds between a worker's announcements in Redis of the model versions it serves (and an API "
+        "process's reads of them); one not renewed for three of them is taken to be gone",
+        above=0,
+    )  # fmt: skip
+    unserved_grace: float = _opt(
+        300.0, "seconds a model version may go unserved by any worker (redis) before its queued predictions "
+        "end failed (model_unavailable) and new ones are refused",
+        min=0,
+    )  # fmt: skip
     webhook_secrets: tuple[str, ...] = _opt(
         (), "Standard Webhooks signing secrets (whsec_ and the base64 of 24 to 64 random bytes); every delivery "
         "carries one signature per secret, so repeat it while rotating; without one, a webhook is refused",

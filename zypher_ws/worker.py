@@ -12,6 +12,7 @@ from typing import Any
 from prometheus_client import start_http_server
 
 from .backends import open_backend
+from .catalog import publishing
 from .deployments import ModelState, deploy, total_workers
 from .metrics import Metrics
 from .models import Model, ModelSetupError, ModelSpec, build_models
@@ -45,6 +46,7 @@ async def run_worker(settings: Settings, *, models: list[tuple[ModelSpec, Model]
         async with (
             delivering(settings, backend.store, metrics),
             deploy(models, settings=settings, backend=backend, metrics=metrics) as deployments,
+            publishing(backend.catalog, deployments, settings),  # what API processes serve, described
         ):
             runners = [d.runner for d in deployments if d.runner is not None]
             # Every model loaded (or failed), or a stop meanwhile: a long load does not hold a SIGTERM.

@@ -10,8 +10,8 @@ from typing import TypeVar
 
 from . import logs
 from .backends import EventBus, Store, WorkQueue
-from .backends.base import Releases
-from .errors import DeadlineExceeded, RetryLater
+from .backends.base import Interrupts, Releases
+from .errors import RetryLater
 from .metrics import Metrics
 from .records import Job, Outcome, Prediction
 from .runner import ModelRunner
@@ -59,6 +59,8 @@ class WorkerPool:
     async def stop(self, timeout: float = 0.0) -> None:
         """Take no new batches; give running ones `timeout` seconds to finish, then cancel them."""
         self._stopping = True
+        if isinstance(self._queue, Interrupts):
+            self._queue.interrupt()  # the cancel of a wait on Redis can be lost: this ends it all the same
         for task in self._tasks:
             if task in self._waiting:
                 task.cancel()
@@ -114,7 +116,7 @@ class WorkerPool:
         ids = [job.prediction_id for job in jobs]
         if isinstance(self._queue, Releases):
             try:
-                started = await self._store.start(ids)
+                started = await self._store.start(ids, now=self.clock())
             except RetryLater as exc:
                 # Redis may have applied the start before the connection broke: retrying would find the
                 # records running and start nothing, stranding them. Release the batch instead; the
@@ -123,8 +125,8 @@ class WorkerPool:
                 await self._queue.release(jobs)
                 return
         else:  # embedded: a failed transaction changed nothing, so trying again is exact
-            started = await self._until_done(lambda: self._store.start(ids), "the start of a batch")
-        started = await self._expire(started)
+            started = await self._until_done(lambda: self._store.start(ids, now=self.clock()), "the start of a batch")
+        started = await self._expired(started)
         if started:
             self._metrics.batch_started(started)
             logs.state_changes(started)
@@ -165,29 +167,16 @@ class WorkerPool:
             )
         )
 
-    async def _expire(self, started: list[Prediction]) -> list[Prediction]:
-        """Those still in time; the ones whose deadline passed while they waited end failed,
-        deadline_exceeded, without a model call (queue_policy.py)."""
-        now = self.clock()
-        late = [p for p in started if p.deadline is not None and p.deadline < now]
+    async def _expired(self, changed: list[Prediction]) -> list[Prediction]:
+        """Those started; the ones whose deadline passed while they waited went from queued to failed,
+        deadline_exceeded, without a model call (queue_policy.py): counted and announced here."""
+        late = [p for p in changed if p.status.terminal]
         if not late:
-            return started
-        outcomes = [
-            Outcome(
-                p.prediction_id,
-                error=DeadlineExceeded(
-                    f"waited {now - p.created_at:.3f} s in the queue, past its timeout of "
-                    f"{(p.deadline or now) - p.created_at:.3f} s; not run"
-                ).to_dict(),
-            )
-            for p in late
-        ]
-        finished = await self._until_done(lambda: self._store.finish(outcomes), "the end of expired predictions")
-        self._metrics.finished(finished)
-        logs.state_changes(finished)
-        await self._announce(finished)
-        gone = {p.prediction_id for p in late}
-        return [p for p in started if p.prediction_id not in gone]
+            return changed
+        self._metrics.finished(late)
+        logs.state_changes(late)
+        await self._announce(late)
+        return [p for p in changed if not p.status.terminal]
 
     async def _until_done(self, write: Callable[[], Awaitable[T]], what: str) -> T:
         """Retry a write that failed for a passing reason (Redis away, the disk full) until it succeeds.

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from .base import Checks, DefersWrites, EventBus, KeepsWebhooks, Recovers, Store, Sweeps, WorkQueue
 
 if TYPE_CHECKING:
+    from ..catalog import Catalog
     from ..settings import Settings
 
 __all__ = [
@@ -44,6 +45,8 @@ class Backend:
     bus: EventBus
     open_queue: QueueOpener
     """Each model version has a queue of its own, so a slow model cannot fill a fast one's."""
+    catalog: Catalog | None = None
+    """Where workers announce the model versions they serve (a shared backend; catalog.py)."""
 
 
 Opener = Callable[["Settings", str, bool, int], AbstractAsyncContextManager[Backend]]

@@ -32,8 +32,16 @@ class Store(Protocol):
 
     async def delete(self, prediction_id: str) -> None: ...
 
-    async def start(self, prediction_ids: Sequence[str]) -> list[Prediction]:
-        """Move the still-queued ones to running; return those (canceled ones are skipped)."""
+    async def start(self, prediction_ids: Sequence[str], *, now: float | None = None) -> list[Prediction]:
+        """Move the still-queued ones to running; return those (canceled ones are skipped).
+
+        With `now`, a queued one whose deadline has passed goes straight to failed (deadline_exceeded)
+        instead, and is returned too, failed (lifecycle.start)."""
+        ...
+
+    async def fail_queued(self, outcomes: Sequence[Outcome]) -> list[Prediction]:
+        """Fail still-queued predictions with the outcomes' errors, without starting them (work that will
+        never run); return those (any other state is kept)."""
         ...
 
     async def finish(self, outcomes: Sequence[Outcome]) -> list[Prediction]:
@@ -162,11 +170,32 @@ class TellsPositions(Protocol):
 
 
 @runtime_checkable
+class ListsEntries(Protocol):
+    """A queue whose entries can be read without taking them (Redis: to fail the work of a model no one
+    serves any more)."""
+
+    async def entries(self, limit: int) -> list[Job]:
+        """Up to `limit` of its jobs, oldest first, whether waiting or held by a worker (`ack` removes them)."""
+        ...
+
+
+@runtime_checkable
 class Releases(Protocol):
     """A queue whose taken jobs stay assigned to this process until acknowledged (Redis)."""
 
     async def release(self, jobs: Sequence[Job]) -> None:
         """Stop holding these jobs: a live worker takes them over after the queue's idle time."""
+        ...
+
+
+@runtime_checkable
+class Interrupts(Protocol):
+    """A queue whose get_batch may carry on past a cancel: redis-py can lose the cancel of a command in
+    flight (redis/redis-py#2028), and a worker would then wait on the queue for ever."""
+
+    def interrupt(self) -> None:
+        """End every get_batch under way as a cancel would (CancelledError), at its next turn (its reads
+        are bounded); what one had taken it keeps for the next call. Later calls are not affected."""
         ...
 
 

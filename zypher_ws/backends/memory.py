@@ -68,8 +68,12 @@ class MemoryStore:
         self._records.pop(prediction_id, None)
         self._finished.pop(prediction_id, None)
 
-    async def start(self, prediction_ids: Sequence[str]) -> list[Prediction]:
-        return self._apply(lifecycle.start(self._records.get(pid), len(prediction_ids)) for pid in prediction_ids)
+    async def start(self, prediction_ids: Sequence[str], *, now: float | None = None) -> list[Prediction]:
+        n = len(prediction_ids)
+        return self._apply(lifecycle.start(self._records.get(pid), n, now, self.ttl) for pid in prediction_ids)
+
+    async def fail_queued(self, outcomes: Sequence[Outcome]) -> list[Prediction]:
+        return self._apply(lifecycle.fail_queued(self._records.get(o.prediction_id), o, self.ttl) for o in outcomes)
 
     async def finish(self, outcomes: Sequence[Outcome]) -> list[Prediction]:
         return self._apply(lifecycle.finish(self._records.get(o.prediction_id), o, self.ttl) for o in outcomes)

@@ -372,21 +372,37 @@ class SQLiteStore:
 
         await self._write(op)
 
-    async def start(self, prediction_ids: Sequence[str]) -> list[Prediction]:
+    async def start(self, prediction_ids: Sequence[str], *, now: float | None = None) -> list[Prediction]:
         n = len(prediction_ids)
-        started: list[Prediction] = []
         stored: list[str] = []
         in_memory: list[tuple[Prediction, Prediction]] = []  # (queued, running) of unsaved ones
+        expired: list[Prediction] = []  # unsaved ones past their deadline: written now, failed, once
         for pid in prediction_ids:
             unsaved = self._in_memory(pid)
             if unsaved is None:
                 stored.append(pid)
-            elif (running := lifecycle.start(unsaved, n)) is not None:
-                in_memory.append((unsaved, running))
-        if stored:
-            started += await self._write(
-                lambda conn: self._update([lifecycle.start(p, n) for p in self._load_many(conn, stored)], conn)
-            )
+            elif (after := lifecycle.start(unsaved, n, now, self.ttl)) is not None:
+                if after.status.terminal:
+                    expired.append(after)
+                else:
+                    in_memory.append((unsaved, after))
+        started: list[Prediction] = []
+        if stored or expired:
+
+            def op(conn: sqlite3.Connection) -> list[Prediction]:
+                for p in expired:
+                    self._save(conn, p)
+                loaded = self._load_many(conn, stored) if stored else []
+                return expired + self._update([lifecycle.start(p, n, now, self.ttl) for p in loaded], conn)
+
+            ids = [p.prediction_id for p in expired]
+            self._writing.update(ids)
+            try:
+                started += await self._write(op)
+                for pid in ids:
+                    self._unsaved.pop(pid, None)  # committed: read from the database from now on
+            finally:
+                self._writing.difference_update(ids)
         # Only now: if the write above failed, a retry of the whole batch finds these still queued. One
         # canceled (or written) meanwhile keeps its new state and is not started.
         for queued, running in in_memory:
@@ -395,6 +411,35 @@ class SQLiteStore:
                 self._unsaved[pid] = running  # not written: if the process dies, no one was answered
                 started.append(running)
         return started
+
+    async def fail_queued(self, outcomes: Sequence[Outcome]) -> list[Prediction]:
+        # Only recovery and the unserved sweep fail queued work, and what they fail was read from the
+        # database: an unsaved one (a sync request of this process) is failed from memory all the same.
+        once = [
+            done
+            for o in outcomes
+            if (unsaved := self._in_memory(o.prediction_id)) is not None
+            and (done := lifecycle.fail_queued(unsaved, o, self.ttl)) is not None
+        ]
+        stored = [o for o in outcomes if self._in_memory(o.prediction_id) is None]
+
+        def op(conn: sqlite3.Connection) -> list[Prediction]:
+            for p in once:
+                self._save(conn, p)
+            current = self._load_many(conn, [o.prediction_id for o in stored]) if stored else []
+            return once + self._update(
+                [lifecycle.fail_queued(p, o, self.ttl) for p, o in zip(current, stored, strict=True)], conn
+            )
+
+        ids = [p.prediction_id for p in once]
+        self._writing.update(ids)
+        try:
+            failed = await self._write(op)
+            for pid in ids:
+                self._unsaved.pop(pid, None)
+        finally:
+            self._writing.difference_update(ids)
+        return failed
 
     async def finish(self, outcomes: Sequence[Outcome]) -> list[Prediction]:
         once: list[Prediction] = []  # unsaved ones, written now for the first time, finished

@@ -32,6 +32,7 @@ from .errors import (
     MethodNotAllowed,
     ModelError,
     ModelNotFound,
+    ModelUnavailable,
     NotFound,
     NotReady,
     ProtocolError,
@@ -49,7 +50,7 @@ from .errors import (
     WorkerLost,
     ZypherClientError,
 )
-from .records import Chunk, ErrorDetail, ModelRef, Prediction, Progress
+from .records import Chunk, ErrorDetail, ModelRef, Prediction, Progress, WebhookState
 from .retry import RetryPolicy
 from .sync import Client
 
@@ -78,6 +79,7 @@ __all__ = [
     "ModelError",
     "ModelNotFound",
     "ModelRef",
+    "ModelUnavailable",
     "NotFound",
     "NotReady",
     "Prediction",
@@ -96,6 +98,7 @@ __all__ = [
     "TooManySubscriptions",
     "Unauthorized",
     "UnsupportedMediaType",
+    "WebhookState",
     "WorkerLost",
     "ZypherClientError",
 ]

@@ -6,7 +6,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncGenerator, Iterable
+from collections.abc import AsyncGenerator, Iterable, Sequence
 from contextlib import aclosing
 from types import TracebackType
 from typing import Any
@@ -100,6 +100,8 @@ class AsyncClient:
         *,
         idempotency_key: str | None = None,
         timeout: float | None = None,
+        webhook: str | None = None,
+        webhook_events_filter: Sequence[str] | None = None,
         stream: bool = False,
     ) -> Prediction:
         """Run one prediction and return it finished (succeeded, failed or canceled).
@@ -107,9 +109,14 @@ class AsyncClient:
         A server that answers `202` because its sync timeout ran out is followed to the end; with
         `timeout`, one still unfinished that many seconds after the call began raises Timeout (it
         carries on on the server). The request carries an Idempotency-Key (a new uuid4
-        unless given), so a retry after a dropped connection never runs the prediction twice."""
+        unless given), so a retry after a dropped connection never runs the prediction twice.
+
+        `webhook`: a URL the server POSTs the prediction's events to, signed (docs/webhooks.md);
+        `webhook_events_filter` which of `start`, `output`, `completed` (the server's default:
+        completed). A URL the server will not send to raises InvalidWebhook."""
         started = self._clock()
-        data = await self._post_predict(input, model, version, idempotency_key, run_async=False, stream=stream)
+        hook = _webhook_fields(webhook, webhook_events_filter)
+        data = await self._post_predict(input, model, version, idempotency_key, hook, run_async=False, stream=stream)
         prediction = Prediction.from_dict(data)
         if prediction.terminal:
             return prediction
@@ -123,13 +130,16 @@ class AsyncClient:
         version: str | None = None,
         *,
         idempotency_key: str | None = None,
+        webhook: str | None = None,
+        webhook_events_filter: Sequence[str] | None = None,
         stream: bool = False,
     ) -> Prediction:
         """Queue one prediction and return its record at once (status `queued`); follow it with `wait`,
         `watch` or `stream`. Carries an Idempotency-Key (a new uuid4 unless given): retries never queue it
-        twice. `stream=True` asks a model that both streams and batches for its stream (a model that only
-        streams streams anyway)."""
-        data = await self._post_predict(input, model, version, idempotency_key, run_async=True, stream=stream)
+        twice. `webhook` and `webhook_events_filter` as for `predict`. `stream=True` asks a model that both
+        streams and batches for its stream (a model that only streams streams anyway)."""
+        hook = _webhook_fields(webhook, webhook_events_filter)
+        data = await self._post_predict(input, model, version, idempotency_key, hook, run_async=True, stream=stream)
         return Prediction.from_dict(data)
 
     async def get(self, prediction_id: str) -> Prediction:
@@ -236,7 +246,15 @@ class AsyncClient:
     # -- HTTP ---------------------------------------------------------------------------------------
 
     async def _post_predict(
-        self, input: Any, model: str | None, version: str | None, key: str | None, *, run_async: bool, stream: bool
+        self,
+        input: Any,
+        model: str | None,
+        version: str | None,
+        key: str | None,
+        webhook: dict[str, Any],
+        *,
+        run_async: bool,
+        stream: bool,
     ) -> Any:
         headers = {
             "Content-Type": "application/json",
@@ -244,7 +262,7 @@ class AsyncClient:
         }
         if run_async:
             headers["Prefer"] = "respond-async"
-        fields: dict[str, Any] = {"input": input, "stream": True} if stream else {"input": input}
+        fields: dict[str, Any] = {"input": input, **webhook, **({"stream": True} if stream else {})}
         body = json.dumps(fields, separators=(",", ":"), allow_nan=False).encode()
         return await self._request("POST", _predict_path(model, version), body=body, headers=headers, dropped_ok=True)
 
@@ -295,6 +313,19 @@ class AsyncClient:
         if delay is None:
             raise failure
         await self._sleep(delay)
+
+
+def _webhook_fields(webhook: str | None, events: Sequence[str] | None) -> dict[str, Any]:
+    """The request body's webhook fields; the server checks the URL and the names."""
+    if webhook is None:
+        if events is not None:
+            raise ValueError("webhook_events_filter needs a webhook")
+        return {}
+    if events is None:
+        return {"webhook": webhook}
+    if isinstance(events, str):
+        raise ValueError(f"webhook_events_filter is a list of event names (got the string {events!r})")
+    return {"webhook": webhook, "webhook_events_filter": list(events)}
 
 
 def _predict_path(model: str | None, version: str | None) -> str:

@@ -50,6 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--watch", action="store_true", help="submit, then print each new state as it happens, one JSON line each"
     )
+    parser.add_argument(
+        "--webhook", metavar="URL", help="a URL the service POSTs the prediction's events to, signed (docs/webhooks.md)"
+    )
+    parser.add_argument(
+        "--webhook-events",
+        metavar="EVENTS",
+        type=_event_names,
+        help="the events sent to --webhook, comma-separated: start, output, completed (default: completed)",
+    )
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds each HTTP request may take (60)")
     parser.add_argument(
         "--retry-for",
@@ -72,25 +81,37 @@ def run_predict(args: argparse.Namespace, stdin: TextIO | None = None, stdout: T
     if args.version is not None and args.model is None:
         print("zypher-ws predict: --version needs --model", file=sys.stderr)
         return USAGE
+    if args.webhook_events is not None and args.webhook is None:
+        print("zypher-ws predict: --webhook-events needs --webhook", file=sys.stderr)
+        return USAGE
     token = os.environ.get(TOKEN_ENV) or None
+    hook = {"webhook": args.webhook, "webhook_events_filter": args.webhook_events}
     try:
         with Client(args.url, token, timeout=args.timeout, retry=RetryPolicy(total=args.retry_for)) as client:
             if args.watch:
-                submitted = client.submit(value, args.model, args.version)
+                submitted = client.submit(value, args.model, args.version, **hook)
                 final = submitted
                 for state in client.watch([submitted.prediction_id]):
                     _print(state, out)
                     final = state
                 return _status(final)
             if args.run_async:
-                _print(client.submit(value, args.model, args.version), out)
+                _print(client.submit(value, args.model, args.version, **hook), out)
                 return SUCCEEDED
-            prediction = client.predict(value, args.model, args.version)
+            prediction = client.predict(value, args.model, args.version, **hook)
             _print(prediction, out)
             return _status(prediction)
     except ZypherClientError as exc:
         print(f"zypher-ws predict: {exc}", file=sys.stderr)
         return REFUSED
+
+
+def _event_names(text: str) -> list[str]:
+    """`start,completed` as a list; the service checks the names (an unknown one is invalid_webhook)."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("name at least one event: start, output, completed")
+    return names
 
 
 def _read_input(args: argparse.Namespace, stdin: TextIO) -> Any:

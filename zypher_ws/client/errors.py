@@ -58,7 +58,10 @@ class InternalError(ApiError):
 
 
 class RetryLater(ApiError):
-    """Refused for now: retried by the client until its retry time runs out."""
+    """Refused for now: retried by the client until its retry time runs out. The parent of the 503s and
+    of RateLimited, and the class of a 503 whose code this client does not know."""
+
+    code = table.RetryLater.code
 
 
 class BadRequest(ApiError):
@@ -165,6 +168,10 @@ class NotReady(RetryLater):
     code = table.NotReady.code
 
 
+class ModelUnavailable(RetryLater):
+    code = table.ModelUnavailable.code
+
+
 class StorageFull(RetryLater):
     code = table.StorageFull.code
 
@@ -201,7 +208,7 @@ def _concrete(cls: type[ApiError]) -> list[type[ApiError]]:
 
 
 BY_CODE: dict[str, type[ApiError]] = {cls.code: cls for cls in _concrete(ApiError) if "code" in vars(cls)}
-"""Each code's class (RetryLater, like the server's, has no code of its own)."""
+"""Each code's class."""
 
 # HTTP statuses whose bare answers (no JSON envelope: a proxy's, say) still say what went wrong.
 _BY_STATUS: dict[int, type[ApiError]] = {

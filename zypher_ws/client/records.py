@@ -10,7 +10,7 @@ from typing import Any
 from ..records import Status
 from .errors import ProtocolError
 
-__all__ = ["Chunk", "ErrorDetail", "ModelRef", "Prediction", "Progress", "Status"]
+__all__ = ["Chunk", "ErrorDetail", "ModelRef", "Prediction", "Progress", "Status", "WebhookState"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +55,32 @@ class Progress:
 
 
 @dataclass(frozen=True, slots=True)
+class WebhookState:
+    """Where a prediction's webhook goes and how the delivery of its latest event stands (docs/webhooks.md)."""
+
+    url: str
+    """The URL without its query string and fragment (the server never shows those)."""
+    events: tuple[str, ...]
+    """The filter: `start`, `output`, `completed`."""
+    event: str | None = None
+    """`start`, `output` or `completed`: the latest event sent or being sent; None until the first."""
+    state: str | None = None
+    """`pending`, `delivered`, `gone` (the receiver answered 410) or `dead_lettered`; None until the first event."""
+    attempts: int = 0
+    last_status: int | None = None
+    """The HTTP status of the last attempt; None without an answer."""
+    last_error: str | None = None
+    """Why the last attempt had no answer: `timeout`, `connection_error`, `address_not_allowed`."""
+    next_attempt_at: datetime | None = None
+    delivered_at: datetime | None = None
+
+    @property
+    def delivered(self) -> bool:
+        """The latest event reached the receiver (a 2xx answered it)."""
+        return self.state == "delivered"
+
+
+@dataclass(frozen=True, slots=True)
 class Prediction:
     prediction_id: str
     status: Status
@@ -73,6 +99,8 @@ class Prediction:
     """While queued, when the server expects it to start, from its recent throughput."""
     progress: Progress | None = None
     """What a streaming model last reported of its progress."""
+    webhook: WebhookState | None = None
+    """None for a prediction submitted without a webhook."""
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     """The record as the server sent it, fields this client does not know included."""
 
@@ -121,6 +149,7 @@ class Prediction:
             queue_position=_int_or_none(data.get("queue_position")),
             estimated_start_at=_time(data.get("estimated_start_at")),
             progress=Progress.from_dict(pid, data.get("progress")),
+            webhook=_webhook(data.get("webhook")),
             raw=data,
         )
 
@@ -130,6 +159,24 @@ def _model(value: Any) -> ModelRef | None:
         return None
     version = value.get("version")
     return ModelRef(value["name"], version if isinstance(version, str) else None)
+
+
+def _webhook(value: Any) -> WebhookState | None:
+    if not isinstance(value, dict) or not isinstance(value.get("url"), str):
+        return None
+    events = value.get("events")
+    attempts = _int_or_none(value.get("attempts"))
+    return WebhookState(
+        url=value["url"],
+        events=tuple(e for e in events if isinstance(e, str)) if isinstance(events, list) else (),
+        event=_str_or_none(value.get("event")),
+        state=_str_or_none(value.get("state")),
+        attempts=attempts if attempts is not None else 0,
+        last_status=_int_or_none(value.get("last_status")),
+        last_error=_str_or_none(value.get("last_error")),
+        next_attempt_at=_time(value.get("next_attempt_at")),
+        delivered_at=_time(value.get("delivered_at")),
+    )
 
 
 def _error(value: Any) -> ErrorDetail | None:
@@ -152,3 +199,7 @@ def _time(value: Any) -> datetime | None:
 
 def _int_or_none(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncGenerator, Coroutine, Iterable, Iterator
+from collections.abc import AsyncGenerator, Coroutine, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, TypeVar, cast
 
@@ -91,11 +91,22 @@ class Client:
         *,
         idempotency_key: str | None = None,
         timeout: float | None = None,
+        webhook: str | None = None,
+        webhook_events_filter: Sequence[str] | None = None,
         stream: bool = False,
     ) -> Prediction:
         """Run one prediction and return it finished; see AsyncClient.predict."""
         return self._run(
-            self._async.predict(input, model, version, idempotency_key=idempotency_key, timeout=timeout, stream=stream)
+            self._async.predict(
+                input,
+                model,
+                version,
+                idempotency_key=idempotency_key,
+                timeout=timeout,
+                webhook=webhook,
+                webhook_events_filter=webhook_events_filter,
+                stream=stream,
+            )
         )
 
     def submit(
@@ -105,10 +116,22 @@ class Client:
         version: str | None = None,
         *,
         idempotency_key: str | None = None,
+        webhook: str | None = None,
+        webhook_events_filter: Sequence[str] | None = None,
         stream: bool = False,
     ) -> Prediction:
         """Queue one prediction; its record at once. See AsyncClient.submit."""
-        return self._run(self._async.submit(input, model, version, idempotency_key=idempotency_key, stream=stream))
+        return self._run(
+            self._async.submit(
+                input,
+                model,
+                version,
+                idempotency_key=idempotency_key,
+                webhook=webhook,
+                webhook_events_filter=webhook_events_filter,
+                stream=stream,
+            )
+        )
 
     def get(self, prediction_id: str) -> Prediction:
         return self._run(self._async.get(prediction_id))

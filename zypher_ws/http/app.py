@@ -16,6 +16,7 @@ from aiohttp_swagger3 import SwaggerDocs, SwaggerInfo, SwaggerUiSettings
 
 from .. import __version__
 from ..backends import open_backend
+from ..catalog import CatalogFollower, publishing
 from ..deployments import Deployments, deploy, total_workers
 from ..metrics import Metrics
 from ..models import Model, ModelSpec, build_models, spec_of
@@ -29,6 +30,7 @@ from .access import RateLimiter, SocketCounter
 from .access_log import AccessLogger, log_malformed_requests_at_info
 from .connections import GuardedSite, quiet_resource_errors
 from .keys import (
+    CATALOG,
     DRAIN,
     LIMITER,
     LIVE_CLIENTS,
@@ -95,6 +97,7 @@ async def service_ctx(app: web.Application) -> AsyncIterator[None]:
         deploy(
             models, settings=settings, backend=backend, metrics=app[METRICS], run_here=settings.workers > 0
         ) as served,
+        publishing(backend.catalog, served, settings),  # the models whose workers run here
     ):
         if webhooks is not None:
             app[WEBHOOKS] = webhooks
@@ -112,6 +115,19 @@ async def service_ctx(app: web.Application) -> AsyncIterator[None]:
         tasks = [asyncio.create_task(_document_when_loaded(app, served), name="zypher-document-models")]
         tasks.append(asyncio.create_task(service.sweep_forever(), name="zypher-sweeper"))
         tasks.append(asyncio.create_task(service.positions.run_forever(), name="zypher-queue-positions"))
+        if backend.catalog is not None:
+            # Models that worker processes publish are served here too, described by them (no files).
+            follower = CatalogFollower(
+                settings=settings,
+                models=served,
+                catalog=backend.catalog,
+                store=backend.store,
+                bus=backend.bus,
+                metrics=app[METRICS],
+                on_change=lambda: openapi.document_again(app[OPENAPI], served),
+            )
+            app[CATALOG] = follower
+            tasks.append(asyncio.create_task(follower.follow_forever(), name="zypher-catalog"))
         try:
             yield
         finally:

@@ -7,6 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ..catalog import CatalogFollower
 from ..metrics import Metrics
 from ..models import Model, ModelSpec
 from ..repository import ModelRepository
@@ -36,3 +37,6 @@ DRAIN: web.AppKey[Callable[[], Awaitable[None]]] = web.AppKey("drain")
 """Stops the workers, letting running batches finish (set while the service runs)."""
 WEBHOOKS = web.AppKey("webhooks", Dispatcher)
 """The webhook delivery loop, while the service runs with --webhook-secret (tests move its clock)."""
+CATALOG = web.AppKey("catalog", CatalogFollower)
+"""What this process follows of the models that worker processes publish (a shared backend; tests call
+its `refresh`)."""

@@ -15,6 +15,7 @@ from ..errors import (
     Forbidden,
     InvalidInferenceRequest,
     ModelNotFound,
+    ModelUnavailable,
     ZypherError,
     error_class_for_code,
 )
@@ -86,6 +87,8 @@ async def model_metadata(request: web.Request) -> web.Response:
 async def model_ready(request: web.Request) -> web.Response:
     deployment = _deployment(request)
     deployment.check_ready()
+    if deployment.unavailable is not None:  # no worker serves it (redis): it would take nothing
+        raise ModelUnavailable(deployment.unavailable, retry_after=request.app[SETTINGS].model_heartbeat)
     return json_response({"name": deployment.name, "version": deployment.version, "ready": True})
 
 

@@ -262,6 +262,15 @@ MODEL_VERSION = {
         "error": {"type": "string", "nullable": True, "description": "why it failed to load"},
         "default": {"type": "boolean", "description": "the model version POST /predict runs"},
         "streams": {"type": "boolean", "description": "it has predict_stream: a request may ask for `stream: true`"},
+        "served_by": {
+            "type": "integer",
+            "description": "redis: how many worker processes announce they serve it (docs/scaling.md)",
+        },
+        "conflict": {"type": "string", "description": "redis: workers serving it publish different descriptions"},
+        "unavailable": {
+            "type": "string",
+            "description": "redis: no worker has served it for longer than --unserved-grace (predictions are refused)",
+        },
         "queue": {
             "type": "object",
             "properties": {
@@ -375,6 +384,14 @@ def document_models(spec: dict[str, Any], deployments: Deployments) -> None:
             for status in ("200", "202", "500"):
                 documented["responses"][status]["content"]["application/json"]["schema"] = _ref(record_name)
             spec["paths"][path] = {"post": documented}
+
+
+def document_again(spec: dict[str, Any], deployments: Deployments) -> None:
+    """Every model's routes and schemas anew, after the set of models changed while serving (a version
+    that workers publish has appeared: the unversioned route of its model may now be that version)."""
+    document_models(spec, deployments)
+    for deployment in deployments:
+        describe_model(spec, deployment)
 
 
 def describe_model(spec: dict[str, Any], deployment: Deployment) -> None:

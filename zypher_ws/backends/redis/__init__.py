@@ -19,6 +19,7 @@ from redis.backoff import ExponentialBackoff
 from ...errors import BackendUnavailable
 from .. import Backend
 from ..base import WorkQueue
+from .catalog import RedisCatalog
 from .events import RedisEventBus
 from .keys import RedisKeys
 from .queue import RedisQueue, move_legacy_entries
@@ -83,9 +84,10 @@ async def open_redis(settings: Settings, url: str, *, listen: bool, readers: int
         log.warning("%s; predictions of the single stream of earlier versions are moved at the next start", exc)
     listener = asyncio.create_task(bus.listen(), name="zypher-redis-events") if listen else None
     try:
-        yield Backend(store, bus, open_queue)
+        yield Backend(store, bus, open_queue, RedisCatalog(client, keys, consumer=consumer))
     finally:
         if listener is not None:
+            bus.stop()  # a cancel alone can be lost in redis-py (events.py)
             listener.cancel()
             await asyncio.gather(listener, return_exceptions=True)
         for queue in queues:

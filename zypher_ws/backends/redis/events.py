@@ -26,6 +26,7 @@ from .store import UNAVAILABLE, translate_errors
 log = logging.getLogger(__name__)
 
 RECONNECT_DELAY = 0.5
+LISTEN_TURN = 1.0  # longest one read of the channel waits, so a stop is heard within a second
 
 ReadMany = Callable[[Sequence[str]], Awaitable[list[Prediction]]]
 
@@ -37,6 +38,9 @@ class RedisEventBus:
         self._read_many = read_many
         self._local = LocalEventBus()
         self._connected = False  # while the channel subscription is live (to log a loss once)
+        # listen() ends on this flag as well as on a cancel: redis-py can lose the cancel of a command in
+        # flight (queue.py says how), and a listener that ended only on a cancel held up shutdown for ever.
+        self._stopping = False
 
     def listener_count(self) -> int:
         return self._local.listener_count()
@@ -68,13 +72,22 @@ class RedisEventBus:
     def unsubscribe(self, prediction_id: str, listener: Listener) -> None:
         self._local.unsubscribe(prediction_id, listener)
 
+    def stop(self) -> None:
+        """End listen() within one read of the channel (LISTEN_TURN)."""
+        self._stopping = True
+
     async def listen(self) -> None:
-        """Run until cancelled: feed local listeners from the channel, resubscribing after Redis failures."""
-        while True:
+        """Run until stopped (or cancelled): feed local listeners from the channel, resubscribing after
+        Redis failures."""
+        while not self._stopping:
             try:
                 async with self._redis.pubsub() as pubsub:
                     await pubsub.subscribe(self._channel)
-                    async for message in pubsub.listen():
+                    while not self._stopping:
+                        # Bounded reads, not pubsub.listen()'s endless one, so the flag is seen.
+                        message = await pubsub.get_message(timeout=LISTEN_TURN)
+                        if message is None:
+                            continue
                         if message["type"] == "subscribe":
                             self._connected = True
                             await self._catch_up()
@@ -88,7 +101,8 @@ class RedisEventBus:
                 if self._connected:
                     log.warning("lost the Redis event channel (%s); reconnecting", exc)
                 self._connected = False
-                await asyncio.sleep(RECONNECT_DELAY)
+                if not self._stopping:
+                    await asyncio.sleep(RECONNECT_DELAY)
 
     async def _catch_up(self) -> None:
         """Dispatch the current state of everything watched here: it may have changed while we were away."""

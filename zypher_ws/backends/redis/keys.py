@@ -30,6 +30,27 @@ class RedisKeys:
         return f"{self.prefix}:queue"
 
     @property
+    def models(self) -> str:
+        """A hash of every model version workers have served: `name:version` -> its description (JSON), as
+        last published. Kept after its workers are gone, so that it stays known (catalog.py)."""
+        return f"{self.prefix}:models"
+
+    @property
+    def models_served_until(self) -> str:
+        """A hash `name:version` -> until when (ms, Redis's clock) some worker's announcement of it holds."""
+        return f"{self.prefix}:models:served-until"
+
+    def model_servers(self, model: str, version: str) -> str:
+        """A sorted set of the workers serving one model version, scored by when their announcement
+        expires (ms); the hash of what each publishes is this key + `:descriptions`. The catalog's
+        scripts build these names themselves from `models_prefix`."""
+        return f"{self.prefix}:models:{model}:{version}:servers"
+
+    @property
+    def models_prefix(self) -> str:
+        return f"{self.prefix}:models:"
+
+    @property
     def dead_letter(self) -> str:
         """Entries given up after --max-attempts deliveries, kept for inspection (capped)."""
         return f"{self.prefix}:dead-letter"

@@ -31,7 +31,8 @@ from .store import UNAVAILABLE, RedisStore, translate_errors
 
 log = logging.getLogger(__name__)
 
-READ_BLOCK_MS = 1000  # longest one XREADGROUP waits, so reclaimed work is picked up within a second
+# Longest one XREADGROUP waits: reclaimed work is picked up, and an interrupt heard, within a second.
+READ_BLOCK_MS = 1000
 RETRY_DELAY = 0.5  # pause before reading again after Redis failed
 DEAD_LETTER_MAX = 10_000
 
@@ -133,6 +134,28 @@ return #entries
 """
 
 
+# A model with priority levels reads one stream per level, never its plain stream: what waits there (moved
+# from the single stream of earlier versions, or queued before the model had levels) is moved to the
+# level stream its record names (KEYS[1] the plain stream, then one per level, highest first; ARGV[1] the
+# records' key start). Up to 100 a call; a record gone drops its entry.
+_MOVE_TO_LEVELS = """
+local levels = #KEYS - 1
+local entries = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 100)
+for _, entry in ipairs(entries) do
+  local fields, pid = entry[2], nil
+  for i = 1, #fields, 2 do if fields[i] == 'id' then pid = fields[i + 1] end end
+  local raw = pid and redis.call('GET', ARGV[1] .. pid)
+  if raw then
+    local level = tonumber(cjson.decode(raw)['priority']) or 0
+    if level < 1 or level > levels then level = levels end
+    redis.call('XADD', KEYS[1 + level], '*', 'id', pid)
+  end
+  redis.call('XDEL', KEYS[1], entry[1])
+end
+return #entries
+"""
+
+
 @translate_errors
 async def move_legacy_entries(client: aioredis.Redis, keys: RedisKeys) -> int:
     """Move what waits in the single work stream of earlier versions to each model version's stream, so
@@ -179,9 +202,18 @@ class RedisQueue:
         self._bounded_add = client.register_script(_BOUNDED_ADD)
         self._depth = client.register_script(_DEPTH)
         self._take_by_level = client.register_script(_TAKE_BY_LEVEL)
+        self._move_to_levels = client.register_script(_MOVE_TO_LEVELS)
         self._held: set[str] = set()  # receipts of entries this process read and has not acknowledged
-        self._reclaimed: deque[Job] = deque()
+        self._reclaimed: deque[Job] = deque()  # ours to run next: taken over, or put back by an interrupt
         self._maintenance: asyncio.Task[None] | None = None
+        # Stops by flag as well as by cancel, since redis-py can lose the cancel of a command in flight
+        # (redis/redis-py#2028): it writes each command under asyncio.wait_for, which before Python 3.12
+        # returns instead of raising when the cancel lands as the write completes (python/cpython#86296),
+        # and the command runs on as if no cancel had come. Here a cancel landing in the first commands of
+        # a new connection was lost nearly every time, and a worker told to stop at once waited on Redis
+        # until its --shutdown-timeout (30 s) ran out. So every wait on Redis is bounded and checks a flag.
+        self._interrupts = 0  # get_batch calls begun before the latest interrupt() end at their next turn
+        self._closing = asyncio.Event()
 
     # A receipt names the entry, and with levels its stream too: "<level index>/<entry id>".
 
@@ -202,7 +234,8 @@ class RedisQueue:
 
     @translate_errors
     async def depth(self) -> int:
-        return int(await self._depth(keys=self._streams, args=[self._keys.group]))
+        # Those taken over or put back here wait too (a draining pool must see them).
+        return int(await self._depth(keys=self._streams, args=[self._keys.group])) + len(self._reclaimed)
 
     @translate_errors
     async def positions(self, prediction_ids: Sequence[str]) -> tuple[dict[str, int], int]:
@@ -239,6 +272,13 @@ class RedisQueue:
             except redis.exceptions.ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
+        if len(self._streams) > 1:
+            moved = 0
+            record_prefix = self._keys.record("")
+            while count := int(await self._move_to_levels(keys=[self._stream, *self._streams], args=[record_prefix])):
+                moved += count
+            if moved:
+                log.warning("moved %d predictions from %s to its priority levels' streams", moved, self._stream)
 
     @translate_errors
     async def put(self, job: Job, *, force: bool = False) -> None:
@@ -251,10 +291,16 @@ class RedisQueue:
         if not added:
             raise QueueFull()
 
+    def interrupt(self) -> None:
+        self._interrupts += 1
+
     async def get_batch(self, max_size: int, max_delay: float) -> list[Job]:
         if self._maintenance is None:
             self._maintenance = asyncio.create_task(self._maintain(), name="zypher-redis-claims")
+        begun = self._interrupts
         while True:
+            if self._interrupts != begun:
+                raise asyncio.CancelledError()  # stopping: as the cancel that may have been lost
             if self._reclaimed:
                 return [self._reclaimed.popleft() for _ in range(min(max_size, len(self._reclaimed)))]
             try:
@@ -273,10 +319,26 @@ class RedisQueue:
                 # has delivered its entries to us already: if this one fails they must still be run (they
                 # look held, so nobody else would), so the batch goes with what it has.
                 try:
-                    jobs += await self._read(max_size - len(jobs), max(1, round(max_delay * 1000)))
+                    jobs += await self._company(max_size - len(jobs), max_delay, begun)
                 except (*UNAVAILABLE, redis.exceptions.ResponseError) as exc:
                     log.warning("cannot read more of the queue from Redis (%s); running %d taken", exc, len(jobs))
+                except asyncio.CancelledError:
+                    self._reclaimed.extendleft(reversed(jobs))  # delivered to us: run here next, or taken over
+                    raise
+            if jobs and self._interrupts != begun:
+                self._reclaimed.extendleft(reversed(jobs))
+                raise asyncio.CancelledError()
             if jobs:
+                return jobs
+
+    async def _company(self, count: int, max_delay: float, begun: int) -> list[Job]:
+        """Up to `count` more, waiting at most max_delay for the first: in reads of at most READ_BLOCK_MS,
+        so that an interrupt is heard even with a long --max-batch-delay-ms."""
+        block_ms = max(1, round(max_delay * 1000))
+        while True:
+            jobs = await self._read(count, min(block_ms, READ_BLOCK_MS))
+            block_ms -= READ_BLOCK_MS
+            if jobs or block_ms <= 0 or self._interrupts != begun:
                 return jobs
 
     async def _read(self, count: int, block_ms: int) -> list[Job]:
@@ -313,6 +375,20 @@ class RedisQueue:
         return jobs
 
     @translate_errors
+    async def entries(self, limit: int) -> list[Job]:
+        jobs: list[Job] = []
+        for index, stream in enumerate(self._streams):
+            reply: Any = await self._redis.xrange(stream, "-", "+", count=limit - len(jobs))
+            jobs += [
+                Job(fields["id"], receipt=self._receipt(index, entry_id), priority=self._level(stream))
+                for entry_id, fields in reply or ()
+                if "id" in fields
+            ]
+            if len(jobs) >= limit:
+                break
+        return jobs
+
+    @translate_errors
     async def ack(self, jobs: Sequence[Job]) -> None:
         receipts = [job.receipt for job in jobs if job.receipt]
         if not receipts:
@@ -330,15 +406,21 @@ class RedisQueue:
         self._held.difference_update(job.receipt for job in jobs if job.receipt)
 
     async def close(self) -> None:
+        self._closing.set()
         if self._maintenance is not None:
             self._maintenance.cancel()
             await asyncio.gather(self._maintenance, return_exceptions=True)
 
     async def _maintain(self) -> None:
-        """Keep our own entries fresh while they run, and take over entries other workers left idle."""
+        """Keep our own entries fresh while they run, and take over entries other workers left idle;
+        until closed."""
         cursors = dict.fromkeys(range(len(self._streams)), "0-0")
-        while True:
-            await asyncio.sleep(self._claim_idle / 4)
+        while not self._closing.is_set():
+            try:
+                await asyncio.wait_for(self._closing.wait(), self._claim_idle / 4)
+                return
+            except asyncio.TimeoutError:
+                pass
             try:
                 await self._touch()
                 for index in cursors:

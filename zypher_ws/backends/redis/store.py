@@ -118,9 +118,17 @@ class RedisStore:
     async def delete(self, prediction_id: str) -> None:
         await self._redis.delete(self._keys.record(prediction_id))
 
-    async def start(self, prediction_ids: Sequence[str]) -> list[Prediction]:
+    async def start(self, prediction_ids: Sequence[str], *, now: float | None = None) -> list[Prediction]:
         n = len(prediction_ids)
-        return _changed(await self._transact(prediction_ids, lambda current, _: lifecycle.start(current, n)))
+        return _changed(
+            await self._transact(prediction_ids, lambda current, _: lifecycle.start(current, n, now, self.ttl))
+        )
+
+    async def fail_queued(self, outcomes: Sequence[Outcome]) -> list[Prediction]:
+        by_id = {o.prediction_id: o for o in outcomes}
+        return _changed(
+            await self._transact(list(by_id), lambda current, pid: lifecycle.fail_queued(current, by_id[pid], self.ttl))
+        )
 
     async def finish(self, outcomes: Sequence[Outcome]) -> list[Prediction]:
         by_id = {o.prediction_id: o for o in outcomes}
@@ -199,6 +207,8 @@ class RedisStore:
 
         The webhook deliveries the changes send are added in the same MULTI, and so is whatever `also` adds.
         """
+        if not prediction_ids:
+            return []  # WATCH takes at least one key
         keys = [self._keys.record(pid) for pid in prediction_ids]
         async with self._redis.pipeline(transaction=True) as pipe:
             while True:

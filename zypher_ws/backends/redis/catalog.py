@@ -1,0 +1,169 @@
+"""The catalog of model versions in Redis: which workers serve each, and what each version is.
+
+A worker announces every model version it serves, with its description, each --model-heartbeat; an
+announcement holds for three of them (scored by Redis's own clock, so the machines' clocks do not
+matter). API processes read the catalog as often (catalog.py has the rules built on it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from ...catalog import CatalogState, Key
+from .keys import RedisKeys
+from .store import translate_errors
+
+# Shared by the scripts: Redis's clock in ms, and dropping the announcements that expired by then
+# (with what they published). ARGV[1] is the catalog's key start (keys.models_prefix).
+_COMMON = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local prefix = ARGV[1]
+local function prune(version)
+  local servers = prefix .. version .. ':servers'
+  local expired = redis.call('ZRANGEBYSCORE', servers, '-inf', now)
+  if #expired > 0 then
+    redis.call('HDEL', servers .. ':descriptions', unpack(expired))
+    redis.call('ZREMRANGEBYSCORE', servers, '-inf', now)
+  end
+  return servers
+end
+"""
+
+# ARGV: prefix, the catalog hash, the served-until hash, consumer, ttl (ms), then (version, description)
+# pairs. The catalog keeps a version's description as first published while another live worker still
+# publishes it (two that disagree are a conflict for the readers to name, not a flapping description);
+# with no such worker, the newest replaces it. Returns the other live workers that publish a different one.
+_PUBLISH = (
+    _COMMON
+    + """
+local catalog, served_until, consumer, ttl = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local disagree = {}
+for i = 6, #ARGV, 2 do
+  local version, description = ARGV[i], ARGV[i + 1]
+  local servers = prune(version)
+  local current = redis.call('HGET', catalog, version)
+  local keep = false
+  for _, other in ipairs(redis.call('ZRANGE', servers, 0, -1)) do
+    if other ~= consumer then
+      local theirs = redis.call('HGET', servers .. ':descriptions', other)
+      if theirs ~= description then table.insert(disagree, version .. ' ' .. other) end
+      if current and theirs == current then keep = true end
+    end
+  end
+  if not keep then redis.call('HSET', catalog, version, description) end
+  redis.call('ZADD', servers, now + ttl, consumer)
+  redis.call('HSET', servers .. ':descriptions', consumer, description)
+  local until_ms = tonumber(redis.call('HGET', served_until, version) or '0')
+  if now + ttl > until_ms then redis.call('HSET', served_until, version, now + ttl) end
+end
+return disagree
+"""
+)
+
+# ARGV: prefix, served-until hash, consumer, then versions. The grace of a version no one else serves
+# starts now, not when this worker's announcement would have expired.
+_WITHDRAW = (
+    _COMMON
+    + """
+local served_until, consumer = ARGV[2], ARGV[3]
+for i = 4, #ARGV do
+  local version = ARGV[i]
+  local servers = prune(version)
+  redis.call('ZREM', servers, consumer)
+  redis.call('HDEL', servers .. ':descriptions', consumer)
+  local last = redis.call('ZRANGE', servers, -1, -1, 'WITHSCORES')
+  redis.call('HSET', served_until, version, last[2] or now)
+end
+return 0
+"""
+)
+
+# ARGV: prefix, catalog hash, served-until hash. Returns {now, catalog (flat), served-until (flat), live}
+# where live is flat (version, consumer, description) triples of the announcements that hold.
+_READ = (
+    _COMMON
+    + """
+local catalog = redis.call('HGETALL', ARGV[2])
+local live = {}
+for i = 1, #catalog, 2 do
+  local version = catalog[i]
+  local servers = prune(version)
+  local described = redis.call('HGETALL', servers .. ':descriptions')
+  for j = 1, #described, 2 do
+    table.insert(live, version)
+    table.insert(live, described[j])
+    table.insert(live, described[j + 1])
+  end
+end
+return {now, catalog, redis.call('HGETALL', ARGV[3]), live}
+"""
+)
+
+
+def _field(key: Key) -> str:
+    return f"{key[0]}:{key[1]}"
+
+
+def _key(field: Any) -> Key:
+    name, _, version = _text(field).partition(":")  # names and versions hold no ':' (models/spec.py)
+    return name, version
+
+
+class RedisCatalog:
+    def __init__(self, client: aioredis.Redis, keys: RedisKeys, *, consumer: str) -> None:
+        self.consumer = consumer
+        self._keys = keys
+        self._publish = client.register_script(_PUBLISH)
+        self._withdraw = client.register_script(_WITHDRAW)
+        self._read = client.register_script(_READ)
+
+    @translate_errors
+    async def publish(self, descriptions: Mapping[Key, str], ttl: float) -> list[tuple[Key, str]]:
+        k = self._keys
+        pairs: list[str] = [item for key, text in descriptions.items() for item in (_field(key), text)]
+        args: list[str | int] = [
+            k.models_prefix,
+            k.models,
+            k.models_served_until,
+            self.consumer,
+            int(ttl * 1000),
+            *pairs,
+        ]
+        disagree: Any = await self._publish(args=args)
+        found = []
+        for entry in disagree or ():
+            version, _, other = _text(entry).partition(" ")
+            found.append((_key(version), other))
+        return found
+
+    @translate_errors
+    async def withdraw(self, versions: Sequence[Key]) -> None:
+        if versions:
+            k = self._keys
+            await self._withdraw(
+                args=[k.models_prefix, k.models_served_until, self.consumer, *(_field(v) for v in versions)]
+            )
+
+    @translate_errors
+    async def read(self) -> CatalogState:
+        k = self._keys
+        now, catalog, served_until, live = await self._read(args=[k.models_prefix, k.models, k.models_served_until])
+        servers: dict[Key, dict[str, str]] = {}
+        for i in range(0, len(live), 3):
+            servers.setdefault(_key(live[i]), {})[_text(live[i + 1])] = _text(live[i + 2])
+        return CatalogState(
+            now=int(now) / 1000,
+            known={_key(catalog[i]): _text(catalog[i + 1]) for i in range(0, len(catalog), 2)},
+            served_until={
+                _key(served_until[i]): int(float(served_until[i + 1])) / 1000 for i in range(0, len(served_until), 2)
+            },
+            servers=servers,
+        )
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
