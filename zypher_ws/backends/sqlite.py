@@ -230,7 +230,10 @@ class SQLiteStore:
                         self._on_scheduled()
                 self._commits += 1
                 if self._commits >= self.checkpoint_commits:
-                    await self._maybe_checkpoint()
+                    try:
+                        await self._maybe_checkpoint()
+                    except Exception:  # a bug of ours: the writes queued meanwhile still commit
+                        log.exception("the SQLite WAL checkpoint failed")
         finally:
             self._flusher = None
 
