@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pytest
@@ -104,6 +104,35 @@ async def test_redis_catalog_keeps_the_first_description_when_workers_disagree(
     assert (await a.read()).known[iris] == description(5)
 
 
+async def test_a_worker_loading_a_version_holds_without_describing_it(
+    redis_catalogs: tuple[RedisCatalog, RedisCatalog],
+) -> None:
+    a, b = redis_catalogs
+    iris = ("iris", "1")
+    assert await a.publish({iris: None}, ttl=60) == []  # loading: nothing to describe yet
+    state = await a.read([iris])
+    assert state.loading == {iris: frozenset({"worker-a"})} and iris not in state.servers
+    assert state.known == {}  # not servable from a loading announcement
+    assert state.served_until[iris] >= state.now + 59  # but it holds off the sweep
+    assert await b.publish({iris: description()}, ttl=60) == []  # one loading disagrees with no one
+    state = await b.read()
+    assert state.known == {iris: description()} and set(state.servers[iris]) == {"worker-b"}
+    assert state.loading == {iris: frozenset({"worker-a"})}
+
+
+async def test_every_reader_gives_a_version_never_announced_the_same_first_seen_time(
+    redis_catalogs: tuple[RedisCatalog, RedisCatalog],
+) -> None:
+    a, b = redis_catalogs  # two API processes serving a version no worker has announced
+    iris = ("iris", "1")
+    first = await a.read([iris])
+    assert first.first_seen[iris] <= first.now and iris not in first.served_until
+    assert (await b.read([iris])).first_seen[iris] == first.first_seen[iris]
+    await b.publish({iris: description()}, ttl=60)
+    later = await a.read([iris])
+    assert later.served_until[iris] > later.now  # announced: its own time, not the first-seen one
+
+
 # -- an API process following a catalog ------------------------------------------------------------------
 
 
@@ -115,19 +144,24 @@ class ScriptedCatalog:
         self.known: dict[Key, str] = {}
         self.served_until: dict[Key, float] = {}
         self.servers: dict[Key, dict[str, str]] = {}
+        self.loading: dict[Key, frozenset[str]] = {}
+        self.before_read: list[Callable[[], None]] = []  # run one each read, in order: a catalog that moves
 
-    async def publish(self, descriptions: Mapping[Key, str], ttl: float) -> list[tuple[Key, str]]:
+    async def publish(self, descriptions: Mapping[Key, str | None], ttl: float) -> list[tuple[Key, str]]:
         raise AssertionError("an API process without workers publishes nothing")
 
     async def withdraw(self, versions: Sequence[Key]) -> None:
         pass
 
-    async def read(self) -> CatalogState:
+    async def read(self, watch: Sequence[Key] = ()) -> CatalogState:
+        if self.before_read:
+            self.before_read.pop(0)()
         return CatalogState(
             now=self.now,
             known=dict(self.known),
             served_until=dict(self.served_until),
             servers={k: dict(v) for k, v in self.servers.items()},
+            loading=dict(self.loading),
         )
 
     def serve(self, key: Key, **by_worker: str) -> None:
@@ -247,3 +281,92 @@ async def test_a_version_unserved_past_the_grace_refuses_predictions_until_serve
     catalog.serve(("iris", "1"), w2=description())
     await follower.refresh()
     await service.submit([1, 2, 3, 4], model="iris")
+
+
+async def test_a_worker_loading_an_unserved_version_keeps_its_predictions_waiting(
+    following: tuple[TestClient, ScriptedCatalog, CatalogFollower],
+) -> None:
+    client, catalog, follower = following
+    service = client.app[SERVICE]
+    iris = ("iris", "1")
+    catalog.serve(iris, w1=description())
+    await follower.refresh()
+    catalog.servers.clear()  # its worker is gone; a new one loads the model, slowly
+    catalog.loading[iris] = frozenset({"w2"})
+    catalog.now = catalog.served_until[iris] + 120
+    await follower.refresh()
+    assert service.model("iris").unavailable is None and service.model("iris").served_by == 0
+    await service.submit([1, 2, 3, 4], model="iris")
+
+
+# -- the sweep against a real Redis queue ------------------------------------------------------------------
+
+
+@pytest.fixture
+async def following_redis(
+    aiohttp_client: Any, redis_settings: dict[str, str]
+) -> tuple[TestClient, ScriptedCatalog, CatalogFollower, aioredis.Redis]:
+    settings = make_settings(**redis_settings, unserved_grace=60, claim_idle=30)
+    client: TestClient = await aiohttp_client(create_app(settings, model=MockModel()))
+    service = client.app[SERVICE]
+    await asyncio.wait_for(service.models.default.loaded.wait(), WAIT)
+    catalog = ScriptedCatalog()
+    follower = CatalogFollower(
+        settings=service.settings, models=service.models, catalog=catalog, store=service.store, bus=service.bus
+    )
+    redis = aioredis.Redis.from_url(redis_settings["redis_url"], decode_responses=True)
+    yield client, catalog, follower, redis
+    await redis.aclose()
+
+
+async def test_the_sweep_fails_only_what_no_live_worker_holds(
+    following_redis: tuple[TestClient, ScriptedCatalog, CatalogFollower, aioredis.Redis],
+) -> None:
+    client, catalog, follower, redis = following_redis
+    service = client.app[SERVICE]
+    iris = ("iris", "1")
+    keys = RedisKeys(service.settings.redis_prefix)
+    stream = keys.queue(*iris)
+    catalog.serve(iris, w1=description())
+    await follower.refresh()
+    running, lost, taken, waiting = [await service.submit([1, 2, 3, n], model="iris") for n in range(4)]
+    # A worker takes three and starts two before any announcement of its lands (or while cut off).
+    reply = await redis.xreadgroup(keys.group, "w2", {stream: ">"}, count=3)
+    entries = {fields["id"]: entry_id for entry_id, fields in reply[0][1]}
+    await service.store.start([running.prediction_id, lost.prediction_id])
+    # One of those was held by a worker that has not touched it for --claim-idle: lost with it.
+    await redis.xclaim(stream, keys.group, "w1", 0, [entries[lost.prediction_id]], idle=31_000, justid=True)
+    catalog.servers.clear()
+    catalog.now = catalog.served_until[iris] + 61
+    await follower.refresh()
+    after = {p.prediction_id: await service.store.get(p.prediction_id) for p in (running, lost, taken, waiting)}
+    assert after[running.prediction_id].status.value == "running"  # a live worker runs it
+    assert after[taken.prediction_id].status.value == "queued"  # a live worker has taken it
+    assert after[lost.prediction_id].status.value == "failed" and after[lost.prediction_id].attempts == 1
+    assert after[lost.prediction_id].error["code"] == "model_unavailable"
+    assert after[waiting.prediction_id].status.value == "failed" and after[waiting.prediction_id].attempts == 0
+    left = [fields["id"] for _, fields in await redis.xrange(stream)]
+    assert left == [running.prediction_id, taken.prediction_id]  # the live worker acknowledges those
+
+
+async def test_the_sweep_leaves_a_lost_ones_prediction_when_a_worker_announces_itself_meanwhile(
+    following_redis: tuple[TestClient, ScriptedCatalog, CatalogFollower, aioredis.Redis],
+) -> None:
+    client, catalog, follower, redis = following_redis
+    service = client.app[SERVICE]
+    iris = ("iris", "1")
+    keys = RedisKeys(service.settings.redis_prefix)
+    stream = keys.queue(*iris)
+    catalog.serve(iris, w1=description())
+    await follower.refresh()
+    prediction = await service.submit([1, 2, 3, 4], model="iris")
+    reply = await redis.xreadgroup(keys.group, "w1", {stream: ">"}, count=1)
+    await service.store.start([prediction.prediction_id])
+    await redis.xclaim(stream, keys.group, "w1", 0, [reply[0][1][0][0]], idle=31_000, justid=True)
+    catalog.servers.clear()
+    catalog.now = catalog.served_until[iris] + 61
+    # Between the round's read and the sweep a worker announces it (and takes the entry over in time).
+    catalog.before_read = [lambda: None, lambda: catalog.serve(iris, w2=description())]
+    await follower.refresh()
+    assert (await service.store.get(prediction.prediction_id)).status.value == "running"
+    assert await redis.xlen(stream) == 1
