@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -12,7 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
-from fakes import WAIT, make_settings
+from fakes import WAIT, GatedModel, make_settings
 from zypher_ws.backends.redis.catalog import RedisCatalog
 from zypher_ws.backends.redis.keys import RedisKeys
 from zypher_ws.catalog import CatalogFollower, CatalogState, Key
@@ -370,3 +371,39 @@ async def test_the_sweep_leaves_a_lost_ones_prediction_when_a_worker_announces_i
     await follower.refresh()
     assert (await service.store.get(prediction.prediction_id)).status.value == "running"
     assert await redis.xlen(stream) == 1
+
+
+class RecordingCatalog(ScriptedCatalog):
+    """A catalog that keeps what a worker announces, and says when it does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.announced: list[dict[Key, str | None]] = []
+        self.changed = asyncio.Event()
+
+    async def publish(self, descriptions: Mapping[Key, str | None], ttl: float) -> list[tuple[Key, str]]:
+        self.announced.append(dict(descriptions))
+        self.changed.set()
+        return []
+
+    async def next_announcement(self) -> dict[Key, str | None]:
+        self.changed.clear()
+        await asyncio.wait_for(self.changed.wait(), WAIT)
+        return self.announced[-1]
+
+
+async def test_a_worker_announces_a_version_while_it_loads_then_its_description(aiohttp_client: Any) -> None:
+    from zypher_ws.catalog import publishing
+
+    gate = threading.Event()
+    model = GatedModel(gated=False, load_gate=gate)
+    client: TestClient = await aiohttp_client(create_app(make_settings(model_heartbeat=60), model=model))
+    service = client.app[SERVICE]
+    catalog = RecordingCatalog()
+    key = (model.name, model.version)
+    async with publishing(catalog, service.models, service.settings):
+        assert await catalog.next_announcement() == {key: None}  # loading: held, not described
+        gate.set()
+        announced = await catalog.next_announcement()  # at once once loaded, not a heartbeat later
+        text = announced[key]
+        assert text is not None and json.loads(text)["name"] == model.name
