@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 import pytest
@@ -303,10 +303,37 @@ async def test_a_worker_loading_an_unserved_version_keeps_its_predictions_waitin
 # -- the sweep against a real Redis queue ------------------------------------------------------------------
 
 
+class RedisSweep:
+    """An API process following a scripted catalog of one version, iris 1, whose stream is in a real Redis;
+    the test plays its workers on that stream."""
+
+    iris = ("iris", "1")
+
+    def __init__(self, client: TestClient, catalog: ScriptedCatalog, follower: CatalogFollower, redis: Any) -> None:
+        self.service = client.app[SERVICE]
+        self.catalog, self.follower, self.redis = catalog, follower, redis
+        self.keys = RedisKeys(self.service.settings.redis_prefix)
+        self.stream = self.keys.queue(*self.iris)
+
+    async def take(self, consumer: str, count: int) -> dict[str, str]:
+        """A worker takes the oldest entries; their entry ids by prediction id."""
+        reply = await self.redis.xreadgroup(self.keys.group, consumer, {self.stream: ">"}, count=count)
+        return {fields["id"]: entry_id for entry_id, fields in reply[0][1]}
+
+    async def lose(self, entry_id: str) -> None:
+        """Its holder has not touched the entry for longer than --claim-idle (30 s)."""
+        await self.redis.xclaim(self.stream, self.keys.group, "gone", 0, [entry_id], idle=31_000, justid=True)
+
+    def unserved_past_the_grace(self) -> None:
+        self.catalog.servers.clear()
+        self.catalog.now = self.catalog.served_until[self.iris] + 61
+
+    async def left(self) -> list[str]:
+        return [fields["id"] for _, fields in await self.redis.xrange(self.stream)]
+
+
 @pytest.fixture
-async def following_redis(
-    aiohttp_client: Any, redis_settings: dict[str, str]
-) -> tuple[TestClient, ScriptedCatalog, CatalogFollower, aioredis.Redis]:
+async def sweep(aiohttp_client: Any, redis_settings: dict[str, str]) -> AsyncIterator[RedisSweep]:
     settings = make_settings(**redis_settings, unserved_grace=60, claim_idle=30)
     client: TestClient = await aiohttp_client(create_app(settings, model=MockModel()))
     service = client.app[SERVICE]
@@ -316,61 +343,43 @@ async def following_redis(
         settings=service.settings, models=service.models, catalog=catalog, store=service.store, bus=service.bus
     )
     redis = aioredis.Redis.from_url(redis_settings["redis_url"], decode_responses=True)
-    yield client, catalog, follower, redis
+    catalog.serve(RedisSweep.iris, w1=description())
+    await follower.refresh()
+    yield RedisSweep(client, catalog, follower, redis)
     await redis.aclose()
 
 
-async def test_the_sweep_fails_only_what_no_live_worker_holds(
-    following_redis: tuple[TestClient, ScriptedCatalog, CatalogFollower, aioredis.Redis],
-) -> None:
-    client, catalog, follower, redis = following_redis
-    service = client.app[SERVICE]
-    iris = ("iris", "1")
-    keys = RedisKeys(service.settings.redis_prefix)
-    stream = keys.queue(*iris)
-    catalog.serve(iris, w1=description())
-    await follower.refresh()
+async def test_the_sweep_fails_only_what_no_live_worker_holds(sweep: RedisSweep) -> None:
+    service = sweep.service
     running, lost, taken, waiting = [await service.submit([1, 2, 3, n], model="iris") for n in range(4)]
     # A worker takes three and starts two before any announcement of its lands (or while cut off).
-    reply = await redis.xreadgroup(keys.group, "w2", {stream: ">"}, count=3)
-    entries = {fields["id"]: entry_id for entry_id, fields in reply[0][1]}
+    entries = await sweep.take("w2", 3)
     await service.store.start([running.prediction_id, lost.prediction_id])
-    # One of those was held by a worker that has not touched it for --claim-idle: lost with it.
-    await redis.xclaim(stream, keys.group, "w1", 0, [entries[lost.prediction_id]], idle=31_000, justid=True)
-    catalog.servers.clear()
-    catalog.now = catalog.served_until[iris] + 61
-    await follower.refresh()
+    await sweep.lose(entries[lost.prediction_id])  # that one's worker is gone
+    sweep.unserved_past_the_grace()
+    await sweep.follower.refresh()
     after = {p.prediction_id: await service.store.get(p.prediction_id) for p in (running, lost, taken, waiting)}
     assert after[running.prediction_id].status.value == "running"  # a live worker runs it
     assert after[taken.prediction_id].status.value == "queued"  # a live worker has taken it
     assert after[lost.prediction_id].status.value == "failed" and after[lost.prediction_id].attempts == 1
     assert after[lost.prediction_id].error["code"] == "model_unavailable"
     assert after[waiting.prediction_id].status.value == "failed" and after[waiting.prediction_id].attempts == 0
-    left = [fields["id"] for _, fields in await redis.xrange(stream)]
-    assert left == [running.prediction_id, taken.prediction_id]  # the live worker acknowledges those
+    assert await sweep.left() == [running.prediction_id, taken.prediction_id]  # their worker acknowledges them
 
 
 async def test_the_sweep_leaves_a_lost_ones_prediction_when_a_worker_announces_itself_meanwhile(
-    following_redis: tuple[TestClient, ScriptedCatalog, CatalogFollower, aioredis.Redis],
+    sweep: RedisSweep,
 ) -> None:
-    client, catalog, follower, redis = following_redis
-    service = client.app[SERVICE]
-    iris = ("iris", "1")
-    keys = RedisKeys(service.settings.redis_prefix)
-    stream = keys.queue(*iris)
-    catalog.serve(iris, w1=description())
-    await follower.refresh()
-    prediction = await service.submit([1, 2, 3, 4], model="iris")
-    reply = await redis.xreadgroup(keys.group, "w1", {stream: ">"}, count=1)
-    await service.store.start([prediction.prediction_id])
-    await redis.xclaim(stream, keys.group, "w1", 0, [reply[0][1][0][0]], idle=31_000, justid=True)
-    catalog.servers.clear()
-    catalog.now = catalog.served_until[iris] + 61
+    prediction = await sweep.service.submit([1, 2, 3, 4], model="iris")
+    entries = await sweep.take("w1", 1)
+    await sweep.service.store.start([prediction.prediction_id])
+    await sweep.lose(entries[prediction.prediction_id])
+    sweep.unserved_past_the_grace()
     # Between the round's read and the sweep a worker announces it (and takes the entry over in time).
-    catalog.before_read = [lambda: None, lambda: catalog.serve(iris, w2=description())]
-    await follower.refresh()
-    assert (await service.store.get(prediction.prediction_id)).status.value == "running"
-    assert await redis.xlen(stream) == 1
+    sweep.catalog.before_read = [lambda: None, lambda: sweep.catalog.serve(sweep.iris, w2=description())]
+    await sweep.follower.refresh()
+    assert (await sweep.service.store.get(prediction.prediction_id)).status.value == "running"
+    assert await sweep.left() == [prediction.prediction_id]
 
 
 class RecordingCatalog(ScriptedCatalog):

@@ -116,6 +116,14 @@ async def test_the_memory_queue_takes_by_level_in_arrival_order_within_one() -> 
     assert [j.prediction_id for j in await queue.get_batch(10, 0)] == ["3-3", "5-0"]
 
 
+async def drop(client: Any, prefix: str) -> None:
+    """Delete a test's keys and close its client."""
+    found = [key async for key in client.scan_iter(match=f"{prefix}:*")]
+    if found:
+        await client.delete(*found)
+    await client.aclose()
+
+
 @pytest.fixture
 async def redis_queue(redis_url: str) -> AsyncIterator[Any]:
     import redis.asyncio as aioredis
@@ -135,10 +143,7 @@ async def redis_queue(redis_url: str) -> AsyncIterator[Any]:
         yield queue
     finally:
         await queue.close()
-        found = [key async for key in client.scan_iter(match=f"{keys.prefix}:*")]
-        if found:
-            await client.delete(*found)
-        await client.aclose()
+        await drop(client, keys.prefix)
 
 
 async def test_the_redis_queue_takes_by_level_and_acknowledges_on_each_levels_stream(redis_queue: Any) -> None:
@@ -285,7 +290,4 @@ async def test_the_move_to_level_streams_leaves_held_entries_and_goes_on_while_t
         assert [fields["id"] for _, fields in await client.xrange(plain)] == [held.prediction_id]
     finally:
         await queue.close()
-        found = [key async for key in client.scan_iter(match=f"{keys.prefix}:*")]
-        if found:
-            await client.delete(*found)
-        await client.aclose()
+        await drop(client, keys.prefix)
