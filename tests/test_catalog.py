@@ -19,7 +19,7 @@ from zypher_ws.backends.redis.keys import RedisKeys
 from zypher_ws.catalog import CatalogFollower, CatalogState, Key
 from zypher_ws.errors import InvalidInput, ModelUnavailable
 from zypher_ws.http.app import create_app
-from zypher_ws.http.keys import OPENAPI, SERVICE
+from zypher_ws.http.keys import CATALOG, OPENAPI, SERVICE
 from zypher_ws.models import MockModel
 
 
@@ -146,6 +146,7 @@ class ScriptedCatalog:
         self.served_until: dict[Key, float] = {}
         self.servers: dict[Key, dict[str, str]] = {}
         self.loading: dict[Key, frozenset[str]] = {}
+        self.first_seen: dict[Key, float] = {}
         self.before_read: list[Callable[[], None]] = []  # run one each read, in order: a catalog that moves
 
     async def publish(self, descriptions: Mapping[Key, str | None], ttl: float) -> list[tuple[Key, str]]:
@@ -163,6 +164,7 @@ class ScriptedCatalog:
             served_until=dict(self.served_until),
             servers={k: dict(v) for k, v in self.servers.items()},
             loading=dict(self.loading),
+            first_seen={key: t for key, t in self.first_seen.items() if key in watch},
         )
 
     def serve(self, key: Key, **by_worker: str) -> None:
@@ -310,6 +312,7 @@ class RedisSweep:
     iris = ("iris", "1")
 
     def __init__(self, client: TestClient, catalog: ScriptedCatalog, follower: CatalogFollower, redis: Any) -> None:
+        self.client = client
         self.service = client.app[SERVICE]
         self.catalog, self.follower, self.redis = catalog, follower, redis
         self.keys = RedisKeys(self.service.settings.redis_prefix)
@@ -332,16 +335,28 @@ class RedisSweep:
         return [fields["id"] for _, fields in await self.redis.xrange(self.stream)]
 
 
-@pytest.fixture
-async def sweep(aiohttp_client: Any, redis_settings: dict[str, str]) -> AsyncIterator[RedisSweep]:
-    settings = make_settings(**redis_settings, unserved_grace=60, claim_idle=30)
-    client: TestClient = await aiohttp_client(create_app(settings, model=MockModel()))
-    service = client.app[SERVICE]
-    await asyncio.wait_for(service.models.default.loaded.wait(), WAIT)
+async def scripted_redis_app(
+    aiohttp_client: Any, redis_settings: dict[str, str], monkeypatch: pytest.MonkeyPatch, **settings: Any
+) -> tuple[TestClient, ScriptedCatalog, CatalogFollower]:
+    """An app on a real Redis whose catalog reads are the test's (Redis's clock is not the test's): its
+    own follower, driven by the test (a heartbeat of a minute: its rounds are the test's refreshes)."""
     catalog = ScriptedCatalog()
-    follower = CatalogFollower(
-        settings=service.settings, models=service.models, catalog=catalog, store=service.store, bus=service.bus
-    )
+
+    async def read(self: RedisCatalog, watch: Sequence[Key] = ()) -> CatalogState:
+        return await catalog.read(watch)
+
+    monkeypatch.setattr(RedisCatalog, "read", read)
+    config = make_settings(**redis_settings, **{"unserved_grace": 60, "model_heartbeat": 60, **settings})
+    client: TestClient = await aiohttp_client(create_app(config, model=MockModel()))
+    await asyncio.wait_for(client.app[SERVICE].models.default.loaded.wait(), WAIT)
+    return client, catalog, client.app[CATALOG]
+
+
+@pytest.fixture
+async def sweep(
+    aiohttp_client: Any, redis_settings: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[RedisSweep]:
+    client, catalog, follower = await scripted_redis_app(aiohttp_client, redis_settings, monkeypatch, claim_idle=30)
     redis = aioredis.Redis.from_url(redis_settings["redis_url"], decode_responses=True)
     catalog.serve(RedisSweep.iris, w1=description())
     await follower.refresh()
@@ -416,3 +431,37 @@ async def test_a_worker_announces_a_version_while_it_loads_then_its_description(
         announced = await catalog.next_announcement()  # at once once loaded, not a heartbeat later
         text = announced[key]
         assert text is not None and json.loads(text)["name"] == model.name
+
+
+async def test_readyz_is_503_only_when_no_model_of_the_process_is_served(
+    aiohttp_client: Any, redis_settings: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No workers here: its own model (mock) is run by worker processes too, which have never announced it.
+    client, catalog, follower = await scripted_redis_app(aiohttp_client, redis_settings, monkeypatch, workers=0)
+    mock = (client.app[SERVICE].models.default.name, client.app[SERVICE].models.default.version)
+    iris = ("iris", "1")
+    catalog.serve(iris, w1=description())
+    catalog.first_seen[mock] = catalog.now  # an API process first served it now (the time kept in Redis)
+    await follower.refresh()
+    assert (await client.get("/readyz")).status == 200
+    catalog.now += 61  # mock is past its grace (from the shared first-seen time); iris is announced
+    await follower.refresh()
+    assert client.app[SERVICE].models.default.unavailable is not None
+    assert (await client.get("/readyz")).status == 200  # one unavailable among several: its own 503s
+    catalog.servers.clear()
+    catalog.now = catalog.served_until[iris] + 61
+    await follower.refresh()
+    resp = await client.get("/readyz")
+    assert resp.status == 503 and resp.headers["Retry-After"] == "60"  # a heartbeat
+    assert (await resp.json())["error"]["code"] == "model_unavailable"
+
+
+async def test_an_oip_sync_answer_of_a_model_no_one_serves_retries_after_a_heartbeat(sweep: RedisSweep) -> None:
+    body = {"inputs": [{"name": "input", "datatype": "FP64", "shape": [1, 4], "data": [1, 2, 3, 4]}]}
+    answer = asyncio.create_task(sweep.client.post("/v2/models/iris/infer", json=body))  # sync: it waits
+    assert await sweep.redis.xread({sweep.stream: "0"}, count=1, block=int(WAIT * 1000))  # queued
+    sweep.unserved_past_the_grace()
+    await sweep.follower.refresh()  # it fails what waits, this one too: model_unavailable
+    resp = await asyncio.wait_for(answer, WAIT)
+    assert resp.status == 503 and resp.headers["Retry-After"] == "60"  # as a refused submit's: a heartbeat
+    assert "no worker has served model iris version 1" in (await resp.json())["error"]

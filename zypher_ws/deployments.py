@@ -17,7 +17,7 @@ from enum import Enum
 from typing import Any
 
 from .backends import Backend, WorkQueue
-from .errors import ModelNotFound, NotReady
+from .errors import ModelNotFound, ModelUnavailable, NotReady
 from .metrics import Metrics
 from .models import Model, ModelConfigError, ModelSetupError, ModelSpec
 from .queue_policy import QueuePolicy
@@ -128,6 +128,16 @@ class Deployment:
     async def submits_done(self) -> None:
         """Until no prediction is between being stored and being queued."""
         await self._no_submits.wait()
+
+    def unavailable_error(self, message: str | None = None) -> ModelUnavailable:
+        """The answer while no worker serves it (redis), to a new prediction or of a failed one: back
+        within a heartbeat at the soonest, when the catalog is read again."""
+        return ModelUnavailable(message or self.unavailable, retry_after=self.settings.model_heartbeat)
+
+    def check_served(self) -> None:
+        """Raise ModelUnavailable while no worker has served it for longer than --unserved-grace (redis)."""
+        if self.unavailable is not None:
+            raise self.unavailable_error()
 
     def check_ready(self, *, public: bool = False) -> None:
         """Raise NotReady unless this model takes predictions now. `public` (for /readyz, which needs no
