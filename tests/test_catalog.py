@@ -147,6 +147,7 @@ class ScriptedCatalog:
         self.servers: dict[Key, dict[str, str]] = {}
         self.loading: dict[Key, frozenset[str]] = {}
         self.first_seen: dict[Key, float] = {}
+        self.sweeps = True  # this process holds the sweep's lease
         self.before_read: list[Callable[[], None]] = []  # run one each read, in order: a catalog that moves
 
     async def publish(self, descriptions: Mapping[Key, str | None], ttl: float) -> list[tuple[Key, str]]:
@@ -154,6 +155,9 @@ class ScriptedCatalog:
 
     async def withdraw(self, versions: Sequence[Key]) -> None:
         pass
+
+    async def sweep_lease(self, ttl: float) -> bool:
+        return self.sweeps
 
     async def read(self, watch: Sequence[Key] = ()) -> CatalogState:
         if self.before_read:
@@ -465,3 +469,22 @@ async def test_an_oip_sync_answer_of_a_model_no_one_serves_retries_after_a_heart
     resp = await asyncio.wait_for(answer, WAIT)
     assert resp.status == 503 and resp.headers["Retry-After"] == "60"  # as a refused submit's: a heartbeat
     assert "no worker has served model iris version 1" in (await resp.json())["error"]
+
+
+async def test_one_process_at_a_time_holds_the_sweeps_lease(redis_catalogs: tuple[RedisCatalog, RedisCatalog]) -> None:
+    a, b = redis_catalogs
+    assert await a.sweep_lease(60) and not await b.sweep_lease(60)
+    assert await a.sweep_lease(60)  # its holder renews it, round after round
+    assert not await b.sweep_lease(60)
+
+
+async def test_a_process_without_the_sweeps_lease_refuses_but_fails_nothing(sweep: RedisSweep) -> None:
+    waiting = await sweep.service.submit([1, 2, 3, 4], model="iris")
+    sweep.unserved_past_the_grace()
+    await sweep.redis.set(sweep.keys.models_sweep_lease, "another-api-process", px=60_000)
+    await sweep.follower.refresh()
+    assert sweep.service.model("iris").unavailable is not None  # refused here too
+    assert (await sweep.service.store.get(waiting.prediction_id)).status.value == "queued"  # theirs to fail
+    await sweep.redis.delete(sweep.keys.models_sweep_lease)  # that process is gone: its lease lapses
+    await sweep.follower.refresh()
+    assert (await sweep.service.store.get(waiting.prediction_id)).status.value == "failed"

@@ -35,6 +35,7 @@ Key = tuple[str, str]
 """(model name, version)."""
 
 SWEEP_BATCH = 500  # predictions of one unserved version failed per round (the next round takes more)
+SWEEP_LEASE = 0.8  # of a heartbeat: one API process sweeps a round, and the next round's may be another
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,11 @@ class Catalog(Protocol):
 
     async def withdraw(self, versions: Sequence[Key]) -> None:
         """This process serves these no more."""
+        ...
+
+    async def sweep_lease(self, ttl: float) -> bool:
+        """Whether this process is the one to fail unserved versions' predictions for the next `ttl`
+        seconds (one process sweeps a round; the others would only find the same entries)."""
         ...
 
     async def read(self, watch: Sequence[Key] = ()) -> CatalogState:
@@ -297,8 +303,13 @@ class CatalogFollower:
         changed = False
         for key, text in state.known.items():
             changed |= await self._follow(key, text, state)
+        sweeps: bool | None = None  # asked for the lease only when there is something to sweep
         for deployment in self.models:
-            await self._check_served(deployment, state)
+            if self._check_served(deployment, state):
+                if sweeps is None:
+                    sweeps = await self.catalog.sweep_lease(SWEEP_LEASE * self.settings.model_heartbeat)
+                if sweeps:
+                    await self._fail_queued(deployment, deployment.unavailable or "")
         if changed:
             self.on_change()
 
@@ -337,7 +348,8 @@ class CatalogFollower:
             log.info("model %s version %s: its workers publish a new description; serving that", *key)
         return True
 
-    async def _check_served(self, deployment: Deployment, state: CatalogState) -> None:
+    def _check_served(self, deployment: Deployment, state: CatalogState) -> bool:
+        """Count the version's workers and name conflicts; True if it is unavailable (to be swept)."""
         key = (deployment.name, deployment.version)
         live = state.servers.get(key, {})
         deployment.served_by = len(live)
@@ -356,14 +368,14 @@ class CatalogFollower:
             deployment.conflict = conflict
         if _served(state, key) or deployment.pool is not None:  # workers serve it, or load it; or here
             deployment.unavailable = None
-            return
+            return False
         since = state.served_until.get(key)
         if since is None:  # never announced: since some process first looked for it
             since = state.first_seen.get(key, state.now)
         unserved = state.now - since
         if unserved <= self.settings.unserved_grace:
             deployment.unavailable = None
-            return
+            return False
         if deployment.unavailable is None:
             log.warning(
                 "model %s version %s: no worker has served it for %.0f s (--unserved-grace %.0f s): its queued "
@@ -376,7 +388,7 @@ class CatalogFollower:
             f"no worker has served model {key[0]} version {key[1]} for {unserved:.0f} s "
             f"(--unserved-grace {self.settings.unserved_grace:g} s)"
         )
-        await self._fail_queued(deployment, deployment.unavailable)
+        return True
 
     async def _fail_queued(self, deployment: Deployment, why: str) -> None:
         from .backends.base import ListsEntries

@@ -123,6 +123,15 @@ return {now, catalog, redis.call('HGETALL', ARGV[3]), live, redis.call('HGETALL'
 )
 
 
+# Taken when free, renewed by its holder (KEYS[1] the lease, ARGV the consumer and its time in ms).
+_LEASE = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+
 def _field(key: Key) -> str:
     return f"{key[0]}:{key[1]}"
 
@@ -136,6 +145,7 @@ class RedisCatalog:
     def __init__(self, client: aioredis.Redis, keys: RedisKeys, *, consumer: str) -> None:
         self.consumer = consumer
         self._keys = keys
+        self._lease = client.register_script(_LEASE)
         self._publish = client.register_script(_PUBLISH)
         self._withdraw = client.register_script(_WITHDRAW)
         self._read = client.register_script(_READ)
@@ -166,6 +176,10 @@ class RedisCatalog:
             await self._withdraw(
                 args=[k.models_prefix, k.models_served_until, self.consumer, *(_field(v) for v in versions)]
             )
+
+    @translate_errors
+    async def sweep_lease(self, ttl: float) -> bool:
+        return bool(await self._lease(keys=[self._keys.models_sweep_lease], args=[self.consumer, int(ttl * 1000)]))
 
     @translate_errors
     async def read(self, watch: Sequence[Key] = ()) -> CatalogState:
