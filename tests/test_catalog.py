@@ -19,7 +19,7 @@ from zypher_ws.backends.redis.keys import RedisKeys
 from zypher_ws.catalog import CatalogFollower, CatalogState, Key
 from zypher_ws.errors import InvalidInput, ModelUnavailable
 from zypher_ws.http.app import create_app
-from zypher_ws.http.keys import CATALOG, OPENAPI, SERVICE
+from zypher_ws.http.keys import CATALOG, OPENAPI, REPOSITORY, SERVICE
 from zypher_ws.models import MockModel
 
 
@@ -488,3 +488,33 @@ async def test_a_process_without_the_sweeps_lease_refuses_but_fails_nothing(swee
     await sweep.redis.delete(sweep.keys.models_sweep_lease)  # that process is gone: its lease lapses
     await sweep.follower.refresh()
     assert (await sweep.service.store.get(waiting.prediction_id)).status.value == "failed"
+
+
+async def test_a_model_unloaded_here_is_not_served_again_from_the_catalog_until_loaded_again(
+    following: tuple[TestClient, ScriptedCatalog, CatalogFollower],
+) -> None:
+    client, catalog, follower = following
+    service, repository = client.app[SERVICE], client.app[REPOSITORY]
+    catalog.serve(("iris", "1"), w1=description())
+    await follower.refresh()
+    await repository.unload("iris", WAIT)
+    await follower.refresh()  # its workers still publish it
+    assert service.models.get("iris", "1") is None
+    assert await repository.load("iris") == []  # no files here: served from the catalog again
+    await follower.refresh()
+    assert service.models.get("iris", "1") is not None
+
+
+async def test_the_follower_changes_the_model_set_only_between_repository_loads(
+    following: tuple[TestClient, ScriptedCatalog, CatalogFollower],
+) -> None:
+    client, catalog, follower = following
+    service = client.app[SERVICE]
+    catalog.serve(("iris", "1"), w1=description())
+    async with service.models.lock:  # as a repository load holds it, between reading and changing the set
+        refresh = asyncio.create_task(follower.refresh())
+        for _ in range(10):
+            await asyncio.sleep(0)  # yields only: the refresh gets every chance to go past the lock
+        assert not refresh.done() and service.models.get("iris", "1") is None
+    await asyncio.wait_for(refresh, WAIT)
+    assert service.models.get("iris", "1") is not None

@@ -301,8 +301,11 @@ class CatalogFollower:
         """One round: read the catalog, add and update models, fail what waits for a model no one serves."""
         state = await self.catalog.read([(d.name, d.version) for d in self.models])
         changed = False
-        for key, text in state.known.items():
-            changed |= await self._follow(key, text, state)
+        async with self.models.lock:  # not while a repository load or unload reads, then changes, the set
+            self._published = {d: t for d, t in self._published.items() if self.models.get(d.name, d.version) is d}
+            for key, text in state.known.items():
+                if key not in self.models.unloaded:
+                    changed |= await self._follow(key, text, state)
         sweeps: bool | None = None  # asked for the lease only when there is something to sweep
         for deployment in self.models:
             if self._check_served(deployment, state):

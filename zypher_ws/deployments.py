@@ -200,6 +200,12 @@ class Deployments:
             raise ModelConfigError("no model to serve")
         self.deployer = deployer
         """What makes and ends deployments (None: a fixed set, as tests build it)."""
+        self.lock = asyncio.Lock()
+        """Held by whatever reads the set, then changes it, at runtime (a repository load or unload, the
+        catalog follower adding what workers publish), so that two never change it from one reading."""
+        self.unloaded: set[tuple[str, str]] = set()
+        """Versions an operator unloaded (the repository's unload): not served again from the catalog of
+        a shared backend until loaded here again."""
         self._all: list[Deployment] = []
         self._by_key: dict[tuple[str, str], Deployment] = {}
         for d in deployments:
