@@ -159,6 +159,11 @@ class ScriptedCatalog:
     async def sweep_lease(self, ttl: float) -> bool:
         return self.sweeps
 
+    async def retire(self, version: Key) -> bool:
+        for known in (self.known, self.served_until, self.first_seen):
+            known.pop(version, None)
+        return True
+
     async def read(self, watch: Sequence[Key] = ()) -> CatalogState:
         if self.before_read:
             self.before_read.pop(0)()
@@ -518,3 +523,45 @@ async def test_the_follower_changes_the_model_set_only_between_repository_loads(
         assert not refresh.done() and service.models.get("iris", "1") is None
     await asyncio.wait_for(refresh, WAIT)
     assert service.models.get("iris", "1") is not None
+
+
+async def test_redis_retires_a_version_no_one_serves_only_with_its_streams_empty(
+    redis_catalogs: tuple[RedisCatalog, RedisCatalog], redis_settings: dict[str, str]
+) -> None:
+    a, b = redis_catalogs
+    keys = RedisKeys(redis_settings["redis_prefix"])
+    redis = aioredis.Redis.from_url(redis_settings["redis_url"], decode_responses=True)
+    iris = ("iris", "1")
+    levels = json.loads(description())
+    levels["config"]["priority_levels"] = 2
+    await a.publish({iris: json.dumps(levels)}, ttl=60)
+    assert not await b.retire(iris)  # a worker serves it
+    await a.withdraw([iris])
+    await redis.xadd(keys.queue(*iris) + ":p2", {"id": "p"})
+    assert not await b.retire(iris)  # something waits on one of its level streams
+    await redis.delete(keys.queue(*iris) + ":p2")
+    await redis.xadd(keys.queue(*iris), {"id": "q"})
+    await redis.xdel(keys.queue(*iris), *[entry for entry, _ in await redis.xrange(keys.queue(*iris))])
+    assert await b.retire(iris)  # an empty stream, and no one serving it
+    state = await b.read()
+    assert iris not in state.known and iris not in state.served_until
+    assert not await redis.exists(keys.queue(*iris), keys.model_servers(*iris))
+    await redis.aclose()
+
+
+async def test_a_version_unserved_past_the_retention_is_forgotten(
+    following: tuple[TestClient, ScriptedCatalog, CatalogFollower],
+) -> None:
+    client, catalog, follower = following
+    service = client.app[SERVICE]
+    iris = ("iris", "1")
+    catalog.serve(iris, w1=description())
+    await follower.refresh()
+    catalog.servers.clear()
+    grace, retention = service.settings.unserved_grace, service.settings.catalog_retention
+    catalog.now = catalog.served_until[iris] + grace + retention
+    await follower.refresh()
+    assert service.models.get(*iris) is not None  # unavailable, still known
+    catalog.now += 1
+    await follower.refresh()
+    assert service.models.get(*iris) is None and iris not in catalog.known

@@ -73,6 +73,11 @@ class Catalog(Protocol):
         seconds (one process sweeps a round; the others would only find the same entries)."""
         ...
 
+    async def retire(self, version: Key) -> bool:
+        """Forget a version no worker serves, with its (empty) queue: True if done, False if some worker
+        announces it or something is queued for it."""
+        ...
+
     async def read(self, watch: Sequence[Key] = ()) -> CatalogState:
         """The catalog now; of the `watch`ed versions never announced, when they were first asked of."""
         ...
@@ -313,6 +318,7 @@ class CatalogFollower:
                     sweeps = await self.catalog.sweep_lease(SWEEP_LEASE * self.settings.model_heartbeat)
                 if sweeps:
                     await self._fail_queued(deployment, deployment.unavailable or "")
+                    changed |= await self._retire(deployment, state)
         if changed:
             self.on_change()
 
@@ -391,6 +397,24 @@ class CatalogFollower:
             f"no worker has served model {key[0]} version {key[1]} for {unserved:.0f} s "
             f"(--unserved-grace {self.settings.unserved_grace:g} s)"
         )
+        return True
+
+    async def _retire(self, deployment: Deployment, state: CatalogState) -> bool:
+        """Forget a version only the catalog served here, unserved past the grace and --catalog-retention
+        with nothing left in its queue: the catalog would otherwise keep every version ever announced."""
+        key = (deployment.name, deployment.version)
+        since = state.served_until.get(key)
+        limit = self.settings.unserved_grace + self.settings.catalog_retention
+        if deployment not in self._published or since is None or state.now - since <= limit:
+            return False
+        async with self.models.lock:
+            if self.models.get(*key) is not deployment or not await self.catalog.retire(key):
+                return False
+            self.models.discard(deployment)
+            self._published.pop(deployment, None)
+            if self.models.deployer is not None:
+                self.models.deployer.end(deployment)
+        log.info("model %s version %s: unserved past --catalog-retention, with nothing queued: forgotten", *key)
         return True
 
     async def _fail_queued(self, deployment: Deployment, why: str) -> None:

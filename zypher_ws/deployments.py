@@ -234,6 +234,12 @@ class Deployments:
         self._by_key = {(d.name, d.version): d for d in self._all}
         return gone
 
+    def discard(self, deployment: Deployment) -> None:
+        """Serve this one version no more (not the default)."""
+        if deployment is not self.default:
+            self._all = [d for d in self._all if d is not deployment]
+            self._by_key = {(d.name, d.version): d for d in self._all}
+
     def replace(self, old: Deployment, new: Deployment) -> None:
         """Serve `new` in place of `old`, of the same version (a failed one, loaded again); the default
         stays the default."""

@@ -132,6 +132,35 @@ return 1
 """
 
 
+# ARGV: prefix, catalog hash, served-until hash, first-seen hash, the version's stream, the version.
+# Forgets a version no one announces whose streams (the plain one, and one per priority level its
+# description names) hold nothing; returns 1 if it did.
+_RETIRE = (
+    _COMMON
+    + """
+local catalog, stream, version = ARGV[2], ARGV[5], ARGV[6]
+local servers = prune(version)
+if redis.call('ZCARD', servers) > 0 then return 0 end
+local streams = {stream}
+local raw = redis.call('HGET', catalog, version)
+if raw then
+  local ok, described = pcall(cjson.decode, raw)
+  local levels = ok and tonumber((described['config'] or {})['priority_levels']) or 0
+  for level = 1, levels do table.insert(streams, stream .. ':p' .. level) end
+end
+for _, s in ipairs(streams) do
+  if redis.call('EXISTS', s) == 1 and redis.call('XLEN', s) > 0 then return 0 end
+end
+for _, s in ipairs(streams) do redis.call('DEL', s) end
+redis.call('DEL', stream .. ':passed-over', servers, servers .. ':descriptions')
+redis.call('HDEL', catalog, version)
+redis.call('HDEL', ARGV[3], version)
+redis.call('HDEL', ARGV[4], version)
+return 1
+"""
+)
+
+
 def _field(key: Key) -> str:
     return f"{key[0]}:{key[1]}"
 
@@ -146,6 +175,7 @@ class RedisCatalog:
         self.consumer = consumer
         self._keys = keys
         self._lease = client.register_script(_LEASE)
+        self._retire = client.register_script(_RETIRE)
         self._publish = client.register_script(_PUBLISH)
         self._withdraw = client.register_script(_WITHDRAW)
         self._read = client.register_script(_READ)
@@ -180,6 +210,13 @@ class RedisCatalog:
     @translate_errors
     async def sweep_lease(self, ttl: float) -> bool:
         return bool(await self._lease(keys=[self._keys.models_sweep_lease], args=[self.consumer, int(ttl * 1000)]))
+
+    @translate_errors
+    async def retire(self, version: Key) -> bool:
+        k = self._keys
+        stream = k.queue(*version)
+        args = [k.models_prefix, k.models, k.models_served_until, k.models_first_seen, stream, _field(version)]
+        return bool(await self._retire(args=args))
 
     @translate_errors
     async def read(self, watch: Sequence[Key] = ()) -> CatalogState:
