@@ -565,3 +565,16 @@ async def test_a_version_unserved_past_the_retention_is_forgotten(
     catalog.now += 1
     await follower.refresh()
     assert service.models.get(*iris) is None and iris not in catalog.known
+
+
+async def test_a_version_another_process_retired_is_forgotten_here_too(
+    following: tuple[TestClient, ScriptedCatalog, CatalogFollower],
+) -> None:
+    client, catalog, follower = following
+    iris = ("iris", "1")
+    catalog.serve(iris, w1=description())
+    await follower.refresh()
+    catalog.servers.clear()
+    await catalog.retire(iris)  # by the process holding the sweep's lease
+    await follower.refresh()
+    assert client.app[SERVICE].models.get(*iris) is None

@@ -308,6 +308,9 @@ class CatalogFollower:
         changed = False
         async with self.models.lock:  # not while a repository load or unload reads, then changes, the set
             self._published = {d: t for d, t in self._published.items() if self.models.get(d.name, d.version) is d}
+            for retired in [d for d in self._published if (d.name, d.version) not in state.known]:
+                self._forget(retired)  # another API process retired it from the catalog
+                changed = True
             for key, text in state.known.items():
                 if key not in self.models.unloaded:
                     changed |= await self._follow(key, text, state)
@@ -410,12 +413,19 @@ class CatalogFollower:
         async with self.models.lock:
             if self.models.get(*key) is not deployment or not await self.catalog.retire(key):
                 return False
-            self.models.discard(deployment)
-            self._published.pop(deployment, None)
-            if self.models.deployer is not None:
-                self.models.deployer.end(deployment)
-        log.info("model %s version %s: unserved past --catalog-retention, with nothing queued: forgotten", *key)
+            self._forget(deployment)
         return True
+
+    def _forget(self, deployment: Deployment) -> None:
+        self.models.discard(deployment)
+        self._published.pop(deployment, None)
+        if self.models.deployer is not None:
+            self.models.deployer.end(deployment)
+        log.info(
+            "model %s version %s: unserved past --catalog-retention, with nothing queued: forgotten",
+            deployment.name,
+            deployment.version,
+        )
 
     async def _fail_queued(self, deployment: Deployment, why: str) -> None:
         from .backends.base import ListsEntries
