@@ -2,10 +2,13 @@
 
 Workers publish each model version they serve once it has loaded: its description (schemas, tensors,
 runtime, the queue settings an API process needs), renewed every --model-heartbeat and holding for three
-of them. API processes read the catalog as often: a version they do not load themselves is served from
+of them; while it loads, an announcement with no description, which holds but describes nothing.
+API processes read the catalog as often: a version they do not load themselves is served from
 its description alone (`PublishedModel`: it is described, validated and documented, never run here),
 so API processes need no model files. The catalog also says which versions nobody serves: past
---unserved-grace their queued predictions end failed (`model_unavailable`) and new ones are refused.
+--unserved-grace new predictions are refused, and one API process at a time (a lease) fails what no live
+worker holds in their queues (`model_unavailable`); a running one only on the queue's own evidence that
+its worker is gone. Past --catalog-retention more, with nothing queued, a version is forgotten.
 """
 
 from __future__ import annotations
