@@ -1,6 +1,7 @@
 """`python -m bench [SUITE ...]`: run benchmark suites and print their tables (Markdown).
 
-Suites: throughput, responsiveness, flood, stores, live, defaults, oip (the Open Inference Protocol on
+Suites: throughput, responsiveness, flood, stores, live, defaults, cpu (the cpu model against the
+one-core bound measured in the same round), oip (the Open Inference Protocol on
 digits-onnx against the native route), scale (needs a Redis: --redis-url), chaos (processes killed,
 Redis restarted, the disk filled: it exits 1 if a prediction was lost or ran more often than its record
 says), guard (CI's smoke: it exits 1 if the defaults collapse below 0.25x the ceiling in the same run),

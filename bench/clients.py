@@ -7,10 +7,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
+import os
+import selectors
+import socket
+import struct
+import sys
 import time
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -107,6 +114,97 @@ async def push(url: str, sockets: int, urls: list[str]) -> dict[str, Any]:
         for ws in wss:
             await ws.close()
     return {"sockets": sockets, "pushed": len(delays), **percentiles(delays)}
+
+
+# -- push fan-out, measured by several cheap clients -------------------------------------------------------
+
+
+class _RawSocket:
+    """A WebSocket on a plain socket: the handshake, one masked text frame out, and the server's
+    unmasked frames in. No JSON is parsed until the timing is over, so a frame costs the client one
+    recv(2), and its receive time is the server's figure, not the client's backlog."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.sock = socket.create_connection((host, port))
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall(
+            f"GET /ws HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                raise ConnectionError("closed during the WebSocket handshake")
+            head += chunk
+        if b" 101 " not in head.split(b"\r\n", 1)[0]:
+            raise ConnectionError(head.split(b"\r\n", 1)[0].decode(errors="replace"))
+        self.buffer = head.split(b"\r\n\r\n", 1)[1]
+
+    def send_text(self, payload: bytes) -> None:
+        mask = os.urandom(4)
+        n = len(payload)
+        header = bytes([0x81, 0x80 | n]) if n < 126 else bytes([0x81, 0xFE]) + struct.pack("!H", n)
+        self.sock.sendall(header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+
+    def frames(self) -> list[bytes]:
+        """The complete frames' payloads in the buffer (taken out of it)."""
+        out = []
+        while len(self.buffer) >= 2:
+            n, at = self.buffer[1] & 0x7F, 2
+            if n == 126:
+                if len(self.buffer) < 4:
+                    break
+                n, at = struct.unpack("!H", self.buffer[2:4])[0], 4
+            elif n == 127:
+                if len(self.buffer) < 10:
+                    break
+                n, at = struct.unpack("!Q", self.buffer[2:10])[0], 10
+            if len(self.buffer) < at + n:
+                break
+            out.append(self.buffer[at : at + n])
+            self.buffer = self.buffer[at + n :]
+        return out
+
+
+_TERMINAL_BYTES = tuple(f'"status":"{status}"'.encode() for status in TERMINAL)
+
+
+def fanout(url: str, sockets: int) -> dict[str, Any]:
+    """`sockets` WebSockets that say {"ready": n} once open, read a prediction id from stdin, subscribe
+    to it, and report each socket's delay from its completion (completed_at) to the terminal update.
+    Several of these processes share one prediction (bench/suites.py, `live`)."""
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    raws = [_RawSocket(host, port) for _ in range(sockets)]
+    print(json.dumps({"ready": len(raws)}), flush=True)
+    pid = sys.stdin.readline().strip()
+    subscribe = json.dumps({"op": "subscribe", "prediction_id": pid}).encode()
+    selector = selectors.DefaultSelector()
+    for raw in raws:
+        raw.send_text(subscribe)
+        raw.sock.setblocking(False)
+        selector.register(raw.sock, selectors.EVENT_READ, raw)
+    arrived: list[tuple[float, bytes]] = []
+    deadline = time.monotonic() + 120
+    while len(arrived) < len(raws) and time.monotonic() < deadline:
+        for key, _ in selector.select(timeout=1):
+            raw = key.data
+            raw.buffer += raw.sock.recv(1 << 16)
+            now = time.time()  # before anything else is done for this socket
+            for payload in raw.frames():
+                if any(t in payload for t in _TERMINAL_BYTES):
+                    arrived.append((now, payload))
+                    selector.unregister(raw.sock)
+                    break
+    delays = []
+    for now, payload in arrived:
+        message = json.loads(payload)
+        if message["type"] == "update":  # finished while we were watching: a real push
+            delays.append(now - completed_at(message["prediction"]))
+    for raw in raws:
+        raw.sock.close()
+    return {"sockets": sockets, "pushed": len(delays), "delays": delays}
 
 
 # -- idle sockets ----------------------------------------------------------------------------------------
@@ -216,6 +314,9 @@ def main() -> None:
     p.add_argument("--url", required=True)
     p.add_argument("--sockets", type=int, default=1000)
     p.add_argument("--ws-url", action="append", default=[])
+    p = sub.add_parser("fanout")
+    p.add_argument("--url", required=True)
+    p.add_argument("--sockets", type=int, default=250)
     p = sub.add_parser("idle")
     p.add_argument("--url", required=True)
     p.add_argument("--sockets", type=int, default=5000)
@@ -237,6 +338,8 @@ def main() -> None:
         out = asyncio.run(e2e(args.url, args.kind, args.concurrency, args.duration, json.loads(args.body)))
     elif args.cmd == "push":
         out = asyncio.run(push(args.url, args.sockets, args.ws_url or [args.url]))
+    elif args.cmd == "fanout":
+        out = fanout(args.url, args.sockets)
     elif args.cmd == "flood":
         out = asyncio.run(flood(args.url, args.count, args.concurrency, json.loads(args.body)))
     elif args.cmd == "probe":

@@ -9,6 +9,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from typing import Any
 
 from bench import onnx_digits
 from bench.chaos import InvariantsFailed, chaos
+from bench.clients import percentiles
 from bench.harness import (
     LOAD_CPU,
     ROOT,
@@ -47,8 +49,17 @@ class Options:
 
 
 def zypher(*extra: str) -> list[str]:
-    # All load comes from one address standing for many clients: no per-address socket limit.
-    base = ["--port", "{port}", "--log-level", "WARNING", "--ws-max-per-client", "0"]
+    # All load comes from one address standing for many clients: no per-address socket or connection limit.
+    base = [
+        "--port",
+        "{port}",
+        "--log-level",
+        "WARNING",
+        "--ws-max-per-client",
+        "0",
+        "--max-connections-per-client",
+        "0",
+    ]
     return [PY, "-m", "zypher_ws", "serve", *base, *extra]
 
 
@@ -175,6 +186,53 @@ def _run_mode(s: Server, name: str, model: str, mode: str, opts: Options) -> Run
             s.url + "/predict", connections=32, duration=opts.duration, body=body, headers={"Async-Mode": "true"}
         )
     return e2e(s, "zypher" if name == "zypher-ws" else "prototype", model, opts)
+
+
+# -- the cpu model against the one-core bound --------------------------------------------------------------
+
+
+def cpu_bound(opts: Options) -> list[str]:
+    """The `cpu` model, sync c=256, against the most one core can serve: 1 / (the model's time per input
+    at its best batch size, no HTTP + the ceiling's CPU per HTTP request, `mock` c=32), both measured in
+    the same round on the server core. zypher-ws tuned as in the throughput suite (memory://, WARNING
+    logs, batches of 128) and with the default store and logs (same batches)."""
+    servers = {
+        "zypher-ws tuned (memory://, WARNING, batches of 128)": zypher("--store", "memory://", *serve_args("cpu")),
+        "zypher-ws, default store and logs, batches of 128": [
+            str(BIN / "zypher-ws"), "serve", "--port", "{port}", *serve_args("cpu"),
+        ],
+    }  # fmt: skip
+    limit, ceiling_us, bound = Figure(), Figure(), Figure()
+    rates = {name: Figure() for name in servers}
+    shares = {name: Figure() for name in servers}
+    body = {"input": sample("cpu")}
+    for round_no in range(opts.repeat):
+        limit.add(clients(SERVER_CPU, "model-limit", "--model", "cpu", "--duration", str(opts.duration))["rps"])
+        with server([PY, "-m", "bench.ceiling", "--port", "{port}", "--model", "mock"]) as s:
+            before = s.cpu_seconds()
+            run = wrk(s.url + "/predict", connections=32, duration=opts.duration, body={"input": sample("mock")})
+            ceiling_us.add(1e6 * (s.cpu_seconds() - before) / max(1, run.requests))
+        bound.add(1 / (1 / limit.values[-1] + ceiling_us.values[-1] / 1e6))
+        names = list(servers) if round_no % 2 == 0 else list(servers)[::-1]
+        for name in names:
+            with (
+                tempfile.TemporaryDirectory(prefix="zypher-bench-") as cwd,
+                server(servers[name], ready_path="/readyz", cwd=cwd) as s,
+            ):
+                wrk(s.url + "/predict", connections=256, duration=1, body=body)  # warm up, not counted
+                rates[name].add(wrk(s.url + "/predict", connections=256, duration=opts.duration, body=body).rps)
+            shares[name].add(rates[name].values[-1] / bound.values[-1])
+        print(f"  cpu: round {round_no + 1} done", file=sys.stderr, flush=True)
+    rows = [[name, rates[name].show(), shares[name].show(2, "×")] for name in servers]
+    return [
+        table(
+            f"model `cpu`, sync c=256, against the one-core bound: model alone {limit.show()} predictions/s, "
+            f"ceiling {ceiling_us.show()} µs of CPU per request, bound {bound.show()} predictions/s "
+            "(each share is the median of the shares within a round)",
+            ["server", "predictions/s", "÷ bound"],
+            rows,
+        )
+    ]
 
 
 PROBE_RATE = 100  # health checks per second: a busy load balancer, not a load of its own
@@ -424,20 +482,76 @@ def _command(argv: list[str]) -> str:
 # -- live results: push latency to many sockets, memory of idle sockets -------------------------------
 
 
+FANOUT_PROCESSES = 4  # client processes sharing the sockets: no one client's backlog is in the figure
+
+
+def fanout(s: Server, sockets: int, processes: int) -> list[float]:
+    """`sockets` WebSockets over `processes` client processes (bench.clients fanout), all subscribed to
+    one async prediction: each socket's delay from its completion to its terminal update, in seconds."""
+    shares = [sockets // processes + (i < sockets % processes) for i in range(processes)]
+    procs = [
+        subprocess.Popen(
+            pinned(LOAD_CPU, [PY, "-m", "bench.clients", "fanout", "--url", s.url, "--sockets", str(n)]),
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for n in shares
+        if n
+    ]
+    try:
+        for proc in procs:  # every socket open before the prediction exists
+            assert proc.stdout is not None
+            json.loads(proc.stdout.readline())["ready"]
+        request = urllib.request.Request(
+            s.url + "/predict", data=json.dumps({"input": {"push": 1}}).encode(), method="POST",
+            headers={"Content-Type": "application/json", "Async-Mode": "true"},
+        )  # fmt: skip
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            pid = json.loads(resp.read())["prediction_id"]
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.write(pid + "\n")
+            proc.stdin.close()
+        delays: list[float] = []
+        for proc in procs:
+            assert proc.stdout is not None
+            delays += json.loads(proc.stdout.read().strip().splitlines()[-1])["delays"]
+            proc.wait(timeout=60)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return delays
+
+
 def live(opts: Options, sockets: int = 1000, idle_sockets: int = 19_000) -> list[str]:
     # A model this slow lets every socket subscribe before the prediction finishes.
     argv = zypher("--store", "memory://", "--model", "mock", "--mock-latency-ms", "1500")
     rows = []
     with server(argv, ready_path="/readyz") as s:
-        for n in (1, sockets):
-            p50, p99 = Figure(), Figure()
+        for n, processes in ((1, 1), (sockets, FANOUT_PROCESSES)):
+            p50, p99, missing = Figure(), Figure(), 0
             for _ in range(opts.repeat):
-                r = clients(LOAD_CPU, "push", "--url", s.url, "--sockets", str(n))
-                p50.add(r["p50_ms"])
-                p99.add(r["p99_ms"])
-            rows.append([f"{n:,} socket(s) watching one prediction", p50.show(1), p99.show(1)])
-    out = [table("push latency: from completion to each socket's update, one process (1 ms clock resolution)",
-                 ["scenario", "p50 ms", "p99 ms"], rows)]  # fmt: skip
+                delays = fanout(s, n, processes)
+                missing += n - len(delays)
+                got = percentiles(delays)
+                p50.add(got["p50_ms"])
+                p99.add(got["p99_ms"])
+            rows.append([
+                f"{n:,} socket(s) watching one prediction", f"{processes}", p50.show(1), p99.show(1),
+                f"{missing}" if missing else "0",
+            ])  # fmt: skip
+    out = [
+        table(
+            "push latency: from completion to each socket's terminal update (1 ms clock resolution); the "
+            "sockets are spread over client processes that time each frame as it arrives, before parsing it",
+            ["scenario", "client processes", "p50 ms", "p99 ms", "updates missing"],
+            rows,
+        )
+    ]
     with server(zypher("--store", "memory://", "--model", "mock"), ready_path="/readyz") as s:
         before = s.rss_mib()
         proc = subprocess.Popen(
@@ -605,9 +719,10 @@ SUITES: dict[str, Callable[[Options], list[str]]] = {
     "stores": stores,
     "live": live,
     "defaults": defaults,
+    "cpu": cpu_bound,
     "oip": oip,
     "chaos": chaos,
     "guard": guard,
     "peers": peers,
 }
-DEFAULT = ("throughput", "responsiveness", "flood", "stores", "live", "defaults")  # `python -m bench` alone
+DEFAULT = ("throughput", "responsiveness", "flood", "stores", "live", "defaults", "cpu")  # `python -m bench` alone

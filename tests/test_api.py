@@ -12,12 +12,15 @@ from typing import Any
 import numpy as np
 import pytest
 from aiohttp.test_utils import TestClient
+from aiohttp_swagger3.validators import ValidatorError, schema_to_validator
 from openapi_spec_validator import validate
 
 from fakes import TERMINAL, WAIT, GatedModel, make_settings
 from helpers import ClientFactory, listener_count, stored_count
 from zypher_ws.http.app import create_app
 from zypher_ws.http.keys import SERVICE, SETTINGS
+from zypher_ws.http.middleware import _flatten
+from zypher_ws.http.openapi import PREDICT_REQUEST_ENVELOPE
 from zypher_ws.json_codec import MAX_DEPTH
 from zypher_ws.models import MockModel
 
@@ -262,6 +265,26 @@ async def test_body_failing_the_schema_names_the_field(make_client: ClientFactor
     assert resp.status == 400
     message = assert_error(await resp.json(), "invalid_input")
     assert field in message
+
+
+@pytest.mark.parametrize("body", [None, b"", b"[]", b"null", b'"input"', b"3", b"{}", b'{"inputs": [1]}'])
+async def test_predict_routes_refuse_a_bad_envelope_in_aiohttp_swagger3s_words(
+    make_client: ClientFactory, body: bytes | None
+) -> None:
+    """The predict routes check their envelope themselves, not through aiohttp-swagger3's route wrapper:
+    the 400 must be the one its validator of the same schema gives (its message, our envelope)."""
+    errors: Any = "is required"  # what its route says of a request without a body
+    if body:
+        with pytest.raises(ValidatorError) as refused:
+            schema_to_validator(PREDICT_REQUEST_ENVELOPE).validate(json.loads(body), True)
+        errors = refused.value.error
+    expected = "; ".join(_flatten({"body": errors}))
+    client = await make_client(model=MockModel())
+    for path in ("/predict", "/models/mock/predict", "/models/mock/versions/1.0.0/predict"):
+        resp = await client.post(path, data=body, headers={"Content-Type": "application/json"})
+        assert resp.status == 400, path
+        assert assert_error(await resp.json(), "invalid_input") == expected, path
+    assert await stored_count(client.app) == 0
 
 
 async def test_large_invalid_inputs_keep_the_loop_responsive_and_get_small_answers(

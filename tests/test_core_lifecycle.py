@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import fields
 
@@ -10,7 +12,8 @@ import pytest
 
 from zypher_ws import lifecycle
 from zypher_ws.errors import AlreadyFinished, IdempotencyConflict, NotFound
-from zypher_ws.records import IdempotencyKey, Outcome, Prediction, Status, Webhook
+from zypher_ws.records import IdempotencyKey, Outcome, Prediction, Status, Webhook, _RandomIds
+from zypher_ws.validation import is_prediction_id
 
 FIELDS = [f.name for f in fields(Prediction)]
 
@@ -196,3 +199,41 @@ def test_an_idempotency_key_may_be_reused_with_the_same_body_only() -> None:
 def test_a_key_whose_prediction_is_gone_is_free_again() -> None:
     lifecycle.check_idempotency(None, IdempotencyKey("k", "a"), IdempotencyKey("k", "b"))
     lifecycle.check_idempotency(None, None, IdempotencyKey("k", "b"))
+
+
+# -- prediction ids ---------------------------------------------------------------------------------------
+
+
+def test_prediction_ids_are_uuid4s_as_uuid_makes_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ids come from a pool of random bytes: each must be the uuid4 that uuid would build of its 16 bytes,
+    and a pool that runs out is refilled."""
+    ids = _RandomIds()
+    drawn: list[bytes] = []
+    real = os.urandom
+
+    def urandom(n: int) -> bytes:
+        drawn.append(real(n))
+        return drawn[-1]
+
+    monkeypatch.setattr(os, "urandom", urandom)
+    made = [ids() for _ in range(2 * _RandomIds.BATCH + 1)]
+    assert len(drawn) == 3 and len(set(made)) == len(made)
+    raw = b"".join(drawn)
+    assert made == [uuid.UUID(bytes=raw[16 * i : 16 * i + 16], version=4).hex for i in range(len(made))]
+    assert all(is_prediction_id(pid) for pid in made)
+
+
+def test_a_forked_child_draws_ids_of_its_own() -> None:
+    ids = _RandomIds()
+    ids()  # the pool is full: a child that kept it would hand out the parent's next ids
+    reader, writer = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover (the child)
+        os.write(writer, ids().encode())
+        os._exit(0)
+    os.close(writer)
+    _, status = os.waitpid(child, 0)
+    theirs = os.read(reader, 64).decode()
+    os.close(reader)
+    assert status == 0 and len(theirs) == 32
+    assert theirs != ids()

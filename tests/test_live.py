@@ -8,10 +8,12 @@ import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import aiohttp
 import pytest
 from aiohttp import WSCloseCode, WSMsgType
+from aiohttp._websocket.writer import WebSocketWriter
 from aiohttp.test_utils import TestClient
 from rawws import RawWebSocket
 
@@ -323,6 +325,57 @@ async def test_fan_out_and_isolation(make_client: ClientFactory, gated: GatedMod
         assert message["prediction"]["prediction_id"] == b["prediction_id"]
         statuses.append(message["prediction"]["status"])
     for ws in [*watchers, other]:
+        await ws.close()
+
+
+@pytest.mark.parametrize("size", [0, 125, 126, 65_535, 65_536])
+async def test_a_frame_written_directly_is_the_one_aiohttp_writes(size: int) -> None:
+    """Updates to an uncompressed socket skip aiohttp's writer (live.text_frame): the bytes must be its own."""
+    written: list[bytes] = []
+
+    class Transport(asyncio.Transport):
+        def write(self, data: Any) -> None:
+            written.append(bytes(data))
+
+        def is_closing(self) -> bool:
+            return False
+
+    protocol = mock.Mock(_paused=False)
+    payload = b"x" * size
+    await WebSocketWriter(protocol, Transport(), use_mask=False).send_frame(payload, WSMsgType.TEXT)
+    assert live.text_frame(payload) == b"".join(written)
+
+
+async def test_compressed_and_plain_watchers_get_the_same_updates(
+    make_client: ClientFactory, gated: GatedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A socket without permessage-deflate gets its updates written straight to its transport; one with
+    it, through aiohttp's compressor (the outbox). Both hear the prediction finish."""
+    direct: list[bool] = []
+    write_now = live.WsSession._write_now
+
+    def spied(session: live.WsSession, frame: bytes) -> bool:
+        direct.append(write_now(session, frame))
+        return direct[-1]
+
+    monkeypatch.setattr(live.WsSession, "_write_now", spied)
+    client = await make_client(model=gated)
+    pid = (await submit(client, {"x": 1}))["prediction_id"]
+    plain = await client.ws_connect(f"/ws?prediction_id={pid}")
+    deflated = await client.ws_connect(f"/ws?prediction_id={pid}", compress=15)
+    assert plain.compress == 0 and deflated.compress == 15
+    gated.release.set()
+    seen = {}
+    for name, ws in (("plain", plain), ("deflated", deflated)):
+        messages = [await recv(ws)]
+        assert messages[0]["type"] == "subscribed"
+        while messages[-1]["prediction"]["status"] not in TERMINAL:
+            messages.append(await recv(ws))
+        seen[name] = [(m["type"], m["prediction"]["status"]) for m in messages]
+    # (a backend may skip `running` for one watcher: states are never repeated or reversed, not all sent)
+    assert seen["plain"][-1] == seen["deflated"][-1] == ("update", "succeeded")
+    assert direct.count(True) == len(seen["plain"]) and direct.count(False) == len(seen["deflated"])
+    for ws in (plain, deflated):
         await ws.close()
 
 

@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
+import logging
 import struct
+import sys
 
 import aiohttp
 import pytest
 from aiohttp import WSMsgType, WSServerHandshakeError, web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, make_mocked_request
 from prometheus_client.parser import text_string_to_metric_families
 from rawws import RawWebSocket
 from yarl import URL
 
 from fakes import WAIT, GatedModel, make_settings
 from helpers import ClientFactory, run_server
+from zypher_ws.http import app as app_module
 from zypher_ws.http import live
+from zypher_ws.http.access_log import PREDICTION_ID, AccessLogger
 from zypher_ws.http.app import create_app
+from zypher_ws.logs import TEXT_FORMAT, TextFormatter
 from zypher_ws.models import MockModel
 from zypher_ws.settings import Settings
 
@@ -120,6 +126,47 @@ async def test_json_logs_one_line_per_request_and_state_change_without_inputs_or
     assert changes == [("queued", "DEBUG"), ("running", "DEBUG"), ("succeeded", "DEBUG")]  # the normal lifecycle
     text = "".join(server.log)
     assert secret_input not in text and TOKEN not in text
+
+
+def test_text_lines_are_what_logging_would_write() -> None:
+    """TextFormatter writes its own format as one f-string: the line must be logging's, byte for byte."""
+    ours, theirs = TextFormatter(TEXT_FORMAT), logging.Formatter(TEXT_FORMAT)
+    record = logging.LogRecord("zypher_ws.x", logging.WARNING, "", 0, "queued %d of %s", (3, "p"), None)
+    record.created, record.msecs = 1_764_000_000.25, 250.0
+    assert ours.format(record) == theirs.format(record)
+    assert ours.format(record) == theirs.formatTime(record) + " WARNING zypher_ws.x: queued 3 of p"
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        failed = logging.LogRecord("zypher_ws.x", logging.ERROR, "", 0, "failed", None, sys.exc_info())
+    text = ours.format(failed)
+    assert text.startswith(ours.formatTime(failed) + " ERROR zypher_ws.x: failed\nTraceback") and "boom" in text
+
+
+def test_access_line_names_the_request_and_its_prediction() -> None:
+    records: list[logging.LogRecord] = []
+    logger = logging.getLogger("zypher_ws.tests.access")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger.addHandler(handler)
+    try:
+        response = web.Response(status=202)
+        response[PREDICTION_ID] = "p-1"
+        access = AccessLogger(logger, "")
+        access.log(make_mocked_request("POST", "/predict?secret=1"), response, 0.01234)
+        access.log(make_mocked_request("GET", "/healthz"), web.Response(), 0.0005)
+    finally:
+        logger.removeHandler(handler)
+    assert [(r.levelno, r.name, r.getMessage()) for r in records] == [
+        (logging.INFO, logger.name, "POST /predict 202 12.3 ms prediction p-1"),
+        (logging.INFO, logger.name, "GET /healthz 200 0.5 ms"),
+    ]
+    assert records[0].fields == {  # type: ignore[attr-defined]
+        "method": "POST", "path": "/predict", "status": 202, "duration_ms": 12.34, "remote": None,
+        "prediction_id": "p-1",
+    }  # fmt: skip
 
 
 async def test_malformed_http_is_logged_at_info_without_a_traceback() -> None:
@@ -376,3 +423,16 @@ def test_a_string_app_key_is_an_error_even_after_the_app_is_built() -> None:
     app = create_app(make_settings(), model=MockModel())
     with pytest.raises(web.NotAppKeyWarning):
         app["state"] = 1
+
+
+async def test_serve_freezes_what_startup_made_and_collects_less_often() -> None:
+    app = web.Application()
+    thresholds = gc.get_threshold()
+    try:
+        await app_module._freeze_startup_objects(app)
+        assert gc.get_freeze_count() > 0  # the app, modules and services: out of every collection
+        assert gc.get_threshold() == app_module.GC_THRESHOLDS
+        assert app_module.GC_THRESHOLDS[0] > thresholds[0]
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
+import shutil
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -13,6 +16,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from zypher_ws.backends import DefersWrites, Store, Sweeps
+from zypher_ws.backends import sqlite as sqlite_backend
 from zypher_ws.backends.memory import MemoryStore
 from zypher_ws.backends.redis.keys import RedisKeys
 from zypher_ws.backends.redis.store import RedisStore
@@ -326,3 +330,37 @@ async def test_sqlite_fsyncs_the_commits_that_accept_or_cancel_and_no_others(tmp
     await s.persist(timed_out.prediction_id)  # a sync request's timeout: its 202 follows
     await s.close()
     assert seen == [2, 1, 1, 1, 2, 2, 2]
+
+
+async def test_sqlite_checkpoints_off_the_commit_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Commits never checkpoint (SQLite's autocheckpoint is off): every CHECKPOINT_COMMITS commits the
+    Checkpointer copies the WAL into the database on its own connection."""
+    monkeypatch.setattr(sqlite_backend, "CHECKPOINT_COMMITS", 3)
+    path = tmp_path / "z.db"
+    s = SQLiteStore(path, ttl=60)
+    await s.open()
+    assert s._conn is not None and s._conn.execute("PRAGMA wal_autocheckpoint").fetchone() == (0,)
+    assert s._checkpointer is not None
+    ran = s._checkpointer.ran
+    preds = [new(i) for i in range(3)]  # the schema was no commit of the store's: these are the first 3
+    for p in preds[:2]:
+        await s.add(p)
+    assert not ran.is_set() and on_disk_alone(path, tmp_path) == []  # all in the WAL still
+    await s.add(preds[2])
+    assert await asyncio.to_thread(ran.wait, 10)
+    assert sorted(on_disk_alone(path, tmp_path)) == sorted(p.prediction_id for p in preds)
+    await s.close()
+    assert s._checkpointer is None
+
+
+def on_disk_alone(path: Path, tmp_path: Path) -> list[str]:
+    """The ids in the database file itself, without its WAL: what checkpoints have copied there."""
+    copy = tmp_path / "alone.db"
+    shutil.copyfile(path, copy)
+    with contextlib.closing(sqlite3.connect(copy)) as conn:
+        try:
+            return [row[0] for row in conn.execute("SELECT id FROM predictions")]
+        except sqlite3.OperationalError:  # no table yet: even the schema is in the WAL
+            return []
+        finally:
+            copy.unlink()

@@ -30,8 +30,17 @@ def _utc_second(second: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
 
 
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
 class TextFormatter(logging.Formatter):
-    """`%(asctime)s` as logging writes it (`2026-11-28 10:02:14,397`), its strftime done once a second."""
+    """`%(asctime)s` as logging writes it (`2026-11-28 10:02:14,397`), its strftime done once a second.
+    With TEXT_FORMAT, a line without a traceback is one f-string, not logging's %-style pass."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if self._fmt != TEXT_FORMAT or record.exc_info or record.exc_text or record.stack_info:
+            return super().format(record)
+        return f"{self.formatTime(record)} {record.levelname} {record.name}: {record.getMessage()}"
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         return f"{_local_second(int(record.created))},{int(record.msecs):03d}"
@@ -97,7 +106,7 @@ def configure(level: str, fmt: str) -> None:
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter(TEXT_FORMAT))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 

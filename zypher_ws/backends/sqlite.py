@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import sqlite3
+import threading
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -58,6 +59,51 @@ CREATE INDEX IF NOT EXISTS webhook_deliveries_due ON webhook_deliveries (due_at)
 
 
 SQLITE_FULL = 13
+CHECKPOINT_COMMITS = 200  # commits between two checkpoints; SQLite's own default is every ~1,000 WAL pages
+
+
+class Checkpointer:
+    """Copies the WAL back into the database on a thread and connection of its own, so that no commit
+    waits for it. SQLite would otherwise checkpoint inside the commit that crosses its threshold
+    (wal_autocheckpoint), and every request in that group commit would wait for the copy and its fsync:
+    the slowest commits under load. PASSIVE: it never blocks the writer, and what it cannot copy now
+    is copied next time. Durability does not depend on it: a commit is durable in the WAL."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._due = threading.Event()
+        self._closing = False
+        self._failing = False
+        self.ran = threading.Event()  # set after each checkpoint (tests wait on it)
+        self._thread = threading.Thread(target=self._loop, name="zypher-sqlite-checkpoint", daemon=True)
+        self._thread.start()
+
+    def due(self) -> None:
+        self._due.set()
+
+    def close(self) -> None:
+        self._closing = True
+        self._due.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            while True:
+                self._due.wait()
+                self._due.clear()
+                if self._closing:
+                    return
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    self._failing = False
+                except sqlite3.Error as exc:  # a full disk, say: the WAL keeps everything meanwhile
+                    if not self._failing:
+                        log.warning("could not checkpoint the SQLite WAL (it keeps growing meanwhile): %s", exc)
+                    self._failing = True
+                self.ran.set()
+        finally:
+            conn.close()
 
 
 def _is_full(exc: BaseException) -> bool:
@@ -105,6 +151,8 @@ class SQLiteStore:
         self._scheduled = False  # a commit under way scheduled webhook deliveries (set on the thread)
         self._on_scheduled: Callable[[], None] | None = None
         self._leased: set[str] = set()  # webhook ids being attempted by this process
+        self._checkpointer: Checkpointer | None = None
+        self._commits = 0  # since the last checkpoint was asked for (on the store's thread)
 
     # -- plumbing ---------------------------------------------------------------------------------
 
@@ -119,7 +167,9 @@ class SQLiteStore:
         conn.execute(f"PRAGMA synchronous={'NORMAL' if self.synchronous == 'ACCEPTED' else self.synchronous}")
         conn.execute("PRAGMA foreign_keys=ON")
         conn.executescript(SCHEMA)
+        conn.execute("PRAGMA wal_autocheckpoint=0")  # the Checkpointer's job, off the commit path
         self._conn = conn
+        self._checkpointer = Checkpointer(self.path)
 
     async def check(self) -> None:
         """Raise StorageFull while writes fail for lack of space; once they might succeed again, a tiny
@@ -139,8 +189,11 @@ class SQLiteStore:
         finally:
             if self._flusher is not None:
                 await self._flusher
+            if self._checkpointer is not None:
+                await self._run(self._checkpointer.close)
+                self._checkpointer = None
             if self._conn is not None:
-                await self._run(self._conn.close)
+                await self._run(self._conn.close)  # the last connection to close checkpoints the rest
                 self._conn = None
             self._thread.shutdown(wait=True)
 
@@ -214,6 +267,10 @@ class SQLiteStore:
                 conn.execute("BEGIN IMMEDIATE")
                 results = [self._in_savepoint(conn, op) for op in ops]
             conn.execute("COMMIT")
+            self._commits += 1
+            if self._commits >= CHECKPOINT_COMMITS and self._checkpointer is not None:
+                self._commits = 0
+                self._checkpointer.due()
         except Exception as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")

@@ -60,6 +60,16 @@ class _UpdateFrames:
 update_frame = _UpdateFrames()
 
 
+def text_frame(payload: bytes) -> bytes:
+    """A final, unmasked text frame (RFC 6455 section 5.2), as a server sends it uncompressed."""
+    n = len(payload)
+    if n < 126:
+        return bytes((0x81, n)) + payload
+    if n < 1 << 16:
+        return b"\x81\x7e" + n.to_bytes(2, "big") + payload
+    return b"\x81\x7f" + n.to_bytes(8, "big") + payload
+
+
 def record_message(kind: str, prediction: Prediction) -> dict[str, Any]:
     """A message carrying a record: `subscribed`, `accepted` or `update` (WebSocket and SSE alike)."""
     return {"type": kind, "prediction": prediction.to_dict()}
@@ -149,10 +159,31 @@ class WsSession:
         self.send_frame(dumps(message))
 
     def send_frame(self, frame: bytes) -> None:
-        """Queue one JSON text frame, already encoded."""
-        if not self.dropped and not self.outbox.put(frame):
+        """Send one JSON text frame, already encoded: at once where it can go straight out (_write_now),
+        else through the outbox."""
+        if self.dropped or (not self.outbox and self._write_now(frame)):
+            return
+        if not self.outbox.put(frame):
             # The client is not reading. Drop it rather than buffer without bound or slow the workers.
             self.drop()
+
+    def _write_now(self, frame: bytes) -> bool:
+        """Write an uncompressed frame to the transport now, if nothing waits before it (the outbox is
+        empty, and what the sender took from it aiohttp has written already) and the kernel has taken
+        all the transport was given (a client that reads slowly is bounded and dropped as before). A prediction watched by 1,000 sockets is then 1,000 writes in one
+        callback, not 1,000 sender tasks woken one after another (about three times as long).
+        A socket that negotiated permessage-deflate keeps aiohttp's compressor, through the outbox."""
+        transport = self._transport
+        if (
+            transport is None
+            or self.ws.compress
+            or self.ws.closed
+            or transport.is_closing()
+            or transport.get_write_buffer_size()  # a backlog: the outbox and aiohttp's flow control
+        ):
+            return False
+        transport.write(text_frame(frame))
+        return True
 
     def drop(self) -> None:
         if self.dropped:

@@ -101,6 +101,19 @@ async def parse_json_body(request: web.Request) -> tuple[Any, bool]:
         raise InvalidJSON(f"request body is not valid JSON: {exc}") from None
 
 
+async def predict_envelope(request: web.Request) -> dict[str, Any]:
+    """The body of a predict route: a JSON object with `input` (openapi.PREDICT_REQUEST_ENVELOPE), refused
+    with the 400 invalid_input aiohttp-swagger3 gives when it validates a route, in its words."""
+    if not request.body_exists:
+        raise InvalidInput("body: is required")
+    body, _ = await parse_json_body(request)
+    if not isinstance(body, dict):
+        raise InvalidInput("body: value should be type of dict")
+    if "input" not in body:
+        raise InvalidInput("body.input: required property")
+    return body
+
+
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
