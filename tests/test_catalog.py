@@ -295,15 +295,23 @@ async def test_a_version_unserved_past_the_grace_refuses_predictions_until_serve
     await service.submit([1, 2, 3, 4], model="iris")
 
 
+async def served_then_gone(catalog: ScriptedCatalog, follower: CatalogFollower) -> Key:
+    """iris 1, published by a worker and followed; then that worker is gone (its announcement holds until
+    served_until). Returns its key."""
+    iris = ("iris", "1")
+    catalog.serve(iris, w1=description())
+    await follower.refresh()
+    catalog.servers.clear()
+    return iris
+
+
 async def test_a_worker_loading_an_unserved_version_keeps_its_predictions_waiting(
     following: tuple[TestClient, ScriptedCatalog, CatalogFollower],
 ) -> None:
     client, catalog, follower = following
     service = client.app[SERVICE]
-    iris = ("iris", "1")
-    catalog.serve(iris, w1=description())
-    await follower.refresh()
-    catalog.servers.clear()  # its worker is gone; a new one loads the model, slowly
+    iris = await served_then_gone(catalog, follower)
+    # A new worker loads the model, slowly.
     catalog.loading[iris] = frozenset({"w2"})
     catalog.now = catalog.served_until[iris] + 120
     await follower.refresh()
@@ -554,10 +562,7 @@ async def test_a_version_unserved_past_the_retention_is_forgotten(
 ) -> None:
     client, catalog, follower = following
     service = client.app[SERVICE]
-    iris = ("iris", "1")
-    catalog.serve(iris, w1=description())
-    await follower.refresh()
-    catalog.servers.clear()
+    iris = await served_then_gone(catalog, follower)
     grace, retention = service.settings.unserved_grace, service.settings.catalog_retention
     catalog.now = catalog.served_until[iris] + grace + retention
     await follower.refresh()
@@ -571,10 +576,7 @@ async def test_a_version_another_process_retired_is_forgotten_here_too(
     following: tuple[TestClient, ScriptedCatalog, CatalogFollower],
 ) -> None:
     client, catalog, follower = following
-    iris = ("iris", "1")
-    catalog.serve(iris, w1=description())
-    await follower.refresh()
-    catalog.servers.clear()
+    iris = await served_then_gone(catalog, follower)
     await catalog.retire(iris)  # by the process holding the sweep's lease
     await follower.refresh()
     assert client.app[SERVICE].models.get(*iris) is None
