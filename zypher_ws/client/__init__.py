@@ -40,6 +40,8 @@ from .errors import (
     RateLimited,
     RetryLater,
     StorageFull,
+    StreamLimitExceeded,
+    StreamNotSupported,
     Timeout,
     TooManySockets,
     TooManySubscriptions,
@@ -48,17 +50,35 @@ from .errors import (
     WorkerLost,
     ZypherClientError,
 )
-from .records import ErrorDetail, ModelRef, Prediction, WebhookState
+from .records import (
+    WEBHOOK_DEAD_LETTERED,
+    WEBHOOK_DELIVERED,
+    WEBHOOK_EVENTS,
+    WEBHOOK_GONE,
+    WEBHOOK_PENDING,
+    Chunk,
+    ErrorDetail,
+    ModelRef,
+    Prediction,
+    Progress,
+    WebhookState,
+)
 from .retry import RetryPolicy
 from .sync import Client
 
 __all__ = [
+    "WEBHOOK_DEAD_LETTERED",
+    "WEBHOOK_DELIVERED",
+    "WEBHOOK_EVENTS",
+    "WEBHOOK_GONE",
+    "WEBHOOK_PENDING",
     "AlreadyFinished",
     "ApiError",
     "AsyncClient",
     "BackendUnavailable",
     "BadRequest",
     "BodyTooLarge",
+    "Chunk",
     "Client",
     "ConnectionFailed",
     "DeadlineExceeded",
@@ -80,6 +100,7 @@ __all__ = [
     "NotFound",
     "NotReady",
     "Prediction",
+    "Progress",
     "ProtocolError",
     "QueueFull",
     "RateLimited",
@@ -87,6 +108,8 @@ __all__ = [
     "RetryPolicy",
     "Status",
     "StorageFull",
+    "StreamLimitExceeded",
+    "StreamNotSupported",
     "Timeout",
     "TooManySockets",
     "TooManySubscriptions",
