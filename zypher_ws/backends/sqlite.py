@@ -472,40 +472,23 @@ class SQLiteStore:
     async def fail_queued(self, outcomes: Sequence[Outcome]) -> list[Prediction]:
         # Only recovery and the unserved sweep fail queued work, and what they fail was read from the
         # database: an unsaved one (a sync request of this process) is failed from memory all the same.
-        once = [
-            done
-            for o in outcomes
-            if (unsaved := self._in_memory(o.prediction_id)) is not None
-            and (done := lifecycle.fail_queued(unsaved, o, self.ttl)) is not None
-        ]
-        stored = [o for o in outcomes if self._in_memory(o.prediction_id) is None]
-
-        def op(conn: sqlite3.Connection) -> list[Prediction]:
-            for p in once:
-                self._save(conn, p)
-            current = self._load_many(conn, [o.prediction_id for o in stored]) if stored else []
-            return once + self._update(
-                [lifecycle.fail_queued(p, o, self.ttl) for p, o in zip(current, stored, strict=True)], conn
-            )
-
-        ids = [p.prediction_id for p in once]
-        self._writing.update(ids)
-        try:
-            failed = await self._write(op)
-            for pid in ids:
-                self._unsaved.pop(pid, None)
-        finally:
-            self._writing.difference_update(ids)
-        return failed
+        return await self._end(outcomes, lifecycle.fail_queued)
 
     async def finish(self, outcomes: Sequence[Outcome]) -> list[Prediction]:
-        once: list[Prediction] = []  # unsaved ones, written now for the first time, finished
+        return await self._end(outcomes, lifecycle.finish)
+
+    async def _end(
+        self, outcomes: Sequence[Outcome], rule: Callable[[Prediction | None, Outcome, float], Prediction | None]
+    ) -> list[Prediction]:
+        """Apply an ending rule (lifecycle.finish, lifecycle.fail_queued) to each outcome's record and
+        write what changed; returns the records it ended."""
+        once: list[Prediction] = []  # unsaved ones, written now for the first time, ended
         stored: list[Outcome] = []
         for o in outcomes:
             unsaved = self._in_memory(o.prediction_id)
             if unsaved is None:
                 stored.append(o)
-            elif (done := lifecycle.finish(unsaved, o, self.ttl)) is not None:
+            elif (done := rule(unsaved, o, self.ttl)) is not None:
                 once.append(done)
 
         def op(conn: sqlite3.Connection) -> list[Prediction]:
@@ -514,19 +497,17 @@ class SQLiteStore:
             if not stored:
                 return once
             current = self._load_many(conn, [o.prediction_id for o in stored])
-            return once + self._update(
-                [lifecycle.finish(p, o, self.ttl) for p, o in zip(current, stored, strict=True)], conn
-            )
+            return once + self._update([rule(p, o, self.ttl) for p, o in zip(current, stored, strict=True)], conn)
 
         ids = [p.prediction_id for p in once]
         self._writing.update(ids)
         try:
-            finished = await self._write(op)
+            ended = await self._write(op)
             for pid in ids:
                 self._unsaved.pop(pid, None)  # committed: read from the database from now on
         finally:
             self._writing.difference_update(ids)
-        return finished
+        return ended
 
     async def cancel(self, prediction_id: str) -> Prediction:
         unsaved = self._in_memory(prediction_id)
