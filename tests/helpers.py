@@ -96,6 +96,8 @@ async def wait_all_terminal(http: aiohttp.ClientSession, ids: list[str], timeout
             await ws.send_json({"op": "subscribe", "prediction_ids": chunk})
             while len(records) < len(chunk):
                 message = await ws.receive_json()
+                if message["type"] == "queue":
+                    continue  # a queued prediction's place in line
                 assert message["type"] in ("subscribed", "update"), message
                 record = message["prediction"]
                 if record["status"] in TERMINAL:

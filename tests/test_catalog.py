@@ -247,3 +247,20 @@ async def test_a_version_unserved_past_the_grace_refuses_predictions_until_serve
     catalog.serve(("iris", "1"), w2=description())
     await follower.refresh()
     await service.submit([1, 2, 3, 4], model="iris")
+
+
+async def test_a_published_version_that_streams_takes_stream_requests(
+    following: tuple[TestClient, ScriptedCatalog, CatalogFollower],
+) -> None:
+    from zypher_ws.errors import StreamNotSupported
+
+    client, catalog, follower = following
+    service = client.app[SERVICE]
+    catalog.serve(("iris", "1"), w1=description())
+    catalog.serve(("tokens", "1"), w1=json.dumps({**json.loads(description(name="tokens")), "streams": True}))
+    await follower.refresh()
+    assert service.model("tokens").streams and not service.model("iris").streams
+    streamed = await service.submit([1, 2, 3, 4], model="tokens", stream=True)
+    assert streamed.stream
+    with pytest.raises(StreamNotSupported):
+        await service.submit([1, 2, 3, 4], model="iris", stream=True)

@@ -128,7 +128,7 @@ async def test_a_webhook_and_its_events(aiohttp_server: Any, capsys: pytest.Capt
     secret = "whsec_" + base64.b64encode(b"c" * 32).decode()
     url = await start(aiohttp_server, GatedModel(gated=False), webhook_secrets=(secret,), webhook_allow_private=True)
     async with Receiver() as receiver:
-        hook = ("--webhook", receiver.url(), "--webhook-events", "start, completed")
+        hook = ("--webhook", receiver.url(), "--webhook-events-filter", "start, completed")
         status, (record,) = await predict("--url", url, *hook, "--input", '{"x": 6}')
         assert status == SUCCEEDED and record["webhook"]["events"] == ["start", "completed"]
         events = [Verifier(secret).verify(d.body, d.headers) for d in (await receiver.next(), await receiver.next())]
@@ -141,11 +141,11 @@ async def test_a_webhook_and_its_events(aiohttp_server: Any, capsys: pytest.Capt
         only = Verifier(secret).verify((delivery := await receiver.next()).body, delivery.headers)
         assert (only["type"], only["data"]["prediction_id"]) == ("prediction.completed", accepted["prediction_id"])
     unknown = await predict(
-        "--url", url, "--webhook", "http://127.0.0.1:9/h", "--webhook-events", "end", "--input", "1"
+        "--url", url, "--webhook", "http://127.0.0.1:9/h", "--webhook-events-filter", "end", "--input", "1"
     )
     assert unknown[0] == REFUSED and "invalid_webhook" in capsys.readouterr().err
-    assert (await predict("--url", url, "--webhook-events", "start", "--input", "1"))[0] == USAGE
-    assert "--webhook-events needs --webhook" in capsys.readouterr().err
+    assert (await predict("--url", url, "--webhook-events-filter", "start", "--input", "1"))[0] == USAGE
+    assert "--webhook-events-filter needs --webhook" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exited:
-        main(["--url", url, "--webhook", receiver.url(), "--webhook-events", " , ", "--input", "1"])
+        main(["--url", url, "--webhook", receiver.url(), "--webhook-events-filter", " , ", "--input", "1"])
     assert exited.value.code == USAGE

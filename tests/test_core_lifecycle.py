@@ -54,7 +54,27 @@ def every_field_distinct() -> Prediction:
     # A webhook that asks for no event these transitions send is carried as it is (tests/test_webhooks.py
     # checks the ones that do send).
     values.update(webhook=Webhook("https://example.com/hook", ("output",)))
+    values.update(stream=False)  # a stream keeps its chunks through the transitions: tested below
     return Prediction(**values)  # type: ignore[arg-type]
+
+
+def test_a_stream_keeps_its_chunks_through_start_requeue_cancel_and_a_lost_worker() -> None:
+    p = Prediction.new("x", model_name="m", model_version="1", stream=True).started(batch_size=1)
+    assert p.result == []
+    p = lifecycle.append_chunks(p, 0, ["a", "b"], {"fraction": 0.5, "message": None})
+    assert p is not None and p.result == ["a", "b"] and p.progress == {"fraction": 0.5, "message": None}
+    assert lifecycle.append_chunks(p, 1, ["b", "c"], p.progress).result == ["a", "b", "c"]  # type: ignore[union-attr]
+    assert lifecycle.append_chunks(p, 3, ["d"], None) is None  # a gap: nothing is stored past it
+    assert lifecycle.append_chunks(p, 0, ["a"], p.progress) is None  # nothing new
+    assert p.requeued().result == ["a", "b"] and p.requeued().started(batch_size=1).result == ["a", "b"]
+    canceled = lifecycle.cancel(p, p.prediction_id, 60)
+    assert canceled.status is Status.CANCELED and canceled.result == ["a", "b"]
+    assert lifecycle.append_chunks(canceled, 2, ["c"], None).result == ["a", "b", "c"]  # type: ignore[union-attr]
+    lost = lifecycle.recover(p.started(batch_size=1).started(batch_size=1), 3, 60)
+    assert lost.status is Status.FAILED and lost.result == ["a", "b"]
+    done = lifecycle.finish(p, Outcome(p.prediction_id, result=["a", "b", "c"], progress={"fraction": 1.0}), 60)
+    assert done is not None and done.result == ["a", "b", "c"] and done.progress == {"fraction": 1.0}
+    assert lifecycle.append_chunks(done, 3, ["d"], None) is None  # a finished stream takes no more
 
 
 @pytest.mark.parametrize("name", list(TRANSITIONS))

@@ -15,6 +15,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote
 
 import pytest
@@ -388,3 +389,33 @@ async def test_the_model_file_tutorial_runs_as_written(path: Path, tmp_path: Pat
                     record = await resp.json()
                 assert resp.status == 200 and record["status"] == "succeeded", record
                 assert record["result"]["label"] == 0 and record["result"]["probabilities"]["0"] > 0.9
+
+
+async def test_the_streaming_example_streams_as_shown(aiohttp_client: Any) -> None:
+    """docs/live.md's token model, served, answers a sync request asking for text/event-stream with its
+    words as `output` events, their progress, and the record."""
+    from fakes import make_settings
+    from zypher_ws.http.app import create_app
+    from zypher_ws.http.keys import SERVICE
+
+    (block,) = [b for b in all_blocks() if b.language == "python" and "class Tokens" in b.text]
+    namespace: dict[str, Any] = {}
+    exec(compile(block.text, str(block), "exec"), namespace)
+    client = await aiohttp_client(create_app(make_settings(), model=namespace["Tokens"]()))
+    await client.app[SERVICE].models.default.loaded.wait()
+    sentence = "streams are resumable and durable"
+    resp = await client.post("/predict", json={"input": sentence}, headers={"Accept": "text/event-stream"})
+    assert resp.status == 200 and resp.headers["Content-Type"] == "text/event-stream"
+    events = []
+    for chunk in (await resp.text()).split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in chunk.splitlines() if ": " in line)
+        if "data" in fields:
+            events.append((fields["event"], fields.get("id"), json.loads(fields["data"])))
+    words = [data["chunk"] for kind, _, data in events if kind == "output"]
+    assert words == [w + " " for w in sentence.split()]
+    assert [i for kind, i, _ in events if kind == "output"] == [str(n) for n in range(5)]
+    assert [d["message"] for k, _, d in events if k == "progress"] == [f"{n} of 5 words" for n in range(1, 6)]
+    assert events[0][0] == "subscribed" and events[-1][0] == "update"
+    assert events[-1][2]["prediction"]["result"] == words
+    resp = await client.post("/predict", json={"input": sentence})
+    assert (await resp.json())["result"] == sentence

@@ -75,7 +75,9 @@ def test_the_blocker_catches_the_http_layer() -> None:
 
 
 # What importing the client may load of ours: its own modules, the error table and the statuses.
-CLIENT_MAY_LOAD = {"zypher_ws", "zypher_ws.errors", "zypher_ws.records"}
+# zypher_ws.progress: the package exports Progress (a dataclass, for streaming models), so importing any
+# part of it loads that small module.
+CLIENT_MAY_LOAD = {"zypher_ws", "zypher_ws.errors", "zypher_ws.progress", "zypher_ws.records"}
 HEAVY = ("numpy", "orjson", "onnxruntime", "onnx", "sklearn", "joblib", "pandas", "redis", "jsonschema",
          "fastjsonschema", "prometheus_client", "aiohttp_swagger3")  # fmt: skip
 

@@ -31,8 +31,11 @@ ASYNC = {"Async-Mode": "true"}
 
 
 async def recv(ws: aiohttp.ClientWebSocketResponse) -> dict[str, Any]:
-    message: dict[str, Any] = await ws.receive_json(timeout=WAIT)
-    return message
+    """The next message, past `queue` messages (a queued prediction's place in line: tests/test_streaming.py)."""
+    while True:
+        message: dict[str, Any] = await ws.receive_json(timeout=WAIT)
+        if message.get("type") != "queue":
+            return message
 
 
 async def assert_quiet(ws: aiohttp.ClientWebSocketResponse) -> None:
@@ -383,7 +386,7 @@ async def terminal_frame(ws: aiohttp.ClientWebSocketResponse) -> str:
     """The raw text of the first message carrying a finished record (earlier states may come first)."""
     while True:
         frame = await ws.receive_str(timeout=WAIT)
-        if json.loads(frame)["prediction"]["status"] in TERMINAL:
+        if json.loads(frame).get("prediction", {}).get("status") in TERMINAL:
             return frame
 
 

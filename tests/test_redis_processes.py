@@ -46,7 +46,10 @@ async def wait_status(http: aiohttp.ClientSession, ids: list[str], status: str, 
 
         async def until_seen() -> None:
             async for msg in ws:
-                record = json.loads(msg.data)["prediction"]
+                message = json.loads(msg.data)
+                if "prediction" not in message:
+                    continue  # a queued prediction's place in line
+                record = message["prediction"]
                 if record["status"] == status:
                     waiting.discard(record["prediction_id"])
                     if not waiting:
@@ -166,14 +169,24 @@ async def exits_after_sigterm(process: ServerProcess, within: float = EXIT_WITHI
     assert process.proc.returncode == 0, "".join(process.log)
 
 
-@pytest.mark.parametrize("lose_cancels", [False, True], ids=["cancels-kept", "cancels-lost"])
+# Each SIGTERM test runs with redis-py's cancels kept and with every one lost (lost_cancels.py).
+losing_cancels_or_not = pytest.mark.parametrize("lose_cancels", [False, True], ids=["cancels-kept", "cancels-lost"])
+
+
+def sigterm_setup(redis_settings: dict[str, str], log: Path) -> tuple[dict[str, str], tuple[str, ...]]:
+    """The environment (recording runs to `log`) and backend arguments of a process to stop."""
+    return recording_env(log), backend_args(redis_settings)
+
+
+@losing_cancels_or_not
 async def test_sigterm_ends_an_idle_worker_at_once(
     redis_settings: dict[str, str], tmp_path: Path, lose_cancels: bool
 ) -> None:
-    """Idle, its worker tasks wait in XREADGROUP (BLOCK 1000) and its claims loop sleeps."""
-    env = recording_env(tmp_path / "runs.log")
-    backend = backend_args(redis_settings)
-    async with run_worker(*backend, *MODEL, "--workers", "3", env=env, lose_redis_cancels=lose_cancels) as worker:
+    """Idle, its worker tasks wait in XREADGROUP (BLOCK 1000) and its claims loop sleeps. With a long
+    --shutdown-timeout, given here whatever the default: waiting workers must not wait it out."""
+    env, backend = sigterm_setup(redis_settings, tmp_path / "runs.log")
+    idle = ("--workers", "3", "--shutdown-timeout", "60")
+    async with run_worker(*backend, *MODEL, *idle, env=env, lose_redis_cancels=lose_cancels) as worker:
         await exits_after_sigterm(worker)
 
 
@@ -201,13 +214,12 @@ async def test_sigterm_ends_a_worker_holding_a_batch_after_the_shutdown_timeout(
     assert not (tmp_path / "held.log").exists()
 
 
-@pytest.mark.parametrize("lose_cancels", [False, True], ids=["cancels-kept", "cancels-lost"])
+@losing_cancels_or_not
 async def test_sigterm_ends_an_api_process_listening_to_the_event_channel(
     redis_settings: dict[str, str], tmp_path: Path, lose_cancels: bool
 ) -> None:
     """Its listener waits on the Redis channel; a WebSocket follows a prediction no worker will take."""
-    env = recording_env(tmp_path / "api.log")
-    backend = backend_args(redis_settings)
+    env, backend = sigterm_setup(redis_settings, tmp_path / "api.log")
     async with (
         run_server(*backend, *MODEL, "--workers", "0", env=env, lose_redis_cancels=lose_cancels) as api,
         aiohttp.ClientSession(api.url) as http,
@@ -302,3 +314,60 @@ async def test_redis_restart_loses_nothing_and_the_service_recovers_by_itself(tm
                 assert (await http.post("/predict", json={"input": {"n": 100}})).status == 200
     runs = Counter(int(x) for x in (tmp_path / "runs.log").read_text().split())
     assert runs == Counter([*range(12), 100])  # each once: nothing lost, nothing run twice
+
+
+async def _follow_stream(ws: aiohttp.ClientWebSocketResponse, pid: str) -> tuple[list[Any], list[Any]]:
+    """(the subscribed record's chunks, then every output's) of one prediction, until its end; asserts
+    the outputs' indexes run on from the snapshot's chunks without a gap or a repeat."""
+    snapshot: list[Any] | None = None
+    chunks: list[Any] = []
+    while True:
+        message = await ws.receive_json(timeout=30)
+        if message["type"] == "subscribed":
+            snapshot = list(message["prediction"]["result"] or [])
+            if message["prediction"]["status"] == "succeeded":
+                return snapshot, chunks
+        elif message["type"] == "output":
+            assert snapshot is not None and message["index"] == len(snapshot) + len(chunks)
+            chunks.append(message["chunk"])
+        elif message["type"] == "update" and message["prediction"]["status"] == "succeeded":
+            assert snapshot is not None and snapshot + chunks == message["prediction"]["result"]
+            return snapshot, chunks
+
+
+async def test_a_worker_process_streams_to_subscribers_on_other_api_processes(
+    redis_settings: dict[str, str], tmp_path: Path
+) -> None:
+    """The generator runs in a worker process; subscribers on two API processes, one from the start and
+    one joining mid-stream, and an SSE stream resumed with Last-Event-ID, get every chunk once, in order."""
+    backend = backend_args(redis_settings)
+    streaming = ("--model", "mock", "--mock-stream-chunks", "400", "--mock-latency-ms", "2")
+    async with AsyncExitStack() as stack:
+        api_a = await stack.enter_async_context(run_server(*backend, *streaming, "--workers", "0"))
+        api_b = await stack.enter_async_context(run_server(*backend, *streaming, "--workers", "0"))
+        await stack.enter_async_context(run_worker(*backend, *streaming, "--stream-commit-ms", "50"))
+        http_a = await stack.enter_async_context(aiohttp.ClientSession(api_a.url))
+        http_b = await stack.enter_async_context(aiohttp.ClientSession(api_b.url))
+        everything = [{"index": i, "token": f"t{i} "} for i in range(400)]
+        async with http_b.ws_connect("/ws") as early, http_b.ws_connect("/ws") as late:
+            resp = await http_a.post("/predict", json={"input": "x", "stream": True}, headers=ASYNC)
+            pid = (await resp.json())["prediction_id"]
+            await early.send_json({"op": "subscribe", "prediction_id": pid})
+            following = asyncio.ensure_future(_follow_stream(early, pid))
+
+            # Join once the store shows some chunks committed: mid-stream, past a commit.
+            async def some_committed() -> bool:
+                record = await (await http_a.get(f"/predict/{pid}")).json()
+                return bool(record["result"])
+
+            await eventually(some_committed, "chunks committed", timeout=30)
+            await late.send_json({"op": "subscribe", "prediction_id": pid})
+            late_snapshot, late_chunks = await _follow_stream(late, pid)
+            early_snapshot, early_chunks = await asyncio.wait_for(following, 30)
+        assert early_snapshot + early_chunks == everything
+        assert late_snapshot + late_chunks == everything
+        assert late_snapshot and late_chunks, "the late subscriber did not join mid-stream"
+        resp = await http_a.get(f"/predict/{pid}/events", headers={"Last-Event-ID": "349"})
+        body = await resp.text()
+    ids = [line[4:] for line in body.splitlines() if line.startswith("id: ")]
+    assert ids == [str(i) for i in range(350, 400)]

@@ -54,8 +54,8 @@ async def test_sigterm_under_load_answers_everyone_and_exits_within_the_shutdown
         stream = await http.get(f"/predict/{running_id}/events")
         reader = asyncio.create_task(sse_events(stream, events))
         ws = await http.ws_connect(f"/ws?prediction_id={running_id}")
-        while (await asyncio.wait_for(events.get(), WAIT))[1]["prediction"]["status"] != "running":
-            pass
+        while (await asyncio.wait_for(events.get(), WAIT))[1].get("prediction", {}).get("status") != "running":
+            pass  # past its place in line (`queue` events) while it waits
         sync_requests = [asyncio.create_task(http.post("/predict", json={"input": n})) for n in range(2)]
 
         async def both_waiting() -> None:

@@ -54,7 +54,9 @@ async def _exercise(frames: list[tuple[str, Any]]) -> None:
                     assert ws.close_code in DEFINED_CLOSE_CODES
                     break
                 body = json.loads(msg.data)
-                assert body["type"] in {"subscribed", "update", "accepted", "pong", "error", "authenticated"}
+                assert body["type"] in {
+                    "subscribed", "update", "accepted", "pong", "error", "authenticated", "queue", "output", "progress"
+                }  # fmt: skip
                 if body["type"] == "error":
                     assert isinstance(body["error"]["code"], str) and body["error"]["message"]
                 if body["type"] == "pong":

@@ -70,8 +70,10 @@ def description_of(deployment: Deployment) -> str:
     assert described is not None
     config = deployment.spec.config
     s = deployment.settings
+    streams = {"streams": True} if deployment.streams else {}  # absent otherwise: the description as before
     return json.dumps(
         {
+            **streams,
             "name": deployment.name,
             "version": deployment.version,
             "runtime": deployment.spec.runtime,
@@ -105,6 +107,8 @@ class PublishedModel:
         self.name: str = description["name"]
         self.version: str = description["version"]
         self._description = description
+        if description.get("streams"):
+            self.predict_stream = self._elsewhere  # its workers stream: requests here may ask for it
 
     @property
     def input_schema(self) -> dict[str, Any]:
@@ -127,6 +131,9 @@ class PublishedModel:
 
     def predict_batch(self, inputs: list[Any]) -> list[Any]:
         raise RuntimeError(f"model {self.name} version {self.version} runs in worker processes, not here")
+
+    def _elsewhere(self, input: Any) -> Any:
+        raise RuntimeError(f"model {self.name} version {self.version} streams in worker processes, not here")
 
 
 def _tensor_spec(t: dict[str, Any]) -> TensorSpec:

@@ -90,6 +90,11 @@ class Deployment:
     def version(self) -> str:
         return self.model.version
 
+    @property
+    def streams(self) -> bool:
+        """The model has predict_stream: a request may ask for `stream: true`."""
+        return callable(getattr(self.model, "predict_stream", None))
+
     def __repr__(self) -> str:
         return f"<Deployment {self.name} version {self.version} {self.state.value}>"
 
@@ -322,6 +327,9 @@ class Deployer:
         await deployment.submits_done()  # one stored but not queued yet will be queued, and must be run
         if deployment.pool is not None and deployment.description is not None:  # it loaded: workers run
             await deployment.pool.drain()
+        # Else (Redis) its claims loop would go on taking over other consumers' idle entries, to be held
+        # here with no worker to run them; closing hands back what it took since the pool drained.
+        await deployment.queue.close()
         self._unloading.discard(deployment)
         self.end(deployment)
         log.info("model %s version %s unloaded", deployment.name, deployment.version)
@@ -330,6 +338,8 @@ class Deployer:
         executor = self._executors.pop(deployment, None)
         if executor is not None:
             executor.shutdown(wait=False, cancel_futures=True)
+        if deployment.runner is not None:
+            deployment.runner.stop_streams()
 
     def _track(self, work: Any, name: str) -> asyncio.Task[None]:
         task = asyncio.create_task(work, name=name)

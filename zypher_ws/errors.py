@@ -222,6 +222,20 @@ class DeadlineExceeded(ZypherError):
     code = "deadline_exceeded"
 
 
+class StreamLimitExceeded(ZypherError):
+    """A streaming prediction yielded more chunks or bytes than --max-stream-chunks or --max-stream-bytes:
+    it was stopped there, and its record keeps the chunks before the limit."""
+
+    status = 500
+    code = "stream_limit_exceeded"
+
+
+class StreamNotSupported(BadRequest):
+    """`stream: true` asked of a model that has no predict_stream."""
+
+    code = "stream_not_supported"
+
+
 class WorkerLost(ZypherError):
     """The process running it stopped --max-attempts times: it is not started again."""
 

@@ -6,6 +6,8 @@ transaction, a Redis WATCH/MULTI), so the rules live once and no store can drift
 
 from __future__ import annotations
 
+from typing import Any
+
 from .errors import AlreadyFinished, DeadlineExceeded, IdempotencyConflict, NotFound, WorkerLost
 from .records import IdempotencyKey, Outcome, Prediction, Status
 
@@ -39,7 +41,10 @@ def finish(current: Prediction | None, outcome: Outcome, ttl: float) -> Predicti
     if current is None or current.status is not Status.RUNNING:
         return None
     status = Status.FAILED if outcome.error else Status.SUCCEEDED
-    return current.finished(status, ttl=ttl, result=outcome.result, error=outcome.error)
+    done = current.finished(status, ttl=ttl, result=outcome.result, error=outcome.error)
+    if outcome.progress is not None:
+        return done.streamed(done.result, outcome.progress)
+    return done
 
 
 def cancel(current: Prediction | None, prediction_id: str, ttl: float) -> Prediction:
@@ -47,7 +52,27 @@ def cancel(current: Prediction | None, prediction_id: str, ttl: float) -> Predic
         raise NotFound(f"no prediction {prediction_id}")
     if current.status.terminal:
         raise AlreadyFinished(f"prediction {prediction_id} already {current.status.value}")
-    return current.finished(Status.CANCELED, ttl=ttl)
+    # A stream keeps the chunks it had produced: they were pushed, and may have been read.
+    return current.finished(Status.CANCELED, ttl=ttl, result=current.chunks_so_far())
+
+
+def append_chunks(
+    current: Prediction | None, start: int, chunks: list[Any], progress: dict[str, Any] | None
+) -> Prediction | None:
+    """A running stream's chunks from index `start` committed (and its progress); None if nothing changes.
+
+    A canceled one takes them too: the chunks its generator yielded before it saw the cancel stay. Chunks
+    already stored (a commit retried) are not stored twice.
+    """
+    if current is None or not current.stream or current.status not in (Status.RUNNING, Status.CANCELED):
+        return None
+    have = list(current.result or ())
+    if start > len(have):
+        return None  # a gap: commits run in order, so this is a record from before a rerun; keep it
+    fresh = chunks[len(have) - start :]
+    if not fresh and progress == current.progress:
+        return None
+    return current.streamed(have + fresh, progress)
 
 
 def recover(current: Prediction, max_attempts: int, ttl: float) -> Prediction:
@@ -55,7 +80,7 @@ def recover(current: Prediction, max_attempts: int, ttl: float) -> Prediction:
     if current.status is Status.RUNNING:
         if current.attempts >= max_attempts:
             error = WorkerLost(f"the worker running it stopped {current.attempts} times").to_dict()
-            return current.finished(Status.FAILED, ttl=ttl, error=error)
+            return current.finished(Status.FAILED, ttl=ttl, error=error, result=current.chunks_so_far())
         return current.requeued()
     return current
 

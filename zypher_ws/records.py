@@ -162,6 +162,10 @@ class Prediction:
     """Its level in the model's queue (1 is the highest; 0: priorities off), kept for recovery."""
     deadline: float | None = None
     """When still queued after this (epoch seconds) it is not run: it ends failed, deadline_exceeded."""
+    stream: bool = False
+    """Run by the model's predict_stream: `result` is the list of chunks so far (committed ones, in a store)."""
+    progress: dict[str, Any] | None = None
+    """A streaming prediction's latest Progress, as {fraction, message}; None until it reports one."""
 
     @classmethod
     def new(
@@ -174,6 +178,7 @@ class Prediction:
         protocol: str | None = None,
         priority: int = 0,
         deadline: float | None = None,
+        stream: bool = False,
     ) -> Prediction:
         return cls(
             prediction_id=new_prediction_id(),  # a real uuid4 (version nibble 4), as documented
@@ -185,14 +190,24 @@ class Prediction:
             protocol=protocol,
             priority=priority,
             deadline=deadline,
+            stream=stream,
         )
 
     def started(self, *, batch_size: int) -> Prediction:
-        return self._next(Status.RUNNING, time.time(), batch_size, self.attempts + 1)
+        return self._next(Status.RUNNING, time.time(), batch_size, self.attempts + 1, self.chunks_so_far())
 
     def requeued(self) -> Prediction:
-        """Back to the queue after the process running it died (at-least-once)."""
-        return self._next(Status.QUEUED, None, None, self.attempts)
+        """Back to the queue after the process running it died (at-least-once). A stream keeps the chunks
+        committed: its rerun skips as many as it yields again (docs/durability.md)."""
+        return self._next(Status.QUEUED, None, None, self.attempts, self.chunks_so_far())
+
+    def chunks_so_far(self) -> list[Any] | None:
+        """A stream's chunks so far (a new list: records are shared), or None for a prediction that is not one."""
+        return list(self.result or ()) if self.stream else None
+
+    def streamed(self, chunks: list[Any], progress: dict[str, Any] | None) -> Prediction:
+        """The same state, with more chunks committed and the latest progress."""
+        return replace(self, result=chunks, progress=progress)
 
     def finished(
         self, status: Status, *, ttl: float, result: Any = None, error: dict[str, str] | None = None
@@ -218,7 +233,7 @@ class Prediction:
         return Prediction(
             self.prediction_id, status, self.model_name, self.model_version, self.input, result, error,
             self.created_at, started_at, completed_at, batch_size, attempts, expires_at, webhook,
-            self.protocol, self.priority, self.deadline,
+            self.protocol, self.priority, self.deadline, self.stream, self.progress,
         )  # fmt: skip
 
     def with_webhook(self, webhook: Webhook) -> Prediction:
@@ -256,10 +271,55 @@ class Prediction:
             "metrics": {"batch_size": self.batch_size},
             "links": {"self": f"/predict/{self.prediction_id}"},
             "webhook": self.webhook.to_dict() if self.webhook is not None else None,
+            "stream": self.stream,
+            "progress": self.progress,
+            # Where it stands in line, while queued: not stored (the queue knows), filled in where shown.
+            "queue_position": None,
+            "estimated_start_at": None,
         }
 
 
 _ROW_FIELDS = tuple(f.name for f in fields(Prediction))
+
+
+OUTPUT = "output"  # a chunk a streaming model yielded
+PROGRESS = "progress"  # a Progress it yielded
+COMMITTED = "committed"  # its chunks up to `index` (a count) are in the store now
+QUEUE = "queue"  # a queued prediction's position (`index`) and estimated start (`chunk`, epoch seconds)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEvent:
+    """What a streaming prediction produces between its status changes, carried by the event bus."""
+
+    prediction_id: str
+    kind: str  # OUTPUT, PROGRESS or COMMITTED
+    index: int = 0  # OUTPUT: the chunk's index (0 is the first); COMMITTED: how many chunks are stored;
+    # QUEUE: how many wait before it (0: it is next)
+    chunk: Any = None
+    fraction: float | None = None
+    message: str | None = None
+
+    def to_row(self) -> list[Any]:
+        return [self.prediction_id, self.kind, self.index, self.chunk, self.fraction, self.message]
+
+    @classmethod
+    def from_row(cls, row: list[Any]) -> StreamEvent:
+        return cls(*row)
+
+    def to_message(self) -> dict[str, Any]:
+        """The WebSocket message (and SSE data) of an OUTPUT or PROGRESS event."""
+        if self.kind == OUTPUT:
+            return {"type": OUTPUT, "prediction_id": self.prediction_id, "index": self.index, "chunk": self.chunk}
+        if self.kind == QUEUE:
+            return {
+                "type": QUEUE,
+                "prediction_id": self.prediction_id,
+                "queue_position": self.index,
+                "estimated_start_at": rfc3339(self.chunk),
+            }
+        pid = self.prediction_id
+        return {"type": PROGRESS, "prediction_id": pid, "fraction": self.fraction, "message": self.message}
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,6 +338,7 @@ class Outcome:
     prediction_id: str
     result: Any = None
     error: dict[str, str] | None = None
+    progress: dict[str, Any] | None = None  # a stream's last progress
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import queue
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -17,6 +18,7 @@ from .errors import ModelError
 from .models import Model, ModelSpec, TensorMetadata, tensor_metadata
 from .records import Outcome, Prediction
 from .settings import Settings
+from .streaming import Item, iterate
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +100,43 @@ def _predict_here(inputs: list[Any]) -> list[Any]:
     return _process_model.predict_batch(inputs)
 
 
+def _stream_here(value: Any, items: Any, cancel: Any, skip: int, max_chunks: int, max_bytes: int) -> Any:
+    """A stream in a worker process: its items go through a manager's queue (`items`), then a None."""
+    assert _process_model is not None
+    try:
+        generator = _process_model.predict_stream(value)  # type: ignore[attr-defined]
+        return iterate(generator, items.put, cancel.is_set, skip=skip, max_chunks=max_chunks, max_bytes=max_bytes)
+    except Exception as exc:
+        return _error(exc)
+    finally:
+        items.put(None)
+
+
+def _stream_in_thread(
+    model: Any, value: Any, emit: Callable[[Item], None], cancel: threading.Event, limits: tuple[int, int, int]
+) -> Any:
+    skip, max_chunks, max_bytes = limits
+    try:
+        generator = model.predict_stream(value)
+    except Exception as exc:
+        return _error(exc)
+    return iterate(generator, emit, cancel.is_set, skip=skip, max_chunks=max_chunks, max_bytes=max_bytes)
+
+
+def _forward(items: Any, emit: Callable[[Item], None], call_done: threading.Event) -> None:
+    """In a thread: a worker process's stream items, from the manager's queue to the loop, in order."""
+    while True:
+        try:
+            item = items.get(timeout=0.2)
+        except queue.Empty:
+            if call_done.is_set():  # the process died before its None (abandoned at shutdown)
+                return
+            continue
+        if item is None:
+            return
+        emit(item)
+
+
 def exit_past_stuck_model_calls(runners: Sequence[ModelRunner]) -> None:
     """The last step of a shutdown: if model calls outlived --shutdown-timeout, exit now rather than let
     the interpreter join their threads (a 60 s call would hold the exit for 60 s). Everything else has
@@ -122,6 +161,10 @@ class ModelRunner:
         self._load: Callable[[], None] = _ready_here if in_processes else model.load
         self._describe: Callable[[], ModelDescription] = _describe_here if in_processes else (lambda: describe(model))
         self._predict: Callable[[list[Any]], list[Any]] = _predict_here if in_processes else model.predict_batch
+        self.streams = callable(getattr(model, "predict_stream", None))
+        """The model has predict_stream: a request may ask to stream (docs/models.md)."""
+        self._in_processes = in_processes
+        self._manager: Any = None  # the multiprocessing manager whose queues carry streams from processes
         self.loaded = False
         self.description: ModelDescription | None = None
         self.load_error: str | None = None
@@ -145,6 +188,12 @@ class ModelRunner:
                 process.terminate()
         return running
 
+    def stop_streams(self) -> None:
+        """Once the executor is shut down: stop the manager process that carried streams from its processes."""
+        manager, self._manager = self._manager, None
+        if manager is not None:  # its shutdown joins a process: not on the loop
+            threading.Thread(target=manager.shutdown, name="zypher-stream-manager-stop", daemon=True).start()
+
     async def load(self) -> ModelDescription:
         """Load in the executor and describe the model as loaded. A failure is kept and re-raised."""
         try:
@@ -157,6 +206,42 @@ class ModelRunner:
         self.loaded = True
         self.loaded_event.set()
         return description
+
+    async def start_stream(
+        self, value: Any, emit: Callable[[Item], None], *, skip: int, max_chunks: int, max_bytes: int
+    ) -> tuple[asyncio.Future[Any], Callable[[], None]]:
+        """Start the model's stream of one input in the executor; `emit` gets its items on the loop, in
+        order, all before the returned call ends (with the error that ended the stream, or None). The
+        callable cancels it at its next yield."""
+        loop = asyncio.get_running_loop()
+
+        def to_loop(item: Item) -> None:
+            loop.call_soon_threadsafe(emit, item)
+
+        if not self._in_processes:
+            cancel = threading.Event()
+            limits = (skip, max_chunks, max_bytes)
+            return self._submit(_stream_in_thread, self.model, value, to_loop, cancel, limits), cancel.set
+        if self._manager is None:
+            # A manager's queue can be handed to a pool's process (a plain multiprocessing queue cannot):
+            # one manager process per model, started by its first stream.
+            self._manager = await asyncio.to_thread(get_context("spawn").Manager)
+        manager = self._manager
+        items, cancel = await asyncio.to_thread(lambda: (manager.Queue(), manager.Event()))
+        call = self._submit(_stream_here, value, items, cancel, skip, max_chunks, max_bytes)
+        call_done = threading.Event()
+        call.add_done_callback(lambda _: call_done.set())
+        forward = loop.run_in_executor(None, _forward, items, to_loop, call_done)
+
+        async def both() -> Any:
+            error = await call
+            await forward
+            return error
+
+        def cancel_it() -> None:
+            loop.run_in_executor(None, cancel.set)  # a call to the manager: off the loop
+
+        return asyncio.ensure_future(both()), cancel_it
 
     async def run_predictions(self, predictions: Sequence[Prediction], max_rows: int) -> list[Outcome]:
         """One outcome per prediction. A prediction of several rows (an OIP request) has all of them in

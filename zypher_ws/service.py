@@ -15,9 +15,19 @@ from . import logs, oip
 from .backends import Checks, DefersWrites, EventBus, Recovers, Store, Sweeps
 from .backends.base import Listener
 from .deployments import Deployment, Deployments
-from .errors import InvalidWebhook, ModelNotFound, ModelUnavailable, NotFound, NotReady, QueueFull
+from .errors import (
+    InvalidWebhook,
+    ModelNotFound,
+    ModelUnavailable,
+    NotFound,
+    NotReady,
+    QueueFull,
+    StreamNotSupported,
+    ZypherError,
+)
 from .events import Watch
-from .records import IdempotencyKey, Job, Outcome, Prediction, Webhook
+from .queue_positions import QueuePositions
+from .records import QUEUE, IdempotencyKey, Job, Outcome, Prediction, Status, StreamEvent, Webhook, rfc3339
 from .settings import Settings
 from .validation import is_prediction_id
 from .waiting import settle, settled_within
@@ -36,6 +46,8 @@ class PredictionService:
         self.bus = bus
         self.stopping = False
         self._defers = store if isinstance(store, DefersWrites) else None
+        self.positions = QueuePositions()
+        """Where queued predictions watched here stand; its run_forever ticks (the app starts it)."""
         self._on_stop: set[Callable[[], None]] = set()
         self._webhook_policy = AddressPolicy(
             allow_private=settings.webhook_allow_private, allowed_hosts=settings.webhook_allowed_hosts
@@ -96,9 +108,13 @@ class PredictionService:
         webhook: WebhookRequest | None = None,
         protocol: str | None = None,
         parameters: Any = None,
+        stream: bool = False,
     ) -> Prediction:
         """Validate, store and enqueue one prediction of a model (None: the default). Raises
-        ModelNotFound, InvalidInput, InvalidWebhook, NotReady or QueueFull.
+        ModelNotFound, InvalidInput, InvalidWebhook, StreamNotSupported, NotReady or QueueFull.
+
+        With `stream` the model's predict_stream runs it: its result is the list of chunks so far, pushed
+        to watchers as they come (`watch`'s `on_stream`).
 
         With an idempotency key already used for the same model, input and webhook, returns that
         prediction as it is now (and runs nothing); with a different one, raises IdempotencyConflict.
@@ -111,8 +127,9 @@ class PredictionService:
         """
         deployment = self.models.find(model, version)
         prediction, _ = await self._submit(
-            deployment, value, idempotency_key, None, webhook=webhook, protocol=protocol, parameters=parameters
-        )
+            deployment, value, idempotency_key, None, webhook=webhook, protocol=protocol, parameters=parameters,
+            stream=stream,
+        )  # fmt: skip
         return prediction
 
     async def run(
@@ -126,6 +143,7 @@ class PredictionService:
         parameters: Any = None,
         timeout: float,
         webhook: WebhookRequest | None = None,
+        stream: bool = False,
     ) -> Prediction:
         """Submit, then wait: the prediction once terminal, or as it stands when `timeout` runs out.
 
@@ -148,10 +166,11 @@ class PredictionService:
             value,
             idempotency_key,
             on_change,
-            defer=idempotency_key is None,
+            defer=idempotency_key is None and not stream,  # a stream's chunks are committed as it runs
             webhook=webhook,
             protocol=protocol,
             parameters=parameters,
+            stream=stream,
         )
         if not new:
             return await self.wait(prediction.prediction_id, timeout)  # an earlier prediction: follow it
@@ -178,6 +197,7 @@ class PredictionService:
         webhook: WebhookRequest | None = None,
         protocol: str | None = None,
         parameters: Any = None,
+        stream: bool = False,
     ) -> tuple[Prediction, bool]:
         """The prediction, and False if it is an earlier one with the same idempotency key.
 
@@ -188,6 +208,12 @@ class PredictionService:
             value = self._oip_input(deployment, value)
         else:
             deployment.validate(value)
+        if stream and not deployment.streams:
+            raise StreamNotSupported(
+                f"model {deployment.name} version {deployment.version} has no predict_stream: leave out `stream`"
+            )
+        if stream and protocol == oip.PROTOCOL:
+            raise StreamNotSupported("an Open Inference Protocol request does not stream")
         admission = deployment.policy.admit(parameters)
         hook = self._webhook(webhook)
         if self.stopping:
@@ -206,6 +232,7 @@ class PredictionService:
             protocol=protocol,
             priority=admission.priority,
             deadline=admission.deadline,
+            stream=stream,
         )
         pid = prediction.prediction_id
         key = None
@@ -214,6 +241,8 @@ class PredictionService:
             # The default model's fingerprint is of the input alone, as when one model was all there was,
             # so a retry across an upgrade still finds its prediction. A webhook is part of the body too.
             named = value if deployment.is_default else [deployment.name, deployment.version, value]
+            if stream:
+                named = {"stream": named}  # the same input streamed or not is not the same request
             if hook is not None:
                 named = {"input": named, "webhook": [hook.url, *hook.events]}
             canonical = json.dumps(named, sort_keys=True, separators=(",", ":"))
@@ -331,14 +360,78 @@ class PredictionService:
             watch.stop()
         return latest[-1]
 
-    async def watch(self, prediction_id: str, deliver: Callable[[Prediction, bool], None]) -> Watch:
+    async def watch(
+        self,
+        prediction_id: str,
+        deliver: Callable[[Prediction, bool], None],
+        on_stream: Callable[[StreamEvent], None] | None = None,
+        from_index: int | None = None,
+    ) -> Watch:
         """Follow one prediction: `deliver(state, is_snapshot)` gets its current state at once, then each
         later one exactly once, in order, ending with the terminal one. Raises NotFound for an unknown id.
-        Call `stop()` on the watch to stop early."""
-        watch = Watch(self.bus, prediction_id, deliver)
-        if await watch.start(self.store.get) is None:
+        Call `stop()` on the watch to stop early.
+
+        With `on_stream`, a stream's chunks after the snapshot's (or, with `from_index` k, from k + 1) and
+        its progress go there, each chunk once and in order, all before the terminal state."""
+        watch = Watch(self.bus, prediction_id, deliver, on_stream=on_stream, from_index=from_index)
+        snapshot = await watch.start(self.read_live)
+        if snapshot is None:
             raise NotFound(f"no prediction {prediction_id}")
+        if on_stream is not None and not watch.closed and watch.rank == 0:
+            await self._follow_position(watch, snapshot, on_stream)
         return watch
+
+    async def _follow_position(
+        self, watch: Watch, snapshot: Prediction, on_stream: Callable[[StreamEvent], None]
+    ) -> None:
+        """A queued prediction's watcher hears its position at once, then on each change (at most once a
+        second), until it starts; where the queue can tell (memory and SQLite, Redis)."""
+        deployment = self.models.get(snapshot.model_name, snapshot.model_version)
+        if deployment is None or not self.positions.tells(deployment.queue):
+            return
+        pid = snapshot.prediction_id
+
+        def tell(position: int, estimate: float | None) -> bool:
+            if watch.closed or watch.rank != 0:
+                return False
+            on_stream(StreamEvent(pid, QUEUE, position, chunk=estimate))
+            return True
+
+        try:
+            now = await self.positions.position(deployment.queue, pid)
+        except ZypherError as exc:
+            log.info("could not read the queue position of %s: %s", pid, exc.message)
+            now = None
+        if now is not None and tell(*now):
+            self.positions.watch(deployment.queue, pid, tell, told=now[0])
+        elif now is None:
+            self.positions.watch(deployment.queue, pid, tell)
+
+    async def shown(self, prediction: Prediction) -> dict[str, Any]:
+        """The public record, with its place in line while it is queued (where the queue can tell)."""
+        record = prediction.to_dict()
+        if prediction.status is Status.QUEUED:
+            deployment = self.models.get(prediction.model_name, prediction.model_version)
+            if deployment is not None:
+                try:
+                    found = await self.positions.position(deployment.queue, prediction.prediction_id)
+                except ZypherError:
+                    found = None  # the record without it, rather than no record
+                if found is not None:
+                    record["queue_position"] = found[0]
+                    record["estimated_start_at"] = rfc3339(found[1])
+        return record
+
+    async def read_live(self, prediction_id: str) -> Prediction | None:
+        """The record, and of a running stream also the chunks pushed here and not committed yet."""
+        prediction = await self.store.get(prediction_id)
+        if prediction is None or not prediction.stream or prediction.status.terminal:
+            return prediction
+        start, tail = self.bus.uncommitted(prediction_id)  # no await since the read: as of the same moment
+        have = list(prediction.result or ())
+        if tail and start <= len(have) < start + len(tail):
+            return prediction.streamed(have + tail[len(have) - start :], prediction.progress)
+        return prediction
 
     async def sweep_forever(self, clock: Callable[[], float] = time.time) -> None:
         """Delete expired results now and then (a tenth of the TTL, at most a minute apart), where the

@@ -83,6 +83,21 @@ class Settings:
         1024, "open connections per client address; more are refused (0: no cap, e.g. behind a proxy)", min=0
     )
     mock_latency_ms: float = _opt(0.0, "latency of each mock model call, like a remote accelerator", min=0)
+    mock_stream_chunks: int = _opt(
+        0, "mock streams this many chunks to a request with `stream: true`, one per --mock-latency-ms "
+        "(0: mock does not stream)", min=0,
+    )  # fmt: skip
+    stream_commit_ms: float = _opt(
+        250.0, "most milliseconds a streaming prediction's chunks wait before they are committed to the store "
+        "(and always at its end)", min=0,
+    )  # fmt: skip
+    max_stream_chunks: int = _opt(
+        10_000, "most chunks one streaming prediction may yield; past it it fails (stream_limit_exceeded)", min=1
+    )
+    max_stream_bytes: int = _opt(
+        4 * MiB, "most bytes of JSON chunks one streaming prediction may yield; past it it fails "
+        "(stream_limit_exceeded)", min=1,
+    )  # fmt: skip
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = _opt(
         "INFO", "log lines below this level are dropped", any_case=True
     )

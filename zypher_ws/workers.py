@@ -10,12 +10,13 @@ from typing import TypeVar
 
 from . import logs
 from .backends import EventBus, Store, WorkQueue
-from .backends.base import Interrupts, Releases
+from .backends.base import Interrupted, Interrupts, Releases
 from .errors import RetryLater
 from .metrics import Metrics
-from .records import Job, Prediction
+from .records import Job, Outcome, Prediction
 from .runner import ModelRunner
 from .settings import Settings
+from .streaming import StreamRun
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -58,15 +59,27 @@ class WorkerPool:
     async def stop(self, timeout: float = 0.0) -> None:
         """Take no new batches; give running ones `timeout` seconds to finish, then cancel them."""
         self._stopping = True
-        if isinstance(self._queue, Interrupts):
-            self._queue.interrupt()  # the cancel of a wait on Redis can be lost: this ends it all the same
-        for task in self._tasks:
-            if task in self._waiting:
-                task.cancel()
+        loop = asyncio.get_running_loop()
+        # A queue that can be interrupted (Redis) is: a cancel of its wait can be lost, and one landing as
+        # a read's reply arrives drops entries delivered to this consumer, which an interrupt keeps for the
+        # queue to hand back. Others' waits are cancelled (the in-process queue puts back what it held).
+        within = self._queue.interrupt() if isinstance(self._queue, Interrupts) else None
+        waits_end_by = loop.time() + (within or 0.0)
+        if within is None:
+            for task in self._tasks:
+                if task in self._waiting:
+                    task.cancel()
         if self._tasks:
-            _, still_running = await asyncio.wait(self._tasks, timeout=timeout)
-            for task in still_running:
-                task.cancel()
+            _, pending = await asyncio.wait(self._tasks, timeout=timeout)
+            for task in pending:
+                if task not in self._waiting:  # a batch past its time
+                    task.cancel()
+            if pending and within is not None:
+                _, pending = await asyncio.wait(pending, timeout=max(0.0, waits_end_by - loop.time()))
+                for task in pending:  # a read not back in its bound (Redis hung): cancelled after all
+                    if task in self._waiting:
+                        log.warning("a worker's read of the queue did not end when interrupted; cancelling it")
+                    task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
 
@@ -82,7 +95,10 @@ class WorkerPool:
                 self._idle.clear()
                 await self._idle.wait()
             await self.stop(0)
-            if not await self._queue.depth():
+            # What the queue holds here for its next batch (put back by the interrupt) is not in the
+            # shared depth, but is this pool's to run.
+            backlog = self._queue.backlog() if isinstance(self._queue, Interrupts) else 0
+            if not backlog and not await self._queue.depth():
                 return
             self._stopping = False
             self.start()
@@ -97,6 +113,8 @@ class WorkerPool:
                 # are arriving, so waiting up to the delay to fill this batch pays for itself.
                 delay = s.max_batch_delay if self.busy and not self._draining else 0.0
                 jobs = await self._queue.get_batch(s.max_batch_size, delay)
+            except Interrupted:
+                return  # stopping; what it had taken the queue keeps
             finally:
                 self._waiting.discard(me)
             self.busy += 1
@@ -133,7 +151,7 @@ class WorkerPool:
             try:
                 await self._announce(started)
                 # Inputs come from the records (canceled ones are not in `started`), not from the queue.
-                outcomes = await self._runner.run_predictions(started, self._settings.max_batch_size)
+                outcomes = await self._run(started)
                 finished = await self._until_done(lambda: self._store.finish(outcomes), "a batch's outcomes")
             finally:
                 self._metrics.batch_finished(started, finished)
@@ -141,6 +159,30 @@ class WorkerPool:
             await self._announce(finished)
         # Only now, with outcomes stored: a worker dying before this leaves the jobs to be taken over.
         await self._until_done(lambda: self._queue.ack(jobs), "the acknowledgement of a batch")
+
+    async def _run(self, started: list[Prediction]) -> list[Outcome]:
+        """The batch's outcomes: streams each through the model's predict_stream, side by side with one
+        model call for the rest."""
+        streams = [p for p in started if p.stream and self._runner.streams]
+        if not streams:
+            return await self._runner.run_predictions(started, self._settings.max_batch_size)
+        rest = [p for p in started if not (p.stream and self._runner.streams)]
+        runs: list[Awaitable[Outcome | list[Outcome]]] = [self._stream(p) for p in streams]
+        if rest:
+            runs.append(self._runner.run_predictions(rest, self._settings.max_batch_size))
+        done = await asyncio.gather(*runs)
+        outcomes = [o for part in done for o in (part if isinstance(part, list) else [part])]
+        order = {p.prediction_id: i for i, p in enumerate(started)}
+        return sorted(outcomes, key=lambda o: order[o.prediction_id])
+
+    async def _stream(self, prediction: Prediction) -> Outcome:
+        s = self._settings
+        run = StreamRun(prediction, settings=s, store=self._store, bus=self._bus)
+        return await run.run(
+            lambda emit: self._runner.start_stream(
+                prediction.input, emit, skip=run.skip, max_chunks=s.max_stream_chunks, max_bytes=s.max_stream_bytes
+            )
+        )
 
     async def _expired(self, changed: list[Prediction]) -> list[Prediction]:
         """Those started; the ones whose deadline passed while they waited went from queued to failed,

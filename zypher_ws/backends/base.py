@@ -8,13 +8,16 @@ a health check of a remote server) are protocols of their own, so no store carri
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
-from ..records import IdempotencyKey, Job, Outcome, Prediction
+from ..records import IdempotencyKey, Job, Outcome, Prediction, StreamEvent
 from ..webhooks.schedule import Delivery, Settlement
 
 Listener = Callable[[Prediction], None]
 """Called on the event loop with each new state. Must not block: put it in a queue and return."""
+
+StreamListener = Callable[[StreamEvent], None]
+"""Called on the event loop with each chunk, progress and commit of a streaming prediction, in order."""
 
 
 class Store(Protocol):
@@ -47,6 +50,13 @@ class Store(Protocol):
 
     async def cancel(self, prediction_id: str) -> Prediction:
         """Cancel a queued or running prediction. Raises NotFound or AlreadyFinished."""
+        ...
+
+    async def commit_stream(
+        self, prediction_id: str, start: int, chunks: list[Any], progress: dict[str, Any] | None
+    ) -> Prediction | None:
+        """Append a running (or canceled) stream's chunks from index `start`, with its latest progress
+        (lifecycle.append_chunks); the record if it changed."""
         ...
 
     async def close(self) -> None: ...
@@ -128,7 +138,8 @@ class WorkQueue(Protocol):
     maxsize: int
 
     async def depth(self) -> int:
-        """How many jobs wait to be taken (not counting ones being run)."""
+        """How many jobs wait to be taken (not counting ones being run). Shared backends: the figure
+        every process sees, the one the bounded put checks (Interrupts.backlog is this process's own)."""
         ...
 
     async def put(self, job: Job, *, force: bool = False) -> None:
@@ -150,6 +161,16 @@ class WorkQueue(Protocol):
 
 
 @runtime_checkable
+class TellsPositions(Protocol):
+    """A queue that can say where a job stands in line, in O(1) per job asked about."""
+
+    async def positions(self, prediction_ids: Sequence[str]) -> tuple[dict[str, int], int]:
+        """(each id still waiting -> how many jobs wait before it, 0 for the next; how many jobs were
+        taken off the queue so far in all, for its throughput). Ids not waiting are left out."""
+        ...
+
+
+@runtime_checkable
 class ListsEntries(Protocol):
     """A queue whose entries can be read without taking them (Redis: to fail the work of a model no one
     serves any more)."""
@@ -168,14 +189,27 @@ class Releases(Protocol):
         ...
 
 
+class Interrupted(Exception):
+    """get_batch was interrupted (Interrupts.interrupt): the pool is stopping. Not a CancelledError, which
+    would say the caller's own task was cancelled (and confuse asyncio.wait_for or a TaskGroup around it)."""
+
+
 @runtime_checkable
 class Interrupts(Protocol):
     """A queue whose get_batch may carry on past a cancel: redis-py can lose the cancel of a command in
-    flight (redis/redis-py#2028), and a worker would then wait on the queue for ever."""
+    flight (redis/redis-py#2028), and a worker would then wait on the queue for ever. A pool stops its
+    waiting workers by interrupting them instead of cancelling them: a cancel landing as a read's reply
+    arrives would drop entries Redis has delivered to this consumer, which an interrupt keeps."""
 
-    def interrupt(self) -> None:
-        """End every get_batch under way as a cancel would (CancelledError), at its next turn (its reads
-        are bounded); what one had taken it keeps for the next call. Later calls are not affected."""
+    def interrupt(self) -> float:
+        """End every get_batch under way with Interrupted at its next turn (its reads are bounded); what
+        one had taken it keeps for the next call (see `backlog`). Later calls are not affected. Returns
+        the seconds within which the calls under way end, while the backend answers."""
+        ...
+
+    def backlog(self) -> int:
+        """Jobs this queue holds in this process for its next get_batch (taken over from a lost worker,
+        or put back by an interrupt): not in `depth()`, which is the figure every process shares."""
         ...
 
 
@@ -185,6 +219,21 @@ class EventBus(Protocol):
     def subscribe(self, prediction_id: str, listener: Listener) -> None: ...
 
     def unsubscribe(self, prediction_id: str, listener: Listener) -> None: ...
+
+    async def publish_stream(self, events: list[StreamEvent]) -> None:
+        """Chunks, progress and commits of streaming predictions: every subscriber, in any process, gets
+        one prediction's events in the order they were published, and in order with its status changes."""
+        ...
+
+    def subscribe_stream(self, prediction_id: str, listener: StreamListener) -> None: ...
+
+    def unsubscribe_stream(self, prediction_id: str, listener: StreamListener) -> None: ...
+
+    def uncommitted(self, prediction_id: str) -> tuple[int, list[Any]]:
+        """The chunks of a stream this process has seen go by and that may not be in the store yet:
+        (the index of the first, the chunks). Joined to a record read from the store, they fill it up to
+        the last chunk dispatched here, so that a subscriber's snapshot leaves no gap."""
+        ...
 
     def listener_count(self) -> int:
         """Listeners held in this process (sockets, event streams and sync requests waiting)."""

@@ -10,14 +10,15 @@ import heapq
 import logging
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 from .. import lifecycle
 from ..errors import QueueFull
 from ..queue_policy import LevelPicker
-from ..records import DEAD_LETTERED, IdempotencyKey, Job, Outcome, Prediction
+from ..records import COMMITTED, DEAD_LETTERED, OUTPUT, IdempotencyKey, Job, Outcome, Prediction, StreamEvent
 from ..waiting import settle, settled_within
 from ..webhooks.schedule import Delivery, Settlement, scheduled_by
-from .base import Listener
+from .base import Listener, StreamListener
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,14 @@ class MemoryStore:
 
     async def cancel(self, prediction_id: str) -> Prediction:
         return self._apply([lifecycle.cancel(self._records.get(prediction_id), prediction_id, self.ttl)])[0]
+
+    async def commit_stream(
+        self, prediction_id: str, start: int, chunks: list[Any], progress: dict[str, Any] | None
+    ) -> Prediction | None:
+        changed = lifecycle.append_chunks(self._records.get(prediction_id), start, chunks, progress)
+        if changed is not None:
+            self._records[prediction_id] = changed
+        return changed
 
     async def sweep(self, now: float) -> int:
         expired = [p.prediction_id for p in self._records.values() if p.expires_at is not None and p.expires_at <= now]
@@ -183,6 +192,13 @@ class MemoryQueue:
         self.maxsize = maxsize
         self._levels = [deque[Job]() for _ in range(max(1, levels))]
         self._count = 0
+        # Positions without a scan: each job's ticket is (its level, its number in that level's order of
+        # arrival), and each level counts the jobs taken off its head. Canceled jobs still in line count
+        # until a worker takes and skips them.
+        self._tickets: dict[str, tuple[int, int]] = {}
+        self._added = [0] * len(self._levels)
+        self._head = [0] * len(self._levels)
+        self._taken_total = 0
         self._picker = LevelPicker(levels) if levels > 1 else None
         self._waiters: set[asyncio.Future[None]] = set()
 
@@ -192,15 +208,27 @@ class MemoryQueue:
     async def put(self, job: Job, *, force: bool = False) -> None:
         if not force and self._count >= self.maxsize:
             raise QueueFull()
-        self._level_of(job).append(job)
+        index = self._index_of(job)
+        self._levels[index].append(job)
+        self._tickets[job.prediction_id] = (index, self._added[index])
+        self._added[index] += 1
         self._count += 1
         for waiter in self._waiters:
             settle(waiter)
 
-    def _level_of(self, job: Job) -> deque[Job]:
+    def _index_of(self, job: Job) -> int:
         # 0 (priorities off, or a record from before they were on) and levels since removed: the lowest.
-        index = job.priority - 1 if 1 <= job.priority <= len(self._levels) else len(self._levels) - 1
-        return self._levels[index]
+        return job.priority - 1 if 1 <= job.priority <= len(self._levels) else len(self._levels) - 1
+
+    async def positions(self, prediction_ids: Sequence[str]) -> tuple[dict[str, int], int]:
+        found = {}
+        for pid in prediction_ids:
+            ticket = self._tickets.get(pid)
+            if ticket is not None:
+                index, number = ticket
+                # Ahead: the higher levels' jobs (a level is taken from first, starvation aside) and its own.
+                found[pid] = sum(len(level) for level in self._levels[:index]) + number - self._head[index]
+        return found, self._taken_total
 
     async def get_batch(self, max_size: int, max_delay: float) -> list[Job]:
         while not self._count:
@@ -219,7 +247,11 @@ class MemoryQueue:
                         await self._wait(remaining)
                     except asyncio.CancelledError:
                         for job in reversed(batch):  # a stopping worker loses nothing
-                            self._level_of(job).appendleft(job)
+                            index = self._index_of(job)
+                            self._levels[index].appendleft(job)
+                            self._head[index] -= 1
+                            self._tickets[job.prediction_id] = (index, self._head[index])
+                            self._taken_total -= 1
                             self._count += 1
                         raise
                     if not self._count:
@@ -245,16 +277,52 @@ class MemoryQueue:
     def _take(self, n: int) -> list[Job]:
         n = min(n, self._count)
         self._count -= n
+        self._taken_total += n
         if self._picker is None:
             items = self._levels[0]
-            return [items.popleft() for _ in range(n)]
-        levels = self._levels
-        taken = []
-        for _ in range(n):
-            level = self._picker.pick(lambda number: bool(levels[number - 1]))
-            assert level is not None  # n is at most what waits
-            taken.append(levels[level - 1].popleft())
+            self._head[0] += n
+            taken = [items.popleft() for _ in range(n)]
+        else:
+            levels = self._levels
+            taken = []
+            for _ in range(n):
+                level = self._picker.pick(lambda number: bool(levels[number - 1]))
+                assert level is not None  # n is at most what waits
+                taken.append(levels[level - 1].popleft())
+                self._head[level - 1] += 1
+        for job in taken:
+            self._tickets.pop(job.prediction_id, None)
         return taken
+
+
+MAX_TAILS = 10_000  # streams whose uncommitted chunks a bus remembers (each is at most a commit's worth)
+
+
+class _Tail:
+    """The chunks of one stream seen since the commit before the last one: a store read is at least that
+    fresh in practice, so the tail joins it without a gap (a Watch mends one that is left)."""
+
+    __slots__ = ("chunks", "start", "trim_to")
+
+    def __init__(self, start: int, chunk: Any) -> None:
+        self.start = start
+        self.chunks = [chunk]
+        self.trim_to = 0  # the previous commit's count: the next commit trims up to it
+
+    def add(self, index: int, chunk: Any) -> None:
+        end = self.start + len(self.chunks)
+        if index == end:
+            self.chunks.append(chunk)
+        elif index > end:  # missed some (a reconnect): start again from here
+            self.start, self.chunks = index, [chunk]
+        # index < end: seen already (a rerun after a crash yields them again)
+
+    def committed(self, count: int) -> None:
+        drop = min(self.trim_to - self.start, len(self.chunks))
+        if drop > 0:
+            del self.chunks[:drop]
+            self.start += drop
+        self.trim_to = max(self.trim_to, count)
 
 
 class LocalEventBus:
@@ -262,9 +330,11 @@ class LocalEventBus:
 
     def __init__(self) -> None:
         self._listeners: dict[str, set[Listener]] = {}
+        self._stream_listeners: dict[str, set[StreamListener]] = {}
+        self._tails: OrderedDict[str, _Tail] = OrderedDict()
 
     def listener_count(self) -> int:
-        return sum(len(s) for s in self._listeners.values())
+        return sum(len(s) for s in self._listeners.values()) + sum(len(s) for s in self._stream_listeners.values())
 
     def watched_ids(self) -> list[str]:
         return list(self._listeners)
@@ -274,8 +344,44 @@ class LocalEventBus:
 
     def dispatch(self, predictions: list[Prediction]) -> None:
         for prediction in predictions:
+            if prediction.stream and prediction.status.terminal:
+                self._tails.pop(prediction.prediction_id, None)  # its record has every chunk now
             for listener in tuple(self._listeners.get(prediction.prediction_id, ())):
                 listener(prediction)
+
+    async def publish_stream(self, events: list[StreamEvent]) -> None:
+        self.dispatch_stream(events)
+
+    def dispatch_stream(self, events: list[StreamEvent]) -> None:
+        tails = self._tails
+        for event in events:
+            pid = event.prediction_id
+            if event.kind == OUTPUT:
+                tail = tails.get(pid)
+                if tail is None:
+                    tails[pid] = _Tail(event.index, event.chunk)
+                    if len(tails) > MAX_TAILS:
+                        tails.popitem(last=False)  # a stream whose end this process never heard of
+                else:
+                    tail.add(event.index, event.chunk)
+            elif event.kind == COMMITTED and (tail := tails.get(pid)) is not None:
+                tail.committed(event.index)
+            for listener in tuple(self._stream_listeners.get(pid, ())):
+                listener(event)
+
+    def subscribe_stream(self, prediction_id: str, listener: StreamListener) -> None:
+        self._stream_listeners.setdefault(prediction_id, set()).add(listener)
+
+    def unsubscribe_stream(self, prediction_id: str, listener: StreamListener) -> None:
+        listeners = self._stream_listeners.get(prediction_id)
+        if listeners is not None:
+            listeners.discard(listener)
+            if not listeners:
+                del self._stream_listeners[prediction_id]
+
+    def uncommitted(self, prediction_id: str) -> tuple[int, list[Any]]:
+        tail = self._tails.get(prediction_id)
+        return (tail.start, list(tail.chunks)) if tail is not None else (0, [])
 
     def subscribe(self, prediction_id: str, listener: Listener) -> None:
         self._listeners.setdefault(prediction_id, set()).add(listener)

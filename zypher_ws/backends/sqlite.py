@@ -565,6 +565,16 @@ class SQLiteStore:
             sync=True,
         )
 
+    async def commit_stream(
+        self, prediction_id: str, start: int, chunks: list[Any], progress: dict[str, Any] | None
+    ) -> Prediction | None:
+        # A stream's record is never deferred (service.py stores it first): its chunks are committed as it runs.
+        def op(conn: sqlite3.Connection) -> Prediction | None:
+            changed = lifecycle.append_chunks(self._load(conn, prediction_id), start, chunks, progress)
+            return self._update([changed], conn)[0] if changed is not None else None
+
+        return await self._write(op)
+
     async def recover(self, max_attempts: int) -> tuple[list[Prediction], list[Prediction]]:
         def op(conn: sqlite3.Connection) -> tuple[list[Prediction], list[Prediction]]:
             rows = conn.execute(

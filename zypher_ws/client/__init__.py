@@ -40,6 +40,8 @@ from .errors import (
     RateLimited,
     RetryLater,
     StorageFull,
+    StreamLimitExceeded,
+    StreamNotSupported,
     Timeout,
     TooManySockets,
     TooManySubscriptions,
@@ -48,11 +50,26 @@ from .errors import (
     WorkerLost,
     ZypherClientError,
 )
-from .records import ErrorDetail, ModelRef, Prediction, WebhookState
+from .records import (
+    WEBHOOK_DEAD_LETTERED,
+    WEBHOOK_DELIVERED,
+    WEBHOOK_EVENTS,
+    WEBHOOK_GONE,
+    WEBHOOK_PENDING,
+    ErrorDetail,
+    ModelRef,
+    Prediction,
+    WebhookState,
+)
 from .retry import RetryPolicy
 from .sync import Client
 
 __all__ = [
+    "WEBHOOK_DEAD_LETTERED",
+    "WEBHOOK_DELIVERED",
+    "WEBHOOK_EVENTS",
+    "WEBHOOK_GONE",
+    "WEBHOOK_PENDING",
     "AlreadyFinished",
     "ApiError",
     "AsyncClient",
@@ -87,6 +104,8 @@ __all__ = [
     "RetryPolicy",
     "Status",
     "StorageFull",
+    "StreamLimitExceeded",
+    "StreamNotSupported",
     "Timeout",
     "TooManySockets",
     "TooManySubscriptions",

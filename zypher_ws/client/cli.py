@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--webhook", metavar="URL", help="a URL the service POSTs the prediction's events to, signed (docs/webhooks.md)"
     )
     parser.add_argument(
-        "--webhook-events",
+        "--webhook-events-filter",
         metavar="EVENTS",
         type=_event_names,
         help="the events sent to --webhook, comma-separated: start, output, completed (default: completed)",
@@ -81,11 +81,11 @@ def run_predict(args: argparse.Namespace, stdin: TextIO | None = None, stdout: T
     if args.version is not None and args.model is None:
         print("zypher-ws predict: --version needs --model", file=sys.stderr)
         return USAGE
-    if args.webhook_events is not None and args.webhook is None:
-        print("zypher-ws predict: --webhook-events needs --webhook", file=sys.stderr)
+    if args.webhook_events_filter is not None and args.webhook is None:
+        print("zypher-ws predict: --webhook-events-filter needs --webhook", file=sys.stderr)
         return USAGE
     token = os.environ.get(TOKEN_ENV) or None
-    hook = {"webhook": args.webhook, "webhook_events_filter": args.webhook_events}
+    hook = {"webhook": args.webhook, "webhook_events_filter": args.webhook_events_filter}
     try:
         with Client(args.url, token, timeout=args.timeout, retry=RetryPolicy(total=args.retry_for)) as client:
             if args.watch:

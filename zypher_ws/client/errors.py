@@ -80,6 +80,10 @@ class InvalidHeader(BadRequest):
     code = table.InvalidHeader.code
 
 
+class StreamNotSupported(BadRequest):
+    code = table.StreamNotSupported.code
+
+
 class InvalidWebhook(BadRequest):
     code = table.InvalidWebhook.code
 
@@ -182,6 +186,10 @@ class ModelError(ApiError):
 
 class DeadlineExceeded(ApiError):
     code = table.DeadlineExceeded.code
+
+
+class StreamLimitExceeded(ApiError):
+    code = table.StreamLimitExceeded.code
 
 
 class WorkerLost(ApiError):

@@ -7,10 +7,27 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from ..records import Status
+from ..records import DEAD_LETTERED, DELIVERED, GONE, PENDING, WEBHOOK_EVENTS, Status
 from .errors import ProtocolError
 
-__all__ = ["ErrorDetail", "ModelRef", "Prediction", "Status", "WebhookState"]
+__all__ = [
+    "WEBHOOK_DEAD_LETTERED",
+    "WEBHOOK_DELIVERED",
+    "WEBHOOK_EVENTS",
+    "WEBHOOK_GONE",
+    "WEBHOOK_PENDING",
+    "ErrorDetail",
+    "ModelRef",
+    "Prediction",
+    "Status",
+    "WebhookState",
+]
+
+# The values of WebhookState.state (plain strings, as the server sends them; docs/webhooks.md).
+WEBHOOK_PENDING = PENDING  # an attempt is due at next_attempt_at
+WEBHOOK_DELIVERED = DELIVERED  # a 2xx answered it
+WEBHOOK_GONE = GONE  # the receiver answered 410: no more attempts for this event
+WEBHOOK_DEAD_LETTERED = DEAD_LETTERED  # the last attempt failed, or the address was refused: given up
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,9 +53,10 @@ class WebhookState:
     events: tuple[str, ...]
     """The filter: `start`, `output`, `completed`."""
     event: str | None = None
-    """`start` or `completed`: the latest event sent or being sent; None until the first."""
+    """`"start"` or `"completed"` (of WEBHOOK_EVENTS): the latest event sent or being sent; None until the first."""
     state: str | None = None
-    """`pending`, `delivered`, `gone` (the receiver answered 410) or `dead_lettered`; None until the first event."""
+    """A WEBHOOK_* string: `"pending"`, `"delivered"`, `"gone"` (the receiver answered 410) or
+    `"dead_lettered"`; None until the first event."""
     attempts: int = 0
     last_status: int | None = None
     """The HTTP status of the last attempt; None without an answer."""
@@ -50,7 +68,7 @@ class WebhookState:
     @property
     def delivered(self) -> bool:
         """The latest event reached the receiver (a 2xx answered it)."""
-        return self.state == "delivered"
+        return self.state == WEBHOOK_DELIVERED
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from ..errors import (
     InternalError,
+    InvalidHeader,
     InvalidJSON,
     InvalidMessage,
     TooManySockets,
@@ -21,7 +22,7 @@ from ..errors import (
 from ..events import Watch
 from ..json_codec import dumps, loads
 from ..metrics import Metrics
-from ..records import Prediction
+from ..records import OUTPUT, Prediction, StreamEvent
 from ..service import PredictionService
 from ..settings import Settings
 from ..webhooks.target import requested
@@ -60,6 +61,34 @@ class _UpdateFrames:
 update_frame = _UpdateFrames()
 
 
+class _StreamFrames:
+    """The encoded `output` or `progress` message of the stream event seen last, shared by its watchers."""
+
+    def __init__(self) -> None:
+        self._last: tuple[StreamEvent | None, bytes] = (None, b"")
+
+    def __call__(self, event: StreamEvent) -> bytes:
+        last, frame = self._last
+        if last is not event:
+            frame = dumps(event.to_message())
+            self._last = (event, frame)
+        return frame
+
+
+stream_frame = _StreamFrames()
+
+
+def from_index_of(value: Any) -> int | None:
+    """A resume point: the index of the last chunk the client has (None: not resuming). Raises InvalidMessage."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidMessage(
+            f"`from_index` must be the index of the last chunk you have, an integer from 0, not {value!r}"
+        )
+    return value
+
+
 def text_frame(payload: bytes) -> bytes:
     """A final, unmasked text frame (RFC 6455 section 5.2), as a server sends it uncompressed."""
     n = len(payload)
@@ -79,14 +108,17 @@ class Outbox:
     """Encoded frames waiting for the socket, bounded in frames and in bytes.
 
     A frame that would pass either bound is refused, unless the outbox is empty: one record larger than
-    the byte bound still goes out, alone.
+    the byte bound still goes out, alone. A stream's frames (`output`, `progress`, `queue`) count toward
+    the byte bound only: a model yields chunks in bursts, and a resume replays many at once, so a frame
+    count sized for records would drop clients that read.
     """
 
     def __init__(self, max_frames: int, max_bytes: int) -> None:
         self.max_frames = max_frames
         self.max_bytes = max_bytes
         self.size = 0  # bytes waiting
-        self._frames: deque[bytes] = deque()
+        self.counted = 0  # frames waiting that count toward max_frames
+        self._frames: deque[tuple[bytes, bool]] = deque()
         self._filled = asyncio.Event()  # set while frames wait
         self._roomy = asyncio.Event()  # set while at most half full, or once closed
         self._roomy.set()
@@ -94,12 +126,13 @@ class Outbox:
     def __len__(self) -> int:
         return len(self._frames)
 
-    def put(self, frame: bytes) -> bool:
-        """Queue `frame`; False (and nothing queued) when it would pass a bound."""
-        if self._frames and (len(self._frames) >= self.max_frames or self.size + len(frame) > self.max_bytes):
+    def put(self, frame: bytes, *, counted: bool = True) -> bool:
+        """Queue `frame`; False (and nothing queued) when it would pass a bound (`counted`: the frame bound too)."""
+        if self._frames and ((counted and self.counted >= self.max_frames) or self.size + len(frame) > self.max_bytes):
             return False
-        self._frames.append(frame)
+        self._frames.append((frame, counted))
         self.size += len(frame)
+        self.counted += counted
         self._filled.set()
         if not self.half_empty():
             self._roomy.clear()
@@ -109,14 +142,15 @@ class Outbox:
         while not self._frames:
             self._filled.clear()
             await self._filled.wait()
-        frame = self._frames.popleft()
+        frame, counted = self._frames.popleft()
         self.size -= len(frame)
+        self.counted -= counted
         if self.half_empty():
             self._roomy.set()
         return frame
 
     def half_empty(self) -> bool:
-        return 2 * len(self._frames) <= self.max_frames and 2 * self.size <= self.max_bytes
+        return 2 * self.counted <= self.max_frames and 2 * self.size <= self.max_bytes
 
     async def roomy(self) -> None:
         """Return once the outbox is at most half full, or closed."""
@@ -158,12 +192,12 @@ class WsSession:
     def send(self, message: dict[str, Any]) -> None:
         self.send_frame(dumps(message))
 
-    def send_frame(self, frame: bytes) -> None:
+    def send_frame(self, frame: bytes, *, counted: bool = True) -> None:
         """Send one JSON text frame, already encoded: at once where it can go straight out (_write_now),
-        else through the outbox."""
+        else through the outbox (`counted`: toward --ws-outbox as well as its bytes)."""
         if self.dropped or (not self.outbox and self._write_now(frame)):
             return
-        if not self.outbox.put(frame):
+        if not self.outbox.put(frame, counted=counted):
             # The client is not reading. Drop it rather than buffer without bound or slow the workers.
             self.drop()
 
@@ -250,8 +284,11 @@ class WsSession:
             watch.stop()
         self.watches.clear()
 
-    async def watch(self, prediction_id: str, first: str = "subscribed", request_id: Any = None) -> None:
-        """Subscribe this socket; the first message (the current state) is of type `first`.
+    async def watch(
+        self, prediction_id: str, first: str = "subscribed", request_id: Any = None, from_index: int | None = None
+    ) -> None:
+        """Subscribe this socket; the first message (the current state) is of type `first`, then a stream's
+        chunks as `output` (from `from_index` + 1 when resuming) and its `progress`.
 
         Raises NotFound or TooManySubscriptions. Watching an id twice changes nothing.
         """
@@ -273,7 +310,10 @@ class WsSession:
                 message["request_id"] = request_id
             self.send(message)
 
-        watch = await self.service.watch(prediction_id, deliver)
+        def on_stream(event: StreamEvent) -> None:
+            self.send_frame(stream_frame(event), counted=False)
+
+        watch = await self.service.watch(prediction_id, deliver, on_stream=on_stream, from_index=from_index)
         if not watch.closed:  # a terminal snapshot ends the watch at once
             self.watches[prediction_id] = watch
 
@@ -281,12 +321,12 @@ class WsSession:
         if len(self.watches) >= self.settings.ws_max_subscriptions:
             raise TooManySubscriptions(f"at most {self.settings.ws_max_subscriptions} subscriptions per socket")
 
-    async def subscribe(self, ids: list[str], request_id: Any = None) -> None:
+    async def subscribe(self, ids: list[str], request_id: Any = None, from_index: int | None = None) -> None:
         for pid in ids:
             if self.dropped:
                 return
             try:
-                await self.watch(pid)
+                await self.watch(pid, from_index=from_index)
             except ZypherError as exc:
                 self.send(ws_error(exc, request_id, prediction_id=pid))
             except Exception:
@@ -317,7 +357,11 @@ class WsSession:
             elif op == "auth":
                 self.send({"type": "authenticated"})  # already: the socket got this far
             elif op == "subscribe":
-                await self.subscribe(_ids(message), request_id)
+                ids = _ids(message)
+                from_index = from_index_of(message.get("from_index"))
+                if from_index is not None and "prediction_ids" in message:
+                    raise InvalidMessage("`from_index` resumes one prediction: give it with `prediction_id`")
+                await self.subscribe(ids, request_id, from_index)
             elif op == "unsubscribe":
                 for pid in _ids(message):
                     self.unwatch(pid)
@@ -333,6 +377,7 @@ class WsSession:
                     version=version,
                     webhook=requested(message),
                     parameters=message.get("parameters"),
+                    stream=_stream_of(message),
                 )
                 await self.watch(prediction.prediction_id, first="accepted", request_id=request_id)
             else:
@@ -342,6 +387,13 @@ class WsSession:
         except Exception:  # ours: answered like the others, since nothing may escape the upgraded socket
             log.exception("unhandled error answering a WebSocket message")
             self.send(ws_error(InternalError(), request_id))
+
+
+def _stream_of(message: dict[str, Any]) -> bool:
+    value = message.get("stream", False)
+    if not isinstance(value, bool):
+        raise InvalidMessage("`stream` must be true or false")
+    return value
 
 
 def _model_of(message: dict[str, Any]) -> tuple[str | None, str | None]:
@@ -478,68 +530,194 @@ async def _close_going_away(ws: web.WebSocketResponse, frame: bytes) -> None:
 
 
 async def prediction_events(request: web.Request) -> web.StreamResponse:
-    """Server-Sent Events for one prediction: `subscribed`, then each `update`, closing after the terminal one.
+    """Server-Sent Events for one prediction: `subscribed`, then each `output`, `progress` and `update`, closing after the terminal one.
 
     ---
     summary: Follow one prediction as Server-Sent Events
+    description: >
+      `subscribed` carries the record so far (a stream's chunks 0..k in `result`, and `id: k`); then a
+      stream's chunks as `output` events whose `id` is the chunk's index, its `progress`, and each status
+      change as `update`. A client that reconnects with `Last-Event-ID: k` (an EventSource does) gets the
+      chunks from k + 1: none twice, none missing. A queued prediction's place in line comes as `queue`
+      events ({type, prediction_id, queue_position, estimated_start_at}), at once and on each change. A
+      client that falls behind (more than --ws-outbox-bytes of events waiting) has its stream ended, to resume the
+      same way.
     tags: [live]
     parameters:
       - {name: prediction_id, in: path, required: true, schema: {type: string}}
+      - name: Last-Event-ID
+        in: header
+        required: false
+        description: "the index of the last chunk received: replay from the next (400 invalid_header unless an integer from 0)"
+        schema: {type: string}
     responses:
       '200':
-        description: "text/event-stream of `subscribed` and `update` events whose data is {type, prediction}"
+        description: "text/event-stream of `subscribed`, `output`, `progress` and `update` events (data: their JSON message)"
         content:
           text/event-stream:
             schema:
-              description: One server-sent event; `data` is the JSON text of {type, prediction}
+              description: "One server-sent event; `data` is the JSON text of {type, prediction} (subscribed, update), {type, prediction_id, index, chunk} (output) or {type, prediction_id, fraction, message} (progress)"
               type: object
               required: [data]
               properties:
-                event: {type: string, enum: [subscribed, update, shutdown]}
+                event: {type: string, enum: [subscribed, output, progress, queue, update, shutdown]}
+                id: {type: string, description: "a chunk's index (output; subscribed and progress: the last chunk's so far)"}
                 data: {type: string}
+      '400': {description: 'A Last-Event-ID that is not a chunk index (invalid_header)', content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}
       '404': {description: 'Unknown id', content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}
       '429': {description: 'Too many live connections from this address', content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}
     """
+    from_index = last_event_id(request)
     # Event streams and WebSockets share one cap per client address (--ws-max-per-client).
     with request.app[LIVE_CLIENTS].hold(client_address(request)):
-        return await _stream_events(request)
+        stream = EventStream(request, from_index)
+        await stream.watch(request.match_info["prediction_id"])
+        return await stream.serve()
 
 
-async def _stream_events(request: web.Request) -> web.StreamResponse:
-    service, settings = request.app[SERVICE], request.app[SETTINGS]
-    prediction_id = request.match_info["prediction_id"]
-    # At most one per lifecycle rank, and one `shutdown` (None) when the server stops.
-    events: asyncio.Queue[tuple[str, Prediction | None]] = asyncio.Queue()
+def last_event_id(request: web.Request) -> int | None:
+    raw = request.headers.get("Last-Event-ID")
+    if raw is None or not raw.strip():
+        return None
+    value = raw.strip()
+    if not (value.isascii() and value.isdigit()):
+        raise InvalidHeader(
+            f"Last-Event-ID must be the index of the last chunk received (an integer from 0), not {raw!r}"
+        )
+    return int(value)
 
-    def deliver(prediction: Prediction, snapshot: bool) -> None:
-        events.put_nowait(("subscribed" if snapshot else "update", prediction))
 
-    def end() -> None:
-        events.put_nowait(("shutdown", None))
+class EventStream:
+    """One Server-Sent Events response following one prediction (GET .../events, and a sync POST that
+    asks for text/event-stream). Its queue holds at most --ws-outbox-bytes of stream events: a client that
+    reads slower than the stream comes has its response ended, and resumes with Last-Event-ID."""
 
-    watch = await service.watch(prediction_id, deliver)
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-    streams = request.app[METRICS].sse
-    streams.inc()
-    request.app[STREAMS].add(end)
-    try:
-        await response.prepare(request)
-        while True:
-            try:
-                kind, prediction = await asyncio.wait_for(events.get(), settings.ws_heartbeat or None)
-            except asyncio.TimeoutError:
-                await response.write(b": keep-alive\n\n")  # proxies close idle streams
-                continue
-            if prediction is None:
-                await response.write(b"event: shutdown\ndata: %s\n\n" % dumps(SHUTDOWN_MESSAGE))
-                break
-            data = update_frame(prediction) if kind == "update" else dumps(record_message(kind, prediction))
-            await response.write(b"event: %s\ndata: %s\n\n" % (kind.encode(), data))
-            if prediction.status.terminal:
-                break
-        await response.write_eof()
-    finally:
-        request.app[STREAMS].discard(end)
-        streams.dec()
-        watch.stop()
-    return response
+    def __init__(
+        self, request: web.Request, from_index: int | None = None, *, cancel_on_disconnect: bool = False
+    ) -> None:
+        self.request = request
+        self.service = request.app[SERVICE]
+        self.settings = request.app[SETTINGS]
+        self.from_index = from_index
+        self.cancel_on_disconnect = cancel_on_disconnect
+        self.prediction_id = ""
+        self._events: deque[tuple[str, Prediction | StreamEvent | None]] = deque()
+        self._stream_bytes = 0  # of the stream events waiting (bounded by --ws-outbox-bytes)
+        self._ready = asyncio.Event()
+        self._overflowed = False
+        self._watch: Watch | None = None
+        self._last_index = -1
+        self._ended_by_shutdown = False
+
+    def _put(self, kind: str, item: Prediction | StreamEvent | None) -> None:
+        if self._overflowed:
+            return
+        if isinstance(item, StreamEvent):
+            size = len(stream_frame(item))
+            if self._events and self._stream_bytes + size > self.settings.ws_outbox_bytes:
+                # The client is not keeping up: end the response once what waits is written; it resumes
+                # from its last id.
+                self._overflowed = True
+                self.request.app[METRICS].slow_clients.inc()
+                self._ready.set()
+                return
+            self._stream_bytes += size
+        self._events.append((kind, item))
+        self._ready.set()
+
+    async def watch(self, prediction_id: str) -> None:
+        """Follow it (raises NotFound before the response begins)."""
+        self.prediction_id = prediction_id
+
+        def deliver(prediction: Prediction, snapshot: bool) -> None:
+            self._put("subscribed" if snapshot else "update", prediction)
+
+        def on_stream(event: StreamEvent) -> None:
+            self._put(event.kind, event)
+
+        self._watch = await self.service.watch(prediction_id, deliver, on_stream=on_stream, from_index=self.from_index)
+
+    async def serve(self, headers: dict[str, str] | None = None) -> web.StreamResponse:
+        request, settings = self.request, self.settings
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **(headers or {})}
+        )
+        streams = request.app[METRICS].sse
+        streams.inc()
+        request.app[STREAMS].add(self._end)
+        # A sync stream that cancels when its client goes looks at the connection now and then: with no
+        # event to write, nothing else would notice.
+        tick = 1.0 if self.cancel_on_disconnect else (settings.ws_heartbeat or None)
+        quiet = 0.0
+        ended = False
+        try:
+            await response.prepare(request)
+            while not (ended and not self._events):
+                if not self._events:
+                    self._ready.clear()
+                    try:
+                        await asyncio.wait_for(self._ready.wait(), tick)
+                    except asyncio.TimeoutError:
+                        quiet += tick or 0.0
+                        if self.cancel_on_disconnect and _gone(request):
+                            raise ConnectionResetError("the client went away") from None
+                        if not self.cancel_on_disconnect or quiet >= (settings.ws_heartbeat or float("inf")):
+                            quiet = 0.0
+                            await response.write(b": keep-alive\n\n")  # proxies close idle streams
+                        continue
+                kind, item = self._events.popleft()
+                if isinstance(item, StreamEvent):
+                    self._stream_bytes -= len(stream_frame(item))
+                if item is None:
+                    await response.write(b"event: shutdown\ndata: %s\n\n" % dumps(SHUTDOWN_MESSAGE))
+                    break
+                await response.write(self._frame(kind, item))
+                # A resume's replay may follow a terminal snapshot: the stream ends once it is written.
+                ended = ended or (isinstance(item, Prediction) and item.status.terminal)
+                if self._overflowed and not self._events:
+                    break
+            await response.write_eof()
+        except (ConnectionError, asyncio.CancelledError):
+            # The client went: the write failed, or the server (with handler_cancellation) cancelled us.
+            if self.cancel_on_disconnect and not self._ended_by_shutdown:
+                await asyncio.shield(asyncio.ensure_future(self._cancel()))
+            raise
+        finally:
+            request.app[STREAMS].discard(self._end)
+            streams.dec()
+            if self._watch is not None:
+                self._watch.stop()
+        return response
+
+    def _frame(self, kind: str, item: Prediction | StreamEvent) -> bytes:
+        if isinstance(item, StreamEvent):
+            if item.kind == OUTPUT:
+                self._last_index = item.index
+                return b"event: output\nid: %d\ndata: %s\n\n" % (item.index, stream_frame(item))
+            ident = b"id: %d\n" % self._last_index if self._last_index >= 0 else b""
+            return b"event: %s\n%sdata: %s\n\n" % (item.kind.encode(), ident, stream_frame(item))
+        if kind == "update":
+            return b"event: update\ndata: %s\n\n" % update_frame(item)
+        ident = b""
+        if item.stream and self.from_index is None and item.result:
+            self._last_index = len(item.result) - 1
+            ident = b"id: %d\n" % self._last_index
+        return b"event: subscribed\n%sdata: %s\n\n" % (ident, dumps(record_message(kind, item)))
+
+    def _end(self) -> None:
+        self._ended_by_shutdown = True
+        self._events.append(("shutdown", None))
+        self._ready.set()
+
+    async def _cancel(self) -> None:
+        try:
+            prediction = await self.service.cancel(self.prediction_id)
+        except ZypherError:
+            return  # finished meanwhile
+        self.request.app[METRICS].finished([prediction])
+        log.info("canceled %s: its sync stream's client went away", self.prediction_id)
+
+
+def _gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()

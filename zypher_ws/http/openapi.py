@@ -16,16 +16,23 @@ JSON text messages. Client to server, by `op`:
 `{"op": "subscribe", "prediction_id": ID}` (or `"prediction_ids": [...]`),
 `{"op": "unsubscribe", "prediction_id": ID}` (or `prediction_ids`),
 `{"op": "predict", "input": INPUT, "model": "optional", "version": "optional", "request_id": "optional"}`
-(submits asynchronously to the model named, else the default, and subscribes; it takes `webhook` and
-`webhook_events_filter` as `POST /predict` does),
+(submits asynchronously to the model named, else the default, and subscribes; it takes `webhook`,
+`webhook_events_filter` and `stream` as `POST /predict` does),
+`{"op": "subscribe", "prediction_id": ID, "from_index": K}` resumes a stream: its chunks from K + 1,
 `{"op": "ping"}`, and `{"op": "auth", "token": TOKEN}` (see below).
 
 Server to client, by `type`: `subscribed` (the current record, at once; if it is terminal it is the last
-message for that id), `update` (each later status change, in order), `accepted` (for `predict`, with the
+message for that id; a stream's `result` holds its chunks 0..k so far), `output` (`{"prediction_id",
+"index", "chunk"}`: a stream's chunks from k + 1, each once, in order, all before its terminal `update`),
+`progress` (`{"prediction_id", "fraction", "message"}`), `queue` (`{"prediction_id", "queue_position",
+"estimated_start_at"}`: a queued prediction's place in line, at once and on each change, at most once a
+second), `update` (each later status change, in order),
+`accepted` (for `predict`, with the
 `request_id`), `pong`, `authenticated`, and `error` (`{"error": {"code", "message"}, "request_id"}`;
 codes `invalid_json`, `invalid_message`, `unknown_op`, `not_found`, `model_not_found`,
-`too_many_subscriptions`, `invalid_input`, `invalid_webhook`, `queue_full`, `not_ready`, `rate_limited`,
-`backend_unavailable`). The socket stays
+`too_many_subscriptions`, `invalid_input`, `invalid_webhook`, `stream_not_supported`, `queue_full`,
+`not_ready`, `rate_limited`, `backend_unavailable`; a `from_index` that is not an integer from 0 is
+`invalid_message`). The socket stays
 open after an error. `GET /ws?prediction_id=ID` (repeatable) subscribes at connect. Each subscriber gets
 exactly one terminal message per prediction.
 
@@ -139,6 +146,30 @@ PREDICTION = {
             "properties": {"self": {"type": "string"}},
         },
         "webhook": WEBHOOK_STATE,
+        "stream": {
+            "type": "boolean",
+            "description": "run by the model's predict_stream: `result` is the list of chunks so far",
+        },
+        "progress": {
+            "type": "object",
+            "nullable": True,
+            "description": "a stream's latest progress (as committed); null until the model reports one",
+            "properties": {
+                "fraction": {"type": "number", "minimum": 0, "maximum": 1},
+                "message": {"type": "string", "nullable": True},
+            },
+        },
+        "queue_position": {
+            "type": "integer",
+            "nullable": True,
+            "description": "while queued: how many predictions wait before it (0: it is next), where the queue "
+            "can tell (GET; live messages carry it in `queue` messages); else null",
+        },
+        "estimated_start_at": {
+            **_TIMESTAMP,
+            "description": "while queued: when it should start, from the queue's recent throughput; null "
+            "before there is any",
+        },
     },
 }
 
@@ -192,11 +223,27 @@ PARAMETERS = {
 }
 
 
+STREAM_REQUEST = {
+    "stream": {
+        "type": "boolean",
+        "description": "run the model's predict_stream and push its chunks (output events) as they come; "
+        "400 stream_not_supported for a model without one. Unset: true for a sync request with "
+        "`Accept: text/event-stream` to a model that streams, else false",
+    },
+    "cancel_on_disconnect": {
+        "type": "boolean",
+        "default": False,
+        "description": "a sync request answered as text/event-stream: cancel the prediction if the client goes "
+        "away before it ends (otherwise it runs on, to be followed again by GET /predict/{id}/events)",
+    },
+}
+
+
 def _request_of(input: str) -> dict[str, Any]:
     return {
         "type": "object",
         "required": ["input"],
-        "properties": {"input": _ref(input), "parameters": PARAMETERS, **WEBHOOK_REQUEST},
+        "properties": {"input": _ref(input), "parameters": PARAMETERS, **WEBHOOK_REQUEST, **STREAM_REQUEST},
     }
 
 
@@ -249,7 +296,7 @@ def components(default_name: str, default_version: str) -> dict[str, Any]:
             "AnyModelRequest": {
                 **PREDICT_REQUEST_ENVELOPE,
                 "description": "`input`: an input of the model the path names (its schema: GET /models/{name}); "
-                "`webhook` and `webhook_events_filter` as in PredictRequest",
+                "`webhook`, `webhook_events_filter`, `stream` and `cancel_on_disconnect` as in PredictRequest",
             },
             "ModelInfo": {
                 "allOf": [

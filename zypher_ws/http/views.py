@@ -8,7 +8,7 @@ from aiohttp import web
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from ..deployments import Deployment
-from ..errors import InvalidHeader, ZypherError
+from ..errors import BadRequest, InvalidHeader, ZypherError
 from ..records import Prediction, Status
 from ..service import PredictionService
 from ..validation import idempotency_key
@@ -16,7 +16,8 @@ from ..webhooks.target import requested
 from .access import client_address
 from .access_log import PREDICTION_ID
 from .envelopes import json_response
-from .keys import LIMITER, METRICS, SERVICE
+from .keys import LIMITER, LIVE_CLIENTS, METRICS, SERVICE
+from .live import EventStream
 from .middleware import predict_envelope
 
 _TRUE = {"true", "1", "yes"}
@@ -60,6 +61,9 @@ def _predict_operation(
       Without `Async-Mode: true` or `Prefer: respond-async` the request waits up to the sync timeout:
       200 with the succeeded record, 500 with the failed record, or 202 (plus `Location`) when it is
       still unfinished; the prediction carries on either way. Asynchronously it answers 202 at once.
+      A sync request with `Accept: text/event-stream` is answered by the prediction's event stream
+      (as GET /predict/{{prediction_id}}/events, with `Location`): with `stream` (implied for a model that
+      streams) its chunks come as `output` events while it runs.
     tags: [predictions]
     parameters:{path_parameters}
       - name: Async-Mode
@@ -86,12 +90,16 @@ def _predict_operation(
         application/json:
           schema: {{$ref: '#/components/schemas/{request}'}}
     responses:
-      '200': {{description: 'Succeeded (sync)', content: {{application/json: {{schema: {{$ref: '#/components/schemas/{record}'}}}}}}}}
+      '200':
+        description: 'Succeeded (sync); or, with Accept text/event-stream, its event stream'
+        content:
+          application/json: {{schema: {{$ref: '#/components/schemas/{record}'}}}}
+          text/event-stream: {{schema: {{type: string, description: 'subscribed, output, progress and update events, as GET /predict/{{prediction_id}}/events'}}}}
       '202':
         description: Accepted (async), or still running when the sync timeout ran out
         headers: {{Location: {{description: URL of the record, schema: {{type: string}}}}}}
         content: {{application/json: {{schema: {{$ref: '#/components/schemas/{record}'}}}}}}
-      '400': {{description: 'Malformed JSON, bad header, input failing the model schema, or a webhook the service will not send (invalid_webhook)', content: {{application/json: {{schema: {{$ref: '#/components/schemas/Error'}}}}}}}}{not_found}
+      '400': {{description: 'Malformed JSON, bad header, input failing the model schema, a webhook the service will not send (invalid_webhook), or stream asked of a model without predict_stream (stream_not_supported)', content: {{application/json: {{schema: {{$ref: '#/components/schemas/Error'}}}}}}}}{not_found}
       '409': {{description: 'Idempotency-Key reused with a different body (idempotency_conflict)', content: {{application/json: {{schema: {{$ref: '#/components/schemas/Error'}}}}}}}}
       '401': {{description: 'No valid bearer token (when tokens are configured)', content: {{application/json: {{schema: {{$ref: '#/components/schemas/Error'}}}}}}}}
       '429': {{description: 'Over the per-client rate limit (rate_limited); retry after `Retry-After` seconds', headers: {{Retry-After: {{schema: {{type: integer}}}}}}, content: {{application/json: {{schema: {{$ref: '#/components/schemas/Error'}}}}}}}}
@@ -118,15 +126,15 @@ _MODEL_NOT_FOUND = """
 # the same words. The service validates `input` against the model's full schema either way.
 
 
-async def predict(request: web.Request) -> web.Response:
+async def predict(request: web.Request) -> web.StreamResponse:
     return await _predict(request, await predict_envelope(request), None, None)
 
 
-async def predict_model(request: web.Request) -> web.Response:
+async def predict_model(request: web.Request) -> web.StreamResponse:
     return await _predict(request, await predict_envelope(request), request.match_info["name"], None)
 
 
-async def predict_model_version(request: web.Request) -> web.Response:
+async def predict_model_version(request: web.Request) -> web.StreamResponse:
     info = request.match_info
     return await _predict(request, await predict_envelope(request), info["name"], info["version"])
 
@@ -144,21 +152,53 @@ predict_model_version.__doc__ = _predict_operation(
 )  # fmt: skip
 
 
-async def _predict(request: web.Request, body: dict[str, Any], name: str | None, version: str | None) -> web.Response:
+def wants_events(request: web.Request) -> bool:
+    """`Accept: text/event-stream`: a sync request answered by the prediction's event stream."""
+    return any("text/event-stream" in value.lower() for value in request.headers.getall("Accept", []))
+
+
+def _flag(body: dict[str, Any], name: str) -> bool | None:
+    value = body.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise BadRequest(f"`{name}` must be true or false")
+    return value
+
+
+async def _predict(
+    request: web.Request, body: dict[str, Any], name: str | None, version: str | None
+) -> web.StreamResponse:
     service = request.app[SERVICE]
     request.app[LIMITER].check(client_address(request))
     run_async = wants_async(request)
     key = idempotency_key(request.headers.get("Idempotency-Key"))
     webhook = requested(body)
     parameters = body.get("parameters")
+    stream, cancel_on_disconnect = _flag(body, "stream"), _flag(body, "cancel_on_disconnect")
+    events = not run_async and wants_events(request)
+    if stream is None:  # asking for an event stream asks a model that streams to stream
+        stream = events and service.model(name, version).streams
     if run_async:
         prediction = await service.submit(
-            body["input"], model=name, version=version, idempotency_key=key, webhook=webhook, parameters=parameters
-        )
+            body["input"], model=name, version=version, idempotency_key=key, webhook=webhook, parameters=parameters,
+            stream=stream,
+        )  # fmt: skip
         return record_response(prediction, 202)
+    if events:
+        # An event stream, however it began, counts toward --ws-max-per-client: checked before anything runs.
+        # It lasts until the prediction ends, --sync-timeout or not.
+        with request.app[LIVE_CLIENTS].hold(client_address(request)):
+            prediction = await service.submit(
+                body["input"], model=name, version=version, idempotency_key=key, webhook=webhook,
+                parameters=parameters, stream=stream,
+            )  # fmt: skip
+            answer = EventStream(request, cancel_on_disconnect=bool(cancel_on_disconnect))
+            await answer.watch(prediction.prediction_id)
+            response = await answer.serve({"Location": f"/predict/{prediction.prediction_id}"})
+        response[PREDICTION_ID] = prediction.prediction_id
+        return response
     prediction = await service.run(
         body["input"], model=name, version=version, idempotency_key=key, timeout=service.settings.sync_timeout,
-        webhook=webhook, parameters=parameters,
+        webhook=webhook, parameters=parameters, stream=stream,
     )  # fmt: skip
     if not prediction.status.terminal:
         return record_response(prediction, 202)
@@ -177,7 +217,11 @@ async def get_prediction(request: web.Request, prediction_id: str) -> web.Respon
       '200': {description: 'The record', content: {application/json: {schema: {$ref: '#/components/schemas/Prediction'}}}}
       '404': {description: 'Unknown id', content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}
     """
-    return record_response(await request.app[SERVICE].get(prediction_id))
+    service = request.app[SERVICE]
+    prediction = await service.get(prediction_id)
+    response = json_response(await service.shown(prediction))
+    response[PREDICTION_ID] = prediction.prediction_id
+    return response
 
 
 async def cancel_prediction(request: web.Request, prediction_id: str) -> web.Response:

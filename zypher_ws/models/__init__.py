@@ -65,6 +65,7 @@ def model_specs(
     repository: str | Path | None = None,
     default_model: str | None = None,
     mock_latency_ms: float = 0.0,
+    mock_stream_chunks: int = 0,
 ) -> list[ModelSpec]:
     """Everything to serve: each `--model` in order, then every version in `--model-repository`, with
     the default marked (`--default-model`, else the first `--model`, else the repository's first model
@@ -85,7 +86,7 @@ def model_specs(
     specs += [spec for spec in found if not picked or spec.name in picked]
     if default_model is None and picked and models[0].strip() == picked[0]:
         default_model = picked[0]  # the first --model is the default, picked from the repository or not
-    specs = [_with_mock_latency(spec, mock_latency_ms) for spec in specs]
+    specs = [_with_mock_options(spec, mock_latency_ms, mock_stream_chunks) for spec in specs]
     return resolve_default(specs, default_model)
 
 
@@ -97,6 +98,7 @@ def configured_specs(settings: Settings) -> list[ModelSpec]:
         repository=settings.model_repository or None,
         default_model=settings.default_model or None,
         mock_latency_ms=settings.mock_latency_ms,
+        mock_stream_chunks=settings.mock_stream_chunks,
     )
 
 
@@ -116,8 +118,10 @@ def spec_of(model: Model, *, source: str = "a model object") -> ModelSpec:
     return ModelSpec(name=model.name, version=model.version, runtime="python", is_default=True, source=source)
 
 
-def _with_mock_latency(spec: ModelSpec, latency_ms: float) -> ModelSpec:
-    if spec.factory != BUILTINS["mock"] or "latency_ms" in spec.options:
+def _with_mock_options(spec: ModelSpec, latency_ms: float, stream_chunks: int) -> ModelSpec:
+    """The global --mock-latency-ms and --mock-stream-chunks, where the mock's own options do not say."""
+    if spec.factory != BUILTINS["mock"]:
         return spec
-    config = dataclasses.replace(spec.config, options={**spec.options, "latency_ms": latency_ms})
+    options = {"latency_ms": latency_ms, "stream_chunks": stream_chunks, **spec.options}
+    config = dataclasses.replace(spec.config, options=options)
     return dataclasses.replace(spec, config=config)

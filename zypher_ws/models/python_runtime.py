@@ -12,6 +12,7 @@ import inspect
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from ..progress import Progress
 from .base import Model, Runtime
 from .errors import ModelConfigError, NotAModel
 from .tensors import TensorSpec, tensor_metadata
@@ -28,10 +29,12 @@ def build(spec: ModelSpec) -> Model:
         model: object = factory
     else:
         model = factory(spec) if _takes_an_argument(factory) else factory()
+    if not isinstance(model, Model) and callable(getattr(model, "predict_stream", None)):
+        model = StreamOnly(model)  # a generator model alone: it streams, or answers with all its chunks
     if not isinstance(model, Model):
         raise NotAModel(
             f"{spec.factory} did not produce a model (needs name, version, input_schema, output_schema, "
-            "load and predict_batch)"
+            "load and predict_batch or predict_stream)"
         )
     if (spec.name is None or spec.name == model.name) and (spec.version is None or spec.version == model.version):
         return model
@@ -41,6 +44,32 @@ def build(spec: ModelSpec) -> Model:
 RUNTIME = Runtime(name="python", build=build, files=(), extra=None)
 
 
+class StreamOnly:
+    """A model with predict_stream and no predict_batch: a request that does not ask to stream gets the
+    list of its chunks (its Progress left out), as a finished stream's record has it."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.name: str = model.name
+        self.version: str = model.version
+        self.predict_stream = model.predict_stream
+
+    @property
+    def input_schema(self) -> dict[str, Any]:
+        schema: dict[str, Any] = self.model.input_schema
+        return schema
+
+    @property
+    def output_schema(self) -> dict[str, Any]:
+        return {"type": "array", "description": "the chunks the model yields", "items": self.model.output_schema}
+
+    def load(self) -> None:
+        self.model.load()
+
+    def predict_batch(self, inputs: list[Any]) -> list[Any]:
+        return [[c for c in self.model.predict_stream(x) if not isinstance(c, Progress)] for x in inputs]
+
+
 class Renamed:
     """A model served under the name and version it was configured with rather than its own."""
 
@@ -48,6 +77,9 @@ class Renamed:
         self.model = model
         self.name = name
         self.version = version
+        stream = getattr(model, "predict_stream", None)
+        if callable(stream):
+            self.predict_stream = stream  # only a model that streams offers it
 
     @property
     def input_schema(self) -> dict[str, Any]:

@@ -11,13 +11,14 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import redis.asyncio as aioredis
 
 from ...errors import BackendUnavailable
 from ...json_codec import dumps
-from ...records import Prediction
-from ..base import Listener
+from ...records import Prediction, StreamEvent
+from ..base import Listener, StreamListener
 from ..memory import LocalEventBus
 from .keys import RedisKeys
 from .store import UNAVAILABLE, translate_errors
@@ -49,6 +50,22 @@ class RedisEventBus:
         if predictions:
             await self._redis.publish(self._channel, dumps([p.to_row() for p in predictions]))
 
+    @translate_errors
+    async def publish_stream(self, events: list[StreamEvent]) -> None:
+        # The same channel as status changes, so one prediction's chunks and its end arrive in order. An
+        # object, where status changes are an array.
+        if events:
+            await self._redis.publish(self._channel, dumps({"stream": [e.to_row() for e in events]}))
+
+    def subscribe_stream(self, prediction_id: str, listener: StreamListener) -> None:
+        self._local.subscribe_stream(prediction_id, listener)
+
+    def unsubscribe_stream(self, prediction_id: str, listener: StreamListener) -> None:
+        self._local.unsubscribe_stream(prediction_id, listener)
+
+    def uncommitted(self, prediction_id: str) -> tuple[int, list[Any]]:
+        return self._local.uncommitted(prediction_id)
+
     def subscribe(self, prediction_id: str, listener: Listener) -> None:
         self._local.subscribe(prediction_id, listener)
 
@@ -76,7 +93,10 @@ class RedisEventBus:
                             await self._catch_up()
                         elif message["type"] == "message":
                             rows = json.loads(message["data"])
-                            self._local.dispatch([Prediction.from_row(row) for row in rows])
+                            if isinstance(rows, dict):
+                                self._local.dispatch_stream([StreamEvent.from_row(row) for row in rows["stream"]])
+                            else:
+                                self._local.dispatch([Prediction.from_row(row) for row in rows])
             except (*UNAVAILABLE, BackendUnavailable) as exc:
                 if self._connected:
                     log.warning("lost the Redis event channel (%s); reconnecting", exc)

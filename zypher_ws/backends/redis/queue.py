@@ -25,7 +25,7 @@ import redis.exceptions
 from ...errors import QueueFull, WorkerLost
 from ...queue_policy import STARVATION_LIMIT
 from ...records import Job
-from ..base import EventBus
+from ..base import EventBus, Interrupted
 from .keys import RedisKeys
 from .store import UNAVAILABLE, RedisStore, translate_errors
 
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 # Longest one XREADGROUP waits: reclaimed work is picked up, and an interrupt heard, within a second.
 READ_BLOCK_MS = 1000
+INTERRUPT_MARGIN = 1.0  # seconds, past one bounded read, for the commands around it (a levels script, a claim)
 RETRY_DELAY = 0.5  # pause before reading again after Redis failed
 DEAD_LETTER_MAX = 10_000
 
@@ -56,7 +57,14 @@ _BOUNDED_ADD = (
 if ARGV[4] == '0' and waiting >= tonumber(ARGV[2]) then
   return {0, waiting}
 end
-redis.call('XADD', KEYS[tonumber(ARGV[5])], '*', 'id', ARGV[3])
+local stream = KEYS[tonumber(ARGV[5])]
+redis.call('XADD', stream, '*', 'id', ARGV[3])
+-- Its ticket for positions (TellsPositions): its level and its number among all entries ever added to
+-- that stream, which the group's entries-read counter is compared with.
+local info = redis.call('XINFO', 'STREAM', stream)
+for i = 1, #info, 2 do
+  if info[i] == 'entries-added' then redis.call('HSET', ARGV[6], ARGV[3], ARGV[5] .. ':' .. info[i + 1]) end
+end
 return {1, waiting + 1}
 """
 )
@@ -187,6 +195,7 @@ class RedisQueue:
         # One stream per priority level, the highest first; one stream, `stream`, without levels.
         self._streams = [f"{stream}:p{level}" for level in range(1, levels + 1)] if levels > 1 else [stream]
         self._counts = f"{stream}:passed-over"
+        self._tickets = f"{stream}:tickets"  # prediction id -> "level:entry number", while it is in the stream
         self._store = store
         self._bus = bus
         self._claim_idle = claim_idle
@@ -203,7 +212,8 @@ class RedisQueue:
         # returns instead of raising when the cancel lands as the write completes (python/cpython#86296),
         # and the command runs on as if no cancel had come. Here a cancel landing in the first commands of
         # a new connection was lost nearly every time, and a worker told to stop at once waited on Redis
-        # until its --shutdown-timeout (30 s) ran out. So every wait on Redis is bounded and checks a flag.
+        # until its --shutdown-timeout (30 s) ran out. So every blocking read is at most
+        # READ_BLOCK_MS and a flag is checked between reads (other commands: bounded by the socket timeout).
         self._interrupts = 0  # get_batch calls begun before the latest interrupt() end at their next turn
         self._closing = asyncio.Event()
 
@@ -226,8 +236,38 @@ class RedisQueue:
 
     @translate_errors
     async def depth(self) -> int:
-        # Those taken over or put back here wait too (a draining pool must see them).
-        return int(await self._depth(keys=self._streams, args=[self._keys.group])) + len(self._reclaimed)
+        # The figure every process shares, as the bounded add counts it: what is taken over or put back
+        # here is delivered to this consumer (pending), so it is in backlog() instead.
+        return int(await self._depth(keys=self._streams, args=[self._keys.group]))
+
+    def backlog(self) -> int:
+        return len(self._reclaimed)
+
+    @translate_errors
+    async def positions(self, prediction_ids: Sequence[str]) -> tuple[dict[str, int], int]:
+        """From each id's ticket and each level's consumer group (entries-read, lag; Redis 7): one HMGET and
+        one XINFO GROUPS per level, whatever the queue's length. Unknown where Redis cannot count (an entry
+        deleted before it was read, or a stream from before tickets): those ids are left out."""
+        groups = []
+        for stream in self._streams:
+            found = [g for g in await self._redis.xinfo_groups(stream) if _text(g["name"]) == self._keys.group]
+            groups.append(found[0] if found else {})
+        read = [g.get("entries-read") for g in groups]
+        lag = [g.get("lag") for g in groups]
+        taken = sum(int(r) for r in read if r is not None)
+        tickets = await self._redis.hmget(self._tickets, list(prediction_ids)) if prediction_ids else []
+        positions = {}
+        for pid, ticket in zip(prediction_ids, tickets, strict=True):
+            if ticket is None:
+                continue
+            level, _, number = _text(ticket).partition(":")
+            index = int(level) - 1
+            done = read[index]
+            higher = [int(n) for n in lag[:index] if n is not None]
+            if done is None or len(higher) < index or int(number) <= int(done):
+                continue  # taken already, or Redis cannot tell
+            positions[pid] = int(number) - int(done) - 1 + sum(higher)
+        return positions, taken
 
     @translate_errors
     async def ensure_group(self) -> None:
@@ -252,13 +292,14 @@ class RedisQueue:
         level = job.priority if 1 <= job.priority <= len(self._streams) else len(self._streams)
         added, _ = await self._bounded_add(
             keys=self._streams,
-            args=[self._keys.group, self.maxsize, job.prediction_id, "1" if force else "0", level],
+            args=[self._keys.group, self.maxsize, job.prediction_id, "1" if force else "0", level, self._tickets],
         )
         if not added:
             raise QueueFull()
 
-    def interrupt(self) -> None:
+    def interrupt(self) -> float:
         self._interrupts += 1
+        return READ_BLOCK_MS / 1000 + INTERRUPT_MARGIN
 
     async def get_batch(self, max_size: int, max_delay: float) -> list[Job]:
         if self._maintenance is None:
@@ -266,7 +307,7 @@ class RedisQueue:
         begun = self._interrupts
         while True:
             if self._interrupts != begun:
-                raise asyncio.CancelledError()  # stopping: as the cancel that may have been lost
+                raise Interrupted()  # stopping
             if self._reclaimed:
                 return [self._reclaimed.popleft() for _ in range(min(max_size, len(self._reclaimed)))]
             try:
@@ -292,8 +333,8 @@ class RedisQueue:
                     self._reclaimed.extendleft(reversed(jobs))  # delivered to us: run here next, or taken over
                     raise
             if jobs and self._interrupts != begun:
-                self._reclaimed.extendleft(reversed(jobs))
-                raise asyncio.CancelledError()
+                self._reclaimed.extendleft(reversed(jobs))  # delivered to us: run here next, or handed back
+                raise Interrupted()
             if jobs:
                 return jobs
 
@@ -363,6 +404,7 @@ class RedisQueue:
             for stream, entry_ids in self._by_stream(receipts).items():
                 pipe.xack(stream, self._keys.group, *entry_ids)
                 pipe.xdel(stream, *entry_ids)
+            pipe.hdel(self._tickets, *{job.prediction_id for job in jobs})
             await pipe.execute()
         self._held.difference_update(receipts)
 
@@ -371,10 +413,30 @@ class RedisQueue:
         self._held.difference_update(job.receipt for job in jobs if job.receipt)
 
     async def close(self) -> None:
+        """Stop the claims loop, then hand back what waits here to be run (taken over, or put back by an
+        interrupt), so that a live worker takes it over at its next turn rather than after --claim-idle."""
         self._closing.set()
         if self._maintenance is not None:
             self._maintenance.cancel()
             await asyncio.gather(self._maintenance, return_exceptions=True)
+        if self._reclaimed:
+            await self._hand_back()
+
+    async def _hand_back(self) -> None:
+        jobs, self._reclaimed = list(self._reclaimed), deque()
+        receipts = [job.receipt for job in jobs if job.receipt]
+        # Untouched from now on, so they would look idle after --claim-idle anyway; IDLE says so at once.
+        self._held.difference_update(receipts)
+        idle_ms = int(self._claim_idle * 1000)
+        try:
+            for stream, entry_ids in self._by_stream(receipts).items():
+                await self._redis.xclaim(
+                    stream, self._keys.group, self.consumer, 0, entry_ids, idle=idle_ms, justid=True
+                )
+        except UNAVAILABLE as exc:
+            log.warning("could not hand back %d predictions (%s); taken over after --claim-idle", len(jobs), exc)
+            return
+        log.info("handed back %d predictions for other workers to take over", len(jobs))
 
     async def _maintain(self) -> None:
         """Keep our own entries fresh while they run, and take over entries other workers left idle;

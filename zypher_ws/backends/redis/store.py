@@ -142,6 +142,14 @@ class RedisStore:
         assert after is not None  # the rule raises rather than return nothing
         return after
 
+    async def commit_stream(
+        self, prediction_id: str, start: int, chunks: list[Any], progress: dict[str, Any] | None
+    ) -> Prediction | None:
+        changes = await self._transact(
+            [prediction_id], lambda current, _: lifecycle.append_chunks(current, start, chunks, progress)
+        )
+        return changes[0][1]
+
     async def reclaim(
         self, prediction_ids: Sequence[str], max_attempts: int
     ) -> tuple[list[Prediction], list[Prediction]]:
