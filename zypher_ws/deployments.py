@@ -163,6 +163,7 @@ class Deployment:
             "state": self.state.value,
             "error": self.error,
             "default": self.is_default,
+            "streams": self.streams,
             **({"served_by": self.served_by} if self.served_by is not None else {}),
             **({"conflict": self.conflict} if self.conflict else {}),
             **({"unavailable": self.unavailable} if self.unavailable else {}),
