@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import shutil
 import sqlite3
 import time
@@ -332,25 +333,88 @@ async def test_sqlite_fsyncs_the_commits_that_accept_or_cancel_and_no_others(tmp
     assert seen == [2, 1, 1, 1, 2, 2, 2]
 
 
-async def test_sqlite_checkpoints_off_the_commit_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Commits never checkpoint (SQLite's autocheckpoint is off): every CHECKPOINT_COMMITS commits the
-    Checkpointer copies the WAL into the database on its own connection."""
-    monkeypatch.setattr(sqlite_backend, "CHECKPOINT_COMMITS", 3)
+async def test_sqlite_checkpoints_between_commits(tmp_path: Path) -> None:
+    """Commits never checkpoint (SQLite's autocheckpoint is off): once `checkpoint_commits` commits have
+    gone by, the store's thread copies the WAL into the database after the commit, its waiters answered."""
     path = tmp_path / "z.db"
-    s = SQLiteStore(path, ttl=60)
+    s = SQLiteStore(path, ttl=60, checkpoint_commits=3)
     await s.open()
     assert s._conn is not None and s._conn.execute("PRAGMA wal_autocheckpoint").fetchone() == (0,)
-    assert s._checkpointer is not None
-    ran = s._checkpointer.ran
     preds = [new(i) for i in range(3)]  # the schema was no commit of the store's: these are the first 3
     for p in preds[:2]:
         await s.add(p)
-    assert not ran.is_set() and on_disk_alone(path, tmp_path) == []  # all in the WAL still
+    assert on_disk_alone(path, tmp_path) == []  # all in the WAL still
     await s.add(preds[2])
-    assert await asyncio.to_thread(ran.wait, 10)
+    await settled(s)  # the checkpoint follows the commit's answer
     assert sorted(on_disk_alone(path, tmp_path)) == sorted(p.prediction_id for p in preds)
     await s.close()
-    assert s._checkpointer is None
+
+
+async def test_sqlite_wal_stays_bounded_under_sustained_commits(tmp_path: Path) -> None:
+    """Writers that never leave the store idle: the WAL levels off near `wal_limit` (the checkpoint is
+    then taken with requests waiting, TRUNCATE) instead of growing with everything written."""
+    path = tmp_path / "z.db"
+    wal = tmp_path / "z.db-wal"
+    limit = 256 * 1024
+    s = SQLiteStore(path, ttl=3600, checkpoint_commits=1, checkpoint_hard_commits=10**9, wal_limit=limit)
+    await s.open()
+    largest = 0
+
+    async def writer(n: int) -> None:
+        nonlocal largest
+        for _ in range(n):
+            await s.add(Prediction.new({"x": [1.0] * 50}, model_name="m", model_version="1"))
+            largest = max(largest, wal.stat().st_size if wal.exists() else 0)
+
+    await asyncio.gather(*[writer(200) for _ in range(32)])  # 6,400 adds
+    await s.close()
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("SELECT count(*) FROM predictions").fetchone() == (6400,)
+    assert path.stat().st_size > 4 * limit  # far more was written than the WAL ever held
+    assert largest <= 2 * limit
+
+
+async def test_sqlite_failing_checkpoint_is_logged_once_and_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    real = sqlite_backend._checkpoint
+    answers: list[Any] = [sqlite3.OperationalError("disk I/O error"), (1, 10, 4)]  # an error, then busy
+    calls: list[str] = []
+
+    def flaky(conn: sqlite3.Connection, mode: str) -> tuple[int, int, int]:
+        calls.append(mode)
+        if answers:
+            answer = answers.pop(0)
+            if isinstance(answer, Exception):
+                raise answer
+            return tuple(answer)  # type: ignore[no-any-return]
+        return real(conn, mode)
+
+    monkeypatch.setattr(sqlite_backend, "_checkpoint", flaky)
+    caplog.set_level(logging.INFO, logger=sqlite_backend.__name__)
+    path = tmp_path / "z.db"
+    s = SQLiteStore(path, ttl=60, checkpoint_commits=2)
+    await s.open()
+    preds = [new(i) for i in range(6)]
+    for i in range(3):
+        await s.add(preds[2 * i])
+        await s.add(preds[2 * i + 1])  # every second commit is followed by a checkpoint
+        await settled(s)
+        assert len(calls) == i + 1
+        if i < 2:
+            assert on_disk_alone(path, tmp_path) == []  # not copied while failing
+    assert calls == ["PASSIVE"] * 3
+    warnings = [r for r in caplog.records if r.name == sqlite_backend.__name__ and r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "disk I/O error" in warnings[0].getMessage()
+    assert any("succeeded again" in r.getMessage() for r in caplog.records)
+    assert sorted(on_disk_alone(path, tmp_path)) == sorted(p.prediction_id for p in preds)
+    await s.close()
+
+
+async def settled(s: SQLiteStore) -> None:
+    """Until the store's group commits, and a checkpoint after them, are done."""
+    while s._flusher is not None:
+        await asyncio.shield(s._flusher)
 
 
 def on_disk_alone(path: Path, tmp_path: Path) -> list[str]:
