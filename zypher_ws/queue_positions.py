@@ -96,9 +96,17 @@ class QueuePositions:
             rate = line.rate()
             for pid in ids:
                 watchers = line.watchers.get(pid)
+                if watchers is None:
+                    continue
                 position = positions.get(pid)
-                if watchers is None or position is None:
-                    continue  # started (its watchers hear that as an update) or gone
+                if position is None:
+                    # Started (its watchers hear that as an update) or gone: who was told a place goes. One
+                    # never told stays (it may not be in the queue yet) until its watch stops and unwatches.
+                    for tell in [t for t, last in watchers.items() if last is not None]:
+                        del watchers[tell]
+                    if not watchers:
+                        del line.watchers[pid]
+                    continue
                 estimate = self._estimate(position, rate)
                 for tell, last in list(watchers.items()):
                     if last == position:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -31,6 +32,12 @@ StartStream = Callable[[Callable[[Item], None]], Awaitable[tuple["asyncio.Future
 """Begins a stream in the executor whose items go to the callable given; returns its call and its cancel."""
 
 
+PROGRESS_EVERY = 0.05
+"""Seconds: progress yielded faster than this crosses to the loop as its latest only (one a chunk apart)."""
+MAX_PROGRESS_MESSAGE = 1_000
+"""Characters of a progress message kept: it is pushed and stored, and counts toward no limit."""
+
+
 def iterate(
     generator: Iterable[Any],
     emit: Callable[[Item], None],
@@ -39,23 +46,37 @@ def iterate(
     skip: int,
     max_chunks: int,
     max_bytes: int,
+    clock: Callable[[], float] = time.monotonic,
 ) -> dict[str, str] | None:
     """Walk a model's stream in the executor; the error that ended it, or None (done, or canceled).
 
     The first `skip` chunks are not emitted: a rerun after a crash yields again the chunks its record
     already holds (they count toward the limits all the same). A cancel is seen at the next yield: what
-    that yield produced is dropped and the generator is closed.
+    that yield produced is dropped and the generator is closed. Progress is coalesced: of several yielded
+    within PROGRESS_EVERY with no chunk between them, only the latest is emitted (before the next chunk,
+    or at the end), so a model reporting a million steps does not send the loop a million items.
     """
     index = 0
     size = 0
+    held: Item | None = None  # the latest progress not emitted yet
+    last_progress = -math.inf
     iterator = iter(generator)
     try:
         for value in iterator:
             if cancelled():
+                held = None
                 return None
             if isinstance(value, Progress):
-                emit((PROGRESS, _fraction(value.fraction), None if value.message is None else str(value.message)))
+                message = None if value.message is None else str(value.message)[:MAX_PROGRESS_MESSAGE]
+                held = (PROGRESS, _fraction(value.fraction), message)
+                now = clock()
+                if now - last_progress >= PROGRESS_EVERY:
+                    emit(held)
+                    held, last_progress = None, now
                 continue
+            if held is not None:
+                emit(held)
+                held = None
             size += len(dumps(value))  # also: a chunk that is not JSON fails here, in the model's name
             if index >= max_chunks:
                 too_many = f"the model yielded more than --max-stream-chunks {max_chunks} chunks"
@@ -71,6 +92,8 @@ def iterate(
         log.info("streaming model raised after %d chunks: %r", index, exc)
         return ModelError(f"{type(exc).__name__}: {exc}").to_dict()
     finally:
+        if held is not None:
+            emit(held)  # the last progress before the end (not after a cancel: it was dropped)
         close = getattr(iterator, "close", None)
         if close is not None:
             try:
@@ -113,6 +136,10 @@ class StreamRun:
     # -- the executor's items, on the loop --------------------------------------------------------------
 
     def on_item(self, item: Item) -> None:
+        if self.canceled:
+            # What the generator yields after the cancel was heard (it stops at its next yield, and over
+            # processes or Redis the cancel reaches it a moment late) is neither pushed nor kept.
+            return
         kind, a, b = item
         if kind == OUTPUT:
             self.chunks.append(b)
@@ -128,7 +155,10 @@ class StreamRun:
 
     def _on_status(self, prediction: Prediction) -> None:
         if prediction.status is Status.CANCELED and not self.canceled:
-            self.canceled = True
+            self.canceled = True  # the chunks so far are the record's last: one commit at the end keeps them
+            if self._commit_timer is not None:
+                self._commit_timer.cancel()
+                self._commit_timer = None
             self._cancel_model()
 
     # -- publishing and committing ---------------------------------------------------------------------
@@ -164,7 +194,7 @@ class StreamRun:
             await self.commit()
         finally:
             self._commit = None
-        if len(self.chunks) > self.committed and self._commit_timer is None:  # more came meanwhile
+        if len(self.chunks) > self.committed and self._commit_timer is None and not self.canceled:  # more came
             self._commit_timer = asyncio.get_running_loop().call_later(
                 self._settings.stream_commit_ms / 1000.0, self._start_commit
             )
@@ -215,3 +245,37 @@ class StreamRun:
             if self._commit_timer is not None:
                 self._commit_timer.cancel()
         return Outcome(self.prediction_id, result=list(self.chunks), error=error, progress=self.progress)
+
+
+async def collect(prediction_id: str, bus: EventBus, start: StartStream) -> Outcome:
+    """A stream run for its whole answer (a stream-only model asked not to stream): its chunks, kept
+    here and pushed nowhere, under the same limits, stopped at the next yield once canceled."""
+    chunks: list[Any] = []
+    canceled = False
+    stops: list[Callable[[], None]] = []  # the call's cancel, once it has begun
+
+    def on_item(item: Item) -> None:
+        if item[0] == OUTPUT:
+            chunks.append(item[2])
+
+    def on_status(prediction: Prediction) -> None:
+        nonlocal canceled
+        if prediction.status is Status.CANCELED and not canceled:
+            canceled = True
+            for stop in stops:
+                stop()
+
+    bus.subscribe(prediction_id, on_status)
+    try:
+        call, cancel_model = await start(on_item)
+        stops.append(cancel_model)
+        if canceled:
+            cancel_model()
+        error: dict[str, str] | None = await call
+    except asyncio.CancelledError:
+        for stop in stops:
+            stop()  # the pool is stopping past --shutdown-timeout: the generator stops too
+        raise
+    finally:
+        bus.unsubscribe(prediction_id, on_status)
+    return Outcome(prediction_id, result=chunks, error=error)
