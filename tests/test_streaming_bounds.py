@@ -21,7 +21,7 @@ from zypher_ws.http.app import create_app
 from zypher_ws.http.keys import SERVICE
 from zypher_ws.models import build, parse_model_option
 from zypher_ws.records import COMMITTED, OUTPUT, PROGRESS, Prediction, Status, StreamEvent
-from zypher_ws.streaming import MAX_PROGRESS_MESSAGE, PROGRESS_EVERY, StreamRun, iterate
+from zypher_ws.streaming import MAX_PROGRESS_MESSAGE, StreamRun, ToLoop, iterate
 
 ASYNC = {"Prefer": "respond-async"}
 
@@ -200,30 +200,41 @@ async def test_a_rerun_does_not_inherit_the_lost_run_s_uncommitted_chunks() -> N
         assert bus.uncommitted(pid) == (0, []), back_again
 
 
-def test_progress_is_coalesced_on_the_model_s_side_and_its_message_bounded() -> None:
-    """A million progress reports within one interval cross as two items (the first and the latest
-    before the next chunk); a chunk between two keeps both; a long message is cut."""
-    items: list[Any] = []
-    now = [0.0]
+def test_progress_is_coalesced_on_the_executor_s_side_and_its_message_bounded() -> None:
+    """A million progress reports before the loop takes any cross as the latest alone, in one callback
+    with the chunks around them, in order; a long message is cut."""
+    loop = asyncio.new_event_loop()
+    try:
+        got: list[Any] = []
+        scheduled: list[Any] = []
+        call_soon_threadsafe = loop.call_soon_threadsafe
 
-    def steps() -> Iterator[Any]:
-        for i in range(1_000_000):
-            yield Progress(i / 1_000_000)
-        yield "done"
-        yield Progress(1.0, "m" * (MAX_PROGRESS_MESSAGE * 10))
-        now[0] += PROGRESS_EVERY
-        yield Progress(1.0, "again")
-        yield Progress(1.0, "last")
+        def counting(callback: Any, *args: Any) -> Any:
+            scheduled.append(callback)
+            return call_soon_threadsafe(callback, *args)
 
-    error = iterate(steps(), items.append, lambda: False, skip=0, max_chunks=10, max_bytes=1000, clock=lambda: now[0])
-    assert error is None
-    assert items == [
-        (PROGRESS, 0.0, None),
-        (PROGRESS, 999_999 / 1_000_000, None),
-        (OUTPUT, 0, "done"),
-        (PROGRESS, 1.0, "again"),  # the long one was held, then replaced: PROGRESS_EVERY had passed
-        (PROGRESS, 1.0, "last"),  # held past the end, emitted at it
-    ]
-    items.clear()
-    iterate(iter([Progress(0.1, "m" * 5000)]), items.append, lambda: False, skip=0, max_chunks=1, max_bytes=1)
-    assert items == [(PROGRESS, 0.1, "m" * MAX_PROGRESS_MESSAGE)]
+        loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+        to_loop = ToLoop(loop, got.append)
+
+        def steps() -> Iterator[Any]:
+            yield "first"
+            for i in range(1_000_000):
+                yield Progress(i / 1_000_000)
+            yield "done"
+            yield Progress(1.0, "m" * (MAX_PROGRESS_MESSAGE * 10))
+
+        error = iterate(steps(), to_loop, lambda: False, skip=0, max_chunks=10, max_bytes=1000)
+        assert error is None
+        loop.run_until_complete(asyncio.sleep(0))
+        assert got == [
+            (OUTPUT, 0, "first"),
+            (PROGRESS, 999_999 / 1_000_000, None),
+            (OUTPUT, 1, "done"),
+            (PROGRESS, 1.0, "m" * MAX_PROGRESS_MESSAGE),
+        ]
+        assert len(scheduled) == 1
+        to_loop((PROGRESS, 0.5, None))  # after the loop took the rest: a callback of its own
+        loop.run_until_complete(asyncio.sleep(0))
+        assert got[-1] == (PROGRESS, 0.5, None) and len(scheduled) == 2
+    finally:
+        loop.close()

@@ -18,7 +18,7 @@ from .errors import ModelError
 from .models import Model, ModelSpec, TensorMetadata, tensor_metadata
 from .records import Outcome, Prediction
 from .settings import Settings
-from .streaming import Item, iterate
+from .streaming import Item, ToLoop, iterate
 
 log = logging.getLogger(__name__)
 
@@ -222,9 +222,7 @@ class ModelRunner:
         order, all before the returned call ends (with the error that ended the stream, or None). The
         callable cancels it at its next yield."""
         loop = asyncio.get_running_loop()
-
-        def to_loop(item: Item) -> None:
-            loop.call_soon_threadsafe(emit, item)
+        to_loop = ToLoop(loop, emit)
 
         limits = (skip, max_chunks, max_bytes)
         if not self._in_processes:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import time
+import threading
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -32,8 +32,6 @@ StartStream = Callable[[Callable[[Item], None]], Awaitable[tuple["asyncio.Future
 """Begins a stream in the executor whose items go to the callable given; returns its call and its cancel."""
 
 
-PROGRESS_EVERY = 0.05
-"""Seconds: progress yielded faster than this crosses to the loop as its latest only (one a chunk apart)."""
 MAX_PROGRESS_MESSAGE = 1_000
 """Characters of a progress message kept: it is pushed and stored, and counts toward no limit."""
 
@@ -46,37 +44,24 @@ def iterate(
     skip: int,
     max_chunks: int,
     max_bytes: int,
-    clock: Callable[[], float] = time.monotonic,
 ) -> dict[str, str] | None:
     """Walk a model's stream in the executor; the error that ended it, or None (done, or canceled).
 
     The first `skip` chunks are not emitted: a rerun after a crash yields again the chunks its record
     already holds (they count toward the limits all the same). A cancel is seen at the next yield: what
-    that yield produced is dropped and the generator is closed. Progress is coalesced: of several yielded
-    within PROGRESS_EVERY with no chunk between them, only the latest is emitted (before the next chunk,
-    or at the end), so a model reporting a million steps does not send the loop a million items.
+    that yield produced is dropped and the generator is closed.
     """
     index = 0
     size = 0
-    held: Item | None = None  # the latest progress not emitted yet
-    last_progress = -math.inf
     iterator = iter(generator)
     try:
         for value in iterator:
             if cancelled():
-                held = None
                 return None
             if isinstance(value, Progress):
                 message = None if value.message is None else str(value.message)[:MAX_PROGRESS_MESSAGE]
-                held = (PROGRESS, _fraction(value.fraction), message)
-                now = clock()
-                if now - last_progress >= PROGRESS_EVERY:
-                    emit(held)
-                    held, last_progress = None, now
+                emit((PROGRESS, _fraction(value.fraction), message))
                 continue
-            if held is not None:
-                emit(held)
-                held = None
             size += len(dumps(value))  # also: a chunk that is not JSON fails here, in the model's name
             if index >= max_chunks:
                 too_many = f"the model yielded more than --max-stream-chunks {max_chunks} chunks"
@@ -92,8 +77,6 @@ def iterate(
         log.info("streaming model raised after %d chunks: %r", index, exc)
         return ModelError(f"{type(exc).__name__}: {exc}").to_dict()
     finally:
-        if held is not None:
-            emit(held)  # the last progress before the end (not after a cancel: it was dropped)
         close = getattr(iterator, "close", None)
         if close is not None:
             try:
@@ -101,6 +84,38 @@ def iterate(
             except Exception:
                 log.exception("a streaming model's generator raised on close")
     return None
+
+
+class ToLoop:
+    """The executor's side of `emit`: items to the loop in order, each batch of them in one callback, and
+    of progress reported faster than the loop takes it only the latest (no chunk between is lost). So a
+    model yielding a million progress steps does not schedule a million callbacks on the loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, emit: Callable[[Item], None]) -> None:
+        self._loop = loop
+        self._emit = emit
+        self._lock = threading.Lock()
+        self._items: list[Item] = []
+        self._scheduled = False
+
+    def __call__(self, item: Item) -> None:
+        with self._lock:
+            items = self._items
+            if item[0] == PROGRESS and items and items[-1][0] == PROGRESS:
+                items[-1] = item  # the loop has not taken the last one yet: this one replaces it
+            else:
+                items.append(item)
+            if self._scheduled:
+                return  # the callback scheduled takes this one too
+            self._scheduled = True
+        self._loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+            self._scheduled = False
+        for item in items:
+            self._emit(item)
 
 
 def _fraction(value: Any) -> float:
