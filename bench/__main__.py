@@ -5,9 +5,11 @@ one-core bound measured in the same round), oip (the Open Inference Protocol on
 digits-onnx against the native route), scale (needs a Redis: --redis-url), chaos (processes killed,
 Redis restarted, the disk filled: it exits 1 if a prediction was lost or ran more often than its record
 says), guard (CI's smoke: it exits 1 if the defaults collapse below 0.25x the ceiling in the same run),
-and peers (LitServe, BentoML, MLServer and Ray Serve against the defaults, each installed on first use
-in a venv of its own under ~/.cache/zypher-bench/peers). Servers run pinned to core 0 and load comes
-from core 1 (taskset); wrk must be installed.
+streaming (one streaming prediction's chunks to 1, 100 and 1,000 subscribers: chunks per second and the
+added latency per chunk; the cost of queue-position updates with 10,000 queued), and peers (LitServe,
+BentoML, MLServer and Ray Serve against the defaults, each installed on first use in a venv of its own
+under ~/.cache/zypher-bench/peers). Servers run pinned to core 0 and load comes from core 1 (taskset);
+wrk must be installed.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ import json
 import os
 import selectors
 import socket
+import statistics
 import struct
 import sys
 import time
@@ -20,6 +21,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+
+from bench.harness import cpu_seconds
 
 TERMINAL = {"succeeded", "failed", "canceled"}
 
@@ -114,6 +117,129 @@ async def push(url: str, sockets: int, urls: list[str]) -> dict[str, Any]:
         for ws in wss:
             await ws.close()
     return {"sockets": sockets, "pushed": len(delays), **percentiles(delays)}
+
+
+# -- streaming: one prediction's chunks to many sockets; queue positions of a long queue -----------------
+
+STREAM_FIELD = {"stream": True}  # what asks for a model's stream in a request body
+
+
+async def stream(url: str, sockets: int, chunks: int, interval_ms: float, wait_ms: float) -> dict[str, Any]:
+    """`sockets` WebSockets subscribed to one streaming prediction of bench/stream_model.py: the chunks
+    each received live (`output` messages), the rate they came at, and the delay from the model's yield
+    (the chunk's own timestamp) to each receipt. The model waits `wait_ms` first, so that every socket
+    has subscribed before its first chunk."""
+    delays: list[float] = []
+    received: list[int] = []
+    spans: list[tuple[float, float]] = []
+    closes: list[int] = []  # close codes of sockets the server dropped
+    conn = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=conn) as http:
+        wss = [await http.ws_connect(f"{url}/ws", max_msg_size=0) for _ in range(sockets)]
+        body = {"input": {"chunks": chunks, "interval_ms": interval_ms, "wait_ms": wait_ms}, **STREAM_FIELD}
+        resp = await http.post(url + "/predict", json=body, headers={"Prefer": "respond-async"})
+        pid = (await resp.json())["prediction_id"]
+        for ws in wss:
+            await ws.send_json({"op": "subscribe", "prediction_id": pid})
+
+        async def watch(ws: aiohttp.ClientWebSocketResponse) -> None:
+            count, first, last = 0, 0.0, 0.0
+            while True:
+                frame = await ws.receive()
+                if frame.type is not aiohttp.WSMsgType.TEXT:  # the server dropped it (a reader too slow)
+                    closes.append(ws.close_code or 0)
+                    break
+                msg = json.loads(frame.data)
+                now = time.time()
+                if msg["type"] == "output":
+                    delays.append(now - msg["chunk"]["t"])
+                    count += 1
+                    first, last = first or now, now
+                elif "prediction" in msg and msg["prediction"]["status"] in TERMINAL:
+                    break
+            received.append(count)
+            if count > 1:
+                spans.append((first, last))
+
+        await asyncio.wait_for(asyncio.gather(*(watch(ws) for ws in wss)), 600)
+        for ws in wss:
+            await ws.close()
+    span = (max(b for _, b in spans) - min(a for a, _ in spans)) if spans else 0.0
+    return {
+        "sockets": sockets,
+        "chunks": chunks,
+        "min_received": min(received, default=0),
+        "dropped": len(closes),
+        "close_codes": sorted(set(closes)),
+        "per_socket_per_s": (chunks - 1) / statistics.median(b - a for a, b in spans) if spans else 0.0,
+        "pushed_per_s": sum(received) / span if span else 0.0,
+        **percentiles(delays),
+    }
+
+
+async def positions(url: str, queued: int, sockets: int, duration: float, server_pid: int) -> dict[str, Any]:
+    """A worker held by one prediction while `queued` more wait behind it, `sockets` WebSockets each
+    watching one of them (spread along the queue); then the holder is canceled and the queue runs for
+    `duration` seconds: the position updates the sockets got, and the server's CPU meanwhile."""
+    conn = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(url, connector=conn) as http:
+
+        async def submit(body: dict[str, Any]) -> str:
+            resp = await http.post(
+                "/predict", json={"input": body, **STREAM_FIELD}, headers={"Prefer": "respond-async"}
+            )
+            record = await resp.json()
+            if resp.status != 202:
+                raise RuntimeError(f"submit answered {resp.status}: {record}")
+            return str(record["prediction_id"])
+
+        holder = await submit({"hold_ms": 600_000})
+        ids: list[str] = []
+        todo = iter(range(queued))
+
+        async def submitter() -> None:
+            for _ in todo:
+                ids.append(await submit({"hold_ms": 5}))
+
+        await asyncio.gather(*(submitter() for _ in range(64)))
+        step = max(1, len(ids) // max(1, sockets))
+        watched = ids[::step][:sockets]
+        wss = [await http.ws_connect("/ws") for _ in watched]
+        for ws, pid in zip(wss, watched, strict=True):
+            await ws.send_json({"op": "subscribe", "prediction_id": pid})
+            while json.loads((await ws.receive()).data)["type"] != "queue":
+                pass  # its snapshot, then its place in line at once: the window counts only the moves
+        updates: dict[str, int] = {}
+
+        async def count(ws: aiohttp.ClientWebSocketResponse) -> None:
+            while True:
+                msg = json.loads((await ws.receive()).data)
+                if msg["type"] == "queue":  # {type, prediction_id, queue_position, estimated_start_at}
+                    updates[msg["prediction_id"]] = updates.get(msg["prediction_id"], 0) + 1
+
+        async def position(pid: str) -> int:
+            async with http.get(f"/predict/{pid}") as resp:
+                return int((await resp.json()).get("queue_position") or 0)
+
+        counting = [asyncio.create_task(count(ws)) for ws in wss]
+        before_position, before_cpu, started = await position(ids[-1]), cpu_seconds(server_pid), time.monotonic()
+        await (await http.delete(f"/predict/{holder}")).read()
+        await asyncio.sleep(duration)  # the measured window: the queue runs
+        elapsed, cpu = time.monotonic() - started, cpu_seconds(server_pid) - before_cpu
+        after_position = await position(ids[-1])
+        for task in counting:
+            task.cancel()
+        await asyncio.gather(*counting, return_exceptions=True)
+        for ws in wss:
+            await ws.close()
+    return {
+        "queued": len(ids),
+        "sockets": len(wss),
+        "updates_per_s": sum(updates.values()) / elapsed,
+        "most_per_prediction_per_s": max(updates.values(), default=0) / elapsed,
+        "drained_per_s": (before_position - after_position) / elapsed,
+        "server_cpu_percent": 100 * cpu / elapsed,
+    }
 
 
 # -- push fan-out, measured by several cheap clients -------------------------------------------------------
@@ -330,6 +456,18 @@ def main() -> None:
     p.add_argument("--url", required=True)
     p.add_argument("--rate", type=float, default=100.0)
     p.add_argument("--duration", type=float, default=3.0)
+    p = sub.add_parser("stream")
+    p.add_argument("--url", required=True)
+    p.add_argument("--sockets", type=int, default=1)
+    p.add_argument("--chunks", type=int, default=2000)
+    p.add_argument("--interval-ms", type=float, default=0.0)
+    p.add_argument("--wait-ms", type=float, default=1500.0)
+    p = sub.add_parser("positions")
+    p.add_argument("--url", required=True)
+    p.add_argument("--queued", type=int, default=10_000)
+    p.add_argument("--sockets", type=int, default=1000)
+    p.add_argument("--duration", type=float, default=3.0)
+    p.add_argument("--server-pid", type=int, required=True)
     p = sub.add_parser("model-limit")
     p.add_argument("--model", required=True)
     p.add_argument("--duration", type=float, default=4.0)
@@ -344,6 +482,10 @@ def main() -> None:
         out = asyncio.run(flood(args.url, args.count, args.concurrency, json.loads(args.body)))
     elif args.cmd == "probe":
         out = asyncio.run(probe(args.url, args.rate, args.duration))
+    elif args.cmd == "stream":
+        out = asyncio.run(stream(args.url, args.sockets, args.chunks, args.interval_ms, args.wait_ms))
+    elif args.cmd == "positions":
+        out = asyncio.run(positions(args.url, args.queued, args.sockets, args.duration, args.server_pid))
     elif args.cmd == "idle":
         out = asyncio.run(idle(args.url, args.sockets, args.hold))
     else:

@@ -50,7 +50,12 @@ class Server:
 
     def cpu_seconds(self) -> float:
         """CPU time (user + system) the server and the processes under it have used so far."""
-        return sum(_cpu_ticks(pid) for pid in _process_tree(self.proc.pid)) / CLOCK_TICKS
+        return cpu_seconds(self.proc.pid)
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) process `pid` and the processes under it have used so far."""
+    return sum(_cpu_ticks(p) for p in _process_tree(pid)) / CLOCK_TICKS
 
 
 @contextmanager

@@ -64,9 +64,10 @@ def zypher(*extra: str) -> list[str]:
 
 
 def clients(cpu: str, *args: str) -> dict[str, Any]:
-    out = subprocess.run(
-        pinned(cpu, [PY, "-m", "bench.clients", *args]), cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout
+    run = subprocess.run(pinned(cpu, [PY, "-m", "bench.clients", *args]), cwd=ROOT, capture_output=True, text=True)
+    if run.returncode:  # say why: a load client's traceback is the first thing to read
+        raise RuntimeError(f"bench.clients {' '.join(args)} exited {run.returncode}:\n{run.stderr[-3000:]}")
+    out = run.stdout
     result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     return result
 
@@ -579,6 +580,70 @@ def live(opts: Options, sockets: int = 1000, idle_sockets: int = 19_000) -> list
     return out
 
 
+# -- streaming: chunks fanned out to subscribers, queue positions of a long queue --------------------------
+
+STREAM_MODEL = ("--model", "bench.stream_model:StreamModel")
+
+
+def streaming(opts: Options, fanouts: tuple[int, ...] = (1, 100, 1000), queued: int = 10_000) -> list[str]:
+    # One worker and single-prediction batches: the queue moves one prediction at a time, which is what
+    # changes every queued prediction's position. Outboxes big enough that a thousand sockets read by one
+    # load process are not dropped as slow while the model yields flat out.
+    argv = zypher(
+        "--store", "memory://", *STREAM_MODEL, "--workers", "1", "--max-batch-size", "1",
+        "--max-queue", str(2 * queued), "--ws-outbox", "100000", "--ws-outbox-bytes", str(256 * 1024 * 1024),
+    )  # fmt: skip
+    flat, paced = [], []
+    with server(argv, ready_path="/readyz") as s:
+        for n in fanouts:
+            wait_ms = str(1500 + 3 * n)  # time for every socket to subscribe before the first chunk
+            rate, pushed, got, dropped = Figure(), Figure(), Figure(), Figure()
+            codes: set[int] = set()  # how the server closed the ones it dropped
+            p50, p99 = Figure(), Figure()
+            for _ in range(opts.repeat):
+                r = clients(LOAD_CPU, "stream", "--url", s.url, "--sockets", str(n), "--chunks", "2000",
+                            "--wait-ms", wait_ms)  # fmt: skip
+                rate.add(r["per_socket_per_s"])
+                pushed.add(r["pushed_per_s"])
+                got.add(r["min_received"])
+                dropped.add(r["dropped"])
+                codes.update(r["close_codes"])
+                r = clients(LOAD_CPU, "stream", "--url", s.url, "--sockets", str(n), "--chunks", "200",
+                            "--interval-ms", "10", "--wait-ms", wait_ms)  # fmt: skip
+                p50.add(r["p50_ms"])
+                p99.add(r["p99_ms"])
+            closed = f" (close {', '.join(map(str, sorted(codes)))})" if codes else ""
+            flat.append([f"{n:,}", rate.show(0), pushed.show(0), got.show(0), dropped.show(0) + closed])
+            paced.append([f"{n:,}", p50.show(1), p99.show(1)])
+    out = [
+        table("streaming: one prediction yielding 2,000 chunks flat out, to N subscribers (one load process)",
+              ["subscribers", "chunks/s per subscriber", "chunks/s pushed in all", "fewest live to one", "dropped"],
+              flat),
+        table("streaming: added latency per chunk, model yield to socket receipt (100 chunks/s)",
+              ["subscribers", "p50 ms", "p99 ms"], paced),
+    ]  # fmt: skip
+    rows = []
+    for sockets in (0, 1000):  # a fresh server each run: every run starts from the same empty queue
+        updates, most, drained, cpu = Figure(), Figure(), Figure(), Figure()
+        for _ in range(opts.repeat):
+            with server(argv, ready_path="/readyz") as s:
+                r = clients(LOAD_CPU, "positions", "--url", s.url, "--queued", str(queued), "--sockets", str(sockets),
+                            "--duration", str(opts.duration), "--server-pid", str(s.proc.pid))  # fmt: skip
+            updates.add(r["updates_per_s"])
+            most.add(r["most_per_prediction_per_s"])
+            drained.add(r["drained_per_s"])
+            cpu.add(r["server_cpu_percent"])
+        rows.append([f"{queued:,}", f"{sockets:,}", updates.show(0), most.show(2), drained.show(0), cpu.show(0)])
+    out.append(
+        table(
+            f"queue positions: a moving queue of {queued:,} streaming predictions (one worker, 5 ms each)",
+            ["queued", "subscribers", "position updates/s", "most per prediction/s", "dequeued/s", "server CPU %"],
+            rows,
+        )
+    )
+    return out
+
+
 # -- scale-out on Redis -----------------------------------------------------------------------------------
 
 
@@ -724,5 +789,6 @@ SUITES: dict[str, Callable[[Options], list[str]]] = {
     "chaos": chaos,
     "guard": guard,
     "peers": peers,
+    "streaming": streaming,
 }
 DEFAULT = ("throughput", "responsiveness", "flood", "stores", "live", "defaults", "cpu")  # `python -m bench` alone

@@ -79,6 +79,7 @@ async function chooseModel() {
   $("#model-name").textContent = model.state === "ready"
     ? `${model.name} ${model.version} (${model.runtime})`
     : `${model.name} ${model.version}: ${model.state}${model.error ? ` (${model.error})` : ""}`;
+  $("#stream").checked = modelStreams(model);
   grid = isDigitGrid(model.input_schema);
   $("#digits-panel").hidden = !grid;
   if (grid) {
@@ -88,6 +89,11 @@ async function chooseModel() {
     $("#input-json").value = JSON.stringify(exampleFor(model.input_schema), null, 1);
   }
   document.body.dataset.model = `${model.name}/${model.version}`; // the page is ready to take an input
+}
+
+// Whether the model offers a stream (predict_stream): then the page asks for it by default.
+function modelStreams(m) {
+  return Boolean(m && (m.streams === true || m.stream === true || (m.capabilities && m.capabilities.stream)));
 }
 
 // 64 numbers, 0 to 16 where the schema bounds them: the 8x8 digit the grid draws.
@@ -172,7 +178,8 @@ async function submit() {
   const headers = { "Content-Type": "application/json" };
   if (mode === "async") headers["Async-Mode"] = "true";
   const started = performance.now();
-  const resp = await api(`${modelPath()}/predict`, { method: "POST", headers, body: JSON.stringify({ input }) });
+  const payload = $("#stream").checked ? { input, stream: true } : { input };
+  const resp = await api(`${modelPath()}/predict`, { method: "POST", headers, body: JSON.stringify(payload) });
   const body = await resp.json();
   if (body.error && !body.prediction_id) {
     errorEl.textContent = `${resp.status} ${body.error.code}: ${body.error.message}`;
@@ -190,7 +197,7 @@ function track(record, extra = {}) {
     el.querySelector(".pid").textContent = record.prediction_id;
     el.querySelector(".cancel").addEventListener("click", () => cancel(record.prediction_id));
     $("#predictions").prepend(el);
-    entry = { record, el, ...extra };
+    entry = { record, el, nextIndex: 0, ...extra }; // nextIndex: the stream's next chunk, each shown once
     predictions.set(record.prediction_id, entry);
     subscribe([record.prediction_id]);
   }
@@ -205,14 +212,99 @@ function update(record) {
   if (RANK[record.status] < RANK[entry.record.status]) return; // never move backwards
   entry.record = record;
   const el = entry.el;
-  const status = el.querySelector(".status");
-  status.textContent = record.status;
-  status.dataset.status = record.status;
+  if (Number.isInteger(record.queue_position)) entry.queuePosition = record.queue_position;
+  showStatus(entry);
   el.dataset.status = record.status;
   el.querySelector(".cancel").hidden = TERMINAL.has(record.status);
-  renderResult(el, record);
+  if (isStream(record)) {
+    // Its result is the list of chunks so far: take those past the last one shown.
+    if (Array.isArray(record.result)) {
+      for (let i = entry.nextIndex; i < record.result.length; i++) appendChunk(entry, i, record.result[i]);
+    }
+    if (record.progress) showProgress(entry, record.progress);
+  } else {
+    renderResult(el, record);
+  }
   el.querySelector(".error-text").textContent = record.error ? `${record.error.code}: ${record.error.message}` : "";
   el.querySelector(".timings").textContent = timings(record);
+}
+
+// A waiting prediction's place in line: from its record where that says (GET), else from the last
+// `queue` message. queue_position counts from 0 (next to run); people count from 1.
+function showStatus(entry) {
+  const record = entry.record;
+  const status = entry.el.querySelector(".status");
+  const position = record.status === "queued" ? entry.queuePosition : undefined;
+  status.textContent = Number.isInteger(position) ? `queued, position ${position + 1}` : record.status;
+  status.dataset.status = record.status;
+  status.title = record.status === "queued" && record.estimated_start_at ? `expected to start ${record.estimated_start_at}` : "";
+}
+
+function onQueue(msg) {
+  const entry = predictions.get(msg.prediction_id);
+  if (!entry || !Number.isInteger(msg.queue_position)) return;
+  entry.queuePosition = msg.queue_position;
+  if (msg.estimated_start_at) entry.record = { ...entry.record, estimated_start_at: msg.estimated_start_at };
+  showStatus(entry);
+}
+
+function isStream(record) {
+  return record.stream === true;
+}
+
+// ---------------------------------------------------------------- streams: chunks in index order, each once
+function onChunk(id, index, chunk) {
+  const entry = predictions.get(id);
+  if (!entry) return;
+  if (index < entry.nextIndex) return; // had it already (a snapshot after a reconnect carried it)
+  if (index > entry.nextIndex) {
+    resubscribe(id); // a chunk went missing: ask for the ones after the last shown
+    return;
+  }
+  appendChunk(entry, index, chunk);
+}
+
+function appendChunk(entry, index, chunk) {
+  const span = document.createElement("span");
+  span.className = "chunk";
+  span.dataset.index = String(index);
+  span.textContent = chunkText(chunk);
+  entry.el.querySelector(".stream-text").appendChild(span);
+  entry.nextIndex = index + 1;
+  entry.el.dataset.chunks = String(entry.nextIndex);
+}
+
+// Text as it is; a token generator's {"token": ...} or {"text": ...} as its text; anything else as JSON.
+function chunkText(chunk) {
+  if (typeof chunk === "string") return chunk;
+  if (chunk && typeof chunk === "object") {
+    if (typeof chunk.token === "string") return chunk.token;
+    if (typeof chunk.text === "string") return chunk.text;
+  }
+  return `${JSON.stringify(chunk)} `;
+}
+
+function showProgress(entry, progress) {
+  const bar = entry.el.querySelector(".progress");
+  const fraction = Math.min(1, Math.max(0, Number(progress.fraction) || 0));
+  bar.hidden = false;
+  bar.value = fraction;
+  bar.title = `${Math.round(fraction * 100)}%`;
+  entry.el.querySelector(".progress-message").textContent = progress.message || "";
+}
+
+function subscribeMessage(id) {
+  const entry = predictions.get(id);
+  const message = { op: "subscribe", prediction_id: id };
+  if (entry && entry.nextIndex > 0) message.from_index = entry.nextIndex - 1; // replay from the next chunk
+  return message;
+}
+
+// A subscribe of an id already watched changes nothing on the server: unsubscribe first.
+function resubscribe(id) {
+  if (!socket || socket.readyState !== WebSocket.OPEN) return;
+  socket.send(JSON.stringify({ op: "unsubscribe", prediction_id: id }));
+  socket.send(JSON.stringify(subscribeMessage(id)));
 }
 
 function renderResult(el, record) {
@@ -283,9 +375,12 @@ function setConnection(state) {
 }
 
 function subscribe(ids) {
-  if (ids.length && socket && socket.readyState === WebSocket.OPEN) {
-    socket.send(JSON.stringify({ op: "subscribe", prediction_ids: ids }));
-  }
+  if (!ids.length || !socket || socket.readyState !== WebSocket.OPEN) return;
+  // Streams that have shown chunks resume after the last one; the rest subscribe in one message.
+  const resuming = ids.filter((id) => (predictions.get(id) || {}).nextIndex > 0);
+  for (const id of resuming) socket.send(JSON.stringify(subscribeMessage(id)));
+  const fresh = ids.filter((id) => !resuming.includes(id));
+  if (fresh.length) socket.send(JSON.stringify({ op: "subscribe", prediction_ids: fresh }));
 }
 
 function connect() {
@@ -311,6 +406,12 @@ function connect() {
     if (msg.prediction) {
       if (predictions.has(msg.prediction.prediction_id)) update(msg.prediction);
       else track(msg.prediction);
+    } else if (msg.type === "output") {
+      onChunk(msg.prediction_id, msg.index, msg.chunk);
+    } else if (msg.type === "queue") {
+      onQueue(msg);
+    } else if (msg.type === "progress" && predictions.has(msg.prediction_id)) {
+      showProgress(predictions.get(msg.prediction_id), msg);
     } else if (msg.type === "error" && msg.prediction_id && predictions.has(msg.prediction_id)) {
       const entry = predictions.get(msg.prediction_id);
       entry.el.querySelector(".error-text").textContent = `${msg.error.code}: ${msg.error.message}`;

@@ -6,7 +6,17 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from zypher_ws.client import ApiError, AsyncClient, Client, Prediction, RetryPolicy, Status, WebhookState
+from zypher_ws.client import (
+    ApiError,
+    AsyncClient,
+    Chunk,
+    Client,
+    Prediction,
+    Progress,
+    RetryPolicy,
+    Status,
+    WebhookState,
+)
 
 
 def status_of(client: Client, prediction_id: str) -> Status:
@@ -31,6 +41,22 @@ def code_of(error: ApiError) -> str:
 
 def patient() -> Client:
     return Client("http://127.0.0.1:8080", token=None, timeout=5.0, retry=RetryPolicy(total=60))
+
+
+def chunks_of(client: Client, prediction_id: str) -> list[Chunk]:
+    return [item for item in client.stream(prediction_id) if isinstance(item, Chunk)]
+
+
+async def last_progress(client: AsyncClient, prediction_id: str) -> Progress | None:
+    last: Progress | None = None
+    async for item in client.stream(prediction_id, from_index=2):
+        if isinstance(item, Progress):
+            last = item
+    return last
+
+
+async def streamed(client: AsyncClient) -> int | None:
+    return (await client.submit({"prompt": "hi"}, stream=True)).queue_position
 
 
 def with_webhook(client: Client) -> WebhookState | None:

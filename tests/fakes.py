@@ -9,12 +9,12 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from typing import Any
 
-from zypher_ws import lifecycle
+from zypher_ws import Progress, lifecycle
 from zypher_ws.backends.memory import LocalEventBus, MemoryQueue, MemoryStore
 from zypher_ws.deployments import Deployment, Deployments
 from zypher_ws.metrics import Metrics
@@ -310,3 +310,66 @@ class GatedTensorModel(GatedModel):
         "required": ["x"],
         "additionalProperties": False,
     }
+
+
+class SteppedStream:
+    """A streaming model that yields one chunk each time the test allows one (`allow(n)`); asked
+    without `stream`, it batches.
+
+    Each prediction yields `words` in order, with `Progress((i + 1) / len(words))` after each word when
+    `progress` is set; `wait_yielded(n)` returns once n chunks have been yielded in total (counted on the
+    loop, as the model hands each one over). A chunk not allowed within WAIT seconds fails the prediction.
+    """
+
+    name = "stepped"
+    version = "0.0.1"
+    input_schema: dict[str, Any] = {"type": "object"}
+    output_schema: dict[str, Any] = {"type": "string"}
+
+    def __init__(self, words: list[str], *, progress: bool = False) -> None:
+        self.words = words
+        self.progress = progress
+        self._permits = threading.Semaphore(0)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.yielded = 0
+        self._yielded_changed: asyncio.Event | None = None
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._yielded_changed = asyncio.Event()
+
+    def load(self) -> None:
+        pass
+
+    def allow(self, n: int = 1) -> None:
+        self._permits.release(n)
+
+    def predict_batch(self, inputs: list[Any]) -> list[Any]:
+        """Not streamed (a request without `stream`): the words at once."""
+        return ["".join(self.words) for _ in inputs]
+
+    def predict_stream(self, input: Any) -> Iterator[Any]:
+        for i, word in enumerate(self.words):
+            if not self._permits.acquire(timeout=WAIT):
+                raise TimeoutError(f"chunk {i} was never allowed")
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(self._note_yield)
+            yield word
+            if self.progress:
+                yield Progress((i + 1) / len(self.words), f"word {i + 1} of {len(self.words)}")
+
+    def _note_yield(self) -> None:
+        self.yielded += 1
+        assert self._yielded_changed is not None
+        self._yielded_changed.set()
+
+    async def wait_yielded(self, count: int) -> None:
+        assert self._yielded_changed is not None
+        changed = self._yielded_changed
+
+        async def _wait() -> None:
+            while self.yielded < count:
+                changed.clear()
+                await changed.wait()
+
+        await asyncio.wait_for(_wait(), WAIT)

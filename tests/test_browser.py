@@ -17,9 +17,10 @@ from aiohttp.typedefs import Handler
 from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
 
-from fakes import WAIT, GatedModel, make_settings
+from fakes import WAIT, GatedModel, SteppedStream, make_settings
 from helpers import free_port, run_server
 from model_files import save_joblib
+from zypher_ws.http import live
 from zypher_ws.http.app import create_app
 from zypher_ws.http.keys import SERVICE
 from zypher_ws.models import MockModel
@@ -54,7 +55,7 @@ Answered = list[tuple[str, int]]
 
 
 async def serve(aiohttp_server: Any, model: Any = None, **settings: Any) -> tuple[str, Answered]:
-    if isinstance(model, GatedModel):
+    if isinstance(model, (GatedModel, SteppedStream)):
         model.bind(asyncio.get_running_loop())
     app = create_app(make_settings(**settings), model=model)
     return await serve_app(aiohttp_server, app)
@@ -228,3 +229,142 @@ async def test_pick_a_model_file_submit_its_features_and_see_the_class_probabili
     assert ("/models/iris/predict", 202) in answered  # the page submits asynchronously by default
     assert page.errors == []
     assert_all_found(answered)
+
+
+# -- streams --------------------------------------------------------------------------------------------
+
+WORDS = [f"word{i} " for i in range(10)]
+
+
+async def submit_stream(page: Any) -> Any:
+    """Submit `{}` asking for the stream; the new prediction's card."""
+    await page.fill("#input-json", "{}")
+    await page.check("#stream")
+    await page.click("#submit")
+    card = page.locator(".prediction")
+    await card.wait_for()
+    return card
+
+
+async def shown_chunks(card: Any) -> list[tuple[int, str]]:
+    spans = card.locator(".stream-text .chunk")
+    pairs: list[tuple[str, str]] = await spans.evaluate_all("s => s.map(c => [c.dataset.index, c.textContent])")
+    return [(int(i), text) for i, text in pairs]
+
+
+async def test_a_streaming_prediction_shows_its_words_in_order_as_they_come(browser: Any, aiohttp_server: Any) -> None:
+    model = SteppedStream(WORDS, progress=True)
+    url, _ = await serve(aiohttp_server, model)
+    page = await open_page(browser, url)
+    card = await submit_stream(page)
+    bar = card.locator(".progress")
+    for n in (1, 2, 5):
+        model.allow(n - model.yielded)
+        await card.locator(f'.chunk[data-index="{n - 1}"]').wait_for()
+        assert await shown_chunks(card) == list(enumerate(WORDS[:n]))  # nothing early, nothing twice
+        await playwright_api.expect(bar).to_have_js_property("value", n / len(WORDS))  # the bar moves
+    model.allow(len(WORDS) - model.yielded)
+    done = page.locator('.prediction[data-status="succeeded"]')
+    await done.wait_for()
+    assert await shown_chunks(done) == list(enumerate(WORDS))
+    assert (await done.locator(".stream-text").text_content()) == "".join(WORDS)
+    assert await done.locator(".json").text_content() == ""  # the words, not the list of them
+    assert (await done.locator(".progress-message").text_content()) == f"word {len(WORDS)} of {len(WORDS)}"
+    assert page.errors == []
+
+
+async def test_a_stream_resumes_after_the_connection_drops_with_every_word_once(
+    browser: Any, aiohttp_server: Any
+) -> None:
+    model = SteppedStream(WORDS)
+    model.bind(asyncio.get_running_loop())
+    app = create_app(make_settings(), model=model)
+    url, _ = await serve_app(aiohttp_server, app)
+    context = await browser.new_context()
+    page = await open_page(context, url)
+    card = await submit_stream(page)
+    model.allow(3)
+    await card.locator('.chunk[data-index="2"]').wait_for()
+    # The tab loses its network, and meanwhile its socket is gone (the server closes it: offline
+    # emulation holds an open WebSocket's frames but does not end it).
+    await context.set_offline(True)
+    await live.close_live(app)
+    model.allow(4)  # words said while the page cannot hear: they can reach it only over a new connection
+    await model.wait_yielded(7)
+    await context.set_offline(False)
+    await card.locator('.chunk[data-index="6"]').wait_for()
+    model.allow(len(WORDS) - 7)
+    done = page.locator('.prediction[data-status="succeeded"]')
+    await done.wait_for()
+    assert await shown_chunks(done) == list(enumerate(WORDS))
+    assert page.errors == []
+    await context.close()
+
+
+async def test_waiting_predictions_show_their_place_in_the_queue(browser: Any, aiohttp_server: Any) -> None:
+    model = SteppedStream(["done"])  # one word each: each prediction ends when the test allows one
+    url, _ = await serve(aiohttp_server, model, workers=1, max_batch_size=1)
+    page = await open_page(browser, url)
+    await page.check("#stream")
+    for x in range(3):
+        await page.fill("#input-json", json.dumps({"x": x}))
+        await page.click("#submit")
+        await page.locator(".prediction").nth(x).wait_for()
+    cards = page.locator(".prediction")  # the newest first
+    expect = playwright_api.expect
+    await expect(cards.nth(2).locator(".status")).to_have_text("running")
+    await expect(cards.nth(1).locator(".status")).to_have_text("queued, position 1")
+    await expect(cards.nth(0).locator(".status")).to_have_text("queued, position 2")
+    model.allow(1)  # the first ends, the second runs: the third moves up
+    await expect(cards.nth(2).locator(".status")).to_have_text("succeeded")
+    await expect(cards.nth(1).locator(".status")).to_have_text("running")
+    await expect(cards.nth(0).locator(".status")).to_have_text("queued, position 1")
+    model.allow(2)
+    for i in range(3):
+        await expect(cards.nth(i).locator(".status")).to_have_text("succeeded")
+    assert page.errors == []
+
+
+def docs_model(tmp_path: Path) -> str:
+    """The ten-line token generator of docs/live.md's Streaming, saved as tokens.py in `tmp_path`; the
+    page's "Try it" serves it."""
+    page = (Path(__file__).resolve().parent.parent / "docs" / "live.md").read_text()
+    section = page.split("\n## Streaming\n", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "tokens.py").write_text(code)
+    return "tokens:Tokens"
+
+
+async def test_the_documented_generator_streams_its_words_into_the_page_across_a_lost_network(
+    browser: Any, aiohttp_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.syspath_prepend(str(tmp_path))
+    app = create_app(make_settings(model=(docs_model(tmp_path),)))
+    url, _ = await serve_app(aiohttp_server, app)
+    context = await browser.new_context()
+    page = await open_page(context, url)
+    assert await page.is_checked("#stream")  # a model that streams: the page asks for its stream
+    words = [f"word{i}" for i in range(40)]  # 2 s of words at the model's 50 ms each
+    await page.fill("#input-json", json.dumps(" ".join(words)))
+    await page.click("#submit")
+    card = page.locator(".prediction")
+    await card.locator('.chunk[data-index="1"]').wait_for()
+    pid = await card.get_attribute("data-prediction-id")
+    later = asyncio.Event()
+
+    def on_stream(event: Any) -> None:
+        if event.kind == "output" and event.index >= 8:
+            later.set()
+
+    watch = await app[SERVICE].watch(pid, lambda p, snapshot: None, on_stream=on_stream)
+    await context.set_offline(True)  # the tab's network gone, mid-sentence
+    await live.close_live(app)
+    await asyncio.wait_for(later.wait(), WAIT)  # offline until the model has said words the page cannot hear
+    watch.stop()
+    await context.set_offline(False)
+    done = page.locator('.prediction[data-status="succeeded"]')
+    await done.wait_for()
+    assert await shown_chunks(done) == [(i, w + " ") for i, w in enumerate(words)]
+    assert await done.locator(".progress").evaluate("bar => bar.value") == 1
+    assert page.errors == []
+    await context.close()

@@ -145,6 +145,9 @@ async def test_a_killed_workers_predictions_end_model_unavailable_after_the_grac
 ) -> None:
     redis = ("--backend", "redis", "--redis-url", redis_settings["redis_url"])
     redis += ("--redis-prefix", redis_settings["redis_prefix"], "--model-heartbeat", HEARTBEAT)
+    # The running one ends only once its entry has gone untouched for --claim-idle (the evidence that its
+    # worker is gone, as for a take-over), so that is short here, in every process as it must be.
+    redis += ("--claim-idle", "1")
     async with AsyncExitStack() as stack:
         api = await stack.enter_async_context(
             run_server(*redis, "--workers", "0", "--model", "mock", "--unserved-grace", GRACE, cwd=str(tmp_path))

@@ -20,11 +20,12 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from standardwebhooks import Webhook as Verifier
 
-from fakes import WAIT, GatedModel, ManualClock, make_settings
+from fakes import WAIT, GatedModel, ManualClock, SteppedStream, make_settings
 from helpers import Delivered, Receiver, assert_one_terminal_each_in_order
 from zypher_ws.client import (
     AlreadyFinished,
     AsyncClient,
+    Chunk,
     Client,
     ConnectionFailed,
     InvalidInput,
@@ -33,6 +34,7 @@ from zypher_ws.client import (
     ModelRef,
     NotFound,
     Prediction,
+    Progress,
     QueueFull,
     RetryPolicy,
     Status,
@@ -101,7 +103,7 @@ def serve(aiohttp_server: Any) -> Callable[..., Any]:
         """`model`: one model object, or a list of (ModelSpec, model) for several."""
         models = model if isinstance(model, list) else None
         for each in [m for _, m in models] if models is not None else [model]:
-            if isinstance(each, GatedModel):
+            if isinstance(each, (GatedModel, SteppedStream)):
                 each.bind(asyncio.get_running_loop())
         app = create_app(make_settings(**settings), model=None if models else model, models=models)
         served = Served("", app)
@@ -185,6 +187,23 @@ class Api:
         if isinstance(client, AsyncClient):
             return [note(state) async for state in client.watch(ids)]
         return await asyncio.to_thread(lambda: [note(state) for state in client.watch(ids)])
+
+    async def stream(self, prediction_id: str, chunks: Callable[[int], None] | None = None, **kwargs: Any) -> list[Any]:
+        """Every item the stream yields, until it ends; `chunks(n)` is called (on the loop) at each chunk,
+        with the number of chunks so far."""
+        client, loop = self.client, asyncio.get_running_loop()
+        count = 0
+
+        def note(item: Any) -> Any:
+            nonlocal count
+            if isinstance(item, Chunk) and chunks is not None:
+                count += 1
+                loop.call_soon_threadsafe(chunks, count)
+            return item
+
+        if isinstance(client, AsyncClient):
+            return [note(item) async for item in client.stream(prediction_id, **kwargs)]
+        return await asyncio.to_thread(lambda: [note(item) for item in client.stream(prediction_id, **kwargs)])
 
 
 @pytest.fixture(params=["async", "sync"])
@@ -680,6 +699,163 @@ async def test_a_sync_watch_left_early_unsubscribes(serve: Serve) -> None:
 
     first, final = await asyncio.to_thread(run)
     assert first in (Status.QUEUED, Status.RUNNING) and final is Status.SUCCEEDED
+
+
+# -- streams ------------------------------------------------------------------------------------------
+
+WORDS = [f"w{i} " for i in range(8)]
+
+
+class Counted:
+    """The chunks a stream has yielded so far, to wait on."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._changed = asyncio.Event()
+
+    def __call__(self, count: int) -> None:
+        self.count = count
+        self._changed.set()
+
+    async def reach(self, count: int) -> None:
+        async def _wait() -> None:
+            while self.count < count:
+                self._changed.clear()
+                await self._changed.wait()
+
+        await asyncio.wait_for(_wait(), WAIT)
+
+
+def chunks_of(items: list[Any]) -> list[tuple[int, Any]]:
+    return [(item.index, item.value) for item in items if isinstance(item, Chunk)]
+
+
+async def test_stream_yields_states_chunks_and_progress_in_order_ending_with_the_terminal_state(
+    serve: Serve, connect: Connect
+) -> None:
+    model = SteppedStream(WORDS, progress=True)
+    served = await serve(model)
+    api = connect(served.url)
+    submitted = await api.submit({}, stream=True)
+    assert submitted.raw["stream"] is True
+    got = Counted()
+    streaming = asyncio.ensure_future(api.stream(submitted.prediction_id, got))
+    model.allow(1)
+    await got.reach(1)  # subscribed, and live: what follows comes as it happens
+    model.allow(len(WORDS) - 1)
+    items = await asyncio.wait_for(streaming, WAIT)
+    assert chunks_of(items) == list(enumerate(WORDS))
+    last = items[-1]
+    assert isinstance(last, Prediction) and last.status is Status.SUCCEEDED and last.result == WORDS
+    assert last.progress is not None and last.progress.fraction == 1.0
+    assert [i for i, item in enumerate(items) if isinstance(item, Prediction) and item.terminal] == [len(items) - 1]
+    fractions = [item.fraction for item in items if isinstance(item, Progress)]
+    assert fractions and fractions == sorted(fractions) and all(0 < f <= 1 for f in fractions)
+    statuses = [item.status for item in items if isinstance(item, Prediction)]
+    assert statuses == sorted(statuses, key=lambda s: s.rank)  # never backwards
+
+
+async def test_a_stream_resumes_after_the_socket_drops_with_every_chunk_once(serve: Serve, connect: Connect) -> None:
+    model = SteppedStream(WORDS)
+    served = await serve(model)
+    api = connect(served.url, retry=RetryPolicy(initial=0.01))
+    pid = (await api.submit({}, stream=True)).prediction_id
+    got = Counted()
+    streaming = asyncio.ensure_future(api.stream(pid, got))
+    model.allow(3)
+    await got.reach(3)
+    await live.close_live(served.app)  # every socket closed by the server, as at a shutdown
+    model.allow(3)  # yielded while the client may be away
+    await model.wait_yielded(6)
+    model.allow(len(WORDS) - 6)
+    items = await asyncio.wait_for(streaming, WAIT)
+    assert chunks_of(items) == list(enumerate(WORDS))
+    assert len(served.paths("GET", "/ws")) >= 2  # it did connect again
+    assert isinstance(items[-1], Prediction) and items[-1].succeeded
+
+
+async def test_a_stream_joined_mid_way_starts_with_the_chunks_so_far(serve: Serve, connect: Connect) -> None:
+    model = SteppedStream(WORDS)
+    served = await serve(model)
+    api = connect(served.url)
+    pid = (await api.submit({}, stream=True)).prediction_id
+    model.allow(4)
+    await model.wait_yielded(4)
+    early, late = Counted(), Counted()
+    first = asyncio.ensure_future(api.stream(pid, early))
+    await early.reach(4)  # the snapshot carried those
+    second = asyncio.ensure_future(api.stream(pid, late, from_index=1))  # shares the socket; starts at 2
+    await late.reach(2)
+    model.allow(len(WORDS) - 4)
+    assert chunks_of(await asyncio.wait_for(first, WAIT)) == list(enumerate(WORDS))
+    assert chunks_of(await asyncio.wait_for(second, WAIT)) == list(enumerate(WORDS))[2:]
+
+
+async def test_a_stream_of_a_canceled_prediction_ends_with_the_chunks_so_far(serve: Serve, connect: Connect) -> None:
+    model = SteppedStream(WORDS)
+    served = await serve(model)
+    api = connect(served.url)
+    pid = (await api.submit({}, stream=True)).prediction_id
+    got = Counted()
+    streaming = asyncio.ensure_future(api.stream(pid, got))
+    model.allow(2)
+    await got.reach(2)
+    await api.cancel(pid)
+    model.allow(len(WORDS))  # the generator stops at its next yield
+    items = await asyncio.wait_for(streaming, WAIT)
+    last = items[-1]
+    assert isinstance(last, Prediction) and last.status is Status.CANCELED
+    chunks = chunks_of(items)
+    assert len(chunks) >= 2 and chunks == list(enumerate(WORDS[: len(chunks)]))  # each once, in order
+    assert items.index(last) == len(items) - 1  # the end, after every chunk
+
+
+async def test_a_stream_polls_the_record_when_websocket_is_unavailable(serve: Serve, connect: Connect) -> None:
+    model = SteppedStream(WORDS)
+    served = await serve(model, refuse_upgrades, stream_commit_ms=0)
+    api = connect(served.url, retry=RetryPolicy(initial=0.02, maximum=0.1))
+    pid = (await api.submit({}, stream=True)).prediction_id
+    streaming = asyncio.ensure_future(api.stream(pid))
+    model.allow(len(WORDS))
+    items = await asyncio.wait_for(streaming, WAIT)
+    assert chunks_of(items) == list(enumerate(WORDS))
+    assert isinstance(items[-1], Prediction) and items[-1].succeeded
+
+
+async def test_a_queued_stream_yields_its_place_in_line_as_it_moves(serve: Serve, connect: Connect) -> None:
+    model = SteppedStream(["done"])  # one word each: each prediction ends when the test allows one
+    served = await serve(model, workers=1, max_batch_size=1)
+    api = connect(served.url)
+    ids = [(await api.submit({"n": n}, stream=True)).prediction_id for n in range(3)]
+    places: list[int | None] = []
+    moved = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def note(item: Any) -> Any:
+        if isinstance(item, Prediction) and item.status is Status.QUEUED:
+            places.append(item.queue_position)
+            loop.call_soon_threadsafe(moved.set)
+        return item
+
+    async def follow() -> list[Any]:
+        client = api.client
+        if isinstance(client, AsyncClient):
+            return [note(item) async for item in client.stream(ids[2])]
+        return await asyncio.to_thread(lambda: [note(item) for item in client.stream(ids[2])])
+
+    streaming = asyncio.ensure_future(follow())
+    while 1 not in places:  # two ahead of it: one running, one waiting
+        moved.clear()
+        await asyncio.wait_for(moved.wait(), WAIT)
+    model.allow(1)  # the first ends: it moves up
+    while 0 not in places:
+        moved.clear()
+        await asyncio.wait_for(moved.wait(), WAIT)
+    model.allow(2)
+    items = await asyncio.wait_for(streaming, WAIT)
+    assert [p for p in places if p is not None] == [1, 0]  # each place once, in order
+    assert isinstance(items[-1], Prediction) and items[-1].succeeded
+    assert chunks_of(items) == [(0, "done")]
 
 
 # -- webhooks -------------------------------------------------------------------------------------------

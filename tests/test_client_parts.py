@@ -1,20 +1,23 @@
 """The client's parts without a server: its exceptions against the server's error table, reading
-records, and the retry schedule (on a clock the test moves)."""
+records, the retry schedule (on a clock the test moves), and what watchers and a socket of streams take."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
 from typing import Any
 
 import pytest
+from yarl import URL
 
 from fakes import ManualClock
 from zypher_ws import errors as table
 from zypher_ws.client import errors
 from zypher_ws.client.errors import ApiError, api_error, error_from_envelope
-from zypher_ws.client.live import Watcher
-from zypher_ws.client.records import ErrorDetail, ModelRef, Prediction, Status
+from zypher_ws.client.live import LiveSocket, StreamWatcher, Watcher
+from zypher_ws.client.records import Chunk, ErrorDetail, ModelRef, Prediction, Status
 from zypher_ws.client.retry import RetryPolicy, parse_retry_after
 from zypher_ws.records import Prediction as ServerPrediction
 
@@ -180,3 +183,67 @@ async def test_a_watcher_takes_only_states_past_the_last_one_of_each_id() -> Non
     assert not watcher.offer(Prediction("c" * 32, Status.QUEUED))  # not watched
     yielded = [watcher.queue.get_nowait() for _ in range(watcher.queue.qsize())]
     assert yielded == [a[0], a[1], a[5], b[0]]
+
+
+async def test_a_stream_watcher_takes_each_chunk_once_in_index_order_and_ends_with_the_terminal_state() -> None:
+    pid = "a" * 32
+    watcher = StreamWatcher(pid)
+    running = Prediction(pid, Status.RUNNING, result=["w0 ", "w1 "])  # a snapshot with two chunks
+    assert watcher.offer(running)
+    assert [watcher.offer_chunk(i, c) for i, c in ((1, "w1 "), (3, "w3 "), (2, "w2 "), (2, "w2 "))] == [
+        False, False, True, False  # a repeat, one past a gap, the next, a repeat
+    ]  # fmt: skip
+    assert not watcher.offer(Prediction(pid, Status.RUNNING, result=["w0 ", "w1 ", "w2 "]))  # the same again
+    done = Prediction(pid, Status.SUCCEEDED, result=["w0 ", "w1 ", "w2 ", "w3 "])
+    assert watcher.offer(done) and not watcher.remaining
+    items = [watcher.queue.get_nowait() for _ in range(watcher.queue.qsize())]
+    assert items == [
+        running, Chunk(pid, 0, "w0 "), Chunk(pid, 1, "w1 "), Chunk(pid, 2, "w2 "), Chunk(pid, 3, "w3 "), done
+    ]  # fmt: skip
+    late = StreamWatcher(pid, from_index=2)  # has the first three
+    late.offer(done)
+    assert [late.queue.get_nowait() for _ in range(late.queue.qsize())] == [Chunk(pid, 3, "w3 "), done]
+    queued = StreamWatcher(pid)
+    places = [Prediction(pid, Status.QUEUED, queue_position=p) for p in (None, 2, 2, 1)]
+    assert [queued.offer(p) for p in places] == [True, True, False, True]  # again only when it moves
+
+
+class SentFrames:
+    """A WebSocket that keeps what is sent on it."""
+
+    def __init__(self) -> None:
+        self.sent: list[dict[str, Any]] = []
+        self.closed = False
+
+    async def send_str(self, data: str) -> None:
+        self.sent.append(json.loads(data))
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+async def test_a_streams_socket_mends_a_gap_by_resubscribing_from_its_last_chunk() -> None:
+    pid = "a" * 32
+    socket = LiveSocket(
+        lambda: None, URL("http://x/ws"), None, RetryPolicy(), ManualClock(), asyncio.sleep, streaming=True
+    )  # type: ignore[arg-type, return-value]
+    socket._task = asyncio.get_running_loop().create_future()  # connected, as far as add() can tell
+    ws = SentFrames()
+    socket._ws = ws  # type: ignore[assignment]
+    watcher = StreamWatcher(pid)
+    await socket.add(watcher)
+    socket._handle(
+        json.dumps({"type": "subscribed", "prediction": {"prediction_id": pid, "status": "running", "result": ["w0 "]}})
+    )
+    for index in (1, 3):  # 2 went missing
+        socket._handle(json.dumps({"type": "output", "prediction_id": pid, "index": index, "chunk": f"w{index} "}))
+    await asyncio.gather(*socket._background)
+    assert ws.sent == [
+        {"op": "subscribe", "prediction_ids": [pid]},
+        {"op": "unsubscribe", "prediction_id": pid},
+        {"op": "subscribe", "prediction_id": pid, "from_index": 1},
+    ]
+    chunks = [i for i in (watcher.queue.get_nowait() for _ in range(watcher.queue.qsize())) if isinstance(i, Chunk)]
+    assert [c.index for c in chunks] == [0, 1]  # nothing past the gap until it is mended
+    socket._task.cancel()
+    await socket.close()

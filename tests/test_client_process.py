@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from helpers import assert_one_terminal_each_in_order, free_port, recording_env, run_server
-from zypher_ws.client import AsyncClient, Client, Prediction, RetryPolicy
+from zypher_ws.client import AsyncClient, Chunk, Client, Prediction, RetryPolicy
 
 ARGS = ("--model", "recording_model:RecordingModel", "--workers", "1", "--max-batch-size", "1")
 RETRY = RetryPolicy(total=60, initial=0.05, maximum=0.5)  # a restart takes a few seconds here
@@ -68,3 +69,44 @@ async def test_watch_yields_every_terminal_state_once_across_a_server_restart(
     assert {s.status.value for s in states if s.terminal} == {"succeeded"}
     assert connects >= 2
     assert {s.result["n"] for s in states if s.terminal} == set(range(8))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM], ids=["kill", "term"])
+async def test_a_stream_yields_every_chunk_once_across_a_server_restart(tmp_path: Path, stop: signal.Signals) -> None:
+    """A stream cut by a crash (or a stop) is run again after the restart, from the chunks committed; the
+    client resumes after the last chunk it has (from_index), so it yields each index once, in order."""
+    chunks = 40
+    args = ("--model", "mock", "--mock-stream-chunks", str(chunks), "--mock-latency-ms", "40",
+            "--store", f"sqlite:///{tmp_path / 'z.db'}", "--shutdown-timeout", "0.5")  # fmt: skip
+    port = free_port()
+    loop = asyncio.get_running_loop()
+    got: list[Any] = []
+    some = asyncio.Event()
+
+    async with AsyncClient(f"http://127.0.0.1:{port}", retry=RETRY) as client:
+
+        async def follow() -> list[Any]:
+            items = []
+            async for item in client.stream(pid):
+                items.append(item)
+                if isinstance(item, Chunk):
+                    got.append(item)
+                    if len(got) == 5:
+                        loop.call_soon(some.set)
+            return items
+
+        async with run_server(*args, port=port) as server:
+            pid = (await client.submit({"prompt": "restart"}, stream=True)).prediction_id
+            streaming = asyncio.ensure_future(follow())
+            await asyncio.wait_for(some.wait(), 30)
+            server.proc.send_signal(stop)
+            await server.proc.wait()
+        async with run_server(*args, port=port):
+            items = await asyncio.wait_for(streaming, 60)
+    assert [(c.index, c.value) for c in items if isinstance(c, Chunk)] == [
+        (i, {"index": i, "token": f"t{i} "}) for i in range(chunks)
+    ]
+    last = items[-1]
+    assert isinstance(last, Prediction) and last.succeeded and items.index(last) == len(items) - 1
+    assert client._streams.connects >= 2  # it did connect again

@@ -116,6 +116,14 @@ async def test_the_memory_queue_takes_by_level_in_arrival_order_within_one() -> 
     assert [j.prediction_id for j in await queue.get_batch(10, 0)] == ["3-3", "5-0"]
 
 
+async def drop(client: Any, prefix: str) -> None:
+    """Delete a test's keys and close its client."""
+    found = [key async for key in client.scan_iter(match=f"{prefix}:*")]
+    if found:
+        await client.delete(*found)
+    await client.aclose()
+
+
 @pytest.fixture
 async def redis_queue(redis_url: str) -> AsyncIterator[Any]:
     import redis.asyncio as aioredis
@@ -135,10 +143,7 @@ async def redis_queue(redis_url: str) -> AsyncIterator[Any]:
         yield queue
     finally:
         await queue.close()
-        found = [key async for key in client.scan_iter(match=f"{keys.prefix}:*")]
-        if found:
-            await client.delete(*found)
-        await client.aclose()
+        await drop(client, keys.prefix)
 
 
 async def test_the_redis_queue_takes_by_level_and_acknowledges_on_each_levels_stream(redis_queue: Any) -> None:
@@ -246,3 +251,43 @@ async def test_a_priority_outside_the_levels_is_a_bad_request(aiohttp_client: An
     resp = await client.post("/v2/models/gated/infer", json=infer(1, priority=3))
     assert resp.status == 400
     assert await resp.json() == {"error": "parameters.priority: 3, and this model has priority levels 1 to 2"}
+
+
+async def test_the_move_to_level_streams_leaves_held_entries_and_goes_on_while_the_queue_runs(redis_url: str) -> None:
+    import redis.asyncio as aioredis
+
+    from zypher_ws.backends.redis.keys import RedisKeys
+    from zypher_ws.backends.redis.queue import RedisQueue
+    from zypher_ws.backends.redis.store import RedisStore
+    from zypher_ws.records import Prediction
+
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    keys = RedisKeys(f"zypher-test-{uuid.uuid4().hex[:12]}")
+    store = RedisStore(client, keys)
+    plain = keys.queue("m", "1")
+    held, waiting, late = [Prediction.new({"n": n}, model_name="m", model_version="1", priority=1) for n in range(3)]
+    for prediction in (held, waiting, late):
+        await store.add(prediction)
+    # A worker of the earlier version (no levels) has taken one entry of the plain stream and runs it.
+    await client.xgroup_create(plain, keys.group, id="0", mkstream=True)
+    await client.xadd(plain, {"id": held.prediction_id})
+    await client.xreadgroup(keys.group, "old-worker", {plain: ">"}, count=1)
+    await client.xadd(plain, {"id": waiting.prediction_id})
+    queue = RedisQueue(
+        client, keys, stream=plain, store=store, bus=LocalEventBus(),
+        maxsize=100, consumer="new-worker", claim_idle=0.2, max_attempts=3, levels=2,
+    )  # fmt: skip
+    try:
+        await queue.ensure_group()
+        # The held entry stays for its worker to acknowledge; only the waiting one moves.
+        assert [fields["id"] for _, fields in await client.xrange(plain)] == [held.prediction_id]
+        (first,) = await asyncio.wait_for(queue.get_batch(5, 0), WAIT)
+        assert first.prediction_id == waiting.prediction_id and first.priority == 1
+        # An API process of the earlier version queues one more on the plain stream: moved later too.
+        await client.xadd(plain, {"id": late.prediction_id})
+        (second,) = await asyncio.wait_for(queue.get_batch(5, 0), WAIT)
+        assert second.prediction_id == late.prediction_id
+        assert [fields["id"] for _, fields in await client.xrange(plain)] == [held.prediction_id]
+    finally:
+        await queue.close()
+        await drop(client, keys.prefix)

@@ -364,3 +364,25 @@ def on_disk_alone(path: Path, tmp_path: Path) -> list[str]:
             return []
         finally:
             copy.unlink()
+
+
+async def test_sqlite_hands_a_failed_commit_to_every_waiter_and_keeps_committing(tmp_path: Path) -> None:
+    """A commit's outcome comes back from the store's thread in one loop callback: an error there (a bug
+    of ours, not a conflict) reaches every write of that group commit, and the next commit works."""
+    broken = [True]
+
+    class Buggy(SQLiteStore):
+        def _transaction(self, ops: list[Any], sync: bool = False) -> list[tuple[bool, Any]]:
+            if broken[0]:
+                broken[0] = False
+                raise RuntimeError("a bug")  # on the store's thread: handed over, never lost there
+            return super()._transaction(ops, sync)
+
+    s = Buggy(tmp_path / "z.db", ttl=60)
+    await s.open()
+    first, second, third = new(1), new(2), new(3)
+    outcomes = await asyncio.wait_for(asyncio.gather(s.add(first), s.add(second), return_exceptions=True), timeout=10)
+    assert [str(o) for o in outcomes] == ["a bug", "a bug"]
+    assert await s.add(third) == third
+    assert await s.get(third.prediction_id) == third and await s.get(first.prediction_id) is None
+    await s.close()

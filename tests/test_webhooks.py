@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import logging
 import socket
 import time
 from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -17,7 +19,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.test_utils import TestClient
 from standardwebhooks import Webhook as Verifier
 
-from fakes import WAIT, GatedModel, ManualClock
+from fakes import WAIT, GatedModel, ManualClock, SteppedStream
 from helpers import ClientFactory, Delivered, Receiver, stored_count
 from zypher_ws.http.keys import SERVICE, WEBHOOKS
 from zypher_ws.records import rfc3339
@@ -122,7 +124,7 @@ async def test_start_and_completed_arrive_signed_for_each_secret(
     assert len(receiver.got) == 2
 
 
-async def test_only_completed_by_default_and_output_is_accepted_but_not_sent_yet(
+async def test_only_completed_by_default_and_output_sends_nothing_for_a_model_that_does_not_stream(
     make_client: ClientFactory, receiver: Receiver, gated: GatedModel
 ) -> None:
     client = await make_client(model=gated, **HOOKS)
@@ -140,6 +142,50 @@ async def test_only_completed_by_default_and_output_is_accepted_but_not_sent_yet
     # Both finished, and a delivery is written with the change that causes it: no other is pending.
     assert await client.app[SERVICE].store.pending_webhooks() == 0  # type: ignore[attr-defined]
     assert [d.path_qs for d in receiver.got] == ["/default"]
+
+
+async def test_a_stream_sends_output_with_the_chunks_so_far_retried_like_any_event_then_completed(
+    make_client: ClientFactory, receiver: Receiver
+) -> None:
+    words = ["a ", "b ", "c ", "d "]
+    model = SteppedStream(words)
+    model.bind(asyncio.get_running_loop())
+    client = await make_client(model=model, **HOOKS, webhook_retry_delays="5,300", stream_commit_ms=0)
+    hooks = Deliveries(client)
+    receiver.answers = [500]  # the first output fails once
+    body = {"input": {}, "stream": True, "webhook": receiver.url(), "webhook_events_filter": ["output", "completed"]}
+    pid = (await submit(client, body))["prediction_id"]
+
+    model.allow(1)
+    first = await receiver.next()
+    payload = verified(first)
+    assert first.headers["webhook-id"] == f"msg_{pid}_output_1"
+    assert payload["type"] == "prediction.output" and payload["data"]["status"] == "running"
+    assert payload["data"]["result"] == ["a "]  # the chunks so far
+    assert (await hooks.settled()).outcome == "pending"  # retried, on the schedule
+    hooks.advance(5)
+    retried = await receiver.next()
+    assert retried.headers["webhook-id"] == first.headers["webhook-id"] and retried.body == first.body
+    await hooks.settled()
+
+    model.allow(len(words) - 1)
+    while verified(await receiver.next())["type"] != "prediction.completed":
+        pass  # outputs (from before the end) and the completed, in any order
+    await hooks.idle()
+    got = [verified(d) for d in receiver.got]
+    ids = [d.headers["webhook-id"] for d in receiver.got]
+    (completed,) = [p for p in got if p["type"] == "prediction.completed"]  # in any order with the outputs
+    assert completed["data"]["result"] == words and ids.count(f"msg_{pid}_completed") == 1
+    outputs = [(i, p) for i, p in zip(ids, got, strict=True) if p["type"] == "prediction.output"]
+    for ident, event in outputs:  # each names its chunk count, and carries that many, the first ones
+        count = int(ident.rsplit("_", 1)[1])
+        assert event["data"]["result"] == words[:count]
+    stamps = sorted({time_of(p["timestamp"]) for _, p in outputs})
+    assert all(b - a >= 0.499 for a, b in itertools.pairwise(stamps))  # at most every 500 ms (stamps in ms)
+
+
+def time_of(stamp: str) -> float:
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
 
 
 async def test_a_receiver_that_fails_twice_gets_it_on_the_third_attempt_on_schedule(

@@ -22,6 +22,7 @@ from standardwebhooks import Webhook as Verifier
 from standardwebhooks import WebhookVerificationError
 
 from helpers import eventually
+from zypher_ws import lifecycle
 from zypher_ws.backends import KeepsWebhooks
 from zypher_ws.backends.memory import MemoryStore
 from zypher_ws.backends.redis.keys import RedisKeys
@@ -201,6 +202,42 @@ def test_only_the_changes_a_filter_asks_for_schedule_a_delivery() -> None:
     assert scheduled_by(nothing.started(batch_size=1).finished(Status.SUCCEEDED, ttl=60)) is None
 
 
+def test_a_stream_sends_output_at_most_every_half_second_named_by_its_chunks_and_never_after_completed() -> None:
+    running = dataclasses.replace(with_webhook("output", "completed"), stream=True).started(batch_size=1)
+    assert scheduled_by(running) is None  # no chunks yet: nothing to send
+    t = 1000.0
+    first = lifecycle.append_chunks(running, 0, ["a "], None, now=t)
+    assert first is not None and first.webhook is not None
+    delivery = scheduled_by(first)
+    assert delivery is not None and delivery.event == "output"
+    assert delivery.webhook_id == f"msg_{running.prediction_id}_output_1"
+    payload = json.loads(delivery.body)
+    assert payload["type"] == "prediction.output" and payload["data"]["result"] == ["a "]
+    assert payload["data"]["status"] == "running" and payload["timestamp"] == rfc3339(t)
+    # 0.4 s later: committed, but no new event (the pending one stays what it was).
+    soon = lifecycle.append_chunks(first, 1, ["b "], None, now=t + 0.4)
+    assert soon is not None and soon.result == ["a ", "b "] and soon.webhook == first.webhook
+    # 0.5 s after the first: the next event, with every chunk so far.
+    later = lifecycle.append_chunks(soon, 2, ["c "], None, now=t + 0.5)
+    assert later is not None and later.webhook is not None and later.webhook.output_chunks == 3
+    again = scheduled_by(later)
+    assert again is not None and again.webhook_id == f"msg_{running.prediction_id}_output_3"
+    assert json.loads(again.body)["data"]["result"] == ["a ", "b ", "c "]
+    # Progress alone sends nothing; nor does a filter without `output`.
+    progressed = lifecycle.append_chunks(later, 3, [], {"fraction": 0.5, "message": None}, now=t + 5)
+    assert progressed is not None and progressed.webhook == later.webhook
+    quiet = dataclasses.replace(with_webhook("completed"), stream=True).started(batch_size=1)
+    assert scheduled_by(lifecycle.append_chunks(quiet, 0, ["a "], None, now=t)) is None  # type: ignore[arg-type]
+    # The end: `completed` with every chunk, and no `output` after it (a canceled stream still commits).
+    canceled = lifecycle.cancel(later, later.prediction_id, ttl=60)
+    assert canceled.webhook is not None and canceled.webhook.event == "completed"
+    tail = lifecycle.append_chunks(canceled, 3, ["d "], None, now=t + 10)
+    assert tail is not None and tail.webhook == canceled.webhook
+    # An attempt at an earlier output does not change the record once a later one is pending.
+    settled = settle(delivery, Attempt(status=200), now=t + 1, delays=(5,))
+    assert settled.applies_to(first) and not settled.applies_to(later)
+
+
 def delivery(attempts: int = 0) -> Delivery:
     return Delivery("msg_x_completed", "x", "completed", URL, b"{}", 100.0, 100.0, attempts)
 
@@ -340,6 +377,29 @@ async def test_a_later_event_replaces_the_start_in_the_record_and_a_late_start_a
     assert record.webhook.event == "completed" and record.webhook.state == PENDING and record.webhook.attempts == 0
     (completed,) = await store.due_webhooks(now, 10)
     assert completed.event == "completed"
+
+
+async def test_a_chunk_commit_writes_its_output_delivery_with_it_and_completed_carries_every_chunk(
+    store: Any,
+) -> None:
+    p = dataclasses.replace(with_webhook("output", "completed"), stream=True)
+    await store.add(p)
+    await store.start([p.prediction_id])
+    woken: list[int] = []
+    store.on_webhooks_scheduled(lambda: woken.append(1))
+    assert await store.commit_stream(p.prediction_id, 0, ["a "], None) is not None
+    now = time.time() + 1
+    (first,) = await store.due_webhooks(now, 10)
+    assert woken and first.webhook_id == f"msg_{p.prediction_id}_output_1"
+    assert json.loads(first.body)["data"]["result"] == ["a "]
+    record = await store.get(p.prediction_id)
+    assert record.webhook.event == "output" and record.webhook.state == PENDING
+    await store.settle_webhook(settle(first, Attempt(200), now=now, delays=DELAYS))
+    assert (await store.get(p.prediction_id)).webhook.state == DELIVERED
+    await store.finish([Outcome(p.prediction_id, result=["a ", "b "])])
+    (completed,) = await store.due_webhooks(now, 10)
+    assert completed.webhook_id == f"msg_{p.prediction_id}_completed"
+    assert json.loads(completed.body)["data"]["result"] == ["a ", "b "]
 
 
 async def test_a_sqlite_delivery_is_on_disk_with_its_record_and_survives_a_reopen(tmp_path: Path) -> None:

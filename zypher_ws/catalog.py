@@ -2,10 +2,13 @@
 
 Workers publish each model version they serve once it has loaded: its description (schemas, tensors,
 runtime, the queue settings an API process needs), renewed every --model-heartbeat and holding for three
-of them. API processes read the catalog as often: a version they do not load themselves is served from
+of them; while it loads, an announcement with no description, which holds but describes nothing.
+API processes read the catalog as often: a version they do not load themselves is served from
 its description alone (`PublishedModel`: it is described, validated and documented, never run here),
 so API processes need no model files. The catalog also says which versions nobody serves: past
---unserved-grace their queued predictions end failed (`model_unavailable`) and new ones are refused.
+--unserved-grace new predictions are refused, and one API process at a time (a lease) fails what no live
+worker holds in their queues (`model_unavailable`); a running one only on the queue's own evidence that
+its worker is gone. Past --catalog-retention more, with nothing queued, a version is forgotten.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from . import logs
@@ -35,6 +38,7 @@ Key = tuple[str, str]
 """(model name, version)."""
 
 SWEEP_BATCH = 500  # predictions of one unserved version failed per round (the next round takes more)
+SWEEP_LEASE = 0.8  # of a heartbeat: one API process sweeps a round, and the next round's may be another
 
 
 @dataclass(frozen=True)
@@ -47,21 +51,39 @@ class CatalogState:
     """Until when the last announcement of each version holds (the past: no one serves it since)."""
     servers: Mapping[Key, Mapping[str, str]]
     """The workers serving each version now, each with the description it publishes."""
+    loading: Mapping[Key, frozenset[str]] = field(default_factory=dict)
+    """The workers loading each version now: they hold off the sweep, but describe nothing yet."""
+    first_seen: Mapping[Key, float] = field(default_factory=dict)
+    """When some process first asked of each version no worker has announced (by the catalog's clock):
+    its grace runs from then, the same for every process."""
 
 
 class Catalog(Protocol):
     """Where workers announce what they serve (backends/redis/catalog.py)."""
 
-    async def publish(self, descriptions: Mapping[Key, str], ttl: float) -> list[tuple[Key, str]]:
-        """Announce this process serves these versions for `ttl` seconds; returns (version, worker) of
-        the other live workers that publish a different description of one of them."""
+    async def publish(self, descriptions: Mapping[Key, str | None], ttl: float) -> list[tuple[Key, str]]:
+        """Announce this process serves these versions for `ttl` seconds (None: loads it, nothing to describe
+        yet); returns (version, worker) of the other live workers that publish a different description of
+        one of them."""
         ...
 
     async def withdraw(self, versions: Sequence[Key]) -> None:
         """This process serves these no more."""
         ...
 
-    async def read(self) -> CatalogState: ...
+    async def sweep_lease(self, ttl: float) -> bool:
+        """Whether this process is the one to fail unserved versions' predictions for the next `ttl`
+        seconds (one process sweeps a round; the others would only find the same entries)."""
+        ...
+
+    async def retire(self, version: Key) -> bool:
+        """Forget a version no worker serves, with its (empty) queue: True if done, False if some worker
+        announces it or something is queued for it."""
+        ...
+
+    async def read(self, watch: Sequence[Key] = ()) -> CatalogState:
+        """The catalog now; of the `watch`ed versions never announced, when they were first asked of."""
+        ...
 
 
 def description_of(deployment: Deployment) -> str:
@@ -202,18 +224,23 @@ class _Publisher:
         self.catalog = catalog
         self.models = models
         self.heartbeat = settings.model_heartbeat
-        self.published: dict[Key, str] = {}
+        self.published: dict[Key, str | None] = {}
         self._disagreeing: set[tuple[Key, str]] = set()
 
     async def run(self) -> None:
         from .deployments import ModelState
 
         while True:
-            serving = {
-                (d.name, d.version): description_of(d)
+            # A version still loading is announced without a description: it is being served (its queue
+            # must not be failed as nobody's), but API processes cannot describe it from that.
+            serving: dict[Key, str | None] = {
+                (d.name, d.version): None for d in self.models if d.pool is not None and d.state is ModelState.LOADING
+            }
+            serving.update(
+                ((d.name, d.version), description_of(d))
                 for d in self.models
                 if d.pool is not None and d.state is ModelState.READY and d.description is not None
-            }
+            )
             try:
                 gone = [key for key in self.published if key not in serving]
                 await self.catalog.withdraw(gone)
@@ -273,7 +300,6 @@ class CatalogFollower:
         self.on_change = on_change
         """Called after the set of models (or a description) changed: the OpenAPI document follows."""
         self._published: dict[Deployment, str] = {}  # deployments made here from a description: which
-        self._unserved_since: dict[Key, float] = {}  # versions no one has ever announced: since we looked
         self._bad: set[str] = set()  # descriptions that could not be read (logged once)
 
     async def follow_forever(self, sleep: Callable[[float], Any] = asyncio.sleep) -> None:
@@ -288,12 +314,24 @@ class CatalogFollower:
 
     async def refresh(self) -> None:
         """One round: read the catalog, add and update models, fail what waits for a model no one serves."""
-        state = await self.catalog.read()
+        state = await self.catalog.read([(d.name, d.version) for d in self.models])
         changed = False
-        for key, text in state.known.items():
-            changed |= await self._follow(key, text, state)
+        async with self.models.lock:  # not while a repository load or unload reads, then changes, the set
+            self._published = {d: t for d, t in self._published.items() if self.models.get(d.name, d.version) is d}
+            for retired in [d for d in self._published if (d.name, d.version) not in state.known]:
+                self._forget(retired)  # another API process retired it from the catalog
+                changed = True
+            for key, text in state.known.items():
+                if key not in self.models.unloaded:
+                    changed |= await self._follow(key, text, state)
+        sweeps: bool | None = None  # asked for the lease only when there is something to sweep
         for deployment in self.models:
-            await self._check_served(deployment, state)
+            if self._check_served(deployment, state):
+                if sweeps is None:
+                    sweeps = await self.catalog.sweep_lease(SWEEP_LEASE * self.settings.model_heartbeat)
+                if sweeps:
+                    await self._fail_queued(deployment, deployment.unavailable or "")
+                    changed |= await self._retire(deployment, state)
         if changed:
             self.on_change()
 
@@ -332,7 +370,8 @@ class CatalogFollower:
             log.info("model %s version %s: its workers publish a new description; serving that", *key)
         return True
 
-    async def _check_served(self, deployment: Deployment, state: CatalogState) -> None:
+    def _check_served(self, deployment: Deployment, state: CatalogState) -> bool:
+        """Count the version's workers and name conflicts; True if it is unavailable (to be swept)."""
         key = (deployment.name, deployment.version)
         live = state.servers.get(key, {})
         deployment.served_by = len(live)
@@ -349,17 +388,16 @@ class CatalogFollower:
             if conflict:
                 log.warning("%s; requests are checked against the one published first", conflict)
             deployment.conflict = conflict
-        if live or deployment.pool is not None:  # workers here serve it, announced or still loading
-            self._unserved_since.pop(key, None)
+        if _served(state, key) or deployment.pool is not None:  # workers serve it, or load it; or here
             deployment.unavailable = None
-            return
+            return False
         since = state.served_until.get(key)
-        if since is None:
-            since = self._unserved_since.setdefault(key, state.now)  # never announced: since we know of it
+        if since is None:  # never announced: since some process first looked for it
+            since = state.first_seen.get(key, state.now)
         unserved = state.now - since
         if unserved <= self.settings.unserved_grace:
             deployment.unavailable = None
-            return
+            return False
         if deployment.unavailable is None:
             log.warning(
                 "model %s version %s: no worker has served it for %.0f s (--unserved-grace %.0f s): its queued "
@@ -372,7 +410,32 @@ class CatalogFollower:
             f"no worker has served model {key[0]} version {key[1]} for {unserved:.0f} s "
             f"(--unserved-grace {self.settings.unserved_grace:g} s)"
         )
-        await self._fail_queued(deployment, deployment.unavailable)
+        return True
+
+    async def _retire(self, deployment: Deployment, state: CatalogState) -> bool:
+        """Forget a version only the catalog served here, unserved past the grace and --catalog-retention
+        with nothing left in its queue: the catalog would otherwise keep every version ever announced."""
+        key = (deployment.name, deployment.version)
+        since = state.served_until.get(key)
+        limit = self.settings.unserved_grace + self.settings.catalog_retention
+        if deployment not in self._published or since is None or state.now - since <= limit:
+            return False
+        async with self.models.lock:
+            if self.models.get(*key) is not deployment or not await self.catalog.retire(key):
+                return False
+            self._forget(deployment)
+        return True
+
+    def _forget(self, deployment: Deployment) -> None:
+        self.models.discard(deployment)
+        self._published.pop(deployment, None)
+        if self.models.deployer is not None:
+            self.models.deployer.end(deployment)
+        log.info(
+            "model %s version %s: unserved past --catalog-retention, with nothing queued: forgotten",
+            deployment.name,
+            deployment.version,
+        )
 
     async def _fail_queued(self, deployment: Deployment, why: str) -> None:
         from .backends.base import ListsEntries
@@ -380,20 +443,26 @@ class CatalogFollower:
         queue = deployment.queue
         if not isinstance(queue, ListsEntries):
             return
-        jobs = await queue.entries(SWEEP_BATCH)
+        # Only entries no live worker holds: the catalog says no one announces the version, but a worker
+        # may have taken an entry before its first announcement landed, or be cut off from announcing
+        # while it runs; the queue's pending list (touched by a live holder) is the evidence _claim uses.
+        jobs = await queue.unheld(await queue.entries(SWEEP_BATCH))
         if not jobs:
             return
-        ids = [job.prediction_id for job in jobs]
         error = ModelUnavailable(f"{why}: not run").to_dict()
-        failed = await self.store.fail_queued([Outcome(pid, error=error) for pid in ids])
-        # One still running was held by a worker that is gone too (no live worker is left to take it
-        # over): it ends as well, having started.
-        lost = ModelUnavailable(f"{why}: the worker running it is gone").to_dict()
+        failed = await self.store.fail_queued([Outcome(job.prediction_id, error=error) for job in jobs])
         ended = {p.prediction_id for p in failed}
-        if rest := [Outcome(pid, error=lost) for pid in ids if pid not in ended]:
-            failed += await self.store.finish(rest)
-        # Every record of the batch is finished (or gone) now: none of its entries is work any more.
-        await queue.ack(jobs)
+        done = [job for job in jobs if job.prediction_id in ended]
+        # One started (or finished, its entry not yet acknowledged) was held by a worker untouched for
+        # --claim-idle: lost. Unless a worker has announced the version meanwhile, it ends as well.
+        if rest := [job for job in jobs if job.prediction_id not in ended]:
+            key = (deployment.name, deployment.version)
+            if not _served(await self.catalog.read([key]), key):
+                lost = ModelUnavailable(f"{why}: the worker running it is gone").to_dict()
+                failed += await self.store.finish([Outcome(job.prediction_id, error=lost) for job in rest])
+                done += rest
+        # Those records are finished (or gone) now: their entries are work no more.
+        await queue.ack(done)
         if failed:
             log.warning(
                 "model %s version %s: %d predictions end failed (model_unavailable)",
@@ -405,3 +474,8 @@ class CatalogFollower:
                 self.metrics.finished(failed)
             logs.state_changes(failed)
             await self.bus.publish(failed)
+
+
+def _served(state: CatalogState, key: Key) -> bool:
+    """Whether some worker announces the version: serving it, or loading it."""
+    return bool(state.servers.get(key) or state.loading.get(key))

@@ -17,7 +17,7 @@ from enum import Enum
 from typing import Any
 
 from .backends import Backend, WorkQueue
-from .errors import ModelNotFound, NotReady
+from .errors import ModelNotFound, ModelUnavailable, NotReady
 from .metrics import Metrics
 from .models import Model, ModelConfigError, ModelSetupError, ModelSpec
 from .queue_policy import QueuePolicy
@@ -134,6 +134,16 @@ class Deployment:
         """Until no prediction is between being stored and being queued."""
         await self._no_submits.wait()
 
+    def unavailable_error(self, message: str | None = None) -> ModelUnavailable:
+        """The answer while no worker serves it (redis), to a new prediction or of a failed one: back
+        within a heartbeat at the soonest, when the catalog is read again."""
+        return ModelUnavailable(message or self.unavailable, retry_after=self.settings.model_heartbeat)
+
+    def check_served(self) -> None:
+        """Raise ModelUnavailable while no worker has served it for longer than --unserved-grace (redis)."""
+        if self.unavailable is not None:
+            raise self.unavailable_error()
+
     def check_ready(self, *, public: bool = False) -> None:
         """Raise NotReady unless this model takes predictions now. `public` (for /readyz, which needs no
         token) names a failed model without the reason, which may hold paths: GET /models has it."""
@@ -163,6 +173,7 @@ class Deployment:
             "state": self.state.value,
             "error": self.error,
             "default": self.is_default,
+            "streams": self.streams,
             **({"served_by": self.served_by} if self.served_by is not None else {}),
             **({"conflict": self.conflict} if self.conflict else {}),
             **({"unavailable": self.unavailable} if self.unavailable else {}),
@@ -195,6 +206,12 @@ class Deployments:
             raise ModelConfigError("no model to serve")
         self.deployer = deployer
         """What makes and ends deployments (None: a fixed set, as tests build it)."""
+        self.lock = asyncio.Lock()
+        """Held by whatever reads the set, then changes it, at runtime (a repository load or unload, the
+        catalog follower adding what workers publish), so that two never change it from one reading."""
+        self.unloaded: set[tuple[str, str]] = set()
+        """Versions an operator unloaded (the repository's unload): not served again from the catalog of
+        a shared backend until loaded here again."""
         self._all: list[Deployment] = []
         self._by_key: dict[tuple[str, str], Deployment] = {}
         for d in deployments:
@@ -222,6 +239,12 @@ class Deployments:
         self._all = [d for d in self._all if d not in gone]
         self._by_key = {(d.name, d.version): d for d in self._all}
         return gone
+
+    def discard(self, deployment: Deployment) -> None:
+        """Serve this one version no more (not the default)."""
+        if deployment is not self.default:
+            self._all = [d for d in self._all if d is not deployment]
+            self._by_key = {(d.name, d.version): d for d in self._all}
 
     def replace(self, old: Deployment, new: Deployment) -> None:
         """Serve `new` in place of `old`, of the same version (a failed one, loaded again); the default

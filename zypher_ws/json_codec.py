@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np  # at import: only the server imports this module, and its models load numpy anyway
@@ -35,6 +36,16 @@ def dumps(value: Any) -> bytes:
 
 def dumps_str(value: Any) -> str:
     return dumps(value).decode()
+
+
+def dumps_fields_str(value: Any, as_dict: Callable[[], Any]) -> str:
+    """A dataclass as `dumps_str(as_dict())` writes it, without building the dict: orjson writes a
+    dataclass's fields itself, in order (a durable store writes every record on every state change).
+    `as_dict` is the fallback for what orjson refuses, which goes through the standard library."""
+    try:
+        return orjson.dumps(value, option=_OPTIONS).decode()
+    except orjson.JSONEncodeError:
+        return dumps_str(as_dict())
 
 
 def loads(data: str | bytes) -> Any:

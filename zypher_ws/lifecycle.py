@@ -6,6 +6,7 @@ transaction, a Redis WATCH/MULTI), so the rules live once and no store can drift
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from .errors import AlreadyFinished, DeadlineExceeded, IdempotencyConflict, NotFound, WorkerLost
@@ -57,12 +58,18 @@ def cancel(current: Prediction | None, prediction_id: str, ttl: float) -> Predic
 
 
 def append_chunks(
-    current: Prediction | None, start: int, chunks: list[Any], progress: dict[str, Any] | None
+    current: Prediction | None,
+    start: int,
+    chunks: list[Any],
+    progress: dict[str, Any] | None,
+    *,
+    now: float | None = None,
 ) -> Prediction | None:
     """A running stream's chunks from index `start` committed (and its progress); None if nothing changes.
 
     A canceled one takes them too: the chunks its generator yielded before it saw the cancel stay. Chunks
-    already stored (a commit retried) are not stored twice.
+    already stored (a commit retried) are not stored twice. New chunks may make a webhook's `output`
+    event pending (Webhook.on_output, at `now`), in the same write.
     """
     if current is None or not current.stream or current.status not in (Status.RUNNING, Status.CANCELED):
         return None
@@ -72,7 +79,11 @@ def append_chunks(
     fresh = chunks[len(have) - start :]
     if not fresh and progress == current.progress:
         return None
-    return current.streamed(have + fresh, progress)
+    changed = current.streamed(have + fresh, progress)
+    if fresh and changed.webhook is not None:
+        at = time.time() if now is None else now
+        changed = changed.with_webhook(changed.webhook.on_output(len(changed.result), at))
+    return changed
 
 
 def recover(current: Prediction, max_attempts: int, ttl: float) -> Prediction:

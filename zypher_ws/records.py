@@ -72,7 +72,9 @@ def _utc_second(second: int) -> str:
 
 
 WEBHOOK_EVENTS = ("start", "output", "completed")
-"""Cog's event names, in lifecycle order. `output` is accepted in a filter; nothing sends it yet."""
+"""Cog's event names, in lifecycle order."""
+
+OUTPUT_EVERY = 0.5  # seconds: a stream sends `output` at most this often while its chunks come
 
 # How the delivery of a webhook's latest event stands.
 PENDING = "pending"  # an attempt is due at next_attempt_at
@@ -88,6 +90,13 @@ def url_shown(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}{parts.path}"
 
 
+def webhook_id(prediction_id: str, event: str) -> str:
+    """One id per prediction and event (and per chunk count for `output`, `msg_<id>_output_<n>`),
+    derived rather than drawn: writing the same change twice (a retried Redis command) schedules one
+    delivery, and the receiver can tell the event from the id."""
+    return f"msg_{prediction_id}_{event}"
+
+
 @dataclass(frozen=True, slots=True)
 class Webhook:
     """Where a prediction's events go, and how the delivery of its latest event (`event`) stands."""
@@ -101,6 +110,8 @@ class Webhook:
     last_error: str | None = None  # why the last attempt had no answer: timeout, connection_error, ...
     next_attempt_at: float | None = None
     delivered_at: float | None = None
+    output_at: float | None = None  # when the latest `output` event happened (they are at most OUTPUT_EVERY apart)
+    output_chunks: int = 0  # how many chunks the latest `output` event carried: it names the event
 
     def on(self, status: Status, attempts: int, at: float) -> Webhook:
         """After a change to `status`: a new pending event, if the change sends one the filter asks for.
@@ -113,7 +124,26 @@ class Webhook:
             return self
         if event not in self.events:
             return self
-        return Webhook(self.url, self.events, event, PENDING, 0, None, None, at, None)
+        return Webhook(
+            self.url, self.events, event, PENDING, 0, None, None, at, None, self.output_at, self.output_chunks
+        )
+
+    def on_output(self, chunks: int, at: float) -> Webhook:
+        """After a stream's chunks were committed, `chunks` of them in all: a new pending `output` event if
+        the filter asks for it, the last one is OUTPUT_EVERY or longer ago, and nothing ended the stream
+        (the `completed` event carries the chunks from then on)."""
+        if "output" not in self.events or self.event == "completed" or chunks <= self.output_chunks:
+            return self
+        if self.output_at is not None and at - self.output_at < OUTPUT_EVERY:
+            return self
+        return Webhook(self.url, self.events, "output", PENDING, 0, None, None, at, None, at, chunks)
+
+    def event_id(self, prediction_id: str) -> str | None:
+        """The webhook-id of the latest event: one per prediction and event, and per chunk count for
+        `output`, which a stream sends many times."""
+        if self.event is None:
+            return None
+        return webhook_id(prediction_id, f"output_{self.output_chunks}" if self.event == "output" else self.event)
 
     def attempted(self, **changes: Any) -> Webhook:
         return replace(self, **changes)

@@ -34,7 +34,6 @@ class ModelRepository:
         self.settings = settings
         self.models = models
         self._unloading: dict[tuple[str, str], Deployment] = {}
-        self._lock = asyncio.Lock()  # one load or unload at a time: each reads, then changes, the set
 
     def index(self, *, ready_only: bool = False) -> list[dict[str, Any]]:
         """Every version served, being unloaded, or in the repository's folders and not loaded."""
@@ -62,14 +61,23 @@ class ModelRepository:
 
     async def load(self, name: str) -> list[Deployment]:
         """Serve the versions of `name` in the repository not served yet, once each has loaded. Raises
-        BadRequest when there is no repository, the folder is not a model, or a version fails to load."""
+        BadRequest when there is no repository, the folder is not a model, or a version fails to load.
+
+        Versions of `name` unloaded earlier are no longer held back from the catalog of a shared backend:
+        with no files of it here, ones workers publish are served again within a heartbeat."""
         deployer = self.models.deployer
+        forgotten = {key for key in self.models.unloaded if key[0] == name}
+        self.models.unloaded -= forgotten
         if not self.settings.model_repository or deployer is None:
+            if forgotten and deployer is not None:
+                return []
             raise BadRequest("models are loaded from --model-repository, and this server has none")
-        async with self._lock:
+        async with self.models.lock:  # one change at a time: each reads, then changes, the set
             try:
                 specs = await asyncio.to_thread(scan_model, self.settings.model_repository, name)
             except ModelSetupError as exc:
+                if forgotten:
+                    return []
                 raise BadRequest(f"cannot load model {name}: {exc}") from None
             if any((s.name, s.version) in self._unloading for s in specs):
                 raise BadRequest(f"model {name} is still being unloaded; load it once it is gone")
@@ -90,6 +98,7 @@ class ModelRepository:
                 deployer.end(deployment)
             loaded = [d for d in made if d.state is ModelState.READY]
             for deployment in loaded:
+                self.models.unloaded.discard((deployment.name, deployment.version))
                 if deployment.version in served:
                     self.models.replace(served[deployment.version], deployment)
                 else:
@@ -105,7 +114,7 @@ class ModelRepository:
         deployer = self.models.deployer
         if deployer is None:
             raise BadRequest("this server's models are fixed")
-        async with self._lock:
+        async with self.models.lock:
             if not self.models.versions(name):
                 raise ModelNotFound(f"no model {name!r} (models: {', '.join(self.models.names())})")
             if name == self.models.default.name:
@@ -114,6 +123,7 @@ class ModelRepository:
             drains = []
             for deployment in gone:
                 key = (deployment.name, deployment.version)
+                self.models.unloaded.add(key)  # workers may publish it: it stays unloaded here all the same
                 self._unloading[key] = deployment
                 drain = deployer.unload(deployment)
                 drain.add_done_callback(functools.partial(self._gone, key))

@@ -18,7 +18,6 @@ from .deployments import Deployment, Deployments
 from .errors import (
     InvalidWebhook,
     ModelNotFound,
-    ModelUnavailable,
     NotFound,
     NotReady,
     QueueFull,
@@ -73,14 +72,20 @@ class PredictionService:
             self._on_stop.discard(callback)
 
     async def check_ready(self) -> None:
-        """Raise NotReady or BackendUnavailable unless new predictions would be accepted now: every model
-        is loaded (a failed one is named), the store answers, and some model's queue has room."""
+        """Raise NotReady, BackendUnavailable or ModelUnavailable unless new predictions would be accepted
+        now: every model is loaded (a failed one is named), the store answers, some model is served by a
+        worker (redis) and some model's queue has room."""
         if self.stopping:
             raise NotReady("the service is shutting down")
         for deployment in self.models:
             deployment.check_ready(public=True)
         if isinstance(self.store, Checks):
             await self.store.check()
+        # No model is served by any worker (redis): nothing would be taken. One among several is its own 503.
+        unavailable = [d for d in self.models if d.unavailable is not None]
+        if unavailable and len(unavailable) == len(self.models):
+            only = len(unavailable) == 1
+            raise unavailable[0].unavailable_error(None if only else "no worker serves any of this process's models")
         full = [d for d in self.models if await d.queue.depth() >= d.queue.maxsize]
         if len(full) == len(self.models):
             raise NotReady("the queue is full" if len(full) == 1 else "every model's queue is full")
@@ -219,8 +224,7 @@ class PredictionService:
         if self.stopping:
             raise NotReady("the service is shutting down")
         deployment.check_ready()
-        if deployment.unavailable is not None:
-            raise ModelUnavailable(deployment.unavailable, retry_after=self.settings.model_heartbeat)
+        deployment.check_served()
         queue = deployment.queue
         if await queue.depth() >= queue.maxsize:
             raise QueueFull()  # checked first too, so a full queue costs no store write

@@ -172,6 +172,11 @@ class Settings:
         "end failed (model_unavailable) and new ones are refused",
         min=0,
     )  # fmt: skip
+    catalog_retention: float = _opt(
+        86400.0, "seconds past --unserved-grace that API processes keep a model version no worker serves "
+        "(redis); then, its streams empty, it is dropped from the catalog and no longer served",
+        min=0,
+    )  # fmt: skip
     webhook_secrets: tuple[str, ...] = _opt(
         (), "Standard Webhooks signing secrets (whsec_ and the base64 of 24 to 64 random bytes); every delivery "
         "carries one signature per secret, so repeat it while rotating; without one, a webhook is refused",

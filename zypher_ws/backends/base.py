@@ -179,6 +179,11 @@ class ListsEntries(Protocol):
         """Up to `limit` of its jobs, oldest first, whether waiting or held by a worker (`ack` removes them)."""
         ...
 
+    async def unheld(self, jobs: Sequence[Job]) -> list[Job]:
+        """Those of `jobs` (from `entries`) no live worker holds: waiting, or held by a worker that has
+        not touched them for the queue's claim idle time (lost)."""
+        ...
+
 
 @runtime_checkable
 class Releases(Protocol):

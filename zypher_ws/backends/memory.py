@@ -87,6 +87,7 @@ class MemoryStore:
         changed = lifecycle.append_chunks(self._records.get(prediction_id), start, chunks, progress)
         if changed is not None:
             self._records[prediction_id] = changed
+            self._schedule([changed])  # new chunks may make a webhook's `output` due
         return changed
 
     async def sweep(self, now: float) -> int:

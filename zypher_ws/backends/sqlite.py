@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from .. import lifecycle
 from ..errors import StorageFull
-from ..json_codec import dumps_str
+from ..json_codec import dumps_fields_str
 from ..records import IdempotencyKey, Outcome, Prediction, Status
 from ..webhooks.schedule import Delivery, Settlement, scheduled_by
 
@@ -109,6 +109,15 @@ class Checkpointer:
 def _is_full(exc: BaseException) -> bool:
     code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
     return isinstance(exc, sqlite3.OperationalError) and (code == SQLITE_FULL or "disk is full" in str(exc))
+
+
+def _settle(future: asyncio.Future[T], value: T | None, exc: BaseException | None) -> None:
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(value)  # type: ignore[arg-type]  # value is set when exc is not
 
 
 def _nothing(conn: sqlite3.Connection) -> None:
@@ -228,9 +237,7 @@ class SQLiteStore:
                 sync, self._sync_next = self._sync_next, False
                 ops = [op for op, _ in batch]
                 try:
-                    outcomes = await asyncio.get_running_loop().run_in_executor(
-                        self._thread, self._transaction, ops, sync
-                    )
+                    outcomes = await self._commit(ops, sync)
                 except Exception as exc:  # a bug of ours: every waiter hears of it, none waits for ever
                     outcomes = [(False, exc)] * len(batch)
                 for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
@@ -246,6 +253,27 @@ class SQLiteStore:
                         self._on_scheduled()
         finally:
             self._flusher = None
+
+    def _commit(self, ops: list[Op], sync: bool) -> asyncio.Future[list[tuple[bool, Any]]]:
+        """The transaction on the store's thread, its outcome set on the loop in one callback: cheaper
+        than run_in_executor, which chains a second future to the executor's (one hop per commit)."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[list[tuple[bool, Any]]] = loop.create_future()
+
+        def run() -> None:
+            try:
+                outcome = self._transaction(ops, sync)
+            except BaseException as exc:  # handed to the loop, which raises it there
+                settled: tuple[list[tuple[bool, Any]] | None, BaseException | None] = (None, exc)
+            else:
+                settled = (outcome, None)
+            try:
+                loop.call_soon_threadsafe(_settle, done, *settled)
+            except RuntimeError:  # the loop closed meanwhile: nobody is left to tell
+                pass
+
+        self._thread.submit(run)
+        return done
 
     def _transaction(self, ops: list[Op], sync: bool = False) -> list[tuple[bool, Any]]:
         """Run ops in one transaction. If one raises (a conflict), run them again, each in a savepoint,
@@ -316,7 +344,7 @@ class SQLiteStore:
             "INSERT INTO predictions (id, status, expires_at, record) VALUES (?, ?, ?, ?) "
             "ON CONFLICT (id) DO UPDATE SET status = excluded.status, expires_at = excluded.expires_at, "
             "record = excluded.record",
-            (p.prediction_id, p.status.value, p.expires_at, dumps_str(p.to_row())),
+            (p.prediction_id, p.status.value, p.expires_at, dumps_fields_str(p, p.to_row)),
         )
         self._remember(p)
         if p.webhook is not None:
@@ -327,7 +355,7 @@ class SQLiteStore:
         changed = [p for p in updates if p is not None]
         conn.executemany(
             "UPDATE predictions SET status = ?, expires_at = ?, record = ? WHERE id = ?",
-            [(p.status.value, p.expires_at, dumps_str(p.to_row()), p.prediction_id) for p in changed],
+            [(p.status.value, p.expires_at, dumps_fields_str(p, p.to_row), p.prediction_id) for p in changed],
         )
         for p in changed:
             self._remember(p)
@@ -472,40 +500,23 @@ class SQLiteStore:
     async def fail_queued(self, outcomes: Sequence[Outcome]) -> list[Prediction]:
         # Only recovery and the unserved sweep fail queued work, and what they fail was read from the
         # database: an unsaved one (a sync request of this process) is failed from memory all the same.
-        once = [
-            done
-            for o in outcomes
-            if (unsaved := self._in_memory(o.prediction_id)) is not None
-            and (done := lifecycle.fail_queued(unsaved, o, self.ttl)) is not None
-        ]
-        stored = [o for o in outcomes if self._in_memory(o.prediction_id) is None]
-
-        def op(conn: sqlite3.Connection) -> list[Prediction]:
-            for p in once:
-                self._save(conn, p)
-            current = self._load_many(conn, [o.prediction_id for o in stored]) if stored else []
-            return once + self._update(
-                [lifecycle.fail_queued(p, o, self.ttl) for p, o in zip(current, stored, strict=True)], conn
-            )
-
-        ids = [p.prediction_id for p in once]
-        self._writing.update(ids)
-        try:
-            failed = await self._write(op)
-            for pid in ids:
-                self._unsaved.pop(pid, None)
-        finally:
-            self._writing.difference_update(ids)
-        return failed
+        return await self._end(outcomes, lifecycle.fail_queued)
 
     async def finish(self, outcomes: Sequence[Outcome]) -> list[Prediction]:
-        once: list[Prediction] = []  # unsaved ones, written now for the first time, finished
+        return await self._end(outcomes, lifecycle.finish)
+
+    async def _end(
+        self, outcomes: Sequence[Outcome], rule: Callable[[Prediction | None, Outcome, float], Prediction | None]
+    ) -> list[Prediction]:
+        """Apply an ending rule (lifecycle.finish, lifecycle.fail_queued) to each outcome's record and
+        write what changed; returns the records it ended."""
+        once: list[Prediction] = []  # unsaved ones, written now for the first time, ended
         stored: list[Outcome] = []
         for o in outcomes:
             unsaved = self._in_memory(o.prediction_id)
             if unsaved is None:
                 stored.append(o)
-            elif (done := lifecycle.finish(unsaved, o, self.ttl)) is not None:
+            elif (done := rule(unsaved, o, self.ttl)) is not None:
                 once.append(done)
 
         def op(conn: sqlite3.Connection) -> list[Prediction]:
@@ -514,19 +525,17 @@ class SQLiteStore:
             if not stored:
                 return once
             current = self._load_many(conn, [o.prediction_id for o in stored])
-            return once + self._update(
-                [lifecycle.finish(p, o, self.ttl) for p, o in zip(current, stored, strict=True)], conn
-            )
+            return once + self._update([rule(p, o, self.ttl) for p, o in zip(current, stored, strict=True)], conn)
 
         ids = [p.prediction_id for p in once]
         self._writing.update(ids)
         try:
-            finished = await self._write(op)
+            ended = await self._write(op)
             for pid in ids:
                 self._unsaved.pop(pid, None)  # committed: read from the database from now on
         finally:
             self._writing.difference_update(ids)
-        return finished
+        return ended
 
     async def cancel(self, prediction_id: str) -> Prediction:
         unsaved = self._in_memory(prediction_id)

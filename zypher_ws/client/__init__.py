@@ -56,9 +56,11 @@ from .records import (
     WEBHOOK_EVENTS,
     WEBHOOK_GONE,
     WEBHOOK_PENDING,
+    Chunk,
     ErrorDetail,
     ModelRef,
     Prediction,
+    Progress,
     WebhookState,
 )
 from .retry import RetryPolicy
@@ -76,6 +78,7 @@ __all__ = [
     "BackendUnavailable",
     "BadRequest",
     "BodyTooLarge",
+    "Chunk",
     "Client",
     "ConnectionFailed",
     "DeadlineExceeded",
@@ -97,6 +100,7 @@ __all__ = [
     "NotFound",
     "NotReady",
     "Prediction",
+    "Progress",
     "ProtocolError",
     "QueueFull",
     "RateLimited",

@@ -16,8 +16,8 @@ import aiohttp
 from yarl import URL
 
 from .errors import ConnectionFailed, ProtocolError, Timeout, error_from_envelope
-from .live import POLL, LiveSocket, Watcher, unique
-from .records import Prediction
+from .live import POLL, LiveSocket, StreamWatcher, Watcher, unique
+from .records import Chunk, Prediction, Progress
 from .retry import Backoff, Clock, RetryPolicy, Sleep, parse_retry_after
 
 RETRIED_STATUSES = frozenset({429, 503})
@@ -54,6 +54,8 @@ class AsyncClient:
         self._http: aiohttp.ClientSession | None = None
         self._closed = False
         self._live = LiveSocket(self._session, self._url("ws"), token, self.retry, clock, sleep)
+        # Streams on a socket of their own, which keeps their chunks: watches and waits stay as light as before.
+        self._streams = LiveSocket(self._session, self._url("ws"), token, self.retry, clock, sleep, streaming=True)
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -72,6 +74,7 @@ class AsyncClient:
             return
         self._closed = True
         await self._live.close()
+        await self._streams.close()
         if self._http is not None:
             await self._http.close()
 
@@ -99,6 +102,7 @@ class AsyncClient:
         timeout: float | None = None,
         webhook: str | None = None,
         webhook_events_filter: Sequence[str] | None = None,
+        stream: bool = False,
     ) -> Prediction:
         """Run one prediction and return it finished (succeeded, failed or canceled).
 
@@ -112,7 +116,7 @@ class AsyncClient:
         completed). A URL the server will not send to raises InvalidWebhook."""
         started = self._clock()
         hook = _webhook_fields(webhook, webhook_events_filter)
-        data = await self._post_predict(input, model, version, idempotency_key, hook, run_async=False)
+        data = await self._post_predict(input, model, version, idempotency_key, hook, run_async=False, stream=stream)
         prediction = Prediction.from_dict(data)
         if prediction.terminal:
             return prediction
@@ -128,12 +132,14 @@ class AsyncClient:
         idempotency_key: str | None = None,
         webhook: str | None = None,
         webhook_events_filter: Sequence[str] | None = None,
+        stream: bool = False,
     ) -> Prediction:
-        """Queue one prediction and return its record at once (status `queued`); follow it with `wait`
-        or `watch`. Carries an Idempotency-Key (a new uuid4 unless given): retries never queue it twice.
-        `webhook` and `webhook_events_filter` as for `predict`."""
+        """Queue one prediction and return its record at once (status `queued`); follow it with `wait`,
+        `watch` or `stream`. Carries an Idempotency-Key (a new uuid4 unless given): retries never queue it
+        twice. `webhook` and `webhook_events_filter` as for `predict`. `stream=True` asks a model that both
+        streams and batches for its stream (a model that only streams streams anyway)."""
         hook = _webhook_fields(webhook, webhook_events_filter)
-        data = await self._post_predict(input, model, version, idempotency_key, hook, run_async=True)
+        data = await self._post_predict(input, model, version, idempotency_key, hook, run_async=True, stream=stream)
         return Prediction.from_dict(data)
 
     async def get(self, prediction_id: str) -> Prediction:
@@ -179,13 +185,36 @@ class AsyncClient:
         ended while disconnected is not seen: the snapshot on reconnect carries the current one). Where
         WebSocket is unavailable it polls instead. NotFound for an unknown id.
         """
-        ids = unique(prediction_ids)
-        watcher = Watcher(ids)
-        finished = 0
+        async with aclosing(self._follow(self._live, Watcher(unique(prediction_ids)))) as items:
+            async for item in items:
+                assert isinstance(item, Prediction)
+                yield item
+
+    async def stream(
+        self, prediction_id: str, *, from_index: int = -1
+    ) -> AsyncGenerator[Prediction | Chunk | Progress, None]:
+        """What a streaming prediction produces, in order, as it happens: its states (`Prediction`; a
+        queued one again each time its `queue_position` moves), its output chunks (`Chunk`, each index
+        exactly once, from 0, or from `from_index + 1`), and its progress reports (`Progress`). The last
+        item is its terminal state, after its last chunk.
+
+        Streams share a WebSocket of their own. When it drops (or the server restarts), the client
+        reconnects with backoff and asks for the chunks after the last one it has (`from_index`), so none
+        is lost or repeated. Where WebSocket is unavailable it polls the record instead, whose `result`
+        holds the chunks so far. NotFound for an unknown id."""
+        async with aclosing(self._follow(self._streams, StreamWatcher(prediction_id, from_index))) as items:
+            async for item in items:
+                yield item
+
+    async def _follow(
+        self, socket: LiveSocket, watcher: Watcher
+    ) -> AsyncGenerator[Prediction | Chunk | Progress, None]:
+        """What `watcher` is given over `socket` (or by polling, where WebSocket is unavailable), until
+        every one of its ids has had its terminal state."""
         polling: Backoff | None = None
         try:
-            await self._live.add(watcher)
-            while finished < len(ids):
+            await socket.add(watcher)
+            while watcher.remaining or not watcher.queue.empty():
                 if polling is not None and watcher.queue.empty():
                     await self._poll(watcher, polling)
                     continue
@@ -195,12 +224,10 @@ class AsyncClient:
                     continue
                 if isinstance(item, BaseException):
                     raise item
-                assert isinstance(item, Prediction)
-                if item.terminal:
-                    finished += 1
+                assert isinstance(item, (Prediction, Chunk, Progress))
                 yield item
         finally:
-            self._live.remove(watcher)
+            socket.remove(watcher)
 
     async def _poll(self, watcher: Watcher, backoff: Backoff) -> None:
         """One round of GETs over the watcher's unfinished ids; a pause first when nothing was new."""
@@ -227,6 +254,7 @@ class AsyncClient:
         webhook: dict[str, Any],
         *,
         run_async: bool,
+        stream: bool,
     ) -> Any:
         headers = {
             "Content-Type": "application/json",
@@ -234,7 +262,8 @@ class AsyncClient:
         }
         if run_async:
             headers["Prefer"] = "respond-async"
-        body = json.dumps({"input": input, **webhook}, separators=(",", ":"), allow_nan=False).encode()
+        fields: dict[str, Any] = {"input": input, **webhook, **({"stream": True} if stream else {})}
+        body = json.dumps(fields, separators=(",", ":"), allow_nan=False).encode()
         return await self._request("POST", _predict_path(model, version), body=body, headers=headers, dropped_ok=True)
 
     async def _request(

@@ -20,7 +20,7 @@ import aiohttp
 from yarl import URL
 
 from .errors import ApiError, ConnectionFailed, Unauthorized, ZypherClientError, api_error
-from .records import Prediction
+from .records import Chunk, Prediction, Progress, Status
 from .retry import Backoff, Clock, RetryPolicy, Sleep, parse_retry_after
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ class Poll:
 
 POLL = Poll()
 
-Item = Prediction | BaseException | Poll
+Item = Prediction | Chunk | Progress | BaseException | Poll
 
 
 class Watcher:
@@ -66,6 +66,56 @@ class Watcher:
         self.queue.put_nowait(item)
 
 
+class StreamWatcher(Watcher):
+    """A stream of one prediction: its states (a queued one again whenever its queue position moves), its
+    progress reports, and each output chunk exactly once, in index order.
+
+    It takes a chunk only if it is the next index, so the same chunk arriving twice (in a snapshot after a
+    reconnect and in a replayed `output` message) goes out once; the socket asks again for what is missing.
+    """
+
+    def __init__(self, prediction_id: str, from_index: int = -1) -> None:
+        super().__init__([prediction_id])
+        self.prediction_id = prediction_id
+        self.next_index = from_index + 1  # the chunk it takes next
+        self._position: int | None = None
+
+    def offer(self, prediction: Prediction) -> bool:
+        """Take the chunks this state carries that are new, and the state itself if it is new: the
+        chunks before a terminal state, after any other."""
+        if prediction.prediction_id != self.prediction_id or not self.remaining:
+            return False
+        rank, last = prediction.status.rank, self._last_rank.get(self.prediction_id, -1)
+        moved = rank == last and not prediction.terminal and prediction.queue_position != self._position
+        taken = rank > last or moved
+        if taken and not prediction.terminal:
+            self._take_state(prediction)
+        chunks = prediction.result if isinstance(prediction.result, list) and rank > 0 else []
+        for index in range(self.next_index, len(chunks)):
+            self.offer_chunk(index, chunks[index])
+        if taken and prediction.terminal:
+            self._take_state(prediction)
+            self.remaining.clear()
+        return taken
+
+    def _take_state(self, prediction: Prediction) -> None:
+        self._last_rank[self.prediction_id] = prediction.status.rank
+        self._position = prediction.queue_position
+        self.queue.put_nowait(prediction)
+
+    def offer_chunk(self, index: int, value: Any) -> bool:
+        """Take chunk `index` if it is the next one; False for a repeat or one past a gap."""
+        if index != self.next_index or not self.remaining:
+            return False
+        self.next_index += 1
+        self.queue.put_nowait(Chunk(self.prediction_id, index, value))
+        return True
+
+    def offer_progress(self, progress: Progress) -> None:
+        if self.remaining:
+            self.queue.put_nowait(progress)
+
+
 def ws_protocols(token: str | None) -> tuple[tuple[str, ...], str | None]:
     """The subprotocols to offer, and the token to send as the first message instead (one that cannot
     stand in a protocol name). Either way the token never goes in the URL."""
@@ -85,6 +135,8 @@ class LiveSocket:
         policy: RetryPolicy,
         clock: Clock,
         sleep: Sleep,
+        *,
+        streaming: bool = False,
     ) -> None:
         self._session = session
         self._url = url
@@ -94,6 +146,10 @@ class LiveSocket:
         self._sleep = sleep
         self._watchers: dict[str, set[Watcher]] = {}
         self._latest: dict[str, Prediction] = {}  # the last state this socket saw of each watched id
+        # A socket of streams keeps each watched id's chunks so far: a second stream of the same id starts
+        # from them, and a resubscribe asks only for what comes after (`from_index`).
+        self._streaming = streaming
+        self._chunks: dict[str, list[Any]] = {}
         self._ws: aiohttp.ClientWebSocketResponse[bool] | None = None
         self._send_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
@@ -113,6 +169,11 @@ class LiveSocket:
             latest = self._latest.get(pid)
             if latest is not None:  # already subscribed by another watcher: its snapshot went to them
                 watcher.offer(latest)
+                if isinstance(watcher, StreamWatcher):
+                    for index, value in enumerate(self._chunks.get(pid, ())):
+                        watcher.offer_chunk(index, value)
+            if self._streaming:
+                self._chunks.setdefault(pid, [])
         if self.unavailable:
             watcher.tell(POLL)
         elif self._task is None or self._task.done():
@@ -131,6 +192,7 @@ class LiveSocket:
             if not watchers:
                 del self._watchers[pid]
                 self._latest.pop(pid, None)
+                self._chunks.pop(pid, None)
                 dropped.append(pid)
         ws = self._ws
         if dropped and ws is not None and not ws.closed:
@@ -141,6 +203,7 @@ class LiveSocket:
             watcher.tell(item)
         self._watchers.clear()
         self._latest.clear()
+        self._chunks.clear()
 
     # -- the connection -------------------------------------------------------------------------------
 
@@ -212,6 +275,11 @@ class LiveSocket:
         return ws.close_code, answered
 
     async def _subscribe(self, ws: aiohttp.ClientWebSocketResponse[bool], ids: list[str]) -> None:
+        resumed = [pid for pid in ids if self._chunks.get(pid)]
+        for pid in resumed:  # chunks up to this index are here already: the server replays the rest
+            await self._send(ws, {"op": "subscribe", "prediction_id": pid, "from_index": len(self._chunks[pid]) - 1})
+        if resumed:
+            ids = [pid for pid in ids if not self._chunks.get(pid)]
         for start in range(0, len(ids), SUBSCRIBE_CHUNK):
             await self._send(ws, {"op": "subscribe", "prediction_ids": ids[start : start + SUBSCRIBE_CHUNK]})
 
@@ -236,6 +304,12 @@ class LiveSocket:
                 log.warning("ignoring a WebSocket record: %s", exc)
                 return
             self._deliver(prediction)
+        elif kind == "output" and self._streaming:
+            self._output(message)
+        elif kind == "progress" and self._streaming:
+            self._progress(message)
+        elif kind == "queue" and self._streaming:
+            self._queue(message)
         elif kind == "error":
             self._error(message)
         # pong, authenticated, shutdown (a close follows, and then the reconnect): nothing to do
@@ -248,11 +322,64 @@ class LiveSocket:
         latest = self._latest.get(pid)
         if latest is None or prediction.status.rank >= latest.status.rank:
             self._latest[pid] = prediction
+        chunks = self._chunks.get(pid)
+        if chunks is not None and isinstance(prediction.result, list) and prediction.status.rank > 0:
+            chunks.extend(prediction.result[len(chunks) :])
         for watcher in tuple(watchers):
             watcher.offer(prediction)
         if prediction.terminal:  # the server's watch has ended too
             del self._watchers[pid]
             self._latest.pop(pid, None)
+            self._chunks.pop(pid, None)
+
+    def _output(self, message: dict[str, Any]) -> None:
+        pid, index = message.get("prediction_id"), message.get("index")
+        if not isinstance(pid, str) or not isinstance(index, int) or "chunk" not in message:
+            log.warning("ignoring an output message without prediction_id, index and chunk")
+            return
+        chunks = self._chunks.get(pid)
+        if chunks is None or index < len(chunks):
+            return  # not watched, or a chunk we have (a snapshot carried it)
+        if index > len(chunks):
+            # A gap (not what the server promises, but cheap to mend): ask again from the last one we have
+            # (unsubscribing first, since subscribing to an id already watched changes nothing).
+            ws = self._ws
+            if ws is not None:
+                resume: dict[str, Any] = {"op": "subscribe", "prediction_id": pid}
+                if chunks:
+                    resume["from_index"] = len(chunks) - 1
+                self._spawn(self._resubscribe(ws, pid, resume))
+            return
+        chunks.append(message["chunk"])
+        for watcher in tuple(self._watchers.get(pid, ())):
+            if isinstance(watcher, StreamWatcher):
+                watcher.offer_chunk(index, message["chunk"])
+
+    def _queue(self, message: dict[str, Any]) -> None:
+        """A queued prediction's new place in line: its last state again, with that place."""
+        pid = message.get("prediction_id")
+        latest = self._latest.get(pid) if isinstance(pid, str) else None
+        if latest is None or latest.status is not Status.QUEUED:
+            return
+        moved = latest.moved_in_line(message)
+        self._latest[latest.prediction_id] = moved
+        for watcher in tuple(self._watchers.get(latest.prediction_id, ())):
+            watcher.offer(moved)
+
+    async def _resubscribe(self, ws: aiohttp.ClientWebSocketResponse[bool], pid: str, resume: dict[str, Any]) -> None:
+        await self._send(ws, {"op": "unsubscribe", "prediction_id": pid})
+        await self._send(ws, resume)
+
+    def _progress(self, message: dict[str, Any]) -> None:
+        pid = message.get("prediction_id")
+        if not isinstance(pid, str):
+            return
+        progress = Progress.from_dict(pid, message)
+        if progress is None:
+            return
+        for watcher in tuple(self._watchers.get(pid, ())):
+            if isinstance(watcher, StreamWatcher):
+                watcher.offer_progress(progress)
 
     def _error(self, message: dict[str, Any]) -> None:
         error = message.get("error")

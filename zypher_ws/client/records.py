@@ -3,7 +3,7 @@ ignored, so a newer server works; they stay in `raw`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -16,9 +16,11 @@ __all__ = [
     "WEBHOOK_EVENTS",
     "WEBHOOK_GONE",
     "WEBHOOK_PENDING",
+    "Chunk",
     "ErrorDetail",
     "ModelRef",
     "Prediction",
+    "Progress",
     "Status",
     "WebhookState",
 ]
@@ -45,6 +47,33 @@ class ErrorDetail:
 
 
 @dataclass(frozen=True, slots=True)
+class Chunk:
+    """One output chunk of a streaming prediction: `index` counts from 0, in the order the model yielded."""
+
+    prediction_id: str
+    index: int
+    value: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """A streaming model's report of how far it is: `fraction` from 0 to 1, and an optional message."""
+
+    prediction_id: str
+    fraction: float
+    message: str | None = None
+
+    @classmethod
+    def from_dict(cls, prediction_id: str, value: Any) -> Progress | None:
+        if not isinstance(value, dict):
+            return None
+        fraction, message = value.get("fraction"), value.get("message")
+        if not isinstance(fraction, (int, float)) or isinstance(fraction, bool):
+            return None
+        return cls(prediction_id, float(fraction), message if isinstance(message, str) else None)
+
+
+@dataclass(frozen=True, slots=True)
 class WebhookState:
     """Where a prediction's webhook goes and how the delivery of its latest event stands (docs/webhooks.md)."""
 
@@ -53,7 +82,8 @@ class WebhookState:
     events: tuple[str, ...]
     """The filter: `start`, `output`, `completed`."""
     event: str | None = None
-    """`"start"` or `"completed"` (of WEBHOOK_EVENTS): the latest event sent or being sent; None until the first."""
+    """`"start"`, `"output"` or `"completed"` (of WEBHOOK_EVENTS): the latest event sent or being sent; None
+    until the first."""
     state: str | None = None
     """A WEBHOOK_* string: `"pending"`, `"delivered"`, `"gone"` (the receiver answered 410) or
     `"dead_lettered"`; None until the first event."""
@@ -84,6 +114,12 @@ class Prediction:
     expires_at: datetime | None = None
     attempts: int = 0
     batch_size: int | None = None
+    queue_position: int | None = None
+    """While queued, how many predictions run before it (0: it is next), where the server tells."""
+    estimated_start_at: datetime | None = None
+    """While queued, when the server expects it to start, from its recent throughput."""
+    progress: Progress | None = None
+    """What a streaming model last reported of its progress."""
     webhook: WebhookState | None = None
     """None for a prediction submitted without a webhook."""
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -97,6 +133,14 @@ class Prediction:
     @property
     def succeeded(self) -> bool:
         return self.status is Status.SUCCEEDED
+
+    def moved_in_line(self, message: dict[str, Any]) -> Prediction:
+        """The same state at another place in line: a `queue` message's queue_position and estimated_start_at."""
+        return replace(
+            self,
+            queue_position=_int_or_none(message.get("queue_position")),
+            estimated_start_at=_time(message.get("estimated_start_at")),
+        )
 
     @classmethod
     def from_dict(cls, data: Any) -> Prediction:
@@ -123,6 +167,9 @@ class Prediction:
             expires_at=_time(data.get("expires_at")),
             attempts=attempts if isinstance(attempts, int) else 0,
             batch_size=_int_or_none(metrics.get("batch_size")) if isinstance(metrics, dict) else None,
+            queue_position=_int_or_none(data.get("queue_position")),
+            estimated_start_at=_time(data.get("estimated_start_at")),
+            progress=Progress.from_dict(pid, data.get("progress")),
             webhook=_webhook(data.get("webhook")),
             raw=data,
         )

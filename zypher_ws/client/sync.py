@@ -11,10 +11,10 @@ import threading
 import time
 from collections.abc import AsyncGenerator, Coroutine, Iterable, Iterator, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from .aio import AsyncClient
-from .records import Prediction
+from .records import Chunk, Prediction, Progress
 from .retry import Clock, RetryPolicy, Sleep
 
 T = TypeVar("T")
@@ -93,6 +93,7 @@ class Client:
         timeout: float | None = None,
         webhook: str | None = None,
         webhook_events_filter: Sequence[str] | None = None,
+        stream: bool = False,
     ) -> Prediction:
         """Run one prediction and return it finished; see AsyncClient.predict."""
         return self._run(
@@ -104,6 +105,7 @@ class Client:
                 timeout=timeout,
                 webhook=webhook,
                 webhook_events_filter=webhook_events_filter,
+                stream=stream,
             )
         )
 
@@ -116,6 +118,7 @@ class Client:
         idempotency_key: str | None = None,
         webhook: str | None = None,
         webhook_events_filter: Sequence[str] | None = None,
+        stream: bool = False,
     ) -> Prediction:
         """Queue one prediction; its record at once. See AsyncClient.submit."""
         return self._run(
@@ -126,6 +129,7 @@ class Client:
                 idempotency_key=idempotency_key,
                 webhook=webhook,
                 webhook_events_filter=webhook_events_filter,
+                stream=stream,
             )
         )
 
@@ -142,21 +146,27 @@ class Client:
     def watch(self, prediction_ids: Iterable[str]) -> Iterator[Prediction]:
         """Each new state of these predictions until every one is finished; see AsyncClient.watch.
         Leaving the loop early (or closing the iterator) ends the watch."""
-        states = self._async.watch(list(prediction_ids))
+        return self._iterate(self._async.watch(list(prediction_ids)))
+
+    def stream(self, prediction_id: str, *, from_index: int = -1) -> Iterator[Prediction | Chunk | Progress]:
+        """A streaming prediction's states, chunks and progress in order, ending with its terminal state;
+        see AsyncClient.stream. Leaving the loop early (or closing the iterator) ends the stream."""
+        return self._iterate(self._async.stream(prediction_id, from_index=from_index))
+
+    def _iterate(self, items: AsyncGenerator[T, None]) -> Iterator[T]:
         try:
             while True:
-                state = self._run(_next_or_end(states))
-                if state is _END:
+                item = self._run(_next_or_end(items))
+                if item is _END:
                     return
-                assert isinstance(state, Prediction)
-                yield state
+                yield cast(T, item)  # not _END, so a T
         finally:
             if not self._closed:
-                self._run(states.aclose())
+                self._run(items.aclose())
 
 
-async def _next_or_end(states: AsyncGenerator[Prediction, None]) -> object:
+async def _next_or_end(items: AsyncGenerator[T, None]) -> T | object:
     try:
-        return await states.__anext__()
+        return await items.__anext__()
     except StopAsyncIteration:
         return _END

@@ -87,8 +87,7 @@ async def model_metadata(request: web.Request) -> web.Response:
 async def model_ready(request: web.Request) -> web.Response:
     deployment = _deployment(request)
     deployment.check_ready()
-    if deployment.unavailable is not None:  # no worker serves it (redis): it would take nothing
-        raise ModelUnavailable(deployment.unavailable, retry_after=request.app[SETTINGS].model_heartbeat)
+    deployment.check_served()  # no worker serves it (redis): it would take nothing
     return json_response({"name": deployment.name, "version": deployment.version, "ready": True})
 
 
@@ -180,12 +179,12 @@ async def infer(request: web.Request) -> web.Response:
         protocol=oip.PROTOCOL,
         timeout=service.settings.sync_timeout,
     )
-    response = _answer(prediction, parsed)
+    response = _answer(prediction, parsed, deployment)
     response[PREDICTION_ID] = prediction.prediction_id
     return response
 
 
-def _answer(prediction: Prediction, parsed: oip.InferRequest) -> web.Response:
+def _answer(prediction: Prediction, parsed: oip.InferRequest, deployment: Deployment) -> web.Response:
     location = f"/predict/{prediction.prediction_id}"
     if not prediction.status.terminal:
         message = f"the inference is still {prediction.status.value}; its record is at {location}"
@@ -195,7 +194,7 @@ def _answer(prediction: Prediction, parsed: oip.InferRequest) -> web.Response:
             headers={"Location": location},
         )
     if prediction.status is not Status.SUCCEEDED:
-        return oip_error_response(_recorded_error(prediction))
+        return oip_error_response(_recorded_error(prediction, deployment))
     answer = prediction.result
     binary = parsed.binary_outputs([o["name"] for o in answer["outputs"]])
     body, header_length = oip.encode(answer, binary)
@@ -208,9 +207,13 @@ def _answer(prediction: Prediction, parsed: oip.InferRequest) -> web.Response:
     )
 
 
-def _recorded_error(prediction: Prediction) -> ZypherError:
+def _recorded_error(prediction: Prediction, deployment: Deployment) -> ZypherError:
     """The error a finished, unsuccessful prediction records, as an error of its class (its status)."""
     if prediction.status is Status.CANCELED:
         return AlreadyFinished(f"prediction {prediction.prediction_id} was canceled")
     error = prediction.error or {}
-    return error_class_for_code(error.get("code", ""))(error.get("message", "the inference failed"))
+    kind = error_class_for_code(error.get("code", ""))
+    message = error.get("message", "the inference failed")
+    if issubclass(kind, ModelUnavailable):  # its Retry-After as a refused submit's: one rule
+        return deployment.unavailable_error(message)
+    return kind(message)

@@ -261,6 +261,7 @@ MODEL_VERSION = {
         "state": {"type": "string", "enum": ["loading", "ready", "failed"]},
         "error": {"type": "string", "nullable": True, "description": "why it failed to load"},
         "default": {"type": "boolean", "description": "the model version POST /predict runs"},
+        "streams": {"type": "boolean", "description": "it has predict_stream: a request may ask for `stream: true`"},
         "served_by": {
             "type": "integer",
             "description": "redis: how many worker processes announce they serve it (docs/scaling.md)",

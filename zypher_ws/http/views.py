@@ -345,7 +345,7 @@ async def readyz(request: web.Request) -> web.Response:
     tags: [health]
     responses:
       '200': {description: 'Ready', content: {application/json: {schema: {$ref: '#/components/schemas/Status'}}}}
-      '503': {description: 'Model not loaded, backend unavailable or queue full', content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}
+      '503': {description: 'Model not loaded, backend unavailable, no model served by any worker or every queue full', content: {application/json: {schema: {$ref: '#/components/schemas/Error'}}}}
     """
     await request.app[SERVICE].check_ready()
     return json_response({"status": "ready"})

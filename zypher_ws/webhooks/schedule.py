@@ -64,15 +64,11 @@ class Delivery:
         )  # fmt: skip
 
 
-def webhook_id(prediction_id: str, event: str) -> str:
-    """One id per prediction and event, derived rather than drawn: writing the same change twice (a
-    retried Redis command) schedules one delivery, and the receiver can tell the event from the id."""
-    return f"msg_{prediction_id}_{event}"
-
-
-def _event_of(p: Prediction) -> str | None:
+def _event_of(p: Prediction, pending: str) -> str | None:
     if p.status.terminal:
         return "completed"
+    if p.status is Status.RUNNING and pending == "output":
+        return "output"  # chunks committed: the event is named by their count (Webhook.event_id)
     if p.status is Status.RUNNING and p.attempts == 1:
         return "start"
     return None
@@ -84,10 +80,12 @@ def scheduled_by(p: Prediction) -> Delivery | None:
     w = p.webhook
     if w is None or w.state != PENDING or w.attempts or w.next_attempt_at is None:
         return None
-    event, at = _event_of(p), w.next_attempt_at
+    event, at = _event_of(p, w.event or ""), w.next_attempt_at
     if event is None or w.event != event:
         return None
-    return Delivery(webhook_id(p.prediction_id, event), p.prediction_id, event, w.url, payload(p, event, at), at, at)
+    ident = w.event_id(p.prediction_id)
+    assert ident is not None
+    return Delivery(ident, p.prediction_id, event, w.url, payload(p, event, at), at, at)
 
 
 def payload(p: Prediction, event: str, at: float) -> bytes:
@@ -130,8 +128,11 @@ class Settlement:
         )
 
     def applies_to(self, p: Prediction | None) -> bool:
-        """Whether the record still shows this event (a later one replaces it, as `completed` does `start`)."""
-        return p is not None and p.webhook is not None and p.webhook.event == self.delivery.event
+        """Whether the record still shows this event (a later one replaces it, as `completed` does `start`
+        and a later `output` an earlier one)."""
+        return (
+            p is not None and p.webhook is not None and p.webhook.event_id(p.prediction_id) == self.delivery.webhook_id
+        )
 
 
 def settle(

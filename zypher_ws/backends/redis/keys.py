@@ -40,6 +40,18 @@ class RedisKeys:
         """A hash `name:version` -> until when (ms, Redis's clock) some worker's announcement of it holds."""
         return f"{self.prefix}:models:served-until"
 
+    @property
+    def models_first_seen(self) -> str:
+        """A hash `name:version` -> when (ms, Redis's clock) an API process first served a version that no
+        worker had announced: its --unserved-grace runs from then, the same in every process."""
+        return f"{self.prefix}:models:first-seen"
+
+    @property
+    def models_sweep_lease(self) -> str:
+        """Held (SET NX PX, for most of a heartbeat) by the API process that fails the predictions of
+        versions no worker serves this round."""
+        return f"{self.prefix}:models:sweep-lease"
+
     def model_servers(self, model: str, version: str) -> str:
         """A sorted set of the workers serving one model version, scored by when their announcement
         expires (ms); the hash of what each publishes is this key + `:descriptions`. The catalog's

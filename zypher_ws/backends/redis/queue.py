@@ -116,59 +116,68 @@ return taken
 """
 
 
-# Moves up to 100 entries of the single stream of earlier versions to their model version's stream, by the
-# model named in each record (the record's key and the streams' key start are ARGV 1 and 2); an entry
-# whose record is gone is dropped. One script per page, so two processes starting at once move each once.
-_MOVE_LEGACY = """
-local entries = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 100)
-for _, entry in ipairs(entries) do
-  local fields, pid = entry[2], nil
-  for i = 1, #fields, 2 do if fields[i] == 'id' then pid = fields[i + 1] end end
-  local raw = pid and redis.call('GET', ARGV[1] .. pid)
-  if raw then
-    local record = cjson.decode(raw)
-    redis.call('XADD', ARGV[2] .. record['model_name'] .. ':' .. record['model_version'], '*', 'id', pid)
-  end
-  redis.call('XDEL', KEYS[1], entry[1])
-end
-return #entries
-"""
-
-
-# A model with priority levels reads one stream per level, never its plain stream: what waits there (moved
-# from the single stream of earlier versions, or queued before the model had levels) is moved to the
-# level stream its record names (KEYS[1] the plain stream, then one per level, highest first; ARGV[1] the
-# records' key start). Up to 100 a call; a record gone drops its entry.
-_MOVE_TO_LEVELS = """
+# Moves entries of one stream to others, by what each record names: the single stream of earlier versions
+# to each model version's stream (ARGV[4] 'model', ARGV[5] the streams' key start), or a model's plain
+# stream to its priority levels' streams (ARGV[4] 'levels', KEYS[2..] one per level, highest first: what
+# waits there was queued before the model had levels, or moved from the single stream). ARGV[1] is the
+# records' key start, ARGV[2] the group, ARGV[3] where to start (an id, '(' before it: after it). An entry
+# in the group's pending list is left where it is: a worker of the earlier version may be running it, and
+# acknowledges it there. A record gone drops its entry. Up to 100 entries a call, so two processes
+# starting at once move each once; returns {moved, entries looked at, the last one's id}.
+_MOVE = """
 local levels = #KEYS - 1
-local entries = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 100)
+local entries = redis.call('XRANGE', KEYS[1], ARGV[3], '+', 'COUNT', 100)
+local moved, last = 0, ''
 for _, entry in ipairs(entries) do
-  local fields, pid = entry[2], nil
-  for i = 1, #fields, 2 do if fields[i] == 'id' then pid = fields[i + 1] end end
-  local raw = pid and redis.call('GET', ARGV[1] .. pid)
-  if raw then
-    local level = tonumber(cjson.decode(raw)['priority']) or 0
-    if level < 1 or level > levels then level = levels end
-    redis.call('XADD', KEYS[1 + level], '*', 'id', pid)
+  last = entry[1]
+  local ok, pending = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[2], entry[1], entry[1], 1)
+  if not (ok and #pending > 0) then
+    local fields, pid = entry[2], nil
+    for i = 1, #fields, 2 do if fields[i] == 'id' then pid = fields[i + 1] end end
+    local raw = pid and redis.call('GET', ARGV[1] .. pid)
+    if raw then
+      local record = cjson.decode(raw)
+      local target
+      if ARGV[4] == 'model' then
+        target = ARGV[5] .. record['model_name'] .. ':' .. record['model_version']
+      else
+        local level = tonumber(record['priority']) or 0
+        if level < 1 or level > levels then level = levels end
+        target = KEYS[1 + level]
+      end
+      redis.call('XADD', target, '*', 'id', pid)
+    end
+    redis.call('XDEL', KEYS[1], entry[1])
+    moved = moved + 1
   end
-  redis.call('XDEL', KEYS[1], entry[1])
 end
-return #entries
+return {moved, #entries, last}
 """
+
+
+async def _move_all(move: Any, keys: list[str], args: list[str]) -> int:
+    """Runs the move script page by page over the whole source stream; how many entries it moved."""
+    moved, cursor = 0, "-"
+    while True:
+        count, seen, last = await move(keys=keys, args=[*args[:2], cursor, *args[2:]])
+        moved += int(count)
+        if int(seen) < 100:
+            return moved
+        cursor = f"({_text(last)}"
 
 
 @translate_errors
 async def move_legacy_entries(client: aioredis.Redis, keys: RedisKeys) -> int:
     """Move what waits in the single work stream of earlier versions to each model version's stream, so
-    an upgrade strands nothing that was accepted; returns how many entries were moved."""
-    move = client.register_script(_MOVE_LEGACY)
+    an upgrade strands nothing that was accepted; returns how many entries were moved. Entries a worker
+    of an earlier version holds stay (it acknowledges them there); the stream goes once empty."""
+    move = client.register_script(_MOVE)
     record_prefix, stream_prefix = keys.record(""), keys.queue("", "")[:-1]
-    moved = 0
-    while count := int(await move(keys=[keys.legacy_queue], args=[record_prefix, stream_prefix])):
-        moved += count
+    moved = await _move_all(move, [keys.legacy_queue], [record_prefix, keys.group, "model", stream_prefix])
     if moved:
-        await client.delete(keys.legacy_queue)
         log.warning("moved %d predictions from %s to their models' own streams", moved, keys.legacy_queue)
+    if moved and not await client.xlen(keys.legacy_queue):
+        await client.delete(keys.legacy_queue)
     return moved
 
 
@@ -203,7 +212,7 @@ class RedisQueue:
         self._bounded_add = client.register_script(_BOUNDED_ADD)
         self._depth = client.register_script(_DEPTH)
         self._take_by_level = client.register_script(_TAKE_BY_LEVEL)
-        self._move_to_levels = client.register_script(_MOVE_TO_LEVELS)
+        self._move = client.register_script(_MOVE)
         self._held: set[str] = set()  # receipts of entries this process read and has not acknowledged
         self._reclaimed: deque[Job] = deque()  # ours to run next: taken over, or put back by an interrupt
         self._maintenance: asyncio.Task[None] | None = None
@@ -278,11 +287,14 @@ class RedisQueue:
             except redis.exceptions.ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
+        await self._move_to_levels()
+
+    async def _move_to_levels(self) -> None:
+        """A model with priority levels reads one stream per level, never its plain stream: move what
+        waits there (queued by an API process of an earlier version, say) to its level's stream."""
         if len(self._streams) > 1:
-            moved = 0
-            record_prefix = self._keys.record("")
-            while count := int(await self._move_to_levels(keys=[self._stream, *self._streams], args=[record_prefix])):
-                moved += count
+            keys = [self._stream, *self._streams]
+            moved = await _move_all(self._move, keys, [self._keys.record(""), self._keys.group, "levels"])
             if moved:
                 log.warning("moved %d predictions from %s to its priority levels' streams", moved, self._stream)
 
@@ -396,6 +408,24 @@ class RedisQueue:
         return jobs
 
     @translate_errors
+    async def unheld(self, jobs: Sequence[Job]) -> list[Job]:
+        # The pending list, not a catalog, says whether a worker runs one: a live worker touches what it
+        # holds every claim_idle / 4 (_touch), so an entry idle for claim_idle has no live holder.
+        fresh: set[str] = set()
+        index = {stream: i for i, stream in enumerate(self._streams)}
+        for stream, entry_ids in self._by_stream(job.receipt for job in jobs if job.receipt).items():
+            ordered = sorted(entry_ids, key=_entry_order)
+            pending: Any = await self._redis.xpending_range(
+                stream, self._keys.group, min=ordered[0], max=ordered[-1], count=len(ordered)
+            )
+            fresh.update(
+                self._receipt(index[stream], _text(p["message_id"]))
+                for p in pending
+                if int(p["time_since_delivered"]) < self._claim_idle * 1000
+            )
+        return [job for job in jobs if job.receipt not in fresh]
+
+    @translate_errors
     async def ack(self, jobs: Sequence[Job]) -> None:
         receipts = [job.receipt for job in jobs if job.receipt]
         if not receipts:
@@ -450,6 +480,8 @@ class RedisQueue:
                 pass
             try:
                 await self._touch()
+                # In a rolling upgrade processes of the earlier version go on adding to the plain stream.
+                await self._move_to_levels()
                 for index in cursors:
                     cursors[index] = await self._claim(index, cursors[index])
             except UNAVAILABLE as exc:
@@ -499,6 +531,11 @@ class RedisQueue:
         # Finished, failed or vanished ones need no more work.
         await self.ack([Job(pid, receipt=r) for pid, r in receipts.items() if pid not in rerun])
         return str(cursor)
+
+
+def _entry_order(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
 
 
 def _text(value: Any) -> str:
