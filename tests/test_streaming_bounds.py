@@ -16,11 +16,12 @@ from aiohttp.test_utils import TestClient
 from fakes import WAIT, GatedModel, make_settings
 from helpers import ClientFactory, eventually, listener_count
 from zypher_ws import Progress
-from zypher_ws.backends.memory import LocalEventBus, MemoryStore
+from zypher_ws.backends.memory import LocalEventBus, MemoryQueue, MemoryStore
 from zypher_ws.http.app import create_app
 from zypher_ws.http.keys import SERVICE
 from zypher_ws.models import build, parse_model_option
-from zypher_ws.records import COMMITTED, OUTPUT, PROGRESS, Prediction, Status, StreamEvent
+from zypher_ws.queue_positions import QueuePositions
+from zypher_ws.records import COMMITTED, OUTPUT, PROGRESS, Job, Prediction, Status, StreamEvent
 from zypher_ws.streaming import MAX_PROGRESS_MESSAGE, StreamRun, ToLoop, iterate
 
 ASYNC = {"Prefer": "respond-async"}
@@ -238,3 +239,24 @@ def test_progress_is_coalesced_on_the_executor_s_side_and_its_message_bounded() 
         assert got[-1] == (PROGRESS, 0.5, None) and len(scheduled) == 2
     finally:
         loop.close()
+
+
+async def test_a_watcher_unwatched_by_its_own_tell_is_not_kept() -> None:
+    """A tell whose send drops its socket stops its watch, which unwatches it (and its neighbour on the
+    same socket) in the middle of the tick: neither is put back, and the tick does not trip on them."""
+    queue = MemoryQueue(10)
+    pid = "0" * 32
+    await queue.put(Job(pid))
+    line = QueuePositions()
+    tells: list[Any] = []
+
+    def dropping(position: int, estimate: float | None) -> bool:
+        for tell in tells:
+            line.unwatch(queue, pid, tell)  # the socket goes, with every watch on it
+        return True
+
+    tells += [dropping, lambda p, e: True]
+    for tell in tells:
+        line.watch(queue, pid, tell)
+    await line.tick()
+    assert line.watched() == 0

@@ -109,14 +109,14 @@ class QueuePositions:
                     continue
                 estimate = self._estimate(position, rate)
                 for tell, last in list(watchers.items()):
-                    if last == position:
-                        continue
-                    if tell(position, estimate):
+                    if last == position or tell not in watchers:
+                        continue  # told already, or unwatched meanwhile (a socket dropped by a send)
+                    if not tell(position, estimate):
+                        watchers.pop(tell, None)
+                    elif tell in watchers:  # not unwatched by its own send
                         watchers[tell] = position
-                    else:
-                        del watchers[tell]
-                if not watchers:
-                    line.watchers.pop(pid, None)
+                if not watchers and line.watchers.get(pid) is watchers:
+                    del line.watchers[pid]
 
     def _estimate(self, position: int, rate: float) -> float | None:
         return self._wall() + (position + 1) / rate if rate > 0 else None
