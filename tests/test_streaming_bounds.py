@@ -242,21 +242,19 @@ def test_progress_is_coalesced_on_the_executor_s_side_and_its_message_bounded() 
 
 
 async def test_a_watcher_unwatched_by_its_own_tell_is_not_kept() -> None:
-    """A tell whose send drops its socket stops its watch, which unwatches it (and its neighbour on the
-    same socket) in the middle of the tick: neither is put back, and the tick does not trip on them."""
+    """A tell whose send drops its socket stops its watch, which unwatches it in the middle of the tick:
+    it is not put back, and another socket's watcher of the same prediction stays."""
     queue = MemoryQueue(10)
     pid = "0" * 32
     await queue.put(Job(pid))
     line = QueuePositions()
-    tells: list[Any] = []
 
     def dropping(position: int, estimate: float | None) -> bool:
-        for tell in tells:
-            line.unwatch(queue, pid, tell)  # the socket goes, with every watch on it
+        line.unwatch(queue, pid, dropping)  # the socket goes, with its watch
         return True
 
-    tells += [dropping, lambda p, e: True]
-    for tell in tells:
-        line.watch(queue, pid, tell)
+    told: list[int] = []
+    line.watch(queue, pid, dropping)
+    line.watch(queue, pid, lambda p, e: told.append(p) is None)
     await line.tick()
-    assert line.watched() == 0
+    assert line.watched() == 1 and told == [0]
