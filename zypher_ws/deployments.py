@@ -320,7 +320,7 @@ class Deployer:
         executor = None
         if self._run_here and own.workers and not describe_only:
             executor = make_executor(own, spec)
-            runner = ModelRunner(model, executor)
+            runner = ModelRunner(model, executor, workers=own.workers)
             pool = WorkerPool(
                 settings=own,
                 queue=queue,

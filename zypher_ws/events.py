@@ -50,6 +50,7 @@ class Watch:
         self._held: dict[int, StreamEvent] = {}
         self._read: Callable[[str], Awaitable[Prediction | None]] | None = None
         self._mending: asyncio.Task[None] | None = None
+        self._stopped: list[Callable[[], None]] = []
         self.closed = False
 
     async def start(self, read: Callable[[str], Awaitable[Prediction | None]]) -> Prediction | None:
@@ -88,6 +89,17 @@ class Watch:
                 self._bus.unsubscribe_stream(self.prediction_id, self._on_event)
             if self._mending is not None:
                 self._mending.cancel()
+            stopped, self._stopped = self._stopped, []
+            for callback in stopped:
+                callback()
+
+    def on_stop(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once when the watch stops (at once if it has): what hangs off a watch goes
+        with it, rather than outliving the consumer."""
+        if self.closed:
+            callback()
+        else:
+            self._stopped.append(callback)
 
     def _on_event(self, event: Any) -> None:
         if self._pending is not None:

@@ -96,19 +96,27 @@ class QueuePositions:
             rate = line.rate()
             for pid in ids:
                 watchers = line.watchers.get(pid)
+                if watchers is None:
+                    continue
                 position = positions.get(pid)
-                if watchers is None or position is None:
-                    continue  # started (its watchers hear that as an update) or gone
+                if position is None:
+                    # Started (its watchers hear that as an update) or gone: who was told a place goes. One
+                    # never told stays (it may not be in the queue yet) until its watch stops and unwatches.
+                    for tell in [t for t, last in watchers.items() if last is not None]:
+                        del watchers[tell]
+                    if not watchers:
+                        del line.watchers[pid]
+                    continue
                 estimate = self._estimate(position, rate)
                 for tell, last in list(watchers.items()):
-                    if last == position:
-                        continue
-                    if tell(position, estimate):
+                    if last == position or tell not in watchers:
+                        continue  # told already, or unwatched meanwhile (a socket dropped by a send)
+                    if not tell(position, estimate):
+                        watchers.pop(tell, None)
+                    elif tell in watchers:  # not unwatched by its own send
                         watchers[tell] = position
-                    else:
-                        del watchers[tell]
-                if not watchers:
-                    line.watchers.pop(pid, None)
+                if not watchers and line.watchers.get(pid) is watchers:
+                    del line.watchers[pid]
 
     def _estimate(self, position: int, rate: float) -> float | None:
         return self._wall() + (position + 1) / rate if rate > 0 else None

@@ -18,7 +18,7 @@ from .errors import ModelError
 from .models import Model, ModelSpec, TensorMetadata, tensor_metadata
 from .records import Outcome, Prediction
 from .settings import Settings
-from .streaming import Item, iterate
+from .streaming import Item, ToLoop, iterate
 
 log = logging.getLogger(__name__)
 
@@ -100,27 +100,23 @@ def _predict_here(inputs: list[Any]) -> list[Any]:
     return _process_model.predict_batch(inputs)
 
 
-def _stream_here(value: Any, items: Any, cancel: Any, skip: int, max_chunks: int, max_bytes: int) -> Any:
-    """A stream in a worker process: its items go through a manager's queue (`items`), then a None."""
-    assert _process_model is not None
-    try:
-        generator = _process_model.predict_stream(value)  # type: ignore[attr-defined]
-        return iterate(generator, items.put, cancel.is_set, skip=skip, max_chunks=max_chunks, max_bytes=max_bytes)
-    except Exception as exc:
-        return _error(exc)
-    finally:
-        items.put(None)
-
-
-def _stream_in_thread(
-    model: Any, value: Any, emit: Callable[[Item], None], cancel: threading.Event, limits: tuple[int, int, int]
-) -> Any:
+def _stream(model: Any, value: Any, emit: Callable[[Item], None], cancelled: Callable[[], bool], limits: Any) -> Any:
+    """A model's stream of one input, in the executor: its items to `emit`; the error that ended it, or None."""
     skip, max_chunks, max_bytes = limits
     try:
         generator = model.predict_stream(value)
     except Exception as exc:
         return _error(exc)
-    return iterate(generator, emit, cancel.is_set, skip=skip, max_chunks=max_chunks, max_bytes=max_bytes)
+    return iterate(generator, emit, cancelled, skip=skip, max_chunks=max_chunks, max_bytes=max_bytes)
+
+
+def _stream_here(value: Any, items: Any, cancel: Any, limits: tuple[int, int, int]) -> Any:
+    """A stream in a worker process: its items go through a manager's queue (`items`), then a None."""
+    assert _process_model is not None
+    try:
+        return _stream(_process_model, value, items.put, cancel.is_set, limits)
+    finally:
+        items.put(None)
 
 
 def _forward(items: Any, emit: Callable[[Item], None], call_done: threading.Event) -> None:
@@ -153,18 +149,26 @@ def exit_past_stuck_model_calls(runners: Sequence[ModelRunner]) -> None:
 
 
 class ModelRunner:
-    def __init__(self, model: Model, executor: Executor) -> None:
+    def __init__(self, model: Model, executor: Executor, *, workers: int = 1) -> None:
         self.model = model
         self._executor = executor
         in_processes = isinstance(executor, ProcessPoolExecutor)
+        self._workers = max(1, workers)
         # With processes, `model` only describes the model (name, schemas); each process loads its own.
         self._load: Callable[[], None] = _ready_here if in_processes else model.load
         self._describe: Callable[[], ModelDescription] = _describe_here if in_processes else (lambda: describe(model))
         self._predict: Callable[[list[Any]], list[Any]] = _predict_here if in_processes else model.predict_batch
         self.streams = callable(getattr(model, "predict_stream", None))
         """The model has predict_stream: a request may ask to stream (docs/models.md)."""
+        self.stream_only = self.streams and bool(getattr(model, "stream_only", False))
+        """It has nothing else: a request that does not ask to stream runs the stream too, collected."""
         self._in_processes = in_processes
         self._manager: Any = None  # the multiprocessing manager whose queues carry streams from processes
+        # Threads of its own for the streams of processes, not the loop's default executor: each stream
+        # holds a forwarding thread for its whole life (as many as its processes run at once), and the
+        # calls to the manager (a queue made, a cancel set) must not wait behind them.
+        self._forwarders: ThreadPoolExecutor | None = None
+        self._control: ThreadPoolExecutor | None = None
         self.loaded = False
         self.description: ModelDescription | None = None
         self.load_error: str | None = None
@@ -190,6 +194,10 @@ class ModelRunner:
 
     def stop_streams(self) -> None:
         """Once the executor is shut down: stop the manager process that carried streams from its processes."""
+        for pool in (self._forwarders, self._control):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+        self._forwarders = self._control = None
         manager, self._manager = self._manager, None
         if manager is not None:  # its shutdown joins a process: not on the loop
             threading.Thread(target=manager.shutdown, name="zypher-stream-manager-stop", daemon=True).start()
@@ -214,24 +222,28 @@ class ModelRunner:
         order, all before the returned call ends (with the error that ended the stream, or None). The
         callable cancels it at its next yield."""
         loop = asyncio.get_running_loop()
+        to_loop = ToLoop(loop, emit)
 
-        def to_loop(item: Item) -> None:
-            loop.call_soon_threadsafe(emit, item)
-
+        limits = (skip, max_chunks, max_bytes)
         if not self._in_processes:
             cancel = threading.Event()
-            limits = (skip, max_chunks, max_bytes)
-            return self._submit(_stream_in_thread, self.model, value, to_loop, cancel, limits), cancel.set
+            return self._submit(_stream, self.model, value, to_loop, cancel.is_set, limits), cancel.set
+        if self._control is None or self._forwarders is None:
+            self._control = ThreadPoolExecutor(max_workers=2, thread_name_prefix="zypher-stream-control")
+            # Sized to the processes: a stream queued behind them has its forwarding thread queued too
+            # (its items wait in the manager's queue, which is not bounded, so no process waits on it).
+            self._forwarders = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="zypher-stream")
+        control, forwarders = self._control, self._forwarders
         if self._manager is None:
             # A manager's queue can be handed to a pool's process (a plain multiprocessing queue cannot):
             # one manager process per model, started by its first stream.
-            self._manager = await asyncio.to_thread(get_context("spawn").Manager)
+            self._manager = await loop.run_in_executor(control, get_context("spawn").Manager)
         manager = self._manager
-        items, cancel = await asyncio.to_thread(lambda: (manager.Queue(), manager.Event()))
-        call = self._submit(_stream_here, value, items, cancel, skip, max_chunks, max_bytes)
+        items, cancel = await loop.run_in_executor(control, lambda: (manager.Queue(), manager.Event()))
+        call = self._submit(_stream_here, value, items, cancel, limits)
         call_done = threading.Event()
         call.add_done_callback(lambda _: call_done.set())
-        forward = loop.run_in_executor(None, _forward, items, to_loop, call_done)
+        forward = loop.run_in_executor(forwarders, _forward, items, to_loop, call_done)
 
         async def both() -> Any:
             error = await call
@@ -239,7 +251,10 @@ class ModelRunner:
             return error
 
         def cancel_it() -> None:
-            loop.run_in_executor(None, cancel.set)  # a call to the manager: off the loop
+            try:
+                control.submit(cancel.set)  # a call to the manager: off the loop
+            except RuntimeError:  # stopped already: the processes are gone with their streams
+                pass
 
         return asyncio.ensure_future(both()), cancel_it
 

@@ -406,10 +406,12 @@ class PredictionService:
         except ZypherError as exc:
             log.info("could not read the queue position of %s: %s", pid, exc.message)
             now = None
-        if now is not None and tell(*now):
-            self.positions.watch(deployment.queue, pid, tell, told=now[0])
-        elif now is None:
-            self.positions.watch(deployment.queue, pid, tell)
+        if watch.closed or (now is not None and not tell(*now)):
+            return
+        queue = deployment.queue
+        self.positions.watch(queue, pid, tell, told=now[0] if now is not None else None)
+        # The position watcher goes with the watch (socket closed, unsubscribed, terminal), not later.
+        watch.on_stop(lambda: self.positions.unwatch(queue, pid, tell))
 
     async def shown(self, prediction: Prediction) -> dict[str, Any]:
         """The public record, with its place in line while it is queued (where the queue can tell)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import threading
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -29,6 +30,10 @@ Item = tuple[str, Any, Any]
 
 StartStream = Callable[[Callable[[Item], None]], Awaitable[tuple["asyncio.Future[Any]", Callable[[], None]]]]
 """Begins a stream in the executor whose items go to the callable given; returns its call and its cancel."""
+
+
+MAX_PROGRESS_MESSAGE = 1_000
+"""Characters of a progress message kept: it is pushed and stored, and counts toward no limit."""
 
 
 def iterate(
@@ -54,7 +59,8 @@ def iterate(
             if cancelled():
                 return None
             if isinstance(value, Progress):
-                emit((PROGRESS, _fraction(value.fraction), None if value.message is None else str(value.message)))
+                message = None if value.message is None else str(value.message)[:MAX_PROGRESS_MESSAGE]
+                emit((PROGRESS, _fraction(value.fraction), message))
                 continue
             size += len(dumps(value))  # also: a chunk that is not JSON fails here, in the model's name
             if index >= max_chunks:
@@ -78,6 +84,38 @@ def iterate(
             except Exception:
                 log.exception("a streaming model's generator raised on close")
     return None
+
+
+class ToLoop:
+    """The executor's side of `emit`: items to the loop in order, each batch of them in one callback, and
+    of progress reported faster than the loop takes it only the latest (no chunk between is lost). So a
+    model yielding a million progress steps does not schedule a million callbacks on the loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, emit: Callable[[Item], None]) -> None:
+        self._loop = loop
+        self._emit = emit
+        self._lock = threading.Lock()
+        self._items: list[Item] = []
+        self._scheduled = False
+
+    def __call__(self, item: Item) -> None:
+        with self._lock:
+            items = self._items
+            if item[0] == PROGRESS and items and items[-1][0] == PROGRESS:
+                items[-1] = item  # the loop has not taken the last one yet: this one replaces it
+            else:
+                items.append(item)
+            if self._scheduled:
+                return  # the callback scheduled takes this one too
+            self._scheduled = True
+        self._loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+            self._scheduled = False
+        for item in items:
+            self._emit(item)
 
 
 def _fraction(value: Any) -> float:
@@ -113,6 +151,10 @@ class StreamRun:
     # -- the executor's items, on the loop --------------------------------------------------------------
 
     def on_item(self, item: Item) -> None:
+        if self.canceled:
+            # What the generator yields after the cancel was heard (it stops at its next yield, and over
+            # processes or Redis the cancel reaches it a moment late) is neither pushed nor kept.
+            return
         kind, a, b = item
         if kind == OUTPUT:
             self.chunks.append(b)
@@ -128,7 +170,10 @@ class StreamRun:
 
     def _on_status(self, prediction: Prediction) -> None:
         if prediction.status is Status.CANCELED and not self.canceled:
-            self.canceled = True
+            self.canceled = True  # the chunks so far are the record's last: one commit at the end keeps them
+            if self._commit_timer is not None:
+                self._commit_timer.cancel()
+                self._commit_timer = None
             self._cancel_model()
 
     # -- publishing and committing ---------------------------------------------------------------------
@@ -164,7 +209,7 @@ class StreamRun:
             await self.commit()
         finally:
             self._commit = None
-        if len(self.chunks) > self.committed and self._commit_timer is None:  # more came meanwhile
+        if len(self.chunks) > self.committed and self._commit_timer is None and not self.canceled:  # more came
             self._commit_timer = asyncio.get_running_loop().call_later(
                 self._settings.stream_commit_ms / 1000.0, self._start_commit
             )
@@ -215,3 +260,37 @@ class StreamRun:
             if self._commit_timer is not None:
                 self._commit_timer.cancel()
         return Outcome(self.prediction_id, result=list(self.chunks), error=error, progress=self.progress)
+
+
+async def collect(prediction_id: str, bus: EventBus, start: StartStream) -> Outcome:
+    """A stream run for its whole answer (a stream-only model asked not to stream): its chunks, kept
+    here and pushed nowhere, under the same limits, stopped at the next yield once canceled."""
+    chunks: list[Any] = []
+    canceled = False
+    stops: list[Callable[[], None]] = []  # the call's cancel, once it has begun
+
+    def on_item(item: Item) -> None:
+        if item[0] == OUTPUT:
+            chunks.append(item[2])
+
+    def on_status(prediction: Prediction) -> None:
+        nonlocal canceled
+        if prediction.status is Status.CANCELED and not canceled:
+            canceled = True
+            for stop in stops:
+                stop()
+
+    bus.subscribe(prediction_id, on_status)
+    try:
+        call, cancel_model = await start(on_item)
+        stops.append(cancel_model)
+        if canceled:
+            cancel_model()
+        error: dict[str, str] | None = await call
+    except asyncio.CancelledError:
+        for stop in stops:
+            stop()  # the pool is stopping past --shutdown-timeout: the generator stops too
+        raise
+    finally:
+        bus.unsubscribe(prediction_id, on_status)
+    return Outcome(prediction_id, result=chunks, error=error)

@@ -16,7 +16,7 @@ from .metrics import Metrics
 from .records import Job, Outcome, Prediction
 from .runner import ModelRunner
 from .settings import Settings
-from .streaming import StreamRun
+from .streaming import StreamRun, collect
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -163,10 +163,11 @@ class WorkerPool:
     async def _run(self, started: list[Prediction]) -> list[Outcome]:
         """The batch's outcomes: streams each through the model's predict_stream, side by side with one
         model call for the rest."""
-        streams = [p for p in started if p.stream and self._runner.streams]
+        runner = self._runner
+        streams = [p for p in started if runner.streams and (p.stream or runner.stream_only)]
         if not streams:
-            return await self._runner.run_predictions(started, self._settings.max_batch_size)
-        rest = [p for p in started if not (p.stream and self._runner.streams)]
+            return await runner.run_predictions(started, self._settings.max_batch_size)
+        rest = [p for p in started if not (runner.streams and (p.stream or runner.stream_only))]
         runs: list[Awaitable[Outcome | list[Outcome]]] = [self._stream(p) for p in streams]
         if rest:
             runs.append(self._runner.run_predictions(rest, self._settings.max_batch_size))
@@ -177,6 +178,14 @@ class WorkerPool:
 
     async def _stream(self, prediction: Prediction) -> Outcome:
         s = self._settings
+        if not prediction.stream:  # a stream-only model asked for its answer: the chunks, within the limits
+            return await collect(
+                prediction.prediction_id,
+                self._bus,
+                lambda emit: self._runner.start_stream(
+                    prediction.input, emit, skip=0, max_chunks=s.max_stream_chunks, max_bytes=s.max_stream_bytes
+                ),
+            )
         run = StreamRun(prediction, settings=s, store=self._store, bus=self._bus)
         return await run.run(
             lambda emit: self._runner.start_stream(

@@ -345,8 +345,12 @@ class LocalEventBus:
 
     def dispatch(self, predictions: list[Prediction]) -> None:
         for prediction in predictions:
-            if prediction.stream and prediction.status.terminal:
-                self._tails.pop(prediction.prediction_id, None)  # its record has every chunk now
+            if prediction.stream:
+                # A stream's status changes only where a run begins or ends, before its first chunk or
+                # after its last. Terminal: its record has every chunk now. Queued again, or running again
+                # (a worker lost, its job taken over): the lost run's chunks not committed are not this
+                # run's, which yields them afresh; joined onto a record they would show what may change.
+                self._tails.pop(prediction.prediction_id, None)
             for listener in tuple(self._listeners.get(prediction.prediction_id, ())):
                 listener(prediction)
 

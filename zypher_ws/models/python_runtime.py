@@ -46,7 +46,11 @@ RUNTIME = Runtime(name="python", build=build, files=(), extra=None)
 
 class StreamOnly:
     """A model with predict_stream and no predict_batch: a request that does not ask to stream gets the
-    list of its chunks (its Progress left out), as a finished stream's record has it."""
+    list of its chunks (its Progress left out), as a finished stream's record has it. The service runs
+    such a request through the stream too (`stream_only`), so it keeps the stream limits and its cancel;
+    predict_batch is for callers of the model object alone."""
+
+    stream_only = True
 
     def __init__(self, model: Any) -> None:
         self.model = model
@@ -80,6 +84,7 @@ class Renamed:
         stream = getattr(model, "predict_stream", None)
         if callable(stream):
             self.predict_stream = stream  # only a model that streams offers it
+        self.stream_only: bool = bool(getattr(model, "stream_only", False))
 
     @property
     def input_schema(self) -> dict[str, Any]:
