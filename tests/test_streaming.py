@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -308,20 +308,32 @@ async def test_a_subscriber_joining_mid_stream_gets_the_chunks_so_far_then_the_r
         assert first["result"] + chunks == [f"w{i} " for i in range(6)] == last["result"]
 
 
+class PacedTokens(SteppedStream):
+    """The mock's 5,000 tokens ({"index": i, "token": "ti "}), each waiting for a permit from the test."""
+
+    def predict_stream(self, input: Any) -> Iterator[Any]:
+        for i in range(5000):
+            if not self.permits.acquire(timeout=WAIT):
+                raise TimeoutError("the test gave no permit")
+            yield {"index": i, "token": f"t{i} "}
+
+
 async def test_chunks_race_the_subscribe_without_gaps_or_repeats(make_client: ClientFactory) -> None:
     """Up to 1,000 subscriptions to a 5,000-chunk stream made while it runs: each sees its snapshot's
-    chunks, then every later index once, in order."""
-    client = await streaming_client(
-        make_client, chunks=5000, max_stream_chunks=5000, ws_outbox=100_000, ws_outbox_bytes=64 * 1024 * 1024
-    )
-    resp = await client.post("/predict", json={"input": "long", "stream": True}, headers=ASYNC)
+    chunks, then every later index once, in order. The test paces the model (chunks yielded while each
+    subscribe is on its way, and more once its snapshot came), so every subscribe races a running stream
+    however fast the machine."""
+    model = PacedTokens()
+    client = await make_client(model=model, max_stream_chunks=5000, ws_outbox=100_000, ws_outbox_bytes=64 * 1024 * 1024)
+    resp = await client.post("/predict", json={"input": {"n": 5000}, "stream": True}, headers=ASYNC)
     pid = (await resp.json())["prediction_id"]
     everything = [{"index": i, "token": f"t{i} "} for i in range(5000)]
     async with client.ws_connect("/ws") as ws:
         joined_at = []
         for _ in range(1000):
+            model.allow(5)  # yielded while the subscribe is on its way: the race
             await ws.send_json({"op": "subscribe", "prediction_id": pid})
-            first, _, last = await follow_until_some(ws, pid)
+            first, _, last = await follow_until_some(ws, pid, on_snapshot=lambda: model.allow(5))
             joined_at.append(len(first["result"] or []))
             if last is not None:
                 assert last["result"] == everything
@@ -367,9 +379,10 @@ async def test_streams_finishing_while_their_subscribe_is_in_flight(make_client:
 
 
 async def follow_until_some(
-    ws: aiohttp.ClientWebSocketResponse, pid: str
+    ws: aiohttp.ClientWebSocketResponse, pid: str, on_snapshot: Callable[[], None] = lambda: None
 ) -> tuple[dict[str, Any], list[Any], dict[str, Any] | None]:
-    """Follow a subscription until a few outputs (or the end) have come, checking the indexes run on."""
+    """Follow a subscription until a few outputs (or the end) have come, checking the indexes run on;
+    `on_snapshot` runs when the `subscribed` record has come."""
     first: dict[str, Any] | None = None
     chunks: list[Any] = []
     while True:
@@ -378,6 +391,7 @@ async def follow_until_some(
             first = message["prediction"]
             if first["status"] == "succeeded":
                 return first, chunks, first
+            on_snapshot()
         elif message["type"] == "output":
             assert first is not None
             assert message["index"] == len(first["result"] or []) + len(chunks)
