@@ -296,9 +296,13 @@ async def test_subscribing_to_a_finished_prediction_is_one_message(make_client: 
 async def test_unsubscribe_stops_updates(make_client: ClientFactory, gated: GatedModel) -> None:
     client = await make_client(model=gated)
     record = await submit(client, {"x": 1})
+    # Running before the subscribe: its snapshot then says so, and no `running` update can slip in
+    # between the snapshot and the unsubscribe (on Redis that update travels by pub/sub, at its own pace).
+    await gated.wait_started()
     async with client.ws_connect("/ws") as ws:
         await ws.send_json({"op": "subscribe", "prediction_id": record["prediction_id"]})
-        assert (await recv(ws))["type"] == "subscribed"
+        subscribed = await recv(ws)
+        assert subscribed["type"] == "subscribed" and subscribed["prediction"]["status"] == "running"
         await ws.send_json({"op": "unsubscribe", "prediction_id": record["prediction_id"]})
         await assert_quiet(ws)
         assert listener_count(client.app) == 0
