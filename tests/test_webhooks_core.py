@@ -402,6 +402,27 @@ async def test_a_chunk_commit_writes_its_output_delivery_with_it_and_completed_c
     assert json.loads(completed.body)["data"]["result"] == ["a ", "b "]
 
 
+async def test_chunk_commits_while_an_event_is_pending_schedule_it_once(store: Any) -> None:
+    """A stream commits its chunks every --stream-commit-ms, each a write of its record: a write that
+    leaves the pending event as it was (a `start` not attempted yet, the `completed` of a cancel that its
+    last commit follows) schedules nothing more, so the receiver gets each event once."""
+    p = dataclasses.replace(with_webhook("start", "completed"), stream=True)
+    await store.add(p)
+    await store.start([p.prediction_id])
+    for n in range(3):
+        assert await store.commit_stream(p.prediction_id, n, [f"w{n} "], None) is not None
+    now = time.time() + 1
+    (start,) = await store.due_webhooks(now, 10)
+    assert start.webhook_id == f"msg_{p.prediction_id}_start"
+    await store.settle_webhook(settle(start, Attempt(200), now=now, delays=DELAYS))
+    await store.cancel(p.prediction_id)
+    assert await store.commit_stream(p.prediction_id, 3, ["w3 "], None) is not None  # yielded before the cancel
+    (completed,) = await store.due_webhooks(now, 10)
+    assert completed.webhook_id == f"msg_{p.prediction_id}_completed"
+    await store.settle_webhook(settle(completed, Attempt(200), now=now, delays=DELAYS))
+    assert await store.due_webhooks(now + 10**6, 10) == [] and await store.pending_webhooks() == 0
+
+
 async def test_a_sqlite_delivery_is_on_disk_with_its_record_and_survives_a_reopen(tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path / "z.db", ttl=60)
     await store.open()
