@@ -238,6 +238,21 @@ def test_a_stream_sends_output_at_most_every_half_second_named_by_its_chunks_and
     assert settled.applies_to(first) and not settled.applies_to(later)
 
 
+def test_a_canceled_streams_last_commit_sends_no_output_without_completed_in_the_filter() -> None:
+    """`output` never after the prediction ended: a canceled stream's last commit (the chunks yielded
+    before the cancel) makes no `output` pending, also when the filter has no `completed` to replace it."""
+    running = dataclasses.replace(with_webhook("output"), stream=True).started(batch_size=1)
+    t = 1000.0
+    first = lifecycle.append_chunks(running, 0, ["a "], None, now=t)
+    assert first is not None and first.webhook is not None and first.webhook.event == "output"
+    canceled = lifecycle.cancel(first, first.prediction_id, ttl=60)
+    assert canceled.webhook == first.webhook  # no `completed` asked for: nothing new
+    tail = lifecycle.append_chunks(canceled, 1, ["b "], None, now=t + 10)
+    assert tail is not None and tail.result == ["a ", "b "]
+    assert tail.webhook == canceled.webhook  # not an `output` pending that nothing would ever send
+    assert scheduled_by(tail) is None
+
+
 def delivery(attempts: int = 0) -> Delivery:
     return Delivery("msg_x_completed", "x", "completed", URL, b"{}", 100.0, 100.0, attempts)
 
