@@ -810,6 +810,32 @@ async def test_a_stream_of_a_canceled_prediction_ends_with_the_chunks_so_far(ser
     assert items.index(last) == len(items) - 1  # the end, after every chunk
 
 
+async def test_a_stream_or_watch_left_early_and_started_again_at_once_gets_everything(serve: Serve) -> None:
+    """Leaving a stream (or a watch) unsubscribes its id; following the same id again straight after, in
+    the same task, must not have that unsubscribe reach the server after the new subscribe (which the
+    server, still watching, ignores): the new follower would hear nothing, for ever."""
+    model = SteppedStream(WORDS)
+    served = await serve(model)
+    async with AsyncClient(served.url) as client:
+        watched_id = (await client.submit({}, stream=True)).prediction_id
+        async with aclosing(client.watch([watched_id])) as states:
+            async for _ in states:
+                break  # the snapshot: left at once
+        model.allow(len(WORDS))
+        async with asyncio.timeout(WAIT):
+            watched = [state async for state in client.watch([watched_id])]
+        streamed_id = (await client.submit({}, stream=True)).prediction_id
+        async with aclosing(client.stream(streamed_id)) as items:
+            async for _ in items:
+                break
+        model.allow(len(WORDS))
+        async with asyncio.timeout(WAIT):
+            streamed = [item async for item in client.stream(streamed_id)]
+    assert watched[-1].succeeded
+    assert chunks_of(streamed) == list(enumerate(WORDS))
+    assert isinstance(streamed[-1], Prediction) and streamed[-1].succeeded
+
+
 async def test_a_stream_polls_the_record_when_websocket_is_unavailable(serve: Serve, connect: Connect) -> None:
     model = SteppedStream(WORDS)
     served = await serve(model, refuse_upgrades, stream_commit_ms=0)
