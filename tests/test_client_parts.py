@@ -232,6 +232,7 @@ async def test_a_streams_socket_mends_a_gap_by_resubscribing_from_its_last_chunk
     socket._ws = ws  # type: ignore[assignment]
     watcher = StreamWatcher(pid)
     await socket.add(watcher)
+    await asyncio.gather(*socket._background)  # the subscribe sent, as before the server answers it
     socket._handle(
         json.dumps({"type": "subscribed", "prediction": {"prediction_id": pid, "status": "running", "result": ["w0 "]}})
     )

@@ -179,7 +179,11 @@ class LiveSocket:
         elif self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="zypher-client-ws")
         elif self._ws is not None and new:
-            await self._subscribe(self._ws, new)
+            # Sent behind whatever is on its way already: a watcher of these ids that just left has its
+            # unsubscribe in a task of its own, and a subscribe sent first would be ignored by the server
+            # (it still watches them) and then undone by that unsubscribe. Tasks start in the order they
+            # were made and take the send lock first thing, so the sends go in that order too.
+            self._spawn(self._subscribe(self._ws, new))
         # else: connecting; the subscribe on connect includes these ids
 
     def remove(self, watcher: Watcher) -> None:
