@@ -848,6 +848,45 @@ async def test_a_stream_polls_the_record_when_websocket_is_unavailable(serve: Se
     assert isinstance(items[-1], Prediction) and items[-1].succeeded
 
 
+async def test_a_polled_stream_polls_again_soon_while_its_chunks_come(serve: Serve, connect: Connect) -> None:
+    """Polling backs off only while nothing is new: a poll that brings new chunks is news, as a new state
+    is, so a stream whose chunks keep coming is polled at the first pause, not slower and slower."""
+    model = SteppedStream(WORDS)
+    served = await serve(model, refuse_upgrades, stream_commit_ms=0)
+    loop = asyncio.get_running_loop()
+    stored = {"chunks": 0, "ended": False}  # what a GET shows from now on
+    changed = asyncio.Event()
+    pauses: list[float] = []
+
+    def note(**now: Any) -> None:
+        stored.update(now)
+        changed.set()
+
+    async def step() -> None:
+        """On the server's loop, at each pause of the client's polling: one more chunk in the store (the
+        last one may come with the end), or the end."""
+        n = model.yielded + 1
+        if n <= len(WORDS):
+            model.allow(1)
+        while not (stored["ended"] or stored["chunks"] >= n):
+            changed.clear()
+            await asyncio.wait_for(changed.wait(), WAIT)
+
+    async def sleep(seconds: float) -> None:
+        pauses.append(seconds)
+        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(step(), loop))
+
+    api = connect(served.url, retry=RetryPolicy(initial=0.02, maximum=1.0), sleep=sleep)
+    pid = (await api.submit({}, stream=True)).prediction_id
+    bus = served.app[SERVICE].bus
+    bus.subscribe_stream(pid, lambda e: note(chunks=e.index) if e.kind == "committed" else None)
+    bus.subscribe(pid, lambda p: note(ended=True) if p.status.terminal else None)
+    items = await asyncio.wait_for(api.stream(pid), WAIT)
+    assert chunks_of(items) == list(enumerate(WORDS))
+    assert isinstance(items[-1], Prediction) and items[-1].succeeded
+    assert len(pauses) >= len(WORDS) - 1 and all(p <= 0.02 for p in pauses)  # each after news: the first pause
+
+
 async def test_a_queued_stream_yields_its_place_in_line_as_it_moves(serve: Serve, connect: Connect) -> None:
     model = SteppedStream(["done"])  # one word each: each prediction ends when the test allows one
     served = await serve(model, workers=1, max_batch_size=1)
