@@ -82,7 +82,8 @@ class StreamWatcher(Watcher):
 
     def offer(self, prediction: Prediction) -> bool:
         """Take the chunks this state carries that are new, and the state itself if it is new: the
-        chunks before a terminal state, after any other."""
+        chunks before a terminal state, after any other. True if it took either (polling backs off only
+        while nothing is new, and a stream's record brings new chunks far more often than new states)."""
         if prediction.prediction_id != self.prediction_id or not self.remaining:
             return False
         rank, last = prediction.status.rank, self._last_rank.get(self.prediction_id, -1)
@@ -91,12 +92,11 @@ class StreamWatcher(Watcher):
         if taken and not prediction.terminal:
             self._take_state(prediction)
         chunks = prediction.result if isinstance(prediction.result, list) and rank > 0 else []
-        for index in range(self.next_index, len(chunks)):
-            self.offer_chunk(index, chunks[index])
+        took = [self.offer_chunk(index, chunks[index]) for index in range(self.next_index, len(chunks))]
         if taken and prediction.terminal:
             self._take_state(prediction)
             self.remaining.clear()
-        return taken
+        return taken or any(took)
 
     def _take_state(self, prediction: Prediction) -> None:
         self._last_rank[self.prediction_id] = prediction.status.rank
