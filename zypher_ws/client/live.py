@@ -87,7 +87,9 @@ class StreamWatcher(Watcher):
         if prediction.prediction_id != self.prediction_id or not self.remaining:
             return False
         rank, last = prediction.status.rank, self._last_rank.get(self.prediction_id, -1)
-        moved = rank == last and not prediction.terminal and prediction.queue_position != self._position
+        # A place not told (a snapshot's: the `queue` message after it tells) is no move.
+        position = prediction.queue_position
+        moved = rank == last and not prediction.terminal and position is not None and position != self._position
         taken = rank > last or moved
         if taken and not prediction.terminal:
             self._take_state(prediction)
