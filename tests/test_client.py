@@ -836,6 +836,19 @@ async def test_a_stream_or_watch_left_early_and_started_again_at_once_gets_every
     assert isinstance(streamed[-1], Prediction) and streamed[-1].succeeded
 
 
+async def test_streams_of_unknown_ids_raise_not_found_and_leave_nothing_behind(serve: Serve) -> None:
+    """The streams' socket keeps the chunks of each id it follows, until the stream ends: one that ends
+    in an error (an unknown id, say) must take its list with it, or a long-lived client holds one per
+    failed stream for ever."""
+    served = await serve(SteppedStream(WORDS))
+    async with AsyncClient(served.url) as client:
+        for n in range(3):
+            with pytest.raises(NotFound):
+                async with asyncio.timeout(WAIT):
+                    [item async for item in client.stream(f"{n}" * 32)]
+        assert client._streams._chunks == {} and client._streams._watchers == {}
+
+
 async def test_a_stream_polls_the_record_when_websocket_is_unavailable(serve: Serve, connect: Connect) -> None:
     model = SteppedStream(WORDS)
     served = await serve(model, refuse_upgrades, stream_commit_ms=0)
