@@ -401,6 +401,7 @@ class LiveSocket:
             log.warning("WebSocket error: %s", exc)
             return
         self._latest.pop(str(pid), None)
+        self._chunks.pop(str(pid), None)  # the watchers go: so does what was kept for them
         for watcher in watchers:
             watcher.tell(exc)
 
