@@ -849,6 +849,22 @@ async def test_streams_of_unknown_ids_raise_not_found_and_leave_nothing_behind(s
         assert client._streams._chunks == {} and client._streams._watchers == {}
 
 
+async def test_a_stream_from_an_index_before_the_first_is_refused(serve: Serve, connect: Connect) -> None:
+    """`from_index` is the last chunk the caller has (-1: none): one below that would take no chunk at
+    all (none has that index), so it is refused rather than silently yielding none."""
+    model = SteppedStream(WORDS)
+    served = await serve(model)
+    api = connect(served.url)
+    pid = (await api.submit({}, stream=True)).prediction_id
+    model.allow(len(WORDS))
+    assert (await api.wait(pid)).succeeded
+    for bad in (-2, True, 1.5):
+        with pytest.raises(ValueError, match="from_index"):
+            await asyncio.wait_for(api.stream(pid, from_index=bad), WAIT)
+    assert len(served.paths("GET", "/ws")) == 1  # the wait's: each was refused before a socket of streams
+    assert chunks_of(await asyncio.wait_for(api.stream(pid, from_index=5), WAIT)) == list(enumerate(WORDS))[6:]
+
+
 async def test_a_stream_polls_the_record_when_websocket_is_unavailable(serve: Serve, connect: Connect) -> None:
     model = SteppedStream(WORDS)
     served = await serve(model, refuse_upgrades, stream_commit_ms=0)
