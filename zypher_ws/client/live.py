@@ -75,6 +75,9 @@ class StreamWatcher(Watcher):
     """
 
     def __init__(self, prediction_id: str, from_index: int = -1) -> None:
+        # Below -1 no chunk would ever be the next one: the stream would end without yielding any.
+        if isinstance(from_index, bool) or not isinstance(from_index, int) or from_index < -1:
+            raise ValueError(f"from_index is the index of the last chunk you have (-1: none), not {from_index!r}")
         super().__init__([prediction_id])
         self.prediction_id = prediction_id
         self.next_index = from_index + 1  # the chunk it takes next
