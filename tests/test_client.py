@@ -810,6 +810,61 @@ async def test_a_stream_of_a_canceled_prediction_ends_with_the_chunks_so_far(ser
     assert items.index(last) == len(items) - 1  # the end, after every chunk
 
 
+async def test_a_stream_or_watch_left_early_and_started_again_at_once_gets_everything(serve: Serve) -> None:
+    """Leaving a stream (or a watch) unsubscribes its id; following the same id again straight after, in
+    the same task, must not have that unsubscribe reach the server after the new subscribe (which the
+    server, still watching, ignores): the new follower would hear nothing, for ever."""
+    model = SteppedStream(WORDS)
+    served = await serve(model)
+    async with AsyncClient(served.url) as client:
+        watched_id = (await client.submit({}, stream=True)).prediction_id
+        async with aclosing(client.watch([watched_id])) as states:
+            async for _ in states:
+                break  # the snapshot: left at once
+        model.allow(len(WORDS))
+        async with asyncio.timeout(WAIT):
+            watched = [state async for state in client.watch([watched_id])]
+        streamed_id = (await client.submit({}, stream=True)).prediction_id
+        async with aclosing(client.stream(streamed_id)) as items:
+            async for _ in items:
+                break
+        model.allow(len(WORDS))
+        async with asyncio.timeout(WAIT):
+            streamed = [item async for item in client.stream(streamed_id)]
+    assert watched[-1].succeeded
+    assert chunks_of(streamed) == list(enumerate(WORDS))
+    assert isinstance(streamed[-1], Prediction) and streamed[-1].succeeded
+
+
+async def test_streams_of_unknown_ids_raise_not_found_and_leave_nothing_behind(serve: Serve) -> None:
+    """The streams' socket keeps the chunks of each id it follows, until the stream ends: one that ends
+    in an error (an unknown id, say) must take its list with it, or a long-lived client holds one per
+    failed stream for ever."""
+    served = await serve(SteppedStream(WORDS))
+    async with AsyncClient(served.url) as client:
+        for n in range(3):
+            with pytest.raises(NotFound):
+                async with asyncio.timeout(WAIT):
+                    [item async for item in client.stream(f"{n}" * 32)]
+        assert client._streams._chunks == {} and client._streams._watchers == {}
+
+
+async def test_a_stream_from_an_index_before_the_first_is_refused(serve: Serve, connect: Connect) -> None:
+    """`from_index` is the last chunk the caller has (-1: none): one below that would take no chunk at
+    all (none has that index), so it is refused rather than silently yielding none."""
+    model = SteppedStream(WORDS)
+    served = await serve(model)
+    api = connect(served.url)
+    pid = (await api.submit({}, stream=True)).prediction_id
+    model.allow(len(WORDS))
+    assert (await api.wait(pid)).succeeded
+    for bad in (-2, True, 1.5):
+        with pytest.raises(ValueError, match="from_index"):
+            await asyncio.wait_for(api.stream(pid, from_index=bad), WAIT)
+    assert len(served.paths("GET", "/ws")) == 1  # the wait's: each was refused before a socket of streams
+    assert chunks_of(await asyncio.wait_for(api.stream(pid, from_index=5), WAIT)) == list(enumerate(WORDS))[6:]
+
+
 async def test_a_stream_polls_the_record_when_websocket_is_unavailable(serve: Serve, connect: Connect) -> None:
     model = SteppedStream(WORDS)
     served = await serve(model, refuse_upgrades, stream_commit_ms=0)
@@ -820,6 +875,45 @@ async def test_a_stream_polls_the_record_when_websocket_is_unavailable(serve: Se
     items = await asyncio.wait_for(streaming, WAIT)
     assert chunks_of(items) == list(enumerate(WORDS))
     assert isinstance(items[-1], Prediction) and items[-1].succeeded
+
+
+async def test_a_polled_stream_polls_again_soon_while_its_chunks_come(serve: Serve, connect: Connect) -> None:
+    """Polling backs off only while nothing is new: a poll that brings new chunks is news, as a new state
+    is, so a stream whose chunks keep coming is polled at the first pause, not slower and slower."""
+    model = SteppedStream(WORDS)
+    served = await serve(model, refuse_upgrades, stream_commit_ms=0)
+    loop = asyncio.get_running_loop()
+    stored = {"chunks": 0, "ended": False}  # what a GET shows from now on
+    changed = asyncio.Event()
+    pauses: list[float] = []
+
+    def note(**now: Any) -> None:
+        stored.update(now)
+        changed.set()
+
+    async def step() -> None:
+        """On the server's loop, at each pause of the client's polling: one more chunk in the store (the
+        last one may come with the end), or the end."""
+        n = model.yielded + 1
+        if n <= len(WORDS):
+            model.allow(1)
+        while not (stored["ended"] or stored["chunks"] >= n):
+            changed.clear()
+            await asyncio.wait_for(changed.wait(), WAIT)
+
+    async def sleep(seconds: float) -> None:
+        pauses.append(seconds)
+        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(step(), loop))
+
+    api = connect(served.url, retry=RetryPolicy(initial=0.02, maximum=1.0), sleep=sleep)
+    pid = (await api.submit({}, stream=True)).prediction_id
+    bus = served.app[SERVICE].bus
+    bus.subscribe_stream(pid, lambda e: note(chunks=e.index) if e.kind == "committed" else None)
+    bus.subscribe(pid, lambda p: note(ended=True) if p.status.terminal else None)
+    items = await asyncio.wait_for(api.stream(pid), WAIT)
+    assert chunks_of(items) == list(enumerate(WORDS))
+    assert isinstance(items[-1], Prediction) and items[-1].succeeded
+    assert len(pauses) >= len(WORDS) - 1 and all(p <= 0.02 for p in pauses)  # each after news: the first pause
 
 
 async def test_a_queued_stream_yields_its_place_in_line_as_it_moves(serve: Serve, connect: Connect) -> None:

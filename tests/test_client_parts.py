@@ -208,6 +208,17 @@ async def test_a_stream_watcher_takes_each_chunk_once_in_index_order_and_ends_wi
     assert [queued.offer(p) for p in places] == [True, True, False, True]  # again only when it moves
 
 
+def test_a_stream_watcher_does_not_take_a_place_in_line_it_is_not_told_as_a_move() -> None:
+    """A snapshot after a reconnect carries no queue_position (the `queue` message that follows does): the
+    same queued state, not a move, so the stream does not yield it, nor its old place again after it."""
+    pid = "a" * 32
+    watcher = StreamWatcher(pid)
+    places = [Prediction(pid, Status.QUEUED, queue_position=p) for p in (None, 2, None, 2, 1)]
+    assert [watcher.offer(p) for p in places] == [True, True, False, False, True]
+    yielded = [watcher.queue.get_nowait() for _ in range(watcher.queue.qsize())]
+    assert [p.queue_position for p in yielded] == [None, 2, 1]
+
+
 class SentFrames:
     """A WebSocket that keeps what is sent on it."""
 
@@ -232,6 +243,7 @@ async def test_a_streams_socket_mends_a_gap_by_resubscribing_from_its_last_chunk
     socket._ws = ws  # type: ignore[assignment]
     watcher = StreamWatcher(pid)
     await socket.add(watcher)
+    await asyncio.gather(*socket._background)  # the subscribe sent, as before the server answers it
     socket._handle(
         json.dumps({"type": "subscribed", "prediction": {"prediction_id": pid, "status": "running", "result": ["w0 "]}})
     )

@@ -238,6 +238,21 @@ def test_a_stream_sends_output_at_most_every_half_second_named_by_its_chunks_and
     assert settled.applies_to(first) and not settled.applies_to(later)
 
 
+def test_a_canceled_streams_last_commit_sends_no_output_without_completed_in_the_filter() -> None:
+    """`output` never after the prediction ended: a canceled stream's last commit (the chunks yielded
+    before the cancel) makes no `output` pending, also when the filter has no `completed` to replace it."""
+    running = dataclasses.replace(with_webhook("output"), stream=True).started(batch_size=1)
+    t = 1000.0
+    first = lifecycle.append_chunks(running, 0, ["a "], None, now=t)
+    assert first is not None and first.webhook is not None and first.webhook.event == "output"
+    canceled = lifecycle.cancel(first, first.prediction_id, ttl=60)
+    assert canceled.webhook == first.webhook  # no `completed` asked for: nothing new
+    tail = lifecycle.append_chunks(canceled, 1, ["b "], None, now=t + 10)
+    assert tail is not None and tail.result == ["a ", "b "]
+    assert tail.webhook == canceled.webhook  # not an `output` pending that nothing would ever send
+    assert scheduled_by(tail) is None
+
+
 def delivery(attempts: int = 0) -> Delivery:
     return Delivery("msg_x_completed", "x", "completed", URL, b"{}", 100.0, 100.0, attempts)
 
@@ -400,6 +415,27 @@ async def test_a_chunk_commit_writes_its_output_delivery_with_it_and_completed_c
     (completed,) = await store.due_webhooks(now, 10)
     assert completed.webhook_id == f"msg_{p.prediction_id}_completed"
     assert json.loads(completed.body)["data"]["result"] == ["a ", "b "]
+
+
+async def test_chunk_commits_while_an_event_is_pending_schedule_it_once(store: Any) -> None:
+    """A stream commits its chunks every --stream-commit-ms, each a write of its record: a write that
+    leaves the pending event as it was (a `start` not attempted yet, the `completed` of a cancel that its
+    last commit follows) schedules nothing more, so the receiver gets each event once."""
+    p = dataclasses.replace(with_webhook("start", "completed"), stream=True)
+    await store.add(p)
+    await store.start([p.prediction_id])
+    for n in range(3):
+        assert await store.commit_stream(p.prediction_id, n, [f"w{n} "], None) is not None
+    now = time.time() + 1
+    (start,) = await store.due_webhooks(now, 10)
+    assert start.webhook_id == f"msg_{p.prediction_id}_start"
+    await store.settle_webhook(settle(start, Attempt(200), now=now, delays=DELAYS))
+    await store.cancel(p.prediction_id)
+    assert await store.commit_stream(p.prediction_id, 3, ["w3 "], None) is not None  # yielded before the cancel
+    (completed,) = await store.due_webhooks(now, 10)
+    assert completed.webhook_id == f"msg_{p.prediction_id}_completed"
+    await store.settle_webhook(settle(completed, Attempt(200), now=now, delays=DELAYS))
+    assert await store.due_webhooks(now + 10**6, 10) == [] and await store.pending_webhooks() == 0
 
 
 async def test_a_sqlite_delivery_is_on_disk_with_its_record_and_survives_a_reopen(tmp_path: Path) -> None:

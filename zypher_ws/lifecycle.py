@@ -69,7 +69,8 @@ def append_chunks(
 
     A canceled one takes them too: the chunks its generator yielded before it saw the cancel stay. Chunks
     already stored (a commit retried) are not stored twice. New chunks may make a webhook's `output`
-    event pending (Webhook.on_output, at `now`), in the same write.
+    event pending (Webhook.on_output, at `now`), in the same write; a canceled one's do not (no `output`
+    after the end: without `completed` in its filter the record would show an event nothing sends).
     """
     if current is None or not current.stream or current.status not in (Status.RUNNING, Status.CANCELED):
         return None
@@ -80,7 +81,7 @@ def append_chunks(
     if not fresh and progress == current.progress:
         return None
     changed = current.streamed(have + fresh, progress)
-    if fresh and changed.webhook is not None:
+    if fresh and changed.webhook is not None and current.status is Status.RUNNING:
         at = time.time() if now is None else now
         changed = changed.with_webhook(changed.webhook.on_output(len(changed.result), at))
     return changed

@@ -75,6 +75,9 @@ class StreamWatcher(Watcher):
     """
 
     def __init__(self, prediction_id: str, from_index: int = -1) -> None:
+        # Below -1 no chunk would ever be the next one: the stream would end without yielding any.
+        if isinstance(from_index, bool) or not isinstance(from_index, int) or from_index < -1:
+            raise ValueError(f"from_index is the index of the last chunk you have (-1: none), not {from_index!r}")
         super().__init__([prediction_id])
         self.prediction_id = prediction_id
         self.next_index = from_index + 1  # the chunk it takes next
@@ -82,21 +85,23 @@ class StreamWatcher(Watcher):
 
     def offer(self, prediction: Prediction) -> bool:
         """Take the chunks this state carries that are new, and the state itself if it is new: the
-        chunks before a terminal state, after any other."""
+        chunks before a terminal state, after any other. True if it took either (polling backs off only
+        while nothing is new, and a stream's record brings new chunks far more often than new states)."""
         if prediction.prediction_id != self.prediction_id or not self.remaining:
             return False
         rank, last = prediction.status.rank, self._last_rank.get(self.prediction_id, -1)
-        moved = rank == last and not prediction.terminal and prediction.queue_position != self._position
+        # A place not told (a snapshot's: the `queue` message after it tells) is no move.
+        position = prediction.queue_position
+        moved = rank == last and not prediction.terminal and position is not None and position != self._position
         taken = rank > last or moved
         if taken and not prediction.terminal:
             self._take_state(prediction)
         chunks = prediction.result if isinstance(prediction.result, list) and rank > 0 else []
-        for index in range(self.next_index, len(chunks)):
-            self.offer_chunk(index, chunks[index])
+        took = [self.offer_chunk(index, chunks[index]) for index in range(self.next_index, len(chunks))]
         if taken and prediction.terminal:
             self._take_state(prediction)
             self.remaining.clear()
-        return taken
+        return taken or any(took)
 
     def _take_state(self, prediction: Prediction) -> None:
         self._last_rank[self.prediction_id] = prediction.status.rank
@@ -179,7 +184,11 @@ class LiveSocket:
         elif self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="zypher-client-ws")
         elif self._ws is not None and new:
-            await self._subscribe(self._ws, new)
+            # Sent behind whatever is on its way already: a watcher of these ids that just left has its
+            # unsubscribe in a task of its own, and a subscribe sent first would be ignored by the server
+            # (it still watches them) and then undone by that unsubscribe. Tasks start in the order they
+            # were made and take the send lock first thing, so the sends go in that order too.
+            self._spawn(self._subscribe(self._ws, new))
         # else: connecting; the subscribe on connect includes these ids
 
     def remove(self, watcher: Watcher) -> None:
@@ -395,6 +404,7 @@ class LiveSocket:
             log.warning("WebSocket error: %s", exc)
             return
         self._latest.pop(str(pid), None)
+        self._chunks.pop(str(pid), None)  # the watchers go: so does what was kept for them
         for watcher in watchers:
             watcher.tell(exc)
 

@@ -74,11 +74,18 @@ def _event_of(p: Prediction, pending: str) -> str | None:
     return None
 
 
-def scheduled_by(p: Prediction) -> Delivery | None:
+def scheduled_by(p: Prediction, before: Prediction | None = None) -> Delivery | None:
     """The delivery that writing `p` schedules: one if this state is the change that made its event
-    pending (`Prediction._next` marks it), else None. Cheap for a prediction without a webhook."""
+    pending (`Prediction._next` marks it), else None. Cheap for a prediction without a webhook.
+
+    `before`, the record this write replaces where the store has it: a write that leaves a pending event
+    as it was (a stream's chunk commit while its `start` or `output` waits for its attempt, its last commit
+    after a cancel) schedules nothing, since the write that made it pending did. A store that cannot tell
+    (it does not read the record first) relies on the delivery's id to keep one."""
     w = p.webhook
     if w is None or w.state != PENDING or w.attempts or w.next_attempt_at is None:
+        return None
+    if before is not None and before.webhook == w:
         return None
     event, at = _event_of(p, w.event or ""), w.next_attempt_at
     if event is None or w.event != event:

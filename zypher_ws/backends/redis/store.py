@@ -221,7 +221,8 @@ class RedisStore:
                     for key, p in zip(keys, after, strict=True):
                         if p is not None:
                             pipe.set(key, dump(p), pxat=_expiry_ms(p))
-                    scheduled = self._webhooks.schedule(pipe, [p for p in after if p is not None])
+                    written = [(b, a) for b, a in zip(before, after, strict=True) if a is not None]
+                    scheduled = self._webhooks.schedule(pipe, written)
                     if also is not None:
                         also(pipe)
                     await pipe.execute()

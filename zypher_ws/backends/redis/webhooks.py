@@ -47,9 +47,11 @@ class RedisWebhooks:
         self._claim_cursor = "0-0"
         self._held: set[str] = set()  # entry ids this process is attempting
 
-    def schedule(self, pipe: Any, written: Sequence[Prediction]) -> bool:
-        """Add the deliveries these writes cause to a MULTI; whether there were any."""
-        scheduled = [d for p in written if p.webhook is not None and (d := scheduled_by(p)) is not None]
+    def schedule(self, pipe: Any, written: Sequence[tuple[Prediction | None, Prediction]]) -> bool:
+        """Add the deliveries these writes (each the record before and after) cause to a MULTI; whether
+        there were any. A stream rewrites its record at every commit of its chunks: an XADD each time
+        its event is still pending would deliver it again and again (XADD keeps no id to dedupe on)."""
+        scheduled = [d for b, p in written if p.webhook is not None and (d := scheduled_by(p, b)) is not None]
         for delivery in scheduled:
             pipe.xadd(self._keys.webhooks, {"d": delivery.to_json()})
         return bool(scheduled)
