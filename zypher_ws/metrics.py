@@ -203,7 +203,7 @@ class Metrics:
                 model = (p.model_name, p.model_version)
                 end_to_end, model_time = self.end_to_end.labels(*model), self.model_time.labels(*model)
             self._last_finished[model] = p.completed_at
-            self.predictions.labels(*model, p.status.value).inc()
+            self.predictions.labels(*model, p.status.text).inc()
             end_to_end.observe(max(0.0, p.completed_at - p.created_at))
             if p.started_at is not None:
                 model_time.observe(max(0.0, p.completed_at - p.started_at))

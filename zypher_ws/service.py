@@ -25,7 +25,7 @@ from .errors import (
 )
 from .events import Watch
 from .queue_positions import QueuePositions
-from .records import QUEUE, IdempotencyKey, Job, Outcome, Prediction, Status, StreamEvent, Webhook, rfc3339
+from .records import QUEUE, IdempotencyKey, Job, Outcome, Prediction, Status, StreamEvent, Webhook, make_job, rfc3339
 from .settings import Settings
 from .validation import is_prediction_id
 from .waiting import Deadlines, settle
@@ -263,7 +263,7 @@ class PredictionService:
             if stored.prediction_id != pid:
                 return stored, False
             try:
-                await queue.put(Job(pid, priority=admission.priority))
+                await queue.put(make_job(pid, priority=admission.priority))
             except QueueFull:
                 # Filled up while the record was being stored: take it back, so a 503 leaves nothing behind.
                 await self.store.delete(pid)
