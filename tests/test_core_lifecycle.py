@@ -6,13 +6,23 @@ import os
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import fields
+from dataclasses import FrozenInstanceError, fields
 
 import pytest
 
 from zypher_ws import lifecycle
 from zypher_ws.errors import AlreadyFinished, IdempotencyConflict, NotFound
-from zypher_ws.records import IdempotencyKey, Outcome, Prediction, Status, Webhook, _RandomIds
+from zypher_ws.records import (
+    IdempotencyKey,
+    Job,
+    Outcome,
+    Prediction,
+    Status,
+    Webhook,
+    _RandomIds,
+    make_job,
+    make_outcome,
+)
 from zypher_ws.validation import is_prediction_id
 
 FIELDS = [f.name for f in fields(Prediction)]
@@ -257,3 +267,20 @@ def test_a_forked_child_draws_ids_of_its_own() -> None:
     os.close(reader)
     assert status == 0 and len(theirs) == 32
     assert theirs != ids()
+
+
+# -- records made on the hot paths are records like any other ------------------------------------------
+
+
+def test_records_made_at_a_plain_dataclass_cost_are_frozen_predictions() -> None:
+    made = running()  # Prediction.new, then started: both through records.thawed
+    assert type(made) is Prediction
+    assert made == Prediction(**{name: getattr(made, name) for name in FIELDS})
+    assert hash(Prediction.new(("x",), model_name="m", model_version="1")) is not None
+    with pytest.raises(FrozenInstanceError):
+        made.status = Status.QUEUED  # type: ignore[misc]
+    job, outcome = make_job("p", priority=2), make_outcome("p", result=1)
+    assert (type(job), job) == (Job, Job("p", priority=2))
+    assert (type(outcome), outcome) == (Outcome, Outcome("p", result=1))
+    with pytest.raises(FrozenInstanceError):
+        job.priority = 1  # type: ignore[misc]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -56,6 +57,28 @@ def test_loads_rejects_with_value_error(raw: bytes) -> None:
 def test_dumps_writes_only_valid_json() -> None:
     out = dumps({"nan": float("nan"), "inf": [float("inf")], 3: "three", "big": 2**70})
     assert json.loads(out, parse_constant=pytest.fail) == {"nan": None, "inf": [None], "3": "three", "big": 2**70}
+
+
+keyed_values = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**63), max_value=2**63 - 1) | st.text(),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(
+            st.text(max_size=4) | st.integers(min_value=-(2**63), max_value=2**63 - 1) | st.booleans() | st.none(),
+            children,
+            max_size=4,
+        )
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(keyed_values)
+def test_dumps_writes_what_orjson_writes_with_non_string_keys(value: Any) -> None:
+    # Values whose keys are all strings take orjson's faster path: the bytes must be those of the path
+    # that takes any key, which the rest still take.
+    assert dumps(value) == orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
 
 
 def _nested(depth: int) -> str:

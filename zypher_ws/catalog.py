@@ -360,6 +360,9 @@ class CatalogFollower:
             deployer.end(made)
             return False
         self._published[made] = text
+        # Counted now, not only after the round: the round awaits other versions' loading meanwhile, and
+        # GET /models must not list a published version without its workers.
+        made.served_by = len(state.servers.get(key, {}))
         if current is None:
             self.models.add(made)
             log.info("model %s version %s is served by worker processes (%s)", *key, servers)

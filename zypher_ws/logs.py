@@ -119,9 +119,10 @@ def state_changes(predictions: Iterable[Prediction]) -> None:
     """One line per prediction that changed state (a logger of its own, to silence it separately):
     DEBUG for queued, running and succeeded, INFO for failed and canceled."""
     enabled = predictions_log.isEnabledFor
+    debug = enabled(logging.DEBUG)  # asked once a call: nearly every change is DEBUG, and INFO drops it
     for p in predictions:
         level = _STATE_LEVEL.get(p.status, logging.INFO)
-        if not enabled(level):
+        if not (debug if level == logging.DEBUG else enabled(level)):
             continue
         fields: dict[str, Any] = {"prediction_id": p.prediction_id, "status": p.status.value, "attempts": p.attempts}
         if p.error:

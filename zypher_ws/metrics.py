@@ -4,12 +4,13 @@ a process with workers its batches and outcomes (`zypher-ws worker --metrics-por
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
-from prometheus_client.metrics_core import HistogramMetricFamily
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from .records import DEAD_LETTERED, DELIVERED, PENDING, Prediction
@@ -74,10 +75,46 @@ class _Series:
         self.total += value
 
 
+class LoopCounter(Collector):
+    """A counter incremented only from the event loop, so without prometheus-client's lock per increment
+    (two go with every sync prediction). Exposed as prometheus-client exposes a Counter: `_total` and
+    `_created` per series."""
+
+    def __init__(
+        self, name: str, documentation: str, labelnames: Sequence[str], *, registry: CollectorRegistry
+    ) -> None:
+        self._name, self._documentation, self._labelnames = name, documentation, list(labelnames)
+        self._series: dict[tuple[str, ...], _Count] = {}
+        registry.register(self)
+
+    def labels(self, *values: str) -> _Count:
+        series = self._series.get(values)
+        if series is None:
+            series = self._series[values] = _Count()
+        return series
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)
+        for values, series in list(self._series.items()):  # a worker's scrape runs on another thread
+            family.add_metric(list(values), series.value, created=series.created)
+        yield family
+
+
+class _Count:
+    __slots__ = ("created", "value")
+
+    def __init__(self) -> None:
+        self.value = 0.0
+        self.created = time.time()
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
-        self.http_requests = Counter(
+        self.http_requests = LoopCounter(
             "zypher_http_requests", "HTTP requests by route and status", ["method", "route", "status"], registry=r
         )
         self.http_duration = LoopHistogram(
@@ -86,7 +123,7 @@ class Metrics:
         )  # fmt: skip
         # Per model version: `model` and `version` labels, so one slow or failing model shows as itself.
         m = ["model", "version"]
-        self.predictions = Counter("zypher_predictions", "Predictions by final status", [*m, "status"], registry=r)
+        self.predictions = LoopCounter("zypher_predictions", "Predictions by final status", [*m, "status"], registry=r)
         self.queue_depth = Gauge("zypher_queue_depth", "Predictions waiting in the queue", m, registry=r)
         self.in_flight = Gauge("zypher_predictions_in_flight", "Predictions being run by the model here", m, registry=r)
         self.queue_wait = LoopHistogram(
@@ -139,8 +176,8 @@ class Metrics:
     # -- what the HTTP layer reports ---------------------------------------------------------------------
 
     def request_done(self, method: str, route: str, status: int, seconds: float) -> None:
-        self._child(self.http_requests, method, route, str(status)).inc()
-        self.http_duration.labels(route).observe(seconds)  # a dict lookup already, no lock
+        self.http_requests.labels(method, route, str(status)).inc()  # dict lookups, no lock
+        self.http_duration.labels(route).observe(seconds)
 
     # -- what workers report ---------------------------------------------------------------------------
 
@@ -158,22 +195,25 @@ class Metrics:
         self.finished(finished)
 
     def finished(self, predictions: Sequence[Prediction]) -> None:
+        model: tuple[str, str] | None = None
         for p in predictions:
             if not p.status.terminal or p.completed_at is None:
                 continue
-            model = _model_of(p)
+            if model != (p.model_name, p.model_version):  # a batch is of one model version: looked up once
+                model = (p.model_name, p.model_version)
+                end_to_end, model_time = self.end_to_end.labels(*model), self.model_time.labels(*model)
             self._last_finished[model] = p.completed_at
-            self._child(self.predictions, *model, p.status.value).inc()
-            self.end_to_end.labels(*model).observe(max(0.0, p.completed_at - p.created_at))
+            self.predictions.labels(*model, p.status.text).inc()
+            end_to_end.observe(max(0.0, p.completed_at - p.created_at))
             if p.started_at is not None:
-                self.model_time.labels(*model).observe(max(0.0, p.completed_at - p.started_at))
+                model_time.observe(max(0.0, p.completed_at - p.started_at))
 
     def figures(self, model: str, version: str) -> dict[str, Any]:
         """One model version's totals in this process: predictions by status, and (count, seconds) of
         queue waits, model time and end-to-end time, model calls, and when the last one finished."""
 
         def count(status: str) -> int:
-            return int(self._child(self.predictions, model, version, status)._value.get())
+            return int(self.predictions.labels(model, version, status).value)
 
         def total(histogram: LoopHistogram) -> tuple[int, float]:
             series = histogram.labels(model, version)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from .errors import InvalidInput
@@ -48,12 +49,18 @@ class QueuePolicy:
         """The level and deadline of a request with these `parameters` (its `priority` and `timeout`).
         Raises InvalidInput for a value that is not one (a level outside 1..priority_levels, say)."""
         if parameters is None:
+            if not self.default_timeout_us:
+                return self._without_parameters  # the same for every such request (nearly all of them)
             parameters = {}
         if not isinstance(parameters, dict):
             raise InvalidInput("parameters must be an object")
         priority = _whole(parameters.get("priority", 0), "priority")
         timeout = _whole(parameters.get("timeout", 0), "timeout")
         return Admission(self._level(priority), self._deadline(timeout, clock))
+
+    @cached_property
+    def _without_parameters(self) -> Admission:
+        return Admission(self._level(0), None)
 
     def _level(self, asked: int) -> int:
         if self.priority_levels == 0:

@@ -16,7 +16,7 @@ from typing import Any
 from . import oip
 from .errors import ModelError
 from .models import Model, ModelSpec, TensorMetadata, tensor_metadata
-from .records import Outcome, Prediction
+from .records import Outcome, Prediction, make_outcome
 from .settings import Settings
 from .streaming import PROCESS_QUEUE_ITEMS, Item, ToLoop, ToQueue, iterate
 
@@ -309,7 +309,7 @@ class ModelRunner:
             results = await self._submit(self._predict, inputs)
             if len(results) != len(inputs):
                 raise ValueError(f"model returned {len(results)} outputs for {len(inputs)} inputs")
-            return [Outcome(pid, result=r) for pid, r in zip(ids, results, strict=True)]
+            return [make_outcome(pid, result=r) for pid, r in zip(ids, results, strict=True)]
         except Exception as exc:
             if len(inputs) == 1:
                 log.info("model raised on prediction %s: %r", ids[0], exc)

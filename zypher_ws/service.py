@@ -7,8 +7,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 from . import logs, oip
@@ -26,10 +25,10 @@ from .errors import (
 )
 from .events import Watch
 from .queue_positions import QueuePositions
-from .records import QUEUE, IdempotencyKey, Job, Outcome, Prediction, Status, StreamEvent, Webhook, rfc3339
+from .records import QUEUE, IdempotencyKey, Job, Outcome, Prediction, Status, StreamEvent, Webhook, make_job, rfc3339
 from .settings import Settings
 from .validation import is_prediction_id
-from .waiting import settle, settled_within
+from .waiting import Deadlines, settle
 from .webhooks.target import AddressPolicy, WebhookRequest
 
 log = logging.getLogger(__name__)
@@ -47,7 +46,8 @@ class PredictionService:
         self._defers = store if isinstance(store, DefersWrites) else None
         self.positions = QueuePositions()
         """Where queued predictions watched here stand; its run_forever ticks (the app starts it)."""
-        self._on_stop: set[Callable[[], None]] = set()
+        self._waiting: set[asyncio.Future[None]] = set()  # sync waits, settled when shutdown begins
+        self._deadlines = Deadlines()
         self._webhook_policy = AddressPolicy(
             allow_private=settings.webhook_allow_private, allowed_hosts=settings.webhook_allowed_hosts
         )
@@ -57,19 +57,20 @@ class PredictionService:
         they have (a sync request its unfinished record, a stream its last message). Accepted
         predictions stay where they are: durable ones resume on the next start."""
         self.stopping = True
-        for callback in tuple(self._on_stop):
-            callback()
+        for waiting in tuple(self._waiting):
+            settle(waiting)
 
-    @contextmanager
-    def until_stop(self, callback: Callable[[], None]) -> Iterator[None]:
-        """While the block runs, `callback` is called (once) if shutdown begins; at once if it has."""
+    async def _settled_within(self, settled: asyncio.Future[None], timeout: float) -> None:
+        """Until `settled` is settled, `timeout` runs out, or shutdown begins (at once if it has)."""
         if self.stopping:
-            callback()
-        self._on_stop.add(callback)
+            return
+        self._waiting.add(settled)
+        disarm = self._deadlines.arm(settled, timeout)
         try:
-            yield
+            await settled
         finally:
-            self._on_stop.discard(callback)
+            disarm()
+            self._waiting.discard(settled)
 
     async def check_ready(self) -> None:
         """Raise NotReady, BackendUnavailable or ModelUnavailable unless new predictions would be accepted
@@ -180,8 +181,7 @@ class PredictionService:
         if not new:
             return await self.wait(prediction.prediction_id, timeout)  # an earlier prediction: follow it
         try:
-            with self.until_stop(lambda: settle(settled)):
-                await settled_within(settled, timeout)
+            await self._settled_within(settled, timeout)
         finally:
             self.bus.unsubscribe(prediction.prediction_id, on_change)
         for change in changes:
@@ -263,7 +263,7 @@ class PredictionService:
             if stored.prediction_id != pid:
                 return stored, False
             try:
-                await queue.put(Job(pid, priority=admission.priority))
+                await queue.put(make_job(pid, priority=admission.priority))
             except QueueFull:
                 # Filled up while the record was being stored: take it back, so a 503 leaves nothing behind.
                 await self.store.delete(pid)
@@ -358,8 +358,7 @@ class PredictionService:
 
         watch = await self.watch(prediction_id, deliver)
         try:
-            with self.until_stop(lambda: settle(settled)):
-                await settled_within(settled, timeout)
+            await self._settled_within(settled, timeout)
         finally:
             watch.stop()
         return latest[-1]

@@ -38,6 +38,8 @@ class WorkerPool:
     ) -> None:
         self._settings = settings
         self._queue = queue
+        # Asked once: an isinstance of a runtime-checkable Protocol looks at every one of its members.
+        self._releases = queue if isinstance(queue, Releases) else None
         self._store = store
         self._bus = bus
         self._runner = runner
@@ -122,8 +124,8 @@ class WorkerPool:
                 await self.run_batch(jobs)
             except Exception:  # a store or bus failure must not kill the worker
                 log.exception("worker failed on a batch of %d", len(jobs))
-                if isinstance(self._queue, Releases):
-                    await self._queue.release(jobs)  # let a live worker take them over
+                if self._releases is not None:
+                    await self._releases.release(jobs)  # let a live worker take them over
             finally:
                 self.busy -= 1
                 if not self.busy:
@@ -131,7 +133,7 @@ class WorkerPool:
 
     async def run_batch(self, jobs: list[Job]) -> None:
         ids = [job.prediction_id for job in jobs]
-        if isinstance(self._queue, Releases):
+        if self._releases is not None:
             try:
                 started = await self._store.start(ids, now=self.clock())
             except RetryLater as exc:
@@ -139,7 +141,7 @@ class WorkerPool:
                 # records running and start nothing, stranding them. Release the batch instead; the
                 # takeover after --claim-idle queues again what is running (an attempt) or still queued.
                 log.warning("could not record the start of a batch (%s); releasing it for takeover", exc.message)
-                await self._queue.release(jobs)
+                await self._releases.release(jobs)
                 return
         else:  # embedded: a failed transaction changed nothing, so trying again is exact
             started = await self._until_done(lambda: self._store.start(ids, now=self.clock()), "the start of a batch")

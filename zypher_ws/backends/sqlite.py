@@ -364,7 +364,7 @@ class SQLiteStore:
             "INSERT INTO predictions (id, status, expires_at, record) VALUES (?, ?, ?, ?) "
             "ON CONFLICT (id) DO UPDATE SET status = excluded.status, expires_at = excluded.expires_at, "
             "record = excluded.record",
-            (p.prediction_id, p.status.value, p.expires_at, dumps_fields_str(p, p.to_row)),
+            (p.prediction_id, p.status.text, p.expires_at, dumps_fields_str(p, p.to_row)),
         )
         self._remember(p)
         if p.webhook is not None:
@@ -375,7 +375,7 @@ class SQLiteStore:
         changed = [p for p in updates if p is not None]
         conn.executemany(
             "UPDATE predictions SET status = ?, expires_at = ?, record = ? WHERE id = ?",
-            [(p.status.value, p.expires_at, dumps_fields_str(p, p.to_row), p.prediction_id) for p in changed],
+            [(p.status.text, p.expires_at, dumps_fields_str(p, p.to_row), p.prediction_id) for p in changed],
         )
         for p in changed:
             self._remember(p)

@@ -45,7 +45,7 @@ from .keys import (
     WEBHOOKS,
     WS_AUTHENTICATING,
 )  # fmt: skip
-from .middleware import count_requests, json_errors, parse_json_body, require_token
+from .middleware import front, parse_json_body
 from .pages import add_page_routes
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def create_app(
         models = [(spec_of(model), model)]
     app = web.Application(
         client_max_size=settings.max_body,
-        middlewares=[count_requests, json_errors, require_token],
+        middlewares=[front],
     )
     app[SETTINGS] = settings
     app[METRICS] = Metrics()

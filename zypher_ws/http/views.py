@@ -26,10 +26,11 @@ _FALSE = {"false", "0", "no"}
 
 def wants_async(request: web.Request) -> bool:
     """`Async-Mode: true|1|yes` (the prototype's header) or `Prefer: respond-async` (RFC 7240)."""
-    prefer = request.headers.getall("Prefer", [])
-    if any(token.strip().lower() == "respond-async" for value in prefer for token in value.split(",")):
+    headers = request.headers
+    prefer = headers.getall("Prefer", ())
+    if prefer and any(token.strip().lower() == "respond-async" for value in prefer for token in value.split(",")):
         return True
-    raw = request.headers.get("Async-Mode")
+    raw = headers.get("Async-Mode")
     if raw is None:
         return False
     value = raw.strip().lower()
@@ -154,7 +155,8 @@ predict_model_version.__doc__ = _predict_operation(
 
 def wants_events(request: web.Request) -> bool:
     """`Accept: text/event-stream`: a sync request answered by the prediction's event stream."""
-    return any("text/event-stream" in value.lower() for value in request.headers.getall("Accept", []))
+    accept = request.headers.getall("Accept", ())
+    return bool(accept) and any("text/event-stream" in value.lower() for value in accept)
 
 
 def _flag(body: dict[str, Any], name: str) -> bool | None:
