@@ -380,19 +380,29 @@ DEFAULTS: dict[str, tuple[list[str], str, dict[str, str]]] = {
         "/readyz",
         {"Async-Mode": "true"},
     ),
+    # The Quick start's own server, the `digits` model, sent the README's digit, against the ceiling
+    # calling the same model inline: what a new user who points wrk at it measures.
+    "ceiling, digits": ([PY, "-m", "bench.ceiling", "--port", "{port}", "--model", "digits"], "/healthz", {}),
+    "defaults, digits": ([str(BIN / "zypher-ws"), "serve", "--port", "{port}"], "/readyz", {}),
 }  # fmt: skip
+DEFAULTS_BODIES = {"ceiling, digits": {"input": DIGIT}, "defaults, digits": {"input": DIGIT}}
+"""Each run's body where it is not `{"input": [1, 2, 3]}` (mock's)."""
 DEFAULTS_CONNECTIONS = 32
 
 
 def defaults(opts: Options) -> list[str]:
     """The defaults against the ceiling (sync) and against the memory store (async submit), `mock` 0 ms,
-    c=32. Rounds outermost, the order reversed every other round; every run starts its server afresh in
-    a new working directory, and the ratios are paired within a round."""
+    c=32; and the Quick start's `zypher-ws serve` (`digits`, the README's digit) against the ceiling
+    calling `digits` inline. Rounds outermost, the order reversed every other round; every run starts its
+    server afresh in a new working directory, and the ratios are paired within a round."""
     keys = ("rps", "p50", "p99", "cpu_us", "errors")
     f = {name: {k: Figure() for k in keys} for name in DEFAULTS}
-    paired = {"defaults": Figure(), "defaults, async": Figure()}  # ÷ the ceiling, ÷ memory:// async
-    against = {"defaults": "ceiling", "defaults, async": "--store memory://, async"}
-    body = {"input": [1, 2, 3]}
+    against = {
+        "defaults": "ceiling",
+        "defaults, async": "--store memory://, async",
+        "defaults, digits": "ceiling, digits",
+    }
+    paired = {name: Figure() for name in against}  # ÷ the ceiling, ÷ memory:// async, ÷ the digits ceiling
     names = list(DEFAULTS)
     for round_no in range(opts.repeat):
         for name in names if round_no % 2 == 0 else names[::-1]:
@@ -406,7 +416,7 @@ def defaults(opts: Options) -> list[str]:
                     s.url + "/predict",
                     connections=DEFAULTS_CONNECTIONS,
                     duration=opts.duration,
-                    body=body,
+                    body=DEFAULTS_BODIES.get(name, {"input": [1, 2, 3]}),
                     headers=headers,
                 )
                 used = s.cpu_seconds() - before
@@ -417,8 +427,9 @@ def defaults(opts: Options) -> list[str]:
             paired[name].add(f[name]["rps"].values[-1] / f[base]["rps"].values[-1])
         print(f"  defaults: round {round_no + 1} done", file=sys.stderr, flush=True)
     modes = {"ceiling": "sync", "defaults": "sync", "defaults, async": "async submit",
-             "--store memory://, async": "async submit"}  # fmt: skip
-    shown = {"defaults": "÷ ceiling ", "defaults, async": "÷ memory:// async "}
+             "--store memory://, async": "async submit", "ceiling, digits": "sync, the README's digit",
+             "defaults, digits": "sync, the README's digit"}  # fmt: skip
+    shown = {"defaults": "÷ ceiling ", "defaults, async": "÷ memory:// async ", "defaults, digits": "÷ ceiling "}
     rows = [
         [f"`{_command(DEFAULTS[name][0])}`", modes[name], g["rps"].show(), g["p50"].show(2), g["p99"].show(2),
          g["cpu_us"].show(), g["errors"].show(), shown[name] + paired[name].show(2, "×") if name in paired else ""]
@@ -426,8 +437,8 @@ def defaults(opts: Options) -> list[str]:
     ]  # fmt: skip
     return [
         table(
-            f"the defaults: `mock` 0 ms, c={DEFAULTS_CONNECTIONS}, each run a fresh server in a fresh working "
-            "directory (ratios are medians of per-round ratios)",
+            f"the defaults: `mock` 0 ms (and the Quick start's own `digits`), c={DEFAULTS_CONNECTIONS}, each run "
+            "a fresh server in a fresh working directory (ratios are medians of per-round ratios)",
             ["server", "mode", "requests/s", "p50 ms", "p99 ms", "server CPU µs/request", "errors", "ratio"],
             rows,
         )

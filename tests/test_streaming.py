@@ -7,6 +7,7 @@ import asyncio
 import json
 import threading
 from collections.abc import Callable, Iterator
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from zypher_ws.http.live import Outbox
 from zypher_ws.models import MockModel, NotAModel, build, parse_model_option
 from zypher_ws.queue_positions import QueuePositions
 from zypher_ws.records import COMMITTED, OUTPUT, PROGRESS, Job, Prediction, StreamEvent
-from zypher_ws.streaming import iterate
+from zypher_ws.streaming import PROGRESS_RETRY_S, ToQueue, iterate
 
 ASYNC = {"Prefer": "respond-async"}
 SSE = {"Accept": "text/event-stream"}
@@ -750,3 +751,34 @@ async def test_a_sync_event_stream_counts_toward_the_live_connections_of_its_cli
     model.allow(1)
     events = sse_events(await first.text())
     assert events[-1]["data"]["prediction"]["result"] == ["w0 "]
+
+
+@pytest.mark.slow  # spawns a manager process
+def test_a_worker_process_sends_every_chunk_and_a_bounded_number_of_progress_reports() -> None:
+    """--executor process: a model reporting progress far faster than the queue to the API process drains
+    neither grows that queue nor waits on it; every chunk and the latest report still cross, in order."""
+    manager = get_context("spawn").Manager()
+    try:
+        items = manager.Queue(2)  # the real proxy: its put_nowait raises queue.Full in this process
+        now = [0.0]
+        to_parent = ToQueue(items, clock=lambda: now[0])
+        for i in range(1000):  # nobody reads: a report never blocks, only the latest is kept
+            to_parent((PROGRESS, i / 1000, None))
+            now[0] += PROGRESS_RETRY_S / 3
+        assert items.qsize() == 2
+        received: list[Any] = []
+        reader = threading.Thread(target=lambda: received.extend(iter(items.get, None)))
+        reader.start()
+        to_parent((OUTPUT, 0, "c0"))  # waits for room, after the report kept back
+        to_parent((PROGRESS, 1.0, "done"))
+        to_parent.flush()
+        items.put(None)
+        reader.join(WAIT)
+        assert not reader.is_alive()
+    finally:
+        manager.shutdown()
+    progress = [item for item in received if item[0] == PROGRESS]
+    assert received[:2] == [(PROGRESS, 0.0, None), (PROGRESS, 0.001, None)]  # the two that fitted
+    assert received[2] == (PROGRESS, 0.999, None)  # the latest before the chunk, then the chunk
+    assert received[3] == (OUTPUT, 0, "c0") and received[-1] == (PROGRESS, 1.0, "done")
+    assert len(progress) <= 4

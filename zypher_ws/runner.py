@@ -18,7 +18,7 @@ from .errors import ModelError
 from .models import Model, ModelSpec, TensorMetadata, tensor_metadata
 from .records import Outcome, Prediction
 from .settings import Settings
-from .streaming import Item, ToLoop, iterate
+from .streaming import PROCESS_QUEUE_ITEMS, Item, ToLoop, ToQueue, iterate
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +113,11 @@ def _stream(model: Any, value: Any, emit: Callable[[Item], None], cancelled: Cal
 def _stream_here(value: Any, items: Any, cancel: Any, limits: tuple[int, int, int]) -> Any:
     """A stream in a worker process: its items go through a manager's queue (`items`), then a None."""
     assert _process_model is not None
+    to_parent = ToQueue(items)
     try:
-        return _stream(_process_model, value, items.put, cancel.is_set, limits)
+        return _stream(_process_model, value, to_parent, cancel.is_set, limits)
     finally:
+        to_parent.flush()
         items.put(None)
 
 
@@ -230,8 +232,10 @@ class ModelRunner:
             return self._submit(_stream, self.model, value, to_loop, cancel.is_set, limits), cancel.set
         if self._control is None or self._forwarders is None:
             self._control = ThreadPoolExecutor(max_workers=2, thread_name_prefix="zypher-stream-control")
-            # Sized to the processes: a stream queued behind them has its forwarding thread queued too
-            # (its items wait in the manager's queue, which is not bounded, so no process waits on it).
+            # Sized to the processes: a stream queued behind them has its forwarding thread queued too. Both
+            # pools run in submission order, so a process can start a stream before its forwarder has a
+            # thread only while the forwarder before it drains a stream that has ended; the process waits
+            # for room in the bounded queue meanwhile (PROCESS_QUEUE_ITEMS), never for the model.
             self._forwarders = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="zypher-stream")
         control, forwarders = self._control, self._forwarders
         if self._manager is None:
@@ -239,7 +243,9 @@ class ModelRunner:
             # one manager process per model, started by its first stream.
             self._manager = await loop.run_in_executor(control, get_context("spawn").Manager)
         manager = self._manager
-        items, cancel = await loop.run_in_executor(control, lambda: (manager.Queue(), manager.Event()))
+        items, cancel = await loop.run_in_executor(
+            control, lambda: (manager.Queue(PROCESS_QUEUE_ITEMS), manager.Event())
+        )
         call = self._submit(_stream_here, value, items, cancel, limits)
         call_done = threading.Event()
         call.add_done_callback(lambda _: call_done.set())

@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import queue
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -116,6 +118,49 @@ class ToLoop:
             self._scheduled = False
         for item in items:
             self._emit(item)
+
+
+PROCESS_QUEUE_ITEMS = 256
+"""Items of one stream waiting in the manager's queue between a worker process (--executor process) and
+the API process's forwarding thread. A chunk waits for room; the stream's limits bound the chunks anyway."""
+
+PROGRESS_RETRY_S = 0.01
+"""While that queue is full, a progress report waits this long before it tries the queue again."""
+
+
+class ToQueue:
+    """A worker process's side of `emit`: items into the bounded queue the forwarding thread reads.
+
+    A chunk waits for room. A progress report never does: while the queue is full only the latest report
+    is kept, and it goes ahead of the next chunk (and of the end), so a model that reports progress a
+    million times sends a bounded number of reports, the last one always among them, and every chunk."""
+
+    def __init__(self, items: Any, clock: Callable[[], float] = time.monotonic) -> None:
+        self._items = items  # a manager's Queue(PROCESS_QUEUE_ITEMS) proxy, or a queue.Queue in tests
+        self._clock = clock
+        self._pending: Item | None = None
+        self._retry_at = 0.0
+
+    def __call__(self, item: Item) -> None:
+        if item[0] != PROGRESS:
+            self.flush()
+            self._items.put(item)
+            return
+        self._pending = item
+        if self._clock() < self._retry_at:
+            return  # full a moment ago: no call to the manager per report while it stays full
+        try:
+            self._items.put_nowait(item)
+        except queue.Full:
+            self._retry_at = self._clock() + PROGRESS_RETRY_S
+            return
+        self._pending = None
+
+    def flush(self) -> None:
+        """The report kept back, if any, waiting for room: before a chunk and at the end of the stream."""
+        if self._pending is not None:
+            item, self._pending = self._pending, None
+            self._items.put(item)
 
 
 def _fraction(value: Any) -> float:
