@@ -41,6 +41,7 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/random.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -433,6 +434,11 @@ int main(int argc, char **argv) {
     if (!port || sockets < 1)
         die("usage: fanout --host HOST --port PORT --sockets N [--timeout SECONDS]");
 
+    struct rlimit files; /* a socket is a descriptor: as many as the hard limit allows */
+    if (getrlimit(RLIMIT_NOFILE, &files) == 0 && files.rlim_cur < files.rlim_max) {
+        files.rlim_cur = files.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &files);
+    }
     conn *conns = calloc((size_t)sockets, sizeof *conns);
     if (!conns)
         die("out of memory");
