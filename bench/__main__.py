@@ -1,6 +1,8 @@
 """`python -m bench [SUITE ...]`: run benchmark suites and print their tables (Markdown).
 
-Suites: throughput, responsiveness, flood, stores, live, defaults, cpu (the cpu model against the
+Suites: throughput, responsiveness, flood, stores, live (push latency to 1 and 1,000 WebSockets, by
+Python clients and by a C client that gcc builds on first use into ~/.cache/zypher-bench; idle sockets'
+memory), defaults, cpu (the cpu model against the
 one-core bound measured in the same round), oip (the Open Inference Protocol on
 digits-onnx against the native route), scale (needs a Redis: --redis-url), chaos (processes killed,
 Redis restarted, the disk filled: it exits 1 if a prediction was lost or ran more often than its record

@@ -41,6 +41,15 @@ def completed_at(record: dict[str, Any]) -> float:
     return datetime.fromisoformat(record["completed_at"].replace("Z", "+00:00")).timestamp()
 
 
+def completion(record: dict[str, Any]) -> float:
+    """When the prediction finished: the `done_at` bench/push_model.py puts in its result (the wall clock's
+    full precision, as the model answered), else the record's `completed_at` (1 ms)."""
+    result = record.get("result")
+    if isinstance(result, dict) and isinstance(result.get("done_at"), float):
+        return result["done_at"]
+    return completed_at(record)
+
+
 # -- async end-to-end: submit with Async-Mode, then wait for the result --------------------------------
 
 
@@ -110,7 +119,7 @@ async def push(url: str, sockets: int, urls: list[str]) -> dict[str, Any]:
                 record = msg["prediction"]
                 if record["status"] in TERMINAL:
                     if msg["type"] == "update":  # finished while we were watching: a real push
-                        delays.append(time.time() - completed_at(record))
+                        delays.append(time.time() - completion(record))
                     return
 
         await asyncio.wait_for(asyncio.gather(*(watch(ws) for ws in wss)), 120)
@@ -298,8 +307,9 @@ _TERMINAL_BYTES = tuple(f'"status":"{status}"'.encode() for status in TERMINAL)
 
 def fanout(url: str, sockets: int) -> dict[str, Any]:
     """`sockets` WebSockets that say {"ready": n} once open, read a prediction id from stdin, subscribe
-    to it, and report each socket's delay from its completion (completed_at) to the terminal update.
-    Several of these processes share one prediction (bench/suites.py, `live`)."""
+    to it, and report each socket's delay from its completion (`completion`) to the terminal update.
+    Several of these processes share one prediction (bench/suites.py, `live`); bench/fanout.c is the
+    same client in C, speaking the same way to the suite."""
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     raws = [_RawSocket(host, port) for _ in range(sockets)]
@@ -327,7 +337,7 @@ def fanout(url: str, sockets: int) -> dict[str, Any]:
     for now, payload in arrived:
         message = json.loads(payload)
         if message["type"] == "update":  # finished while we were watching: a real push
-            delays.append(now - completed_at(message["prediction"]))
+            delays.append(now - completion(message["prediction"]))
     for raw in raws:
         raw.sock.close()
     return {"sockets": sockets, "pushed": len(delays), "delays": delays}

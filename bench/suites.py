@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import onnx_digits
+from bench import native, onnx_digits
 from bench.chaos import InvariantsFailed, chaos
 from bench.clients import percentiles
 from bench.harness import (
@@ -494,30 +494,39 @@ def _command(argv: list[str]) -> str:
 # -- live results: push latency to many sockets, memory of idle sockets -------------------------------
 
 
-FANOUT_PROCESSES = 4  # client processes sharing the sockets: no one client's backlog is in the figure
+FANOUT_PROCESSES = 4  # Python client processes sharing the sockets: no one client's backlog is in the figure
+PUSH_MODEL = ("--model", "bench.push_model:PushModel")
+PUSH_WAIT_MS = 1500  # the model's wait: long enough for every socket to subscribe before it answers
 
 
-def fanout(s: Server, sockets: int, processes: int) -> list[float]:
-    """`sockets` WebSockets over `processes` client processes (bench.clients fanout), all subscribed to
-    one async prediction: each socket's delay from its completion to its terminal update, in seconds."""
+def fanout(s: Server, sockets: int, processes: int, client: list[str] | None = None) -> dict[str, list[float]]:
+    """`sockets` WebSockets over `processes` client processes, all subscribed to one async prediction of
+    bench/push_model.py: each socket's delay in seconds from its completion (the model's `done_at`) to
+    its terminal update, as `delays` (the client's clock after the read) and, from the C client,
+    `kernel_delays` (the kernel's receive stamp). `client` is the C client's executable (bench/fanout.c);
+    without it, `python -m bench.clients fanout`. Both say {"ready": n}, read the id from stdin, and
+    answer one JSON line."""
+
+    def argv(n: int) -> list[str]:
+        if client is None:
+            return [PY, "-m", "bench.clients", "fanout", "--url", s.url, "--sockets", str(n)]
+        return [*client, "--host", "127.0.0.1", "--port", str(s.port), "--sockets", str(n)]
+
     shares = [sockets // processes + (i < sockets % processes) for i in range(processes)]
     procs = [
-        subprocess.Popen(
-            pinned(LOAD_CPU, [PY, "-m", "bench.clients", "fanout", "--url", s.url, "--sockets", str(n)]),
-            cwd=ROOT,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+        subprocess.Popen(pinned(LOAD_CPU, argv(n)), cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         for n in shares
         if n
     ]
     try:
         for proc in procs:  # every socket open before the prediction exists
             assert proc.stdout is not None
-            json.loads(proc.stdout.readline())["ready"]
+            line = proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"a fan-out client exited before it was ready ({proc.wait()})")
+            json.loads(line)["ready"]
         request = urllib.request.Request(
-            s.url + "/predict", data=json.dumps({"input": {"push": 1}}).encode(), method="POST",
+            s.url + "/predict", data=json.dumps({"input": {"wait_ms": PUSH_WAIT_MS}}).encode(), method="POST",
             headers={"Content-Type": "application/json", "Async-Mode": "true"},
         )  # fmt: skip
         with urllib.request.urlopen(request, timeout=30) as resp:
@@ -526,41 +535,85 @@ def fanout(s: Server, sockets: int, processes: int) -> list[float]:
             assert proc.stdin is not None
             proc.stdin.write(pid + "\n")
             proc.stdin.close()
-        delays: list[float] = []
+        got: dict[str, list[float]] = {"delays": [], "kernel_delays": []}
         for proc in procs:
             assert proc.stdout is not None
-            delays += json.loads(proc.stdout.read().strip().splitlines()[-1])["delays"]
-            proc.wait(timeout=60)
+            answer = proc.stdout.read()
+            if proc.wait(timeout=60):
+                raise RuntimeError(f"a fan-out client exited {proc.returncode} (its stderr is above)")
+            out = json.loads(answer.strip().splitlines()[-1])
+            for key, values in got.items():
+                values += out.get(key, [])
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    return delays
+    return got
+
+
+def fanout_client() -> tuple[list[str] | None, str]:
+    """The C fan-out client's argv, built on first use; or None and the reason it cannot be."""
+    try:
+        return [str(native.binary("fanout"))], ""
+    except native.NoCompiler as exc:
+        print(f"live: the C fan-out client is skipped: {exc}", file=sys.stderr, flush=True)
+        return None, str(exc)
+
+
+@dataclass(frozen=True)
+class FanoutRun:
+    client: str  # its label
+    sockets: int
+    processes: int
+    native: bool  # the C client (bench/fanout.c), else the Python one
+
+    def clocks(self) -> tuple[tuple[str, str], ...]:
+        """(the client's key, the row's name for it): the C client's two clocks come from the same runs."""
+        after_read = ("delays", "after its read")
+        return (after_read, ("kernel_delays", "kernel receive stamp")) if self.native else (after_read,)
 
 
 def live(opts: Options, sockets: int = 1000, idle_sockets: int = 19_000) -> list[str]:
-    # A model this slow lets every socket subscribe before the prediction finishes.
-    argv = zypher("--store", "memory://", "--model", "mock", "--mock-latency-ms", "1500")
+    c_client, why_not = fanout_client()
+    runs = [
+        FanoutRun("Python", 1, 1, native=False),
+        FanoutRun("Python", sockets, FANOUT_PROCESSES, native=False),
+        FanoutRun("C (epoll)", sockets, 1, native=True),
+    ]
+    figures: dict[tuple[int, str], tuple[Figure, Figure, list[int]]] = {}  # (run, clock): p50, p99, missing
+    with server(zypher("--store", "memory://", *PUSH_MODEL), ready_path="/readyz") as s:
+        for _ in range(opts.repeat):  # interleaved: the Python and the C clients share the machine's moments
+            for index, run in enumerate(runs):
+                if run.native and c_client is None:
+                    continue
+                got = fanout(s, run.sockets, run.processes, c_client if run.native else None)
+                for key, _ in run.clocks():
+                    p50, p99, missing = figures.setdefault((index, key), (Figure(), Figure(), []))
+                    pct = percentiles(got[key])
+                    p50.add(pct["p50_ms"])
+                    p99.add(pct["p99_ms"])
+                    missing.append(run.sockets - len(got[key]))
     rows = []
-    with server(argv, ready_path="/readyz") as s:
-        for n, processes in ((1, 1), (sockets, FANOUT_PROCESSES)):
-            p50, p99, missing = Figure(), Figure(), 0
-            for _ in range(opts.repeat):
-                delays = fanout(s, n, processes)
-                missing += n - len(delays)
-                got = percentiles(delays)
-                p50.add(got["p50_ms"])
-                p99.add(got["p99_ms"])
-            rows.append([
-                f"{n:,} socket(s) watching one prediction", f"{processes}", p50.show(1), p99.show(1),
-                f"{missing}" if missing else "0",
-            ])  # fmt: skip
+    for index, run in enumerate(runs):
+        for key, clock in run.clocks():
+            row = [
+                f"{run.sockets:,} socket(s) watching one prediction",
+                f"{run.client}, {run.processes} process(es)",
+                clock,
+            ]
+            if (index, key) not in figures:
+                rows.append([*row, "—", "—", f"skipped: {why_not}"])
+                continue
+            p50, p99, missing = figures[(index, key)]
+            rows.append([*row, p50.show(1), p99.show(1), str(sum(missing))])
     out = [
         table(
-            "push latency: from completion to each socket's terminal update (1 ms clock resolution); the "
-            "sockets are spread over client processes that time each frame as it arrives, before parsing it",
-            ["scenario", "client processes", "p50 ms", "p99 ms", "updates missing"],
+            "push latency: from completion (the model's own full-precision stamp) to each socket's terminal "
+            "update; the Python sockets are spread over client processes that time each frame right after "
+            "its recv(2), before parsing it; the C client reads all its sockets through one epoll and also "
+            "reports the kernel's receive stamp",
+            ["scenario", "client", "clock", "p50 ms", "p99 ms", "updates missing"],
             rows,
         )
     ]

@@ -353,6 +353,26 @@ async def test_a_frame_written_directly_is_the_one_aiohttp_writes(size: int) -> 
     assert live.text_frame(payload) == b"".join(written)
 
 
+def test_a_shared_payload_is_framed_once_and_each_payload_as_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The direct writes frame a state's payload once for all its sockets (live.wire_frame), and never
+    hand one payload's frame to another, also when payloads alternate."""
+    framed: list[bytes] = []
+    text_frame = live.text_frame
+
+    def counting(payload: bytes) -> bytes:
+        framed.append(payload)
+        return text_frame(payload)
+
+    monkeypatch.setattr(live, "text_frame", counting)
+    wire = live._WireFrames()
+    a, b = b"a" * 130, b"b" * 3
+    assert [wire(a) for _ in range(1000)] == [text_frame(a)] * 1000 and framed == [a]
+    copy = a[:65] + a[65:]  # equal to a, another object: keyed by identity, it is framed anew
+    for payload in (b, a, b, copy, copy):
+        assert wire(payload) == text_frame(payload)
+    assert framed == [a, b, a, b, copy]
+
+
 async def test_compressed_and_plain_watchers_get_the_same_updates(
     make_client: ClientFactory, gated: GatedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -59,7 +59,7 @@ class Watch:
             self.closed = True
             return None
         self._read = read
-        self._bus.subscribe(self.prediction_id, self._on_event)
+        self._bus.subscribe(self.prediction_id, self._on_state)
         if self._on_stream is not None:
             self._bus.subscribe_stream(self.prediction_id, self._on_event)
         try:
@@ -84,7 +84,7 @@ class Watch:
     def stop(self) -> None:
         if not self.closed:
             self.closed = True
-            self._bus.unsubscribe(self.prediction_id, self._on_event)
+            self._bus.unsubscribe(self.prediction_id, self._on_state)
             if self._on_stream is not None:
                 self._bus.unsubscribe_stream(self.prediction_id, self._on_event)
             if self._mending is not None:
@@ -100,6 +100,14 @@ class Watch:
             callback()
         else:
             self._stopped.append(callback)
+
+    def _on_state(self, prediction: Prediction) -> None:
+        """The bus's listener for status changes: _on_event without its type test, as a terminal state
+        watched by 1,000 sockets comes here 1,000 times in one go."""
+        if self._pending is not None:
+            self._pending.append(prediction)
+        else:
+            self._emit(prediction, False)
 
     def _on_event(self, event: Any) -> None:
         if self._pending is not None:

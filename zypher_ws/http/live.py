@@ -99,6 +99,25 @@ def text_frame(payload: bytes) -> bytes:
     return b"\x81\x7f" + n.to_bytes(8, "big") + payload
 
 
+class _WireFrames:
+    """text_frame of the payload seen last. The payloads of a state (or a stream event) are shared by all
+    its watchers (_UpdateFrames, _StreamFrames), so a fan-out to 1,000 sockets frames it once, not 1,000
+    times. One entry, swapped whole; keyed by identity, which is what sharing gives."""
+
+    def __init__(self) -> None:
+        self._last: tuple[bytes | None, bytes] = (None, b"")
+
+    def __call__(self, payload: bytes) -> bytes:
+        last, wire = self._last
+        if last is not payload:
+            wire = text_frame(payload)
+            self._last = (payload, wire)
+        return wire
+
+
+wire_frame = _WireFrames()
+
+
 def record_message(kind: str, prediction: Prediction) -> dict[str, Any]:
     """A message carrying a record: `subscribed`, `accepted` or `update` (WebSocket and SSE alike)."""
     return {"type": kind, "prediction": prediction.to_dict()}
@@ -118,19 +137,21 @@ class Outbox:
         self.max_bytes = max_bytes
         self.size = 0  # bytes waiting
         self.counted = 0  # frames waiting that count toward max_frames
-        self._frames: deque[tuple[bytes, bool]] = deque()
+        # The frames waiting, with whether each is counted. Others may look (a session tests it for
+        # emptiness on every push, with no call in between); only put() and get() change it.
+        self.frames: deque[tuple[bytes, bool]] = deque()
         self._filled = asyncio.Event()  # set while frames wait
         self._roomy = asyncio.Event()  # set while at most half full, or once closed
         self._roomy.set()
 
     def __len__(self) -> int:
-        return len(self._frames)
+        return len(self.frames)
 
     def put(self, frame: bytes, *, counted: bool = True) -> bool:
         """Queue `frame`; False (and nothing queued) when it would pass a bound (`counted`: the frame bound too)."""
-        if self._frames and ((counted and self.counted >= self.max_frames) or self.size + len(frame) > self.max_bytes):
+        if self.frames and ((counted and self.counted >= self.max_frames) or self.size + len(frame) > self.max_bytes):
             return False
-        self._frames.append((frame, counted))
+        self.frames.append((frame, counted))
         self.size += len(frame)
         self.counted += counted
         self._filled.set()
@@ -139,10 +160,10 @@ class Outbox:
         return True
 
     async def get(self) -> bytes:
-        while not self._frames:
+        while not self.frames:
             self._filled.clear()
             await self._filled.wait()
-        frame, counted = self._frames.popleft()
+        frame, counted = self.frames.popleft()
         self.size -= len(frame)
         self.counted -= counted
         if self.half_empty():
@@ -176,6 +197,9 @@ class WsSession:
     ) -> None:
         self.ws = ws
         self._transport = transport  # the connection's, to abort a dropped client that does not read
+        # Where _write_now may write frames itself: an uncompressed socket's transport (permessage-deflate
+        # is settled by the upgrade, before a session exists; a compressed socket keeps aiohttp's writer).
+        self._direct = transport if transport is not None and not ws.compress else None
         self.metrics = metrics
         self.limiter = limiter
         self.client = client
@@ -195,7 +219,7 @@ class WsSession:
     def send_frame(self, frame: bytes, *, counted: bool = True) -> None:
         """Send one JSON text frame, already encoded: at once where it can go straight out (_write_now),
         else through the outbox (`counted`: toward --ws-outbox as well as its bytes)."""
-        if self.dropped or (not self.outbox and self._write_now(frame)):
+        if self.dropped or (not self.outbox.frames and self._write_now(frame)):
             return
         if not self.outbox.put(frame, counted=counted):
             # The client is not reading. Drop it rather than buffer without bound or slow the workers.
@@ -207,16 +231,15 @@ class WsSession:
         all the transport was given (a client that reads slowly is bounded and dropped as before). A prediction watched by 1,000 sockets is then 1,000 writes in one
         callback, not 1,000 sender tasks woken one after another (about three times as long).
         A socket that negotiated permessage-deflate keeps aiohttp's compressor, through the outbox."""
-        transport = self._transport
+        transport = self._direct
         if (
             transport is None
-            or self.ws.compress
             or self.ws.closed
             or transport.is_closing()
             or transport.get_write_buffer_size()  # a backlog: the outbox and aiohttp's flow control
         ):
             return False
-        transport.write(text_frame(frame))
+        transport.write(wire_frame(frame))
         return True
 
     def drop(self) -> None:
