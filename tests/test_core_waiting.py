@@ -12,16 +12,23 @@ from fakes import WAIT
 from zypher_ws.waiting import COARSE_FROM, Deadlines
 
 
+def recorded(monkeypatch: pytest.MonkeyPatch, loop: asyncio.AbstractEventLoop, method: str) -> list[float]:
+    """The first argument (a time or a delay) of every call of the loop's timer `method`, which still runs."""
+    calls: list[float] = []
+    original = getattr(loop, method)
+
+    def counted(at: float, *args: Any, **named: Any) -> asyncio.TimerHandle:
+        calls.append(at)
+        handle: asyncio.TimerHandle = original(at, *args, **named)
+        return handle
+
+    monkeypatch.setattr(loop, method, counted)
+    return calls
+
+
 async def test_waits_due_in_one_tick_share_its_timer_and_none_ends_early(monkeypatch: pytest.MonkeyPatch) -> None:
     loop = asyncio.get_running_loop()
-    timers: list[float] = []
-    call_at = loop.call_at
-
-    def counted(when: float, *args: Any, **named: Any) -> asyncio.TimerHandle:
-        timers.append(when)
-        return call_at(when, *args, **named)
-
-    monkeypatch.setattr(loop, "call_at", counted)
+    timers = recorded(monkeypatch, loop, "call_at")
     deadlines = Deadlines(tick=0.5)  # wide: every wait armed below falls in one tick, or two at a boundary
     armed_at = loop.time()
     waits = [loop.create_future() for _ in range(100)]
@@ -45,14 +52,7 @@ async def test_a_disarmed_wait_is_not_settled_by_its_tick() -> None:
 
 async def test_a_short_wait_keeps_an_exact_timer(monkeypatch: pytest.MonkeyPatch) -> None:
     loop = asyncio.get_running_loop()
-    exact: list[float] = []
-    call_later = loop.call_later
-
-    def counted(delay: float, *args: Any, **named: Any) -> asyncio.TimerHandle:
-        exact.append(delay)
-        return call_later(delay, *args, **named)
-
-    monkeypatch.setattr(loop, "call_later", counted)
+    exact = recorded(monkeypatch, loop, "call_later")
     wait = loop.create_future()
     disarm = Deadlines().arm(wait, COARSE_FROM / 10)
     assert exact == [COARSE_FROM / 10]
